@@ -1,0 +1,240 @@
+"""Binary cross-entropy, element-wise, and its analytic gradient."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from . import _validation
+from ._typing import Array, Namespace, Reduction
+from .backends import Backend, lookup
+
+__all__ = ["binary_cross_entropy", "binary_cross_entropy_and_grad"]
+
+
+@dataclass(frozen=True)
+class _Problem:
+    xp: Namespace
+    ops: Backend
+    dtype: Any
+    out_dtype: Any
+    from_logits: bool
+    eps: float
+    reduction: str
+    target: Array  # smoothed, in the compute dtype
+    weight: Array | None
+    pos_weight: Array | None
+    count: float
+
+
+def binary_cross_entropy(
+    input: Array,
+    target: Array,
+    /,
+    *,
+    from_logits: bool = True,
+    weight: Array | None = None,
+    pos_weight: Array | None = None,
+    label_smoothing: float = 0.0,
+    reduction: Reduction = "mean",
+    eps: float = 1e-7,
+    xp: Namespace | None = None,
+) -> Array:
+    r"""Element-wise binary cross-entropy, from logits by default.
+
+    With ``y`` smoothed to ``y (1 - e) + e / 2``:
+
+    .. math:: l = -w\,\bigl(p_w\, y \log\sigma(x) + (1 - y) \log\sigma(-x)\bigr)
+
+    computed as ``log_sigmoid(x) = -softplus(-x)``, so logits up to the dtype's max never
+    overflow. ``from_logits=False`` takes probabilities, clipped to ``[eps, 1 - eps]``.
+
+    Parameters
+    ----------
+    input : array
+        Logits (or probabilities), real floating; float16/bfloat16 are computed in float32.
+    target : array
+        Same shape as ``input``: bool, integer 0/1, or floating in ``[0, 1]``.
+    from_logits : bool, default True
+        False: ``input`` holds probabilities (Keras' ``BinaryCrossentropy``).
+    weight : array, optional
+        Element weights, broadcastable to ``input``.
+    pos_weight : array, optional
+        Weight of the positive term, broadcastable to ``input`` (PyTorch's ``pos_weight``).
+    label_smoothing : float, default 0.0
+        ``e`` in ``[0, 1]``.
+    reduction : {"mean", "sum", "none"}, default "mean"
+        ``"mean"`` is the plain mean over all elements.
+    eps : float, default 1e-7
+        Probability clip for ``from_logits=False``, in ``(0, 0.5)``.
+    xp : namespace, optional
+        The array namespace; inferred from the arrays when omitted.
+
+    Returns
+    -------
+    array
+        0-d for ``"mean"``/``"sum"``, else ``input``'s shape; ``input``'s namespace, device and
+        dtype.
+
+    Raises
+    ------
+    TypeError
+        Non-floating ``input``, a complex target, non-arrays, mixed libraries or devices.
+    ValueError
+        Mismatched shapes, options out of range.
+
+    Notes
+    -----
+    Equals ``torch.nn.functional.binary_cross_entropy_with_logits(input, target, weight,
+    reduction=..., pos_weight=...)``.
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> import xent
+    >>> xent.binary_cross_entropy(xp.asarray([0.0, 2.0]), xp.asarray([1.0, 0.0]))
+    Array(1.41305959, dtype=array_api_strict.float64)
+    """
+    p = _problem(
+        input, target, from_logits=from_logits, weight=weight, pos_weight=pos_weight,
+        label_smoothing=label_smoothing, reduction=reduction, eps=eps, xp=xp,
+    )  # fmt: skip
+    return p.ops.custom_grad(partial(_forward, p), partial(_backward, p), input)
+
+
+def binary_cross_entropy_and_grad(
+    input: Array,
+    target: Array,
+    /,
+    *,
+    from_logits: bool = True,
+    weight: Array | None = None,
+    pos_weight: Array | None = None,
+    label_smoothing: float = 0.0,
+    reduction: Reduction = "mean",
+    eps: float = 1e-7,
+    xp: Namespace | None = None,
+) -> tuple[Array, Array]:
+    r"""The binary cross-entropy and its gradient with respect to ``input``.
+
+    Takes the options of :func:`binary_cross_entropy`. From logits the gradient of ``sum(loss)``
+    is ``w (sigmoid(x) (p_w y + 1 - y) - p_w y)``, divided by the element count for ``"mean"``.
+
+    Returns
+    -------
+    loss : array
+        As :func:`binary_cross_entropy` returns it.
+    grad : array
+        ``d sum(loss) / d input``, of ``input``'s shape, dtype, namespace and device.
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> import xent
+    >>> loss, grad = xent.binary_cross_entropy_and_grad(xp.asarray([0.0]), xp.asarray([1.0]))
+    >>> grad
+    Array([-0.5], dtype=array_api_strict.float64)
+    """
+    p = _problem(
+        input, target, from_logits=from_logits, weight=weight, pos_weight=pos_weight,
+        label_smoothing=label_smoothing, reduction=reduction, eps=eps, xp=xp,
+    )  # fmt: skip
+    loss, _ = _forward(p, input)
+    return loss, _backward(p, input, None, p.xp.ones_like(loss))
+
+
+def _problem(
+    input: Array,
+    target: Array,
+    *,
+    from_logits: bool,
+    weight: Array | None,
+    pos_weight: Array | None,
+    label_smoothing: float,
+    reduction: str,
+    eps: float,
+    xp: Namespace | None,
+) -> _Problem:
+    arrays = {"input": input, "target": target, "weight": weight, "pos_weight": pos_weight}
+    xp = _validation.namespace(arrays, xp)
+    ops = lookup(xp)
+    _validation.same_device(ops, arrays)
+    _validation.floating_input(xp, "input", input)
+    _validation.reduction(reduction)
+    _validation.options(label_smoothing=label_smoothing, eps=eps, from_logits=from_logits)
+    shape = tuple(input.shape)
+    if tuple(target.shape) != shape:
+        raise ValueError(
+            f"`target` must have the input's shape {shape} (one label per element), got {tuple(target.shape)}"
+        )
+    if not xp.isdtype(target.dtype, ("bool", "integral", "real floating")):
+        raise TypeError(
+            f"`target` must be bool, integer 0/1 or floating in [0, 1], got dtype {target.dtype}"
+        )
+    _validation.broadcastable("weight", weight, shape, "the input's shape")
+    _validation.broadcastable("pos_weight", pos_weight, shape, "the input's shape")
+    dtype = ops.compute_dtype(input.dtype)
+    y = xp.astype(target, dtype)
+    if label_smoothing:
+        y = y * (1.0 - label_smoothing) + label_smoothing / 2
+    return _Problem(
+        xp=xp, ops=ops, dtype=dtype, out_dtype=input.dtype, from_logits=from_logits,
+        eps=float(eps), reduction=reduction, target=y,
+        weight=None if weight is None else xp.astype(weight, dtype),
+        pos_weight=None if pos_weight is None else xp.astype(pos_weight, dtype),
+        count=float(math.prod(shape)),
+    )  # fmt: skip
+
+
+def _log_terms(p: _Problem, x: Array) -> tuple[Array, Array]:
+    """``(log p, log(1 - p))`` from logits or from clipped probabilities."""
+    xp = p.xp
+    if p.from_logits:
+        # softplus(z) = max(z, 0) + log1p(exp(-|z|)) never overflows.
+        tail = xp.log1p(xp.exp(-xp.abs(x)))
+        return -(xp.maximum(-x, xp.zeros_like(x)) + tail), -(xp.maximum(x, xp.zeros_like(x)) + tail)
+    prob = xp.clip(x, min=p.eps, max=1.0 - p.eps)
+    return xp.log(prob), xp.log(1.0 - prob)
+
+
+def _forward(p: _Problem, input: Array) -> tuple[Array, None]:
+    xp = p.xp
+    with p.ops.quiet():
+        x = xp.astype(input, p.dtype, copy=False)
+        log_pos, log_neg = _log_terms(p, x)
+        pos = p.target * log_pos
+        if p.pos_weight is not None:
+            pos = p.pos_weight * pos
+        loss = -(pos + (1.0 - p.target) * log_neg)
+        if p.weight is not None:
+            loss = p.weight * loss
+        loss = xp.broadcast_to(loss, x.shape)
+        if p.reduction != "none":
+            loss = xp.sum(loss)
+            if p.reduction == "mean":
+                loss = loss / p.count if p.count else loss * math.nan
+    return xp.astype(loss, p.out_dtype, copy=False), None
+
+
+def _backward(p: _Problem, input: Array, saved: None, cotangent: Array) -> Array:
+    xp = p.xp
+    with p.ops.quiet():
+        x = xp.astype(input, p.dtype, copy=False)
+        r = xp.astype(cotangent, p.dtype, copy=False)
+        if p.reduction == "mean":
+            r = r / p.count if p.count else r * math.nan
+        y = p.target
+        pos = y if p.pos_weight is None else p.pos_weight * y
+        if p.from_logits:
+            g = (pos + (1.0 - y)) / (1.0 + xp.exp(-x)) - pos
+        else:
+            prob = xp.clip(x, min=p.eps, max=1.0 - p.eps)
+            inside = (x >= p.eps) & (x <= 1.0 - p.eps)
+            g = xp.where(inside, (1.0 - y) / (1.0 - prob) - pos / prob, xp.zeros_like(x))
+        g = g * r
+        if p.weight is not None:
+            g = g * p.weight
+        g = xp.broadcast_to(g, x.shape)
+    return xp.astype(g, input.dtype, copy=False)

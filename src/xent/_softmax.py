@@ -1,0 +1,144 @@
+"""The softmax family: ``logsumexp``, ``log_softmax``, ``softmax``."""
+
+from __future__ import annotations
+
+from . import _validation
+from ._typing import Array, Namespace
+from .backends import lookup
+
+__all__ = ["log_softmax", "logsumexp", "softmax"]
+
+
+def _prepare(x: Array, axis: int, xp: Namespace | None) -> tuple[Namespace, Array, int]:
+    xp = _validation.namespace({"x": x}, xp)
+    _validation.floating_input(xp, "x", x)
+    ax = _validation.axis(axis, x.ndim, "x")
+    ops = lookup(xp)
+    return xp, xp.astype(x, ops.compute_dtype(x.dtype), copy=False), ax
+
+
+def logsumexp(
+    x: Array, /, *, axis: int = -1, keepdims: bool = False, xp: Namespace | None = None
+) -> Array:
+    r"""Log of the sum of exponentials along ``axis``, without overflow.
+
+    .. math:: \operatorname{logsumexp}(x) = m + \log \sum_c e^{x_c - m},\quad m = \max_c x_c
+
+    Parameters
+    ----------
+    x : array
+        Real floating array with at least one dimension.
+    axis : int, default -1
+        The axis to reduce.
+    keepdims : bool, default False
+        Keep the reduced axis with size 1.
+    xp : namespace, optional
+        The array namespace; inferred from ``x`` when omitted.
+
+    Returns
+    -------
+    array
+        Same namespace, device and dtype as ``x`` (float16/bfloat16 are computed in float32).
+        A row of all ``-inf`` gives ``-inf``; a NaN gives NaN for its row only.
+
+    Raises
+    ------
+    TypeError
+        If ``x`` is not a real floating array.
+    ValueError
+        If ``axis`` is out of range or ``x`` is 0-d.
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> import xent
+    >>> xent.logsumexp(xp.asarray([[0.0, 0.0], [1000.0, 1000.0]]))
+    Array([   0.69314718, 1000.69314718], dtype=array_api_strict.float64)
+    """
+    xp, xc, ax = _prepare(x, axis, xp)
+    ops = lookup(xp)
+    with ops.quiet():
+        shift, log_sum = ops.logsumexp(xc, ax)
+        out = shift + log_sum
+    if not keepdims:
+        out = xp.squeeze(out, axis=ax)
+    return xp.astype(out, x.dtype, copy=False)
+
+
+def log_softmax(x: Array, /, *, axis: int = -1, xp: Namespace | None = None) -> Array:
+    r"""Logarithm of the softmax along ``axis``: ``x - logsumexp(x)``.
+
+    Parameters
+    ----------
+    x : array
+        Real floating array with at least one dimension.
+    axis : int, default -1
+        The class axis.
+    xp : namespace, optional
+        The array namespace; inferred from ``x`` when omitted.
+
+    Returns
+    -------
+    array
+        Same shape, namespace, device and dtype as ``x``. ``-inf`` entries stay ``-inf``.
+
+    Raises
+    ------
+    TypeError
+        If ``x`` is not a real floating array.
+    ValueError
+        If ``axis`` is out of range or ``x`` is 0-d.
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> import xent
+    >>> xent.log_softmax(xp.asarray([0.0, 0.0]))
+    Array([-0.69314718, -0.69314718], dtype=array_api_strict.float64)
+    """
+    xp, xc, ax = _prepare(x, axis, xp)
+    ops = lookup(xp)
+    with ops.quiet():
+        shift, log_sum = ops.logsumexp(xc, ax)
+        out = (xc - shift) - log_sum
+    return xp.astype(out, x.dtype, copy=False)
+
+
+def softmax(x: Array, /, *, axis: int = -1, xp: Namespace | None = None) -> Array:
+    r"""Softmax along ``axis``: ``exp(x - logsumexp(x))``.
+
+    Parameters
+    ----------
+    x : array
+        Real floating array with at least one dimension.
+    axis : int, default -1
+        The class axis.
+    xp : namespace, optional
+        The array namespace; inferred from ``x`` when omitted.
+
+    Returns
+    -------
+    array
+        Same shape, namespace, device and dtype as ``x``; each row sums to 1 (a row of all
+        ``-inf`` gives NaN).
+
+    Raises
+    ------
+    TypeError
+        If ``x`` is not a real floating array.
+    ValueError
+        If ``axis`` is out of range or ``x`` is 0-d.
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> import xent
+    >>> xent.softmax(xp.asarray([0.0, 0.0]))
+    Array([0.5, 0.5], dtype=array_api_strict.float64)
+    """
+    xp, xc, ax = _prepare(x, axis, xp)
+    ops = lookup(xp)
+    with ops.quiet():
+        shift, log_sum = ops.logsumexp(xc, ax)
+        out = ops.softmax_from_lse(xc, shift, log_sum, ax)
+    return xp.astype(out, x.dtype, copy=False)

@@ -1,0 +1,115 @@
+"""The generic backend: every primitive written against the array API standard alone.
+
+Each backend module subclasses :class:`Backend` twice over: a *facts* mixin that says what the
+arrays are (traced, lazy, on the host) and is always in force, and a *native* mixin that replaces
+primitives with faster ones and can be switched off (:func:`xent.backends.set_native`). The core
+only ever calls the methods below, never asks which library it is running on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+from .._compat import device, is_lazy_array
+from .._typing import Array, Namespace
+
+ForwardFn = Callable[[Array], tuple[Array, Any]]
+"""``forward(x) -> (loss, saved)``: the loss and what its gradient may reuse."""
+
+BackwardFn = Callable[[Array, Any, Array], Array]
+"""``backward(x, saved, cotangent) -> d(loss . cotangent)/dx``; ``saved`` may be None."""
+
+
+class Backend:
+    """Primitives and facts for one array namespace, all in standard array API calls."""
+
+    name = "generic"
+    native = False
+
+    def __init__(self, xp: Namespace) -> None:
+        self.xp = xp
+
+    # ------------------------------------------------------------------ facts
+    def is_traced(self, x: Array) -> bool:
+        """True where values do not exist yet (jit tracing, compilation, vmap)."""
+        return False
+
+    def is_lazy(self, x: Array) -> bool:
+        """True where reading values would compute a pending graph."""
+        return bool(is_lazy_array(x))
+
+    def on_host(self, x: Array) -> bool:
+        """True where values live in host memory, so reading them costs no device sync."""
+        return True
+
+    def device(self, x: Array) -> Any:
+        """The array's device, or None where it cannot be known (inside a trace)."""
+        if self.is_traced(x):
+            return None
+        return device(x)
+
+    def index_dtype(self) -> Any:
+        """The signed integer dtype labels are cast to before they index."""
+        return self.xp.int64
+
+    def compute_dtype(self, dtype: Any) -> Any:
+        """float32 and float64 compute in their own dtype; narrower floats in float32."""
+        xp = self.xp
+        return xp.float64 if dtype == xp.float64 else xp.float32
+
+    def quiet(self) -> contextlib.AbstractContextManager[None]:
+        """A context that silences floating-point warnings (``log(0)`` of masked rows)."""
+        return contextlib.nullcontext()
+
+    # ------------------------------------------------------------- primitives
+    def logsumexp(self, x: Array, axis: int) -> tuple[Array, Array]:
+        """``(shift, log_sum)`` with ``logsumexp(x) = shift + log_sum``, both ``keepdims``.
+
+        ``shift`` is the row max (0 where it is not finite), so ``(x - shift) - log_sum`` is the
+        log-softmax without cancellation even for logits near the dtype's max.
+        """
+        xp = self.xp
+        m = xp.max(x, axis=axis, keepdims=True)
+        m = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
+        return m, xp.log(xp.sum(xp.exp(x - m), axis=axis, keepdims=True))
+
+    def softmax_from_lse(self, x: Array, shift: Array, log_sum: Array, axis: int) -> Array:
+        """``exp(x - shift - log_sum)``: the softmax once the row's log-sum-exp is known."""
+        return self.xp.exp((x - shift) - log_sum)
+
+    def take_along_axis(self, x: Array, index: Array, axis: int) -> Array:
+        """``x`` at ``index`` along ``axis`` (``index`` has size 1 there and valid values)."""
+        xp = self.xp
+        if hasattr(xp, "take_along_axis"):
+            return xp.take_along_axis(x, index, axis=axis)
+        # Namespaces without take_along_axis (Dask) still reduce a one-hot mask lazily.
+        return xp.sum(xp.where(self._one_hot(x, index, axis), x, 0), axis=axis, keepdims=True)
+
+    def take(self, table: Array, index: Array) -> Array:
+        """``table[index]`` for a 1-D ``table`` and valid indices of any shape."""
+        xp = self.xp
+        flat = xp.reshape(index, (-1,))
+        return xp.reshape(xp.take(table, flat, axis=0), index.shape)
+
+    def subtract_at(self, g: Array, index: Array, values: Array, axis: int) -> Array:
+        """``g`` with ``values`` subtracted at ``index`` along ``axis``; ``g`` is xent's own."""
+        xp = self.xp
+        return g - xp.where(self._one_hot(g, index, axis), values, xp.zeros_like(values))
+
+    def custom_grad(self, forward: ForwardFn, backward: BackwardFn, x: Array) -> Array:
+        """The loss ``forward(x)[0]``, differentiated by the framework's own autodiff if any.
+
+        Backends with an autodiff system override this to attach ``backward`` as the
+        analytic gradient (and keep it differentiable for higher orders).
+        """
+        return forward(x)[0]
+
+    def _one_hot(self, x: Array, index: Array, axis: int) -> Array:
+        xp = self.xp
+        n = x.shape[axis]
+        shape = [1] * x.ndim
+        shape[axis] = n
+        classes = xp.reshape(xp.arange(n, dtype=index.dtype, device=self.device(x)), tuple(shape))
+        return index == classes
