@@ -36,6 +36,7 @@ class _Problem:
     smoothing: float
     z_loss: float
     reduction: str
+    empty: bool  # no rows at all: every per-row quantity is empty
     weight: Array | None  # (C,) reshaped to broadcast along the class axis
     weight_total: Array | float  # sum of the class weights (C without weights)
     sample: Array | None  # per-row sample weights, class axis kept with size 1
@@ -256,6 +257,7 @@ def _problem(
 
     dtype = ops.compute_dtype(input.dtype)
     dev = ops.device(input)
+    empty = math.prod(per_row) == 0
     class_shape = tuple(classes if i == ax else 1 for i in range(input.ndim))
     w = None if weight is None else xp.reshape(xp.astype(weight, dtype), class_shape)
     sample = None
@@ -267,7 +269,11 @@ def _problem(
     if kind == "index":
         labels, ignored, bad = _labels(xp, ops, target, classes, ignore_index, validate, ax)
         if weight is not None:
-            label_weight = ops.take(xp.astype(weight, dtype), labels)
+            label_weight = (
+                xp.zeros(labels.shape, dtype=dtype, device=dev)
+                if empty
+                else ops.take(xp.astype(weight, dtype), labels)
+            )
         counted = xp.astype(~ignored, dtype)
         base = counted if label_weight is None else counted * label_weight
         denominator = xp.sum(base if sample is None else base * sample)
@@ -281,7 +287,7 @@ def _problem(
         xp=xp, ops=ops, axis=ax, classes=classes, dtype=dtype, out_dtype=input.dtype,
         from_logits=from_logits, softcap=None if softcap is None else float(softcap),
         eps=float(eps), smoothing=float(label_smoothing), z_loss=float(z_loss),
-        reduction=reduction, weight=w,
+        reduction=reduction, empty=empty, weight=w,
         weight_total=float(classes) if w is None else xp.sum(w),
         sample=sample, denominator=denominator if reduction == "mean" else None,
         labels=labels, label_weight=label_weight, ignored=ignored, bad=bad, probs=probs,
@@ -334,6 +340,8 @@ def _log_input(p: _Problem, input: Array) -> tuple[Array, _Stats | None]:
         return xp.log(xp.clip(prob, min=p.eps, max=1.0 - p.eps)), None
     if p.softcap is not None:
         x = p.softcap * xp.tanh(x / p.softcap)
+    if p.empty:
+        return x, None
     return x, p.ops.logsumexp(x, p.axis)
 
 
@@ -341,7 +349,14 @@ def _forward(p: _Problem, input: Array) -> tuple[Array, tuple[Array, _Stats | No
     xp = p.xp
     with p.ops.quiet():
         x, stats = _log_input(p, input)
-        rows = _index_rows(p, x, stats) if p.probs is None else _prob_rows(p, x, stats)
+        if p.empty:
+            # Skip reductions over no rows (Dask gets the shapes of empty reductions wrong).
+            shape = tuple(1 if i == p.axis else n for i, n in enumerate(x.shape))
+            rows = xp.zeros(shape, dtype=p.dtype, device=p.ops.device(x))
+        elif p.probs is None:
+            rows = _index_rows(p, x, stats)
+        else:
+            rows = _prob_rows(p, x, stats)
         if p.sample is not None:
             rows = rows * p.sample
         if p.reduction == "none":
@@ -411,6 +426,8 @@ def _backward(
 ) -> Array:
     """``d (loss . cotangent) / d input``: softmax minus the smoothed, weighted target."""
     xp, ops = p.xp, p.ops
+    if p.empty:
+        return xp.zeros_like(input)
     with ops.quiet():
         x, stats = _log_input(p, input) if saved is None else saved
         r = _row_cotangent(p, cotangent)

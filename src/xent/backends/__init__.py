@@ -13,6 +13,7 @@ from collections.abc import Callable
 from types import ModuleType
 
 from .._compat import (
+    is_array_api_strict_namespace,
     is_cupy_namespace,
     is_dask_namespace,
     is_jax_namespace,
@@ -52,6 +53,12 @@ def _load_dask() -> ModuleType:
     return module
 
 
+def _load_strict() -> ModuleType:
+    from . import _strict as module
+
+    return module
+
+
 def _load_cupy() -> ModuleType:
     from . import _cupy as module
 
@@ -66,6 +73,7 @@ _TABLE: tuple[tuple[Callable[[Namespace], bool], Callable[[], ModuleType]], ...]
     (is_jax_namespace, _load_jax),
     (is_dask_namespace, _load_dask),
     (is_cupy_namespace, _load_cupy),
+    (is_array_api_strict_namespace, _load_strict),
 )
 
 
