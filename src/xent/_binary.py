@@ -101,7 +101,9 @@ def binary_cross_entropy(
         input, target, from_logits=from_logits, weight=weight, pos_weight=pos_weight,
         label_smoothing=label_smoothing, reduction=reduction, eps=eps, xp=xp,
     )  # fmt: skip
-    return p.ops.custom_grad(partial(_forward, p), partial(_backward, p), input)
+    return p.ops.custom_grad(
+        partial(_forward, p), partial(_backward, p), input, others=(target, weight, pos_weight)
+    )
 
 
 def binary_cross_entropy_and_grad(

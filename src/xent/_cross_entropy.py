@@ -154,7 +154,9 @@ def cross_entropy(
         sample_weight=sample_weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
         reduction=reduction, z_loss=z_loss, softcap=softcap, eps=eps, validate=validate, xp=xp,
     )  # fmt: skip
-    return p.ops.custom_grad(partial(_forward, p), partial(_backward, p), input)
+    return p.ops.custom_grad(
+        partial(_forward, p), partial(_backward, p), input, others=(target, weight, sample_weight)
+    )
 
 
 def cross_entropy_and_grad(
@@ -313,15 +315,17 @@ def _labels(
         ignored = xp.zeros(y.shape, dtype=xp.bool, device=ops.device(target))
     valid = (y >= 0) & (y < classes)
     bad = ~valid & ~ignored
-    if validate is not False and _readable(ops, target, force=validate is True):
+    # Under jit a label array captured from outside is concrete while `bad`, built inside the
+    # trace, is not; both must be readable.
+    if validate is not False and _readable(ops, target, bad, force=validate is True):
         _validation.raise_on_bad_labels(xp, target, bad, classes, ignore_index)
     safe = xp.where(valid, y, xp.zeros_like(y))
     expand = partial(xp.expand_dims, axis=ax)
     return expand(safe), expand(ignored), expand(bad)
 
 
-def _readable(ops: Backend, x: Array, *, force: bool) -> bool:
-    if ops.is_traced(x):
+def _readable(ops: Backend, x: Array, derived: Array, *, force: bool) -> bool:
+    if ops.is_traced(x) or ops.is_traced(derived):
         return False
     return force or (not ops.is_lazy(x) and ops.on_host(x))
 
@@ -408,8 +412,10 @@ def _prob_rows(p: _Problem, x: Array, stats: _Stats | None) -> Array:
     xp = p.xp
     q = _smoothed_probs(p)
     mass = q if p.weight is None else q * p.weight
-    # A class with no target mass adds 0, even where its log-probability is -inf.
-    terms = xp.where(q == 0, xp.zeros_like(x), mass * _neg_logprob(x, stats))
+    # A class with no target mass adds 0, even where its log-probability is -inf (masking
+    # before the product also keeps 0 * inf out of lazily computed graphs).
+    neg = _neg_logprob(x, stats)
+    terms = mass * xp.where(q == 0, xp.zeros_like(neg), neg)
     return _with_z_loss(p, xp.sum(terms, axis=p.axis, keepdims=True), stats)
 
 

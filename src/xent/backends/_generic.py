@@ -98,11 +98,20 @@ class Backend:
         xp = self.xp
         return g - xp.where(self._one_hot(g, index, axis), values, xp.zeros_like(values))
 
-    def custom_grad(self, forward: ForwardFn, backward: BackwardFn, x: Array) -> Array:
+    def custom_grad(
+        self,
+        forward: ForwardFn,
+        backward: BackwardFn,
+        x: Array,
+        *,
+        others: tuple[Array | None, ...] = (),
+    ) -> Array:
         """The loss ``forward(x)[0]``, differentiated by the framework's own autodiff if any.
 
         Backends with an autodiff system override this to attach ``backward`` as the
-        analytic gradient (and keep it differentiable for higher orders).
+        analytic gradient of ``x`` (kept differentiable for higher orders); ``others`` are the
+        remaining array arguments, which the analytic backward does not differentiate, so a
+        backend must fall back to plain autodiff when one of them needs a gradient.
         """
         return forward(x)[0]
 
