@@ -1,0 +1,178 @@
+"""A float64 NumPy reference for xent, written directly from SPEC sections 2 and 3.
+
+Deliberately naive (clarity over speed or memory) and independent of xent: tests compare xent on
+every backend with these functions. Never import this module from `src/`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "binary_cross_entropy",
+    "cross_entropy",
+    "log_softmax",
+    "logsumexp",
+    "numerical_grad",
+    "softmax",
+]
+
+
+def _f64(a: Any) -> np.ndarray:
+    return np.asarray(a, dtype=np.float64)
+
+
+def logsumexp(x: Any, axis: int = -1, keepdims: bool = False) -> np.ndarray:
+    """log(sum(exp(x))) along `axis`, shifted by the row max; an all `-inf` row gives `-inf`."""
+    x = _f64(x)
+    with np.errstate(all="ignore"):
+        m = np.max(x, axis=axis, keepdims=True, initial=-np.inf)
+        m = np.where(np.isfinite(m), m, 0.0)
+        out = np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True)) + m
+    return out if keepdims else np.squeeze(out, axis=axis)
+
+
+def log_softmax(x: Any, axis: int = -1) -> np.ndarray:
+    with np.errstate(all="ignore"):
+        return _f64(x) - logsumexp(x, axis=axis, keepdims=True)
+
+
+def softmax(x: Any, axis: int = -1) -> np.ndarray:
+    with np.errstate(all="ignore"):
+        return np.exp(log_softmax(x, axis=axis))
+
+
+def _clip_bounds(eps: float, dtype: Any) -> tuple[float, float]:
+    if dtype is None:
+        return eps, 1.0 - eps
+    return float(np.asarray(eps, dtype=dtype)), float(np.asarray(1.0 - eps, dtype=dtype))
+
+
+def _reduce(loss: np.ndarray, denominator: float, reduction: str) -> np.ndarray:
+    if reduction == "none":
+        return loss
+    total = np.sum(loss)
+    if reduction == "sum":
+        return np.asarray(total)
+    assert reduction == "mean", reduction
+    with np.errstate(all="ignore"):
+        return np.asarray(np.nan if denominator == 0 else total / denominator)
+
+
+def cross_entropy(
+    input: Any,
+    target: Any,
+    *,
+    axis: int = -1,
+    from_logits: bool = True,
+    weight: Any = None,
+    sample_weight: Any = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    eps: float = 1e-7,
+    clip_dtype: Any = None,
+) -> np.ndarray:
+    """SPEC section 2. Labels outside `[0, C)` that are not `ignore_index` give NaN (the
+    `validate=False` contract). `clip_dtype` rounds the clip bounds `eps`, `1 - eps` to the
+    dtype the computation runs in (float32's `1 - 1e-7` is `1 - 1.19e-7`)."""
+    target = np.asarray(target)
+    x = np.moveaxis(_f64(input), axis, -1)
+    n_classes = x.shape[-1]
+    e = float(label_smoothing)
+    w = np.ones(n_classes) if weight is None else _f64(weight)
+    with np.errstate(all="ignore"):
+        if softcap is not None:
+            x = softcap * np.tanh(x / softcap)
+        if from_logits:
+            lse = logsumexp(x, axis=-1)
+            lp = x - lse[..., None]
+        else:
+            p = x / np.sum(x, axis=-1, keepdims=True)
+            lp = np.log(np.clip(p, *_clip_bounds(eps, clip_dtype)))
+            lse = None
+
+        if np.issubdtype(target.dtype, np.integer):
+            y = target.astype(object)  # exact comparisons for every width, uint64 included
+            ignored = np.asarray(y == ignore_index, dtype=bool)
+            in_range = np.asarray((y >= 0) & (y < n_classes), dtype=bool)
+            valid = in_range & ~ignored
+            yc = np.where(valid, y, 0).astype(np.int64)
+            lp_target = np.take_along_axis(lp, yc[..., None], axis=-1)[..., 0]
+            w_target = w[yc]
+            loss = np.zeros(yc.shape)
+            if e < 1:
+                loss = loss + (1.0 - e) * (-w_target * lp_target)
+            if e > 0:
+                loss = loss + (e / n_classes) * np.sum(-w * lp, axis=-1)
+            if z_loss:
+                loss = loss + z_loss * lse**2
+            loss = np.where(in_range | ignored, loss, np.nan)
+            loss = np.where(ignored, 0.0, loss)
+            s = np.broadcast_to(1.0 if sample_weight is None else _f64(sample_weight), loss.shape)
+            loss = loss * s
+            denominator = float(np.sum(s * w_target * valid))
+        else:
+            t = np.moveaxis(_f64(target), axis, -1)
+            q = (1.0 - e) * t + e / n_classes
+            loss = -np.sum(np.where(q == 0, 0.0, w * q * lp), axis=-1)
+            if z_loss:
+                loss = loss + z_loss * lse**2
+            s = np.broadcast_to(1.0 if sample_weight is None else _f64(sample_weight), loss.shape)
+            loss = loss * s
+            denominator = float(np.sum(s))
+    return _reduce(loss, denominator, reduction)
+
+
+def binary_cross_entropy(
+    input: Any,
+    target: Any,
+    *,
+    from_logits: bool = True,
+    weight: Any = None,
+    pos_weight: Any = None,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    eps: float = 1e-7,
+    clip_dtype: Any = None,
+) -> np.ndarray:
+    """SPEC section 3 (PyTorch's `binary_cross_entropy_with_logits`, Keras' clipping);
+    `clip_dtype` as in `cross_entropy`."""
+    x = _f64(input)
+    e = float(label_smoothing)
+    y = _f64(target) * (1.0 - e) + e / 2.0
+    w = 1.0 if weight is None else _f64(weight)
+    pw = 1.0 if pos_weight is None else _f64(pos_weight)
+    with np.errstate(all="ignore"):
+        if from_logits:
+            log_p = -np.logaddexp(0.0, -x)
+            log_not_p = -np.logaddexp(0.0, x)
+        else:
+            p = np.clip(x, *_clip_bounds(eps, clip_dtype))
+            log_p, log_not_p = np.log(p), np.log1p(-p)
+        loss = -w * (pw * y * log_p + (1.0 - y) * log_not_p)
+    loss = np.broadcast_to(loss, x.shape)
+    if reduction == "mean":
+        with np.errstate(all="ignore"):
+            return np.asarray(np.mean(loss) if loss.size else np.nan)
+    return _reduce(loss, 0.0, reduction)
+
+
+def numerical_grad(f: Callable[[np.ndarray], Any], x: Any, h: float = 1e-6) -> np.ndarray:
+    """Central differences of `sum(f(x))` with respect to every element of `x` (float64)."""
+    x = _f64(x).copy()
+    grad = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        saved = x[i]
+        x[i] = saved + h
+        up = float(np.sum(f(x)))
+        x[i] = saved - h
+        down = float(np.sum(f(x)))
+        x[i] = saved
+        grad[i] = (up - down) / (2 * h)
+    return grad
