@@ -444,8 +444,8 @@ def _backward(
         else:
             g = _prob_input_grad(p, input, x, r)
         if p.ignored is not None:
-            g = xp.where(p.ignored, xp.zeros_like(g), g)
-            g = xp.where(p.bad, xp.full_like(g, math.nan), g)
+            g = ops.fill_rows(g, p.ignored, 0.0)
+            g = ops.fill_rows(g, p.bad, math.nan)
     return xp.astype(g, input.dtype, copy=False)
 
 
@@ -489,7 +489,7 @@ def _logit_grad(p: _Problem, x: Array, stats: _Stats, r: Array) -> Array:
     dense, at_label, total = _target_mass(p, r)
     if p.z_loss:
         total = total + (2.0 * p.z_loss) * r * _lse(stats)
-    g = p.ops.softmax_from_lse(x, *stats, p.axis) * total
+    g = p.ops.softmax_from_lse(x, *stats, p.axis, scale=total)
     if at_label is not None:
         g = p.ops.subtract_at(g, p.labels, at_label, p.axis)
     if dense is not None:

@@ -31,8 +31,16 @@ _log_sum_kernel = cp.ReductionKernel(
 )
 
 
+_softmax_kernel = cp.ElementwiseKernel(
+    "T x, T m, T s, T k",
+    "T y",
+    "y = exp((x - m) - s) * k",
+    "xent_scaled_softmax",
+)
+
+
 class Native(Backend):
-    """A fused exp-sum-log reduction kernel, and take_along_axis."""
+    """Fused kernels: exp-sum-log reduction, scaled softmax; in-place row fills."""
 
     native = True
 
@@ -41,8 +49,18 @@ class Native(Backend):
         shift = cp.where(cp.isfinite(shift), shift, 0).astype(x.dtype)
         return shift, _log_sum_kernel(x, shift, axis=axis, keepdims=True)
 
+    def softmax_from_lse(
+        self, x: Array, shift: Array, log_sum: Array, axis: int, scale: Array | None = None
+    ) -> Array:
+        k = cp.ones((), dtype=x.dtype) if scale is None else scale.astype(x.dtype, copy=False)
+        return _softmax_kernel(x, shift, log_sum, k)
+
     def take_along_axis(self, x: Array, index: Array, axis: int) -> Array:
         return cp.take_along_axis(x, index, axis=axis)
+
+    def fill_rows(self, g: Array, mask: Array, value: float) -> Array:
+        cp.copyto(g, cp.asarray(value, dtype=g.dtype), where=mask)
+        return g
 
 
 class NativeBackend(Native, Facts):

@@ -1,4 +1,4 @@
-"""Dask: always lazy; warnings of masked rows silenced; block-wise gather."""
+"""Dask: always lazy; warnings of masked rows silenced; block-wise log-sum-exp and gather."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import numpy as np
 
 from .._typing import Array
 from ._generic import Backend
+from ._numpy import Native as _NumpyNative
 
 
 class Facts(Backend):
@@ -31,13 +32,40 @@ def _gather_block(x: np.ndarray, index: np.ndarray, *, axis: int, offset: np.nda
     return np.where(inside, picked, 0)
 
 
+def _shift_block(x: np.ndarray, *, axis: int) -> Any:
+    with np.errstate(invalid="ignore"):
+        shift = np.max(x, axis=axis, keepdims=True)
+    return np.where(np.isfinite(shift), shift, np.zeros((), dtype=x.dtype))
+
+
+def _log_sum_block(x: np.ndarray, shift: np.ndarray, *, axis: int) -> Any:
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        return _NUMPY.log_sum(x, shift, axis)
+
+
+_NUMPY = _NumpyNative(np)
+
+
 class Native(Backend):
-    """take_along_axis as one block-wise op: each class chunk contributes its own labels."""
+    """Block-wise log-sum-exp and take_along_axis: each block runs NumPy's chunked kernels."""
 
     native = True
 
+    def logsumexp(self, x: Array, axis: int) -> tuple[Array, Array]:
+        x = da.asarray(x)
+        if x.numblocks[axis] != 1 or 0 in x.shape:
+            # Classes split over blocks (or an empty array) go through Dask's tree reductions.
+            return super().logsumexp(x, axis)
+        chunks = tuple((1,) * len(c) if i == axis else c for i, c in enumerate(x.chunks))
+        shift = da.map_blocks(_shift_block, x, axis=axis, chunks=chunks, dtype=x.dtype)
+        log_sum = da.map_blocks(_log_sum_block, x, shift, axis=axis, chunks=chunks, dtype=x.dtype)
+        return shift, log_sum
+
     def take_along_axis(self, x: Array, index: Array, axis: int) -> Array:
         x = da.asarray(x)
+        if 0 in x.shape or 0 in index.shape:
+            # Empty blocks carry no labels; the one-hot reduction gets the shapes right.
+            return super().take_along_axis(x, index, axis)
         index = da.asarray(index).rechunk(
             tuple(1 if i == axis else c for i, c in enumerate(x.chunks))
         )

@@ -75,9 +75,21 @@ class Backend:
         m = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
         return m, xp.log(xp.sum(xp.exp(x - m), axis=axis, keepdims=True))
 
-    def softmax_from_lse(self, x: Array, shift: Array, log_sum: Array, axis: int) -> Array:
-        """``exp(x - shift - log_sum)``: the softmax once the row's log-sum-exp is known."""
-        return self.xp.exp((x - shift) - log_sum)
+    def softmax_from_lse(
+        self, x: Array, shift: Array, log_sum: Array, axis: int, scale: Array | None = None
+    ) -> Array:
+        """``exp(x - shift - log_sum) * scale``: the softmax once the row's log-sum-exp is
+        known, times a per-row ``scale`` (``keepdims``) when one is given."""
+        p = self.xp.exp((x - shift) - log_sum)
+        return p if scale is None else p * scale
+
+    def fill_rows(self, g: Array, mask: Array, value: float) -> Array:
+        """``g`` with ``value`` on the rows where ``mask`` (class axis of size 1) is True.
+
+        ``g`` is xent's own temporary, so a backend may write it in place.
+        """
+        xp = self.xp
+        return xp.where(mask, xp.full_like(g, value), g)
 
     def take_along_axis(self, x: Array, index: Array, axis: int) -> Array:
         """``x`` at ``index`` along ``axis`` (``index`` has size 1 there and valid values)."""

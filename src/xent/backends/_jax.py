@@ -43,6 +43,10 @@ class Native(Backend):
     def take_along_axis(self, x: Array, index: Array, axis: int) -> Array:
         return jnp.take_along_axis(x, index, axis=axis, mode="clip")
 
+    def fill_rows(self, g: Array, mask: Array, value: float) -> Array:
+        # A scalar fill: XLA fuses the select into the kernel that produced g.
+        return jnp.where(mask, jnp.asarray(value, dtype=g.dtype), g)
+
 
 class NativeBackend(Native, Facts):
     """The facts with the native overrides on top."""

@@ -10,8 +10,10 @@ import numpy as np
 from .._typing import Array
 from ._generic import Backend
 
-_SCRATCH_BYTES = 16 * 2**20
-"""Bound on the scratch buffer of the chunked primitives (the user's arrays are never written)."""
+_BLOCK_BYTES = 2**20
+"""Size of the scratch block of rows: small enough to stay in cache between the subtract, the
+``exp`` and the sum, large enough that NumPy's per-call overhead is amortised. The user's arrays
+are never written."""
 
 
 class Facts(Backend):
@@ -33,32 +35,54 @@ class Native(Backend):
 
     def logsumexp(self, x: Array, axis: int) -> tuple[Array, Array]:
         x = np.asarray(x)
-        if axis != x.ndim - 1:
+        if axis % x.ndim != x.ndim - 1 or x.size == 0 or not x.flags.c_contiguous:
             return super().logsumexp(x, axis)
+        keep = (*x.shape[:-1], 1)
+        shift = np.empty(keep, dtype=x.dtype)
+        return shift, self._log_sum(x, shift, find_shift=True)
+
+    def log_sum(self, x: Array, shift: Array, axis: int) -> Array:
+        """``log(sum(exp(x - shift)))`` along ``axis`` for a given ``shift``."""
+        if axis % x.ndim != x.ndim - 1 or x.size == 0 or not x.flags.c_contiguous:
+            return np.log(np.sum(np.exp(x - shift), axis=axis, keepdims=True))
+        return self._log_sum(x, shift, find_shift=False)
+
+    def _log_sum(self, x: np.ndarray, shift: np.ndarray, *, find_shift: bool) -> np.ndarray:
+        # A block of rows is read from memory once: its max, the subtract, the exp and the sum
+        # all find it (or the scratch copy) in cache.
         c = x.shape[-1]
         rows = x.reshape(-1, c)
-        shift = np.empty((rows.shape[0], 1), dtype=x.dtype)
-        log_sum = np.empty_like(shift)
-        step = max(1, _SCRATCH_BYTES // max(1, c * x.dtype.itemsize))
+        shifts = shift.reshape(-1, 1)
+        out = np.empty((rows.shape[0], 1), dtype=x.dtype)
+        step = max(1, _BLOCK_BYTES // (c * x.dtype.itemsize))
         scratch = np.empty((min(step, rows.shape[0]), c), dtype=x.dtype)
         for start in range(0, rows.shape[0], step):
             block = rows[start : start + step]
             buf = scratch[: block.shape[0]]
-            m = shift[start : start + step]
-            np.max(block, axis=1, keepdims=True, out=m)
-            m[~np.isfinite(m)] = 0
+            m = shifts[start : start + step]
+            if find_shift:
+                np.max(block, axis=1, keepdims=True, out=m)
+                m[~np.isfinite(m)] = 0
             np.subtract(block, m, out=buf)
             np.exp(buf, out=buf)
-            s = log_sum[start : start + step]
-            np.sum(buf, axis=1, keepdims=True, out=s)
-            np.log(s, out=s)
-        keep = (*x.shape[:-1], 1)
-        return shift.reshape(keep), log_sum.reshape(keep)
+            np.sum(buf, axis=1, keepdims=True, out=out[start : start + step])
+        np.log(out, out=out)
+        return out.reshape(shift.shape)
 
-    def softmax_from_lse(self, x: Array, shift: Array, log_sum: Array, axis: int) -> Array:
+    def softmax_from_lse(
+        self, x: Array, shift: Array, log_sum: Array, axis: int, scale: Array | None = None
+    ) -> Array:
+        # One full-size allocation (the result); every step after the first works in place.
         out = np.subtract(x, shift)
         out -= log_sum
-        return np.exp(out, out=out)
+        np.exp(out, out=out)
+        if scale is not None:
+            out *= scale
+        return out
+
+    def fill_rows(self, g: Array, mask: Array, value: float) -> Array:
+        np.copyto(g, np.asarray(value, dtype=g.dtype), where=mask)
+        return g
 
     def take_along_axis(self, x: Array, index: Array, axis: int) -> Array:
         return np.take_along_axis(np.asarray(x), np.asarray(index), axis=axis)

@@ -10,6 +10,11 @@ from .._typing import Array
 from ._generic import Backend, BackwardFn, ForwardFn
 
 
+def _owned(g: Array) -> bool:
+    """Whether xent's own temporary ``g`` may be written in place (autograd is not recording)."""
+    return not (g.requires_grad and torch.is_grad_enabled())
+
+
 def _functorch_wrapped(x: Array) -> bool:
     return bool(torch._C._functorch.is_functorch_wrapped_tensor(x))
 
@@ -55,30 +60,88 @@ class _AnalyticGrad(torch.autograd.Function):
         return ctx.backward_fn(x, saved, cotangent), None, None
 
 
+_BLOCK_BYTES = 64 * 2**20
+"""Scratch for one block of rows in the eager log-sum-exp. Blocks this large keep the number of
+(multi-threaded) kernel launches small; the full-size ``x - shift`` temporary is never made."""
+
+
+def _chunked_logsumexp(x: Array) -> tuple[Array, Array]:
+    """``(shift, log_sum)`` along the last axis of a tensor that needs no gradient."""
+    c = x.shape[-1]
+    rows = x.reshape(-1, c)
+    n = rows.shape[0]
+    shift = torch.amax(rows, dim=1, keepdim=True) if c else rows.new_zeros((n, 1))
+    shift.masked_fill_(~torch.isfinite(shift), 0.0)
+    log_sum = rows.new_empty((n, 1))
+    step = max(1, _BLOCK_BYTES // max(1, c * rows.element_size()))
+    scratch = rows.new_empty((min(step, n), c))
+    for start in range(0, n, step):
+        block = rows[start : start + step]
+        buf = scratch[: block.shape[0]]
+        torch.sub(block, shift[start : start + step], out=buf)
+        buf.exp_()
+        torch.sum(buf, dim=1, keepdim=True, out=log_sum[start : start + step])
+    log_sum.log_()
+    keep = (*x.shape[:-1], 1)
+    return shift.reshape(keep), log_sum.reshape(keep)
+
+
 class Native(Backend):
     """torch.logsumexp, torch.softmax, in-place scatter, and the analytic autograd.Function."""
 
     native = True
 
     def logsumexp(self, x: Array, axis: int) -> tuple[Array, Array]:
-        shift = torch.amax(x, dim=axis, keepdim=True).detach()
-        shift = torch.where(torch.isfinite(shift), shift, 0.0)
-        return shift, torch.logsumexp(x - shift, dim=axis, keepdim=True)
+        eager = not (x.requires_grad and torch.is_grad_enabled()) and not self.is_traced(x)
+        if (
+            not eager
+            or axis % x.ndim != x.ndim - 1
+            or not x.is_contiguous()
+            or x.device.type != "cpu"
+        ):
+            # Autograd and compilers need out-of-place ops (Inductor fuses them anyway); the GPU
+            # fuses the reduction in its own kernels.
+            shift = torch.amax(x, dim=axis, keepdim=True).detach()
+            shift = torch.where(torch.isfinite(shift), shift, 0.0)
+            return shift, torch.logsumexp(x - shift, dim=axis, keepdim=True)
+        return _chunked_logsumexp(x)
 
-    def softmax_from_lse(self, x: Array, shift: Array, log_sum: Array, axis: int) -> Array:
-        return torch.softmax(x, dim=axis)
+    def softmax_from_lse(
+        self, x: Array, shift: Array, log_sum: Array, axis: int, scale: Array | None = None
+    ) -> Array:
+        # torch.softmax fuses max, exp, sum and divide in one pass per row; the scale then
+        # goes in place unless autograd (double backward) or a tracer needs the graph.
+        p = torch.softmax(x, dim=axis)
+        if scale is None:
+            return p
+        if _owned(p) and not self.is_traced(p):
+            return p.mul_(scale)
+        return p * scale
+
+    def fill_rows(self, g: Array, mask: Array, value: float) -> Array:
+        if _owned(g) and not self.is_traced(g):
+            return g.masked_fill_(mask, value)
+        return torch.where(mask, value, g)
 
     def take_along_axis(self, x: Array, index: Array, axis: int) -> Array:
         return torch.gather(x, axis, index)
 
     def subtract_at(self, g: Array, index: Array, values: Array, axis: int) -> Array:
         values = torch.broadcast_to(values, index.shape).to(g.dtype)
-        if g.requires_grad and torch.is_grad_enabled():
-            return g.scatter_add(axis, index, -values)
-        return g.scatter_add_(axis, index, -values)
+        if _owned(g):
+            return g.scatter_add_(axis, index, -values)
+        return g.scatter_add(axis, index, -values)
 
-    def custom_grad(self, forward: ForwardFn, backward: BackwardFn, x: Array) -> Array:
-        if not (x.requires_grad and torch.is_grad_enabled()) or self.is_traced(x):
+    def custom_grad(
+        self,
+        forward: ForwardFn,
+        backward: BackwardFn,
+        x: Array,
+        *,
+        others: tuple[Array | None, ...] = (),
+    ) -> Array:
+        needs_other = any(o is not None and o.requires_grad for o in others)
+        if not (x.requires_grad and torch.is_grad_enabled()) or needs_other or self.is_traced(x):
             return forward(x)[0]
         return _AnalyticGrad.apply(x, forward, backward)
 
