@@ -255,6 +255,8 @@ def xp_assert_close(
     )
 
 
-def xp_assert_equal(actual: Any, desired: Any, /, *, xp: Any, dtype: str, err_msg: str = "") -> None:
+def xp_assert_equal(
+    actual: Any, desired: Any, /, *, xp: Any, dtype: str, err_msg: str = ""
+) -> None:
     """Like `xp_assert_close` with zero tolerance."""
     xp_assert_close(actual, desired, xp=xp, dtype=dtype, rtol=0.0, atol=0.0, err_msg=err_msg)

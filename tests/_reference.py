@@ -25,24 +25,33 @@ def _f64(a: Any) -> np.ndarray:
     return np.asarray(a, dtype=np.float64)
 
 
+def _shifted(x: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`x - m`, `sum(exp(x - m))` and `m` for the row max `m` (0 for rows without a finite max)."""
+    m = np.max(x, axis=axis, keepdims=True, initial=-np.inf)
+    m = np.where(np.isfinite(m), m, 0.0)
+    z = x - m
+    return z, np.sum(np.exp(z), axis=axis, keepdims=True), m
+
+
 def logsumexp(x: Any, axis: int = -1, keepdims: bool = False) -> np.ndarray:
-    """log(sum(exp(x))) along `axis`, shifted by the row max; an all `-inf` row gives `-inf`."""
-    x = _f64(x)
+    """log(sum(exp(x))) along `axis`; an all `-inf` row gives `-inf`."""
     with np.errstate(all="ignore"):
-        m = np.max(x, axis=axis, keepdims=True, initial=-np.inf)
-        m = np.where(np.isfinite(m), m, 0.0)
-        out = np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True)) + m
+        _, s, m = _shifted(_f64(x), axis)
+        out = np.log(s) + m
     return out if keepdims else np.squeeze(out, axis=axis)
 
 
 def log_softmax(x: Any, axis: int = -1) -> np.ndarray:
+    """`(x - m) - log(sum(exp(x - m)))`: exact even next to logits of size float64's max."""
     with np.errstate(all="ignore"):
-        return _f64(x) - logsumexp(x, axis=axis, keepdims=True)
+        z, s, _ = _shifted(_f64(x), axis)
+        return z - np.log(s)
 
 
 def softmax(x: Any, axis: int = -1) -> np.ndarray:
     with np.errstate(all="ignore"):
-        return np.exp(log_softmax(x, axis=axis))
+        z, s, _ = _shifted(_f64(x), axis)
+        return np.exp(z) / s
 
 
 def _clip_bounds(eps: float, dtype: Any) -> tuple[float, float]:
@@ -91,7 +100,7 @@ def cross_entropy(
             x = softcap * np.tanh(x / softcap)
         if from_logits:
             lse = logsumexp(x, axis=-1)
-            lp = x - lse[..., None]
+            lp = log_softmax(x, axis=-1)
         else:
             p = x / np.sum(x, axis=-1, keepdims=True)
             lp = np.log(np.clip(p, *_clip_bounds(eps, clip_dtype)))

@@ -1,0 +1,216 @@
+"""`xent.logsumexp`, `xent.log_softmax` and `xent.softmax` against the float64 reference."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import _reference as ref
+import numpy as np
+import pytest
+from _helpers import (
+    Backend,
+    current,
+    dtype_eps,
+    property_settings,
+    to_numpy,
+    to_xp,
+    xp_assert_close,
+)
+from hypothesis import given
+from hypothesis import strategies as st
+
+import xent
+
+FUNCS = ("logsumexp", "log_softmax", "softmax")
+
+
+def _ref(name: str, x: np.ndarray, axis: int, keepdims: bool = False) -> np.ndarray:
+    if name == "logsumexp":
+        return ref.logsumexp(x, axis=axis, keepdims=keepdims)
+    return getattr(ref, name)(x, axis=axis)
+
+
+def _xent(name: str, x: Any, axis: int, keepdims: bool = False) -> Any:
+    if name == "logsumexp":
+        return xent.logsumexp(x, axis=axis, keepdims=keepdims)
+    return getattr(xent, name)(x, axis=axis)
+
+
+@st.composite
+def cases(draw: Any) -> dict[str, Any]:
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    if current().backend.like(Backend.JAX):  # few shapes: eager JAX compiles each one
+        shape = draw(st.sampled_from([(5,), (0, 3), (3, 4), (2, 1, 3)]))
+    else:
+        shape = tuple(draw(st.lists(st.integers(1, 5), min_size=1, max_size=3)))
+    axis = draw(st.integers(-len(shape), len(shape) - 1))
+    if shape[axis] == 0:
+        axis = -1
+    if len(shape) > 1 and draw(st.integers(0, 5)) == 0:  # an empty batch axis
+        other = [i for i in range(len(shape)) if i != axis % len(shape)]
+        empty = draw(st.sampled_from(other))
+        shape = tuple(0 if i == empty else n for i, n in enumerate(shape))
+    dtype = draw(st.sampled_from(["float32", "float64"]))
+    scale = draw(st.sampled_from([1.0, 30.0]))
+    x = rng.normal(size=shape) * scale
+    x[rng.uniform(size=shape) < 0.1] = -np.inf
+    np.moveaxis(x, axis, -1)[..., 0] = 0.0  # masked classes, but never a fully masked row
+    return {
+        "x": x.astype(dtype),
+        "axis": axis,
+        "dtype": dtype,
+        "scale": scale,
+        "keepdims": draw(st.booleans()),
+    }
+
+
+def _tol(case: dict[str, Any]) -> dict[str, float]:
+    if case["dtype"] == "float64":
+        return {"rtol": 1e-12, "atol": 1e-12}
+    return {"rtol": 2e-6 * case["scale"], "atol": 2e-6 * case["scale"]}
+
+
+@pytest.mark.parametrize("name", FUNCS)
+def test_matches_reference_on_random_cases(xp: Any, name: str) -> None:
+    @property_settings()
+    @given(case=cases())
+    def check(case: dict[str, Any]) -> None:
+        x, axis = case["x"], case["axis"]
+        got = _xent(name, to_xp(xp, x), axis, case["keepdims"])
+        want = _ref(name, x, axis, case["keepdims"])
+        xp_assert_close(got, want, xp=xp, dtype=case["dtype"], **_tol(case))
+
+    check()
+
+
+def test_softmax_rows_sum_to_one_and_match_log_softmax(xp: Any) -> None:
+    @property_settings()
+    @given(case=cases())
+    def check(case: dict[str, Any]) -> None:
+        x, axis = to_xp(xp, case["x"]), case["axis"]
+        p = to_numpy(xent.softmax(x, axis=axis)).astype(np.float64)
+        lp = to_numpy(xent.log_softmax(x, axis=axis)).astype(np.float64)
+        finite_rows = np.any(np.isfinite(case["x"]), axis=axis)
+        sums = np.sum(p, axis=axis)
+        tol = 1e-12 if case["dtype"] == "float64" else 1e-5
+        np.testing.assert_allclose(sums[finite_rows], 1.0, rtol=0, atol=tol * p.shape[axis])
+        assert np.all((p >= 0) & (p <= 1) | np.isnan(p))
+        with np.errstate(all="ignore"):
+            np.testing.assert_allclose(np.exp(lp), p, rtol=tol, atol=tol)
+
+    check()
+
+
+def test_shifting_the_input_shifts_logsumexp_and_leaves_softmax(xp: Any) -> None:
+    @property_settings()
+    @given(case=cases(), shift=st.floats(-100, 100))
+    def check(case: dict[str, Any], shift: float) -> None:
+        if case["dtype"] != "float64":
+            return  # the shifted input is not exactly representable in float32
+        x, axis = case["x"], case["axis"]
+        lse = to_numpy(xent.logsumexp(to_xp(xp, x), axis=axis))
+        shifted = to_xp(xp, x + shift)
+        xp_assert_close(
+            xent.logsumexp(shifted, axis=axis),
+            lse + shift,
+            xp=xp,
+            dtype="float64",
+            rtol=1e-12,
+            atol=1e-11 * (1 + abs(shift) + case["scale"]),
+        )
+        xp_assert_close(
+            xent.softmax(shifted, axis=axis),
+            to_numpy(xent.softmax(to_xp(xp, x), axis=axis)),
+            xp=xp,
+            dtype="float64",
+            rtol=1e-9,
+            atol=1e-12,
+        )
+
+    check()
+
+
+@pytest.mark.parametrize("name", FUNCS)
+@pytest.mark.parametrize("axis", [0, 1, 2, -1, -2, -3])
+def test_any_axis_equals_moving_it_last(
+    xp: Any, rng: np.random.Generator, name: str, axis: int
+) -> None:
+    x = rng.normal(size=(2, 3, 4)) * 3
+    got = _xent(name, to_xp(xp, x), axis)
+    last = _xent(name, to_xp(xp, np.moveaxis(x, axis, -1)), -1)
+    want = to_numpy(last) if name == "logsumexp" else np.moveaxis(to_numpy(last), -1, axis)
+    xp_assert_close(got, want, xp=xp, dtype="float64")
+
+
+@pytest.mark.parametrize("axis", [0, -1])
+def test_logsumexp_keepdims_keeps_a_unit_axis(xp: Any, rng: np.random.Generator, axis: int) -> None:
+    x = rng.normal(size=(3, 4))
+    got = xent.logsumexp(to_xp(xp, x), axis=axis, keepdims=True)
+    xp_assert_close(got, ref.logsumexp(x, axis=axis, keepdims=True), xp=xp, dtype="float64")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("name", FUNCS)
+def test_values_at_dtype_max_do_not_overflow(xp: Any, dtype: str, name: str) -> None:
+    big = 3.3895313892515355e38 if dtype == "bfloat16" else float(np.finfo(dtype).max)
+    x = np.array([[big, big, 0.0], [big, big / 2, 0.0], [-big, -big, -big]])
+    x_xp = to_xp(xp, x, dtype=dtype)
+    got = _xent(name, x_xp, -1)
+    assert np.all(np.isfinite(to_numpy(got))), to_numpy(got)
+    want = _ref(name, to_numpy(x_xp), -1)
+    # logsumexp(big, big) = big + log 2 rounds to big in float32 and float64, so the O(1) part
+    # of a log-probability next to a logit of size `big` may be lost; probabilities may not.
+    atol = 1e-6 if name == "softmax" or dtype == "float16" else 1.5
+    xp_assert_close(got, want, xp=xp, dtype=dtype, rtol=2 * dtype_eps(dtype), atol=atol)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("name", FUNCS)
+def test_low_precision_is_computed_in_float32_and_returned_in_input_dtype(
+    xp: Any, rng: np.random.Generator, dtype: str, name: str
+) -> None:
+    x_xp = to_xp(xp, rng.normal(size=(4, 300)) * 3, dtype=dtype)
+    got = _xent(name, x_xp, -1)
+    want = _ref(name, to_numpy(x_xp), -1)
+    atol = 1e-7 if dtype == "float16" else 1e-30  # float16 subnormals are spaced 6e-8 apart
+    xp_assert_close(got, want, xp=xp, dtype=dtype, rtol=dtype_eps(dtype), atol=atol)
+
+
+def test_minus_inf_entries_are_masked(xp: Any) -> None:
+    x = np.array([[0.0, -np.inf, 1.0], [-np.inf, -np.inf, 2.0], [-np.inf, -np.inf, -np.inf]])
+    lse = xent.logsumexp(to_xp(xp, x))
+    xp_assert_close(lse, [np.log(1 + np.e), 2.0, -np.inf], xp=xp, dtype="float64")
+    p = to_numpy(xent.softmax(to_xp(xp, x)))
+    np.testing.assert_allclose(
+        p[:2], [[1 / (1 + np.e), 0.0, np.e / (1 + np.e)], [0, 0, 1]], rtol=1e-12, atol=0
+    )
+    lp = to_numpy(xent.log_softmax(to_xp(xp, x)))
+    assert lp[0, 1] == -np.inf
+    assert lp[1, 0] == -np.inf
+    np.testing.assert_allclose(lp[1, 2], 0.0, atol=0)
+
+
+@pytest.mark.parametrize("name", FUNCS)
+def test_nan_poisons_only_its_row(xp: Any, rng: np.random.Generator, name: str) -> None:
+    x = rng.normal(size=(3, 4))
+    x[1, 2] = np.nan
+    got = to_numpy(_xent(name, to_xp(xp, x), -1))
+    assert np.all(np.isnan(got[1]))
+    np.testing.assert_allclose(got[[0, 2]], _ref(name, x[[0, 2]], -1), rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", FUNCS)
+def test_input_is_not_modified(xp: Any, rng: np.random.Generator, name: str) -> None:
+    x = rng.normal(size=(3, 4))
+    x[0, 0] = -np.inf
+    x_xp = to_xp(xp, x)
+    to_numpy(_xent(name, x_xp, -1))
+    to_numpy(_xent(name, x_xp, 0))
+    np.testing.assert_array_equal(to_numpy(x_xp), x)
+
+
+@pytest.mark.parametrize("name", FUNCS)
+def test_explicit_xp_gives_the_same_result(xp: Any, rng: np.random.Generator, name: str) -> None:
+    x = rng.normal(size=(3, 4))
+    got = getattr(xent, name)(to_xp(xp, x), axis=-1, xp=xp)
+    xp_assert_close(got, _ref(name, x, -1), xp=xp, dtype="float64")
