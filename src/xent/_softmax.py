@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from . import _validation
 from ._typing import Array, Namespace
 from .backends import lookup
@@ -15,6 +17,15 @@ def _prepare(x: Array, axis: int, xp: Namespace | None) -> tuple[Namespace, Arra
     ax = _validation.axis(axis, x.ndim, "x")
     ops = lookup(xp)
     return xp, xp.astype(x, ops.compute_dtype(x.dtype), copy=False), ax
+
+
+def _stats(xp: Namespace, x: Array, ax: int) -> tuple[Array, Array]:
+    """``(shift, log_sum)``; over no rows at all, zeros (Dask mis-shapes empty reductions)."""
+    if math.prod(n for i, n in enumerate(x.shape) if i != ax) == 0:
+        keep = tuple(1 if i == ax else n for i, n in enumerate(x.shape))
+        zeros = xp.zeros(keep, dtype=x.dtype, device=lookup(xp).device(x))
+        return zeros, zeros
+    return lookup(xp).logsumexp(x, ax)
 
 
 def logsumexp(
@@ -58,7 +69,7 @@ def logsumexp(
     xp, xc, ax = _prepare(x, axis, xp)
     ops = lookup(xp)
     with ops.quiet():
-        shift, log_sum = ops.logsumexp(xc, ax)
+        shift, log_sum = _stats(xp, xc, ax)
         out = shift + log_sum
     if not keepdims:
         out = xp.squeeze(out, axis=ax)
@@ -99,7 +110,7 @@ def log_softmax(x: Array, /, *, axis: int = -1, xp: Namespace | None = None) -> 
     xp, xc, ax = _prepare(x, axis, xp)
     ops = lookup(xp)
     with ops.quiet():
-        shift, log_sum = ops.logsumexp(xc, ax)
+        shift, log_sum = _stats(xp, xc, ax)
         out = (xc - shift) - log_sum
     return xp.astype(out, x.dtype, copy=False)
 
@@ -139,6 +150,6 @@ def softmax(x: Array, /, *, axis: int = -1, xp: Namespace | None = None) -> Arra
     xp, xc, ax = _prepare(x, axis, xp)
     ops = lookup(xp)
     with ops.quiet():
-        shift, log_sum = ops.logsumexp(xc, ax)
+        shift, log_sum = _stats(xp, xc, ax)
         out = ops.softmax_from_lse(xc, shift, log_sum, ax)
     return xp.astype(out, x.dtype, copy=False)
