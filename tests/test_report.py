@@ -1,8 +1,9 @@
 """``python -m xent`` (SPEC section 7): every importable backend is listed, checked and timed.
 
 The report runs in a subprocess twice: as users run it (formatted by rich where rich is
-installed), and in an interpreter where ``rich`` and ``dask`` cannot be imported, which must fall
-back to plain text and list dask as missing with the command that installs it.
+installed), and in an interpreter where rich and every optional array library are blocked, which
+must print plain text with one NumPy row and list the others with the command that installs them.
+One test per run, so that pytest-xdist workers never run the same report twice.
 """
 
 from __future__ import annotations
@@ -14,12 +15,10 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-import pytest
-
 QUICK = ["--size", "64x128", "--repeat", "1"]
 TOLERANCE = 1e-5
 
-# Top-level module, distribution that carries its version, and the pip command the report names.
+# Row name: top-level module, distribution that carries its version, command the report names.
 CPU_BACKENDS = {
     "numpy": ("numpy", "numpy", "pip install numpy"),
     "array_api_strict": ("array_api_strict", "array-api-strict", "pip install array-api-strict"),
@@ -27,6 +26,7 @@ CPU_BACKENDS = {
     "jax": ("jax", "jax", "pip install jax"),
     "dask": ("dask", "dask", "pip install 'dask[array]'"),
 }
+OPTIONAL = ("rich", "array_api_strict", "torch", "jax", "dask", "cupy")
 
 ROW = re.compile(
     r"^\s*(?P<backend>[a-z_]+)\s+(?P<device>cpu|cuda|gpu|tpu)\s+(?P<version>\S+)\s+"
@@ -37,8 +37,6 @@ ROW = re.compile(
 
 @dataclass
 class Report:
-    variant: str
-    returncode: int
     stdout: str
     stderr: str
     blocked: tuple[str, ...]
@@ -52,14 +50,11 @@ class Report:
         assert found, self.stdout
         return rest
 
+    def installed(self, module: str) -> bool:
+        return module not in self.blocked and importlib.util.find_spec(module) is not None
 
-def _installed(module: str, blocked: tuple[str, ...]) -> bool:
-    return module not in blocked and importlib.util.find_spec(module) is not None
 
-
-@pytest.fixture(scope="module", params=["as-installed", "plain-without-dask"])
-def report(request: pytest.FixtureRequest) -> Report:
-    blocked: tuple[str, ...] = () if request.param == "as-installed" else ("rich", "dask")
+def _run_report(blocked: tuple[str, ...]) -> Report:
     # sys.modules[name] = None makes `import name` raise ImportError, as if it were not installed.
     code = (
         "import runpy, sys\n"
@@ -73,58 +68,57 @@ def report(request: pytest.FixtureRequest) -> Report:
         timeout=300,
         check=False,
     )
-    return Report(request.param, proc.returncode, proc.stdout, proc.stderr, blocked)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return Report(proc.stdout, proc.stderr, blocked)
 
 
-def test_report_passes_its_own_conformance_check(report: Report) -> None:
-    assert report.returncode == 0, report.stdout + report.stderr
-    assert "FAIL" not in report.stdout
-
-
-def test_every_installed_cpu_backend_has_a_row_with_its_version(report: Report) -> None:
-    rows = report.rows()
-    for backend, (module, distribution, _) in CPU_BACKENDS.items():
-        if _installed(module, report.blocked):
-            assert (backend, "cpu") in rows, f"{backend} missing from\n{report.stdout}"
-            version = importlib.metadata.version(distribution)
-            assert rows[backend, "cpu"]["version"] == version
-        else:
-            assert (backend, "cpu") not in rows
-
-
-def test_every_row_has_a_small_error_and_both_times(report: Report) -> None:
+def _assert_rows_are_checked_and_timed(report: Report) -> None:
     rows = report.rows()
     assert rows, report.stdout
+    for backend, (module, distribution, _) in CPU_BACKENDS.items():
+        if report.installed(module):
+            assert (backend, "cpu") in rows, f"{backend} has no row in\n{report.stdout}"
+            assert rows[backend, "cpu"]["version"] == importlib.metadata.version(distribution)
+        else:
+            assert (backend, "cpu") not in rows
     for (backend, device), row in rows.items():
+        assert row["verdict"] == "ok", (backend, device, row.group(0))
         assert float(row["error"]) <= TOLERANCE, (backend, device, row["error"])
-        assert row["verdict"] == "ok"
         assert float(row["xent"]) > 0
         assert float(row["native"]) > 0
         assert float(row["ratio"]) > 0
+    assert "FAIL" not in report.stdout
 
 
-def test_missing_backends_are_listed_with_their_install_command(report: Report) -> None:
+def _assert_missing_are_listed_with_install_commands(report: Report) -> None:
     missing = report.missing_section()
     for backend, (module, _, command) in CPU_BACKENDS.items():
-        if not _installed(module, report.blocked):
+        if not report.installed(module):
             assert re.search(rf"{backend}\s.*{re.escape(command)}", missing), missing
-    if "dask" in report.blocked:
-        assert "pip install 'dask[array]'" in missing
     if ("cupy", "cuda") not in report.rows():
         assert re.search(r"cupy\s.*pip install cupy-cuda12x", missing), missing
 
 
-def test_report_states_what_the_numbers_mean(report: Report) -> None:
+def _assert_explains_itself_and_shows_progress(report: Report) -> None:
     assert report.stdout.startswith("xent report")
     assert "float64 NumPy reference" in report.stdout
     assert "64 x 128 float32" in report.stdout
-
-
-def test_report_uses_rich_where_installed_and_plain_text_otherwise(report: Report) -> None:
-    uses_rich = "rich" not in report.blocked and importlib.util.find_spec("rich") is not None
-    assert ("━" in report.stdout) == uses_rich
-
-
-def test_report_shows_progress_while_it_measures(report: Report) -> None:
-    # Without a terminal the progress is one stderr line per step; with one, a rich live bar.
+    # Without a terminal the progress is one stderr line per step; in one, a rich live bar.
     assert re.search(r"^\[\d+/\d+\] numpy cpu: timing xent", report.stderr, re.MULTILINE)
+
+
+def test_report_checks_and_times_every_installed_backend() -> None:
+    report = _run_report(blocked=())
+    _assert_rows_are_checked_and_timed(report)
+    _assert_missing_are_listed_with_install_commands(report)
+    _assert_explains_itself_and_shows_progress(report)
+    assert ("━" in report.stdout) == report.installed("rich"), "rich formats the tables"
+
+
+def test_report_with_only_numpy_is_plain_text_naming_what_to_install() -> None:
+    report = _run_report(blocked=OPTIONAL)
+    assert set(report.rows()) == {("numpy", "cpu")}
+    _assert_rows_are_checked_and_timed(report)
+    _assert_missing_are_listed_with_install_commands(report)
+    _assert_explains_itself_and_shows_progress(report)
+    assert "━" not in report.stdout

@@ -21,8 +21,9 @@ def _prepare(x: Array, axis: int, xp: Namespace | None) -> tuple[Namespace, Arra
 
 def _stats(xp: Namespace, x: Array, ax: int) -> tuple[Array, Array]:
     """``(shift, log_sum)``; over no rows at all, zeros (Dask mis-shapes empty reductions)."""
-    if math.prod(n for i, n in enumerate(x.shape) if i != ax) == 0:
-        keep = tuple(1 if i == ax else n for i, n in enumerate(x.shape))
+    shape = tuple(x.shape)
+    if math.prod(shape[:ax] + shape[ax + 1 :]) == 0:  # no generator: torch.compile traces this
+        keep = shape[:ax] + (1,) + shape[ax + 1 :]
         zeros = xp.zeros(keep, dtype=x.dtype, device=lookup(xp).device(x))
         return zeros, zeros
     return lookup(xp).logsumexp(x, ax)
