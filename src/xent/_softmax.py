@@ -23,7 +23,7 @@ def _stats(xp: Namespace, x: Array, ax: int) -> tuple[Array, Array]:
     """``(shift, log_sum)``; over no rows at all, zeros (Dask mis-shapes empty reductions)."""
     shape = tuple(x.shape)
     if math.prod(shape[:ax] + shape[ax + 1 :]) == 0:  # no generator: torch.compile traces this
-        keep = shape[:ax] + (1,) + shape[ax + 1 :]
+        keep = (*shape[:ax], 1, *shape[ax + 1 :])
         zeros = xp.zeros(keep, dtype=x.dtype, device=lookup(xp).device(x))
         return zeros, zeros
     return lookup(xp).logsumexp(x, ax)
