@@ -771,6 +771,98 @@ def test_jax_grad_matches_optax(
 
 
 @pytest.mark.only_backends(*JAX_BACKENDS)
+@pytest.mark.parametrize("target_kind", ["indices", "probabilities"])
+def test_jax_gradient_flows_to_targets_and_weights(
+    xp: Any, rng: np.random.Generator, target_kind: str
+) -> None:
+    """JAX's custom rule covers ``input`` only; the other arguments are differentiated through
+    (reverse and forward mode, under jit too), as PyTorch autograd does for the same expression."""
+    jax, _ = _jax()
+    arrays = {
+        "input": rng.normal(size=(4, 5)),
+        "weight": rng.uniform(0.5, 2.0, size=5),
+        "sample_weight": rng.uniform(0.5, 2.0, size=4),
+    }
+    if target_kind == "probabilities":
+        arrays["target"] = _softmax_rows(rng, (4, 5), -1)
+        labels = None
+    else:
+        labels = rng.integers(0, 5, size=4)
+    names = list(arrays)
+
+    def ours(*values: Any) -> Any:
+        a = dict(zip(names, values, strict=True))
+        target = a["target"] if labels is None else to_xp(xp, labels)
+        return xent.cross_entropy(
+            a["input"], target, weight=a["weight"], sample_weight=a["sample_weight"],
+            label_smoothing=0.1,
+        )  # fmt: skip
+
+    theirs = {k: _t(v).requires_grad_() for k, v in arrays.items()}
+    _torch_reference_ce(
+        theirs["input"],
+        theirs["target"] if labels is None else _t(labels),
+        weight=theirs["weight"],
+        sample_weight=theirs["sample_weight"],
+        label_smoothing=0.1,
+    ).backward()
+
+    values = [to_xp(xp, arrays[k]) for k in names]
+    argnums = tuple(range(len(names)))
+    for label, grad in (
+        ("grad", jax.grad(ours, argnums=argnums)),
+        ("jit(grad)", jax.jit(jax.grad(ours, argnums=argnums))),
+        ("jacfwd", jax.jacfwd(ours, argnums=argnums)),
+    ):
+        for name, got in zip(names, grad(*values), strict=True):
+            xp_assert_close(
+                got,
+                theirs[name].grad.numpy(),
+                xp=xp,
+                dtype="float64",
+                rtol=1e-10,
+                atol=1e-13,
+                err_msg=f"{label}: {name}",
+            )
+
+
+@pytest.mark.only_backends(*JAX_BACKENDS)
+def test_jax_bce_gradient_flows_to_target_and_weights(xp: Any, rng: np.random.Generator) -> None:
+    jax, _ = _jax()
+    torch = _torch()
+    F = torch.nn.functional
+    arrays = {
+        "input": rng.normal(size=(3, 4)),
+        "target": rng.uniform(size=(3, 4)),
+        "weight": rng.uniform(0.5, 2.0, size=(3, 1)),
+        "pos_weight": rng.uniform(0.5, 2.0, size=4),
+    }
+    names = list(arrays)
+
+    def ours(x: Any, y: Any, w: Any, pw: Any) -> Any:
+        return xent.binary_cross_entropy(x, y, weight=w, pos_weight=pw)
+
+    theirs = {k: _t(v).requires_grad_() for k, v in arrays.items()}
+    x, y, w, pw = (theirs[k] for k in names)
+    (-w * (pw * y * F.logsigmoid(x) + (1 - y) * F.logsigmoid(-x))).mean().backward()
+    values = [to_xp(xp, arrays[k]) for k in names]
+    for label, grad in (
+        ("jit(grad)", jax.jit(jax.grad(ours, argnums=(0, 1, 2, 3)))),
+        ("jacfwd", jax.jacfwd(ours, argnums=(0, 1, 2, 3))),
+    ):
+        for name, got in zip(names, grad(*values), strict=True):
+            xp_assert_close(
+                got,
+                theirs[name].grad.numpy(),
+                xp=xp,
+                dtype="float64",
+                rtol=1e-10,
+                atol=1e-13,
+                err_msg=f"{label}: {name}",
+            )
+
+
+@pytest.mark.only_backends(*JAX_BACKENDS)
 @pytest.mark.parametrize("option_set", list(_HESSIAN_OPTIONS))
 def test_jax_hessians_agree_with_each_other_and_with_torch(
     xp: Any, rng: np.random.Generator, option_set: str

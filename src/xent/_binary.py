@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 from . import _validation
 from ._typing import Array, Namespace, Reduction
-from .backends import Backend, lookup
+from .backends import Backend, GradRule, lookup
 
 __all__ = ["binary_cross_entropy", "binary_cross_entropy_and_grad"]
 
@@ -101,9 +100,7 @@ def binary_cross_entropy(
         input, target, from_logits=from_logits, weight=weight, pos_weight=pos_weight,
         label_smoothing=label_smoothing, reduction=reduction, eps=eps, xp=xp,
     )  # fmt: skip
-    return p.ops.custom_grad(
-        partial(_forward, p), partial(_backward, p), input, others=(target, weight, pos_weight)
-    )
+    return p.ops.custom_grad(_RULE, p, input, others=(target, weight, pos_weight))
 
 
 def binary_cross_entropy_and_grad(
@@ -240,3 +237,18 @@ def _backward(p: _Problem, input: Array, saved: None, cotangent: Array) -> Array
             g = g * p.weight
         g = xp.broadcast_to(g, x.shape)
     return xp.astype(g, input.dtype, copy=False)
+
+
+def _tangent(p: _Problem, input: Array, saved: None, dx: Array) -> Array:
+    """``(d loss / d input) dx``: each element's loss depends on that element alone."""
+    xp = p.xp
+    shape = tuple(input.shape) if p.reduction == "none" else ()
+    ones = xp.ones(shape, dtype=p.dtype, device=p.ops.device(input))
+    g = xp.astype(_backward(p, input, saved, ones), p.dtype, copy=False)
+    t = g * xp.astype(dx, p.dtype, copy=False)
+    if p.reduction != "none":
+        t = xp.sum(t)
+    return xp.astype(t, p.out_dtype, copy=False)
+
+
+_RULE = GradRule(forward=_forward, backward=_backward, tangent=_tangent)

@@ -15,7 +15,7 @@ from typing import Any
 
 from . import _validation
 from ._typing import Array, Namespace, Reduction
-from .backends import Backend, lookup
+from .backends import Backend, GradRule, lookup
 
 __all__ = ["cross_entropy", "cross_entropy_and_grad"]
 
@@ -154,9 +154,7 @@ def cross_entropy(
         sample_weight=sample_weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
         reduction=reduction, z_loss=z_loss, softcap=softcap, eps=eps, validate=validate, xp=xp,
     )  # fmt: skip
-    return p.ops.custom_grad(
-        partial(_forward, p), partial(_backward, p), input, others=(target, weight, sample_weight)
-    )
+    return p.ops.custom_grad(_RULE, p, input, others=(target, weight, sample_weight))
 
 
 def cross_entropy_and_grad(
@@ -510,3 +508,19 @@ def _prob_input_grad(p: _Problem, input: Array, x: Array, r: Array) -> Array:
     inside = (prob >= p.eps) & (prob <= 1.0 - p.eps)
     g = xp.where(inside, g / xp.exp(x), xp.zeros_like(g))
     return (g - xp.sum(g * prob, axis=p.axis, keepdims=True)) / total
+
+
+def _tangent(p: _Problem, input: Array, saved: tuple[Array, _Stats | None], dx: Array) -> Array:
+    """``(d loss / d input) dx``: each row's loss depends on that row alone, so the forward-mode
+    derivative contracts the gradient of ``sum(loss)`` with ``dx`` along the class axis."""
+    xp = p.xp
+    shape = tuple(input.shape)
+    per_row = shape[: p.axis] + shape[p.axis + 1 :] if p.reduction == "none" else ()
+    ones = xp.ones(per_row, dtype=p.dtype, device=p.ops.device(input))
+    g = xp.astype(_backward(p, input, saved, ones), p.dtype, copy=False)
+    t = g * xp.astype(dx, p.dtype, copy=False)
+    t = xp.sum(t, axis=p.axis) if p.reduction == "none" else xp.sum(t)
+    return xp.astype(t, p.out_dtype, copy=False)
+
+
+_RULE = GradRule(forward=_forward, backward=_backward, tangent=_tangent)

@@ -21,9 +21,9 @@ from .._compat import (
     is_torch_namespace,
 )
 from .._typing import Namespace
-from ._generic import Backend
+from ._generic import Backend, GradRule
 
-__all__ = ["Backend", "lookup", "native_enabled", "set_native"]
+__all__ = ["Backend", "GradRule", "lookup", "native_enabled", "set_native"]
 
 _native = os.environ.get("XENT_NATIVE", "1").strip().lower() not in {"0", "false", "off", "no"}
 _cache: dict[tuple[int, bool], Backend] = {}

@@ -10,16 +10,34 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from .._compat import device, is_lazy_array
 from .._typing import Array, Namespace
 
-ForwardFn = Callable[[Array], tuple[Array, Any]]
-"""``forward(x) -> (loss, saved)``: the loss and what its gradient may reuse."""
+ForwardFn = Callable[[Any, Array], tuple[Array, Any]]
+"""``forward(state, x) -> (loss, saved)``: the loss and what its derivatives may reuse."""
 
-BackwardFn = Callable[[Array, Any, Array], Array]
-"""``backward(x, saved, cotangent) -> d(loss . cotangent)/dx``; ``saved`` may be None."""
+BackwardFn = Callable[[Any, Array, Any, Array], Array]
+"""``backward(state, x, saved, cotangent) -> d(loss . cotangent)/dx``; ``saved`` may be None."""
+
+TangentFn = Callable[[Any, Array, Any, Array], Array]
+"""``tangent(state, x, saved, dx) -> (d loss/dx) dx``: the forward-mode derivative along ``dx``."""
+
+
+@dataclass(frozen=True)
+class GradRule:
+    """A loss of ``x`` with its analytic derivatives, for backends to attach to their autodiff.
+
+    ``state`` (the validated problem, passed to each function) is a frozen dataclass; its array
+    fields are derived from the caller's other arguments, which a backend may differentiate
+    through (JAX passes them to its custom rule as explicit inputs).
+    """
+
+    forward: ForwardFn
+    backward: BackwardFn
+    tangent: TangentFn
 
 
 class Backend:
@@ -111,21 +129,17 @@ class Backend:
         return g - xp.where(self._one_hot(g, index, axis), values, xp.zeros_like(values))
 
     def custom_grad(
-        self,
-        forward: ForwardFn,
-        backward: BackwardFn,
-        x: Array,
-        *,
-        others: tuple[Array | None, ...] = (),
+        self, rule: GradRule, state: Any, x: Array, *, others: tuple[Array | None, ...] = ()
     ) -> Array:
-        """The loss ``forward(x)[0]``, differentiated by the framework's own autodiff if any.
+        """The loss ``rule.forward(state, x)[0]``, differentiated by the framework's autodiff.
 
-        Backends with an autodiff system override this to attach ``backward`` as the
-        analytic gradient of ``x`` (kept differentiable for higher orders); ``others`` are the
-        remaining array arguments, which the analytic backward does not differentiate, so a
-        backend must fall back to plain autodiff when one of them needs a gradient.
+        Backends with an autodiff system override this to attach the rule's analytic
+        derivatives for ``x`` (kept differentiable for higher orders). ``others`` are the
+        caller's remaining array arguments: the analytic rule does not differentiate them, so
+        a backend must fall back to plain autodiff, or differentiate ``state``'s arrays its own
+        way, when one of them needs a gradient.
         """
-        return forward(x)[0]
+        return rule.forward(state, x)[0]
 
     def _one_hot(self, x: Array, index: Array, axis: int) -> Array:
         xp = self.xp

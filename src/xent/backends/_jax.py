@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
 from .._typing import Array
-from ._generic import Backend
+from ._generic import Backend, GradRule
 
 
 class Facts(Backend):
@@ -40,12 +42,73 @@ class Native(Backend):
         shift = jnp.where(jnp.isfinite(shift), shift, 0)
         return shift, jnp.log(jnp.sum(jnp.exp(x - shift), axis=axis, keepdims=True))
 
+    def softmax_from_lse(
+        self, x: Array, shift: Array, log_sum: Array, axis: int, scale: Array | None = None
+    ) -> Array:
+        # exp(x - shift) is the very expression logsumexp summed: XLA computes it once (CSE)
+        # and the gradient costs a multiply, not a second exponential.
+        factor = jnp.exp(-log_sum)
+        return jnp.exp(x - shift) * (factor if scale is None else scale * factor)
+
     def take_along_axis(self, x: Array, index: Array, axis: int) -> Array:
         return jnp.take_along_axis(x, index, axis=axis, mode="clip")
 
     def fill_rows(self, g: Array, mask: Array, value: float) -> Array:
         # A scalar fill: XLA fuses the select into the kernel that produced g.
         return jnp.where(mask, jnp.asarray(value, dtype=g.dtype), g)
+
+    def custom_grad(
+        self, rule: GradRule, state: Any, x: Array, *, others: tuple[Array | None, ...] = ()
+    ) -> Array:
+        """The loss under a ``jax.custom_jvp`` whose rule is the analytic derivative.
+
+        Reverse mode transposes the rule, so the gradient is one fused pass over the logits
+        (``softmax - target``, scaled) instead of the autodiff of every forward op, and the
+        forward pass keeps no exponentials for it. The rule is built of jnp ops, so it is
+        differentiated in turn (Hessians, ``jacfwd``). The arrays of ``state`` (derived from
+        the target and weights) are explicit inputs of the custom function: where one of them
+        carries a tangent, its part of the derivative comes from JAX's own ``jvp``.
+        """
+        names = [
+            f.name
+            for f in dataclasses.fields(state)
+            if isinstance(getattr(state, f.name), jax.Array)
+        ]
+        values = [getattr(state, name) for name in names]
+
+        def rebuild(arrays: Any) -> Any:
+            return dataclasses.replace(state, **dict(zip(names, arrays, strict=True)))
+
+        @jax.custom_jvp
+        def loss(x: Array, arrays: list[Array]) -> Array:
+            return rule.forward(rebuild(arrays), x)[0]
+
+        def loss_jvp(primals: Any, tangents: Any) -> tuple[Array, Array]:
+            x, arrays = primals
+            dx, darrays = tangents
+            here = rebuild(arrays)
+            out, saved = rule.forward(here, x)
+            moved = [i for i, t in enumerate(darrays) if not isinstance(t, SymbolicZero)]
+            if isinstance(dx, SymbolicZero):
+                tangent = jnp.zeros_like(out)
+            else:
+                tangent = rule.tangent(here, x, saved, dx)
+            if moved:
+
+                def through(*chosen: Array) -> Array:
+                    full = list(arrays)
+                    for i, v in zip(moved, chosen, strict=True):
+                        full[i] = v
+                    return rule.forward(rebuild(full), x)[0]
+
+                _, more = jax.jvp(
+                    through, tuple(arrays[i] for i in moved), tuple(darrays[i] for i in moved)
+                )
+                tangent = tangent + more
+            return out, tangent
+
+        loss.defjvp(loss_jvp, symbolic_zeros=True)
+        return loss(x, values)
 
 
 class NativeBackend(Native, Facts):

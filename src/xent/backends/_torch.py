@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from .._typing import Array
-from ._generic import Backend, BackwardFn, ForwardFn
+from ._generic import Backend, GradRule
 
 
 def _owned(g: Array) -> bool:
@@ -45,11 +45,12 @@ class _AnalyticGrad(torch.autograd.Function):
     """Wraps xent's forward and analytic backward; the backward stays differentiable."""
 
     @staticmethod
-    def forward(ctx: Any, x: Array, forward: ForwardFn, backward: BackwardFn) -> Array:
-        loss, saved = forward(x)
+    def forward(ctx: Any, x: Array, rule: GradRule, state: Any) -> Array:
+        loss, saved = rule.forward(state, x)
         ctx.save_for_backward(x)
         ctx.saved = saved
-        ctx.backward_fn = backward
+        ctx.rule = rule
+        ctx.state = state
         return loss
 
     @staticmethod
@@ -57,7 +58,7 @@ class _AnalyticGrad(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         # Under create_graph the gradient must be rebuilt from x so autograd sees every op.
         saved = None if torch.is_grad_enabled() else ctx.saved
-        return ctx.backward_fn(x, saved, cotangent), None, None
+        return ctx.rule.backward(ctx.state, x, saved, cotangent), None, None
 
 
 _BLOCK_BYTES = 64 * 2**20
@@ -133,17 +134,12 @@ class Native(Backend):
         return g.scatter_add(axis, index, -values)
 
     def custom_grad(
-        self,
-        forward: ForwardFn,
-        backward: BackwardFn,
-        x: Array,
-        *,
-        others: tuple[Array | None, ...] = (),
+        self, rule: GradRule, state: Any, x: Array, *, others: tuple[Array | None, ...] = ()
     ) -> Array:
         needs_other = any(o is not None and o.requires_grad for o in others)
         if not (x.requires_grad and torch.is_grad_enabled()) or needs_other or self.is_traced(x):
-            return forward(x)[0]
-        return _AnalyticGrad.apply(x, forward, backward)
+            return rule.forward(state, x)[0]
+        return _AnalyticGrad.apply(x, rule, state)
 
 
 class NativeBackend(Native, Facts):
