@@ -214,3 +214,27 @@ def test_explicit_xp_gives_the_same_result(xp: Any, rng: np.random.Generator, na
     x = rng.normal(size=(3, 4))
     got = getattr(xent, name)(to_xp(xp, x), axis=-1, xp=xp)
     xp_assert_close(got, _ref(name, x, -1), xp=xp, dtype="float64")
+
+
+def test_inputs_larger_than_the_native_blocks_match_the_reference(
+    xp: Any, rng: np.random.Generator
+) -> None:
+    """10 MiB of float32 logits: the chunked NumPy and PyTorch paths take many blocks of rows;
+    rows that are all -inf, hold +inf or NaN sit at block edges and in between."""
+    x = rng.normal(size=(260, 10_000)).astype(np.float32) * 4
+    x[0] = -np.inf
+    x[7, 3] = np.inf
+    x[8, 5] = np.nan
+    x[129, :-1] = -np.inf
+    x[259, 17] = np.nan
+    want = ref.logsumexp(x.astype(np.float64))
+    got = to_numpy(xent.logsumexp(to_xp(xp, x)))
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(got[finite], want[finite], rtol=2e-6)
+    np.testing.assert_array_equal(got[~finite], want[~finite])  # -inf, inf and NaN as such
+    labels = rng.integers(0, 10_000, size=260)
+    losses = to_numpy(xent.cross_entropy(to_xp(xp, x), to_xp(xp, labels), reduction="none"))
+    expected = ref.cross_entropy(x.astype(np.float64), labels, reduction="none")
+    ok = np.isfinite(expected)
+    np.testing.assert_allclose(losses[ok], expected[ok], rtol=2e-5, atol=1e-4)
+    np.testing.assert_array_equal(np.isnan(losses), np.isnan(expected))

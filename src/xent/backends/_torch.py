@@ -61,28 +61,41 @@ class _AnalyticGrad(torch.autograd.Function):
         return ctx.rule.backward(ctx.state, x, saved, cotangent), None, None
 
 
-_BLOCK_BYTES = 64 * 2**20
-"""Scratch for one block of rows in the eager log-sum-exp. Blocks this large keep the number of
-(multi-threaded) kernel launches small; the full-size ``x - shift`` temporary is never made."""
+_BLOCK_BYTES = 2**20
+"""Rows are taken in blocks of about this many bytes, so each block's temporary stays in cache."""
+
+_ONE_BLOCK_BYTES = 8 * 2**20
+"""Inputs up to this size are taken in one block (fewer kernel launches)."""
 
 
 def _chunked_logsumexp(x: Array) -> tuple[Array, Array]:
-    """``(shift, log_sum)`` along the last axis of a tensor that needs no gradient."""
+    """``(shift, log_sum)`` along the last axis of a tensor that needs no gradient.
+
+    ATen's ``log_softmax`` kernel (one fused pass per row, with its fast vectorised exp) runs
+    on blocks of rows; its largest entry per row is ``-log_sum``, exactly, since it sits at the
+    row's max. The full-size temporary of ``x - shift`` is never made.
+    """
     c = x.shape[-1]
     rows = x.reshape(-1, c)
     n = rows.shape[0]
-    shift = torch.amax(rows, dim=1, keepdim=True) if c else rows.new_zeros((n, 1))
-    shift.masked_fill_(~torch.isfinite(shift), 0.0)
+    peak = torch.amax(rows, dim=1, keepdim=True) if c else rows.new_zeros((n, 1))
     log_sum = rows.new_empty((n, 1))
-    step = max(1, _BLOCK_BYTES // max(1, c * rows.element_size()))
+    size = rows.numel() * rows.element_size()
+    block = size if size <= _ONE_BLOCK_BYTES else _BLOCK_BYTES
+    step = max(1, block // max(1, c * rows.element_size()))
+    # One scratch buffer for every block: allocating per block page-faults anew whenever the
+    # allocator has just handed a large free back to the system.
     scratch = rows.new_empty((min(step, n), c))
     for start in range(0, n, step):
-        block = rows[start : start + step]
-        buf = scratch[: block.shape[0]]
-        torch.sub(block, shift[start : start + step], out=buf)
-        buf.exp_()
-        torch.sum(buf, dim=1, keepdim=True, out=log_sum[start : start + step])
-    log_sum.log_()
+        block_rows = rows[start : start + step]
+        lp = torch.log_softmax(block_rows, dim=1, out=scratch[: block_rows.shape[0]])
+        torch.amax(lp, dim=1, keepdim=True, out=log_sum[start : start + step])
+    log_sum.neg_()
+    # Rows whose max is not finite: shift 0 and log_sum = max (-inf, inf or NaN), as the
+    # generic logsumexp gives them.
+    finite = torch.isfinite(peak)
+    shift = torch.where(finite, peak, 0.0)
+    log_sum = torch.where(finite, log_sum, peak)
     keep = (*x.shape[:-1], 1)
     return shift.reshape(keep), log_sum.reshape(keep)
 
@@ -121,6 +134,10 @@ class Native(Backend):
 
     def fill_rows(self, g: Array, mask: Array, value: float) -> Array:
         if _owned(g) and not self.is_traced(g):
+            # A broadcast masked_fill_ visits every element; on the CPU, asking first whether
+            # any row is masked costs no device sync and usually skips that pass.
+            if g.device.type == "cpu" and not bool(mask.any()):
+                return g
             return g.masked_fill_(mask, value)
         return torch.where(mask, value, g)
 
