@@ -72,16 +72,37 @@ class Native(Backend):
     def softmax_from_lse(
         self, x: Array, shift: Array, log_sum: Array, axis: int, scale: Array | None = None
     ) -> Array:
-        # One full-size allocation (the result); every step after the first works in place.
-        out = np.subtract(x, shift)
-        out -= log_sum
-        np.exp(out, out=out)
-        if scale is not None:
-            out *= scale
+        # One full-size allocation (the result), filled a cache-sized block of rows at a time:
+        # the subtracts, the exp and the scale all find the block in cache.
+        x = np.asarray(x)
+        out = np.empty(np.broadcast_shapes(x.shape, shift.shape), dtype=x.dtype)
+        if axis % x.ndim != x.ndim - 1 or x.size == 0 or out.shape != x.shape:
+            np.subtract(x, shift, out=out)
+            out -= log_sum
+            np.exp(out, out=out)
+            if scale is not None:
+                out *= scale
+            return out
+        c = x.shape[-1]
+        rows, dst = x.reshape(-1, c), out.reshape(-1, c)
+        per_row = [np.broadcast_to(a, (*x.shape[:-1], 1)).reshape(-1, 1) for a in (shift, log_sum)]
+        factor = (
+            None if scale is None else np.broadcast_to(scale, (*x.shape[:-1], 1)).reshape(-1, 1)
+        )
+        step = max(1, _BLOCK_BYTES // (c * x.dtype.itemsize))
+        for start in range(0, rows.shape[0], step):
+            block = slice(start, start + step)
+            buf = dst[block]
+            np.subtract(rows[block], per_row[0][block], out=buf)
+            buf -= per_row[1][block]
+            np.exp(buf, out=buf)
+            if factor is not None:
+                buf *= factor[block]
         return out
 
     def fill_rows(self, g: Array, mask: Array, value: float) -> Array:
-        np.copyto(g, np.asarray(value, dtype=g.dtype), where=mask)
+        if mask.any():  # on the host: asking first usually skips a full pass
+            np.copyto(g, np.asarray(value, dtype=g.dtype), where=mask)
         return g
 
     def take_along_axis(self, x: Array, index: Array, axis: int) -> Array:
