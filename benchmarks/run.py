@@ -4,7 +4,8 @@
 
 For every size and backend it measures xent and the references on the same data in the same
 run, forward and forward+backward, taking the candidates in turn within each round (so load on
-a shared machine hits all of them alike). It prints the median time, the ratio to the row's
+a shared machine hits all of them alike); a fast candidate is repeated within its sample until
+the sample lasts about 50 ms. It prints the median time, the ratio to the row's
 reference and the peak extra memory, and writes a PNG of the ratios (``--plot``).
 
 Peak memory: NumPy through ``tracemalloc`` (NumPy reports its buffers to it, so the figure is
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
+import math
 import platform
 import statistics
 import sys
@@ -48,6 +50,7 @@ class Case:
     reference: bool = False
     memory: str = "rss"  # "tracemalloc", "cuda", "cupy", "rss" or "none"
     times: list[float] = field(default_factory=list)
+    repeat: int = 1  # runs per timing sample (set by the warm-up)
     peak: float | None = None
     peak_approx: bool = False
 
@@ -318,14 +321,23 @@ def build(size: str, backends: list[str], compile_: bool) -> list[Case]:
     return cases
 
 
+SAMPLE_SECONDS = 0.05
+"""Each timing sample repeats a fast candidate until it lasts about this long (as ``timeit``
+does), so millisecond cases are not one cold call right after another library's work."""
+
+
 def measure(cases: list[Case], rounds: int) -> None:
-    for case in cases:  # warm-up: compilation, first-touch of pages, caches
+    for case in cases:  # warm-up: compilation, first-touch of pages, caches; calibration
         case.run()
+        t0 = time.perf_counter()
+        case.run()
+        case.repeat = max(1, math.ceil(SAMPLE_SECONDS / max(time.perf_counter() - t0, 1e-6)))
     for _ in range(rounds):
         for case in cases:
             t0 = time.perf_counter()
-            case.run()
-            case.times.append(time.perf_counter() - t0)
+            for _ in range(case.repeat):
+                case.run()
+            case.times.append((time.perf_counter() - t0) / case.repeat)
     for case in cases:
         _peak(case)
 

@@ -219,22 +219,30 @@ def test_explicit_xp_gives_the_same_result(xp: Any, rng: np.random.Generator, na
 def test_inputs_larger_than_the_native_blocks_match_the_reference(
     xp: Any, rng: np.random.Generator
 ) -> None:
-    """10 MiB of float32 logits: the chunked NumPy and PyTorch paths take many blocks of rows;
-    rows that are all -inf, hold +inf or NaN sit at block edges and in between."""
-    x = rng.normal(size=(260, 10_000)).astype(np.float32) * 4
+    """16 MiB of float32 logits: the chunked NumPy and PyTorch paths take many blocks of rows
+    (NumPy on several threads); rows that are all -inf, hold +inf or NaN sit at block edges and
+    in between. The gradient goes through the same blocks."""
+    n, c = 420, 10_000
+    x = rng.normal(size=(n, c)).astype(np.float32) * 4
     x[0] = -np.inf
     x[7, 3] = np.inf
     x[8, 5] = np.nan
-    x[129, :-1] = -np.inf
-    x[259, 17] = np.nan
-    want = ref.logsumexp(x.astype(np.float64))
+    x[209, :-1] = -np.inf
+    x[n - 1, 17] = np.nan
+    x64 = x.astype(np.float64)
+    want = ref.logsumexp(x64)
     got = to_numpy(xent.logsumexp(to_xp(xp, x)))
     finite = np.isfinite(want)
     np.testing.assert_allclose(got[finite], want[finite], rtol=2e-6)
     np.testing.assert_array_equal(got[~finite], want[~finite])  # -inf, inf and NaN as such
-    labels = rng.integers(0, 10_000, size=260)
-    losses = to_numpy(xent.cross_entropy(to_xp(xp, x), to_xp(xp, labels), reduction="none"))
-    expected = ref.cross_entropy(x.astype(np.float64), labels, reduction="none")
+    labels = rng.integers(0, c, size=n)
+    loss, grad = xent.cross_entropy_and_grad(to_xp(xp, x), to_xp(xp, labels), reduction="none")
+    losses, grad = to_numpy(loss), to_numpy(grad)
+    expected = ref.cross_entropy(x64, labels, reduction="none")
     ok = np.isfinite(expected)
     np.testing.assert_allclose(losses[ok], expected[ok], rtol=2e-5, atol=1e-4)
     np.testing.assert_array_equal(np.isnan(losses), np.isnan(expected))
+    with np.errstate(invalid="ignore"):  # the non-finite rows, which `ok` leaves out
+        want_grad = np.exp(x64 - want[:, None])
+    want_grad[np.arange(n), labels] -= 1.0
+    np.testing.assert_allclose(grad[ok], want_grad[ok], rtol=1e-4, atol=1e-6)

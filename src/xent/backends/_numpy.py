@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import itertools
+import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -14,6 +18,46 @@ _BLOCK_BYTES = 2**20
 """Size of the scratch block of rows: small enough to stay in cache between the subtract, the
 ``exp`` and the sum, large enough that NumPy's per-call overhead is amortised. The user's arrays
 are never written."""
+
+
+_PARALLEL_BYTES = 16 * 2**20
+"""Inputs at least this large are split by rows over a thread pool (NumPy's ufuncs release the
+GIL, so the threads run the exp on every core); smaller ones stay on the calling thread."""
+
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _threads() -> int:
+    return max(
+        1,
+        min(
+            8,
+            len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else (os.cpu_count() or 1),
+        ),
+    )
+
+
+def _in_parallel(work: Callable[[int, int], None], n: int, nbytes: int) -> None:
+    """``work(lo, hi)`` over the rows ``[0, n)``, in contiguous ranges, one per thread."""
+    global _pool
+    threads = min(_threads(), n)
+    if threads < 2 or nbytes < _PARALLEL_BYTES:
+        work(0, n)
+        return
+    if _pool is None:
+        _pool = concurrent.futures.ThreadPoolExecutor(_threads(), thread_name_prefix="xent")
+    settings = np.geterr()  # the caller's errstate is context-local: carry it to the threads
+
+    def run(lo: int, hi: int) -> None:
+        with np.errstate(**settings):
+            work(lo, hi)
+
+    bounds = [n * i // threads for i in range(threads + 1)]
+    futures = [_pool.submit(run, lo, hi) for lo, hi in itertools.pairwise(bounds)]
+    for f in futures:
+        f.result()
 
 
 class Facts(Backend):
@@ -48,24 +92,29 @@ class Native(Backend):
         return self._log_sum(x, shift, find_shift=False)
 
     def _log_sum(self, x: np.ndarray, shift: np.ndarray, *, find_shift: bool) -> np.ndarray:
-        # A block of rows is read from memory once: its max, the subtract, the exp and the sum
-        # all find it (or the scratch copy) in cache.
         c = x.shape[-1]
         rows = x.reshape(-1, c)
         shifts = shift.reshape(-1, 1)
         out = np.empty((rows.shape[0], 1), dtype=x.dtype)
         step = max(1, _BLOCK_BYTES // (c * x.dtype.itemsize))
-        scratch = np.empty((min(step, rows.shape[0]), c), dtype=x.dtype)
-        for start in range(0, rows.shape[0], step):
-            block = rows[start : start + step]
-            buf = scratch[: block.shape[0]]
-            m = shifts[start : start + step]
-            if find_shift:
-                np.max(block, axis=1, keepdims=True, out=m)
-                m[~np.isfinite(m)] = 0
-            np.subtract(block, m, out=buf)
-            np.exp(buf, out=buf)
-            np.sum(buf, axis=1, keepdims=True, out=out[start : start + step])
+
+        def work(lo: int, hi: int) -> None:
+            # A block of rows is read from memory once: its max, the subtract, the exp and the
+            # sum all find it (or the scratch copy) in cache.
+            scratch = np.empty((min(step, hi - lo), c), dtype=x.dtype)
+            for start in range(lo, hi, step):
+                stop = min(start + step, hi)
+                block = rows[start:stop]
+                buf = scratch[: stop - start]
+                m = shifts[start:stop]
+                if find_shift:
+                    np.max(block, axis=1, keepdims=True, out=m)
+                    m[~np.isfinite(m)] = 0
+                np.subtract(block, m, out=buf)
+                np.exp(buf, out=buf)
+                np.sum(buf, axis=1, keepdims=True, out=out[start:stop])
+
+        _in_parallel(work, rows.shape[0], rows.nbytes)
         np.log(out, out=out)
         return out.reshape(shift.shape)
 
@@ -85,19 +134,22 @@ class Native(Backend):
             return out
         c = x.shape[-1]
         rows, dst = x.reshape(-1, c), out.reshape(-1, c)
-        per_row = [np.broadcast_to(a, (*x.shape[:-1], 1)).reshape(-1, 1) for a in (shift, log_sum)]
-        factor = (
-            None if scale is None else np.broadcast_to(scale, (*x.shape[:-1], 1)).reshape(-1, 1)
-        )
+        keep = (*x.shape[:-1], 1)
+        m, ls = (np.broadcast_to(a, keep).reshape(-1, 1) for a in (shift, log_sum))
+        factor = None if scale is None else np.broadcast_to(scale, keep).reshape(-1, 1)
         step = max(1, _BLOCK_BYTES // (c * x.dtype.itemsize))
-        for start in range(0, rows.shape[0], step):
-            block = slice(start, start + step)
-            buf = dst[block]
-            np.subtract(rows[block], per_row[0][block], out=buf)
-            buf -= per_row[1][block]
-            np.exp(buf, out=buf)
-            if factor is not None:
-                buf *= factor[block]
+
+        def work(lo: int, hi: int) -> None:
+            for start in range(lo, hi, step):
+                block = slice(start, min(start + step, hi))
+                buf = dst[block]
+                np.subtract(rows[block], m[block], out=buf)
+                buf -= ls[block]
+                np.exp(buf, out=buf)
+                if factor is not None:
+                    buf *= factor[block]
+
+        _in_parallel(work, rows.shape[0], rows.nbytes)
         return out
 
     def fill_rows(self, g: Array, mask: Array, value: float) -> Array:
