@@ -770,6 +770,32 @@ def test_jax_grad_matches_optax(
     )
 
 
+def _assert_jax_grads_match_torch(
+    xp: Any, f: Any, arrays: dict[str, Any], theirs: dict[str, Any], *, modes: tuple[str, ...]
+) -> None:
+    """JAX's derivatives of ``f`` w.r.t. every argument (in ``arrays`` order) against the
+    ``.grad`` of the torch tensors in ``theirs``, in each of ``modes``."""
+    jax, _ = _jax()
+    argnums = tuple(range(len(arrays)))
+    transforms = {
+        "grad": jax.grad(f, argnums=argnums),
+        "jit(grad)": jax.jit(jax.grad(f, argnums=argnums)),
+        "jacfwd": jax.jacfwd(f, argnums=argnums),
+    }
+    values = [to_xp(xp, a) for a in arrays.values()]
+    for mode in modes:
+        for name, got in zip(arrays, transforms[mode](*values), strict=True):
+            xp_assert_close(
+                got,
+                theirs[name].grad.numpy(),
+                xp=xp,
+                dtype="float64",
+                rtol=1e-10,
+                atol=1e-13,
+                err_msg=f"{mode}: {name}",
+            )
+
+
 @pytest.mark.only_backends(*JAX_BACKENDS)
 @pytest.mark.parametrize("target_kind", ["indices", "probabilities"])
 def test_jax_gradient_flows_to_targets_and_weights(
@@ -777,7 +803,7 @@ def test_jax_gradient_flows_to_targets_and_weights(
 ) -> None:
     """JAX's custom rule covers ``input`` only; the other arguments are differentiated through
     (reverse and forward mode, under jit too), as PyTorch autograd does for the same expression."""
-    jax, _ = _jax()
+    _jax()
     arrays = {
         "input": rng.normal(size=(4, 5)),
         "weight": rng.uniform(0.5, 2.0, size=5),
@@ -807,28 +833,12 @@ def test_jax_gradient_flows_to_targets_and_weights(
         label_smoothing=0.1,
     ).backward()
 
-    values = [to_xp(xp, arrays[k]) for k in names]
-    argnums = tuple(range(len(names)))
-    for label, grad in (
-        ("grad", jax.grad(ours, argnums=argnums)),
-        ("jit(grad)", jax.jit(jax.grad(ours, argnums=argnums))),
-        ("jacfwd", jax.jacfwd(ours, argnums=argnums)),
-    ):
-        for name, got in zip(names, grad(*values), strict=True):
-            xp_assert_close(
-                got,
-                theirs[name].grad.numpy(),
-                xp=xp,
-                dtype="float64",
-                rtol=1e-10,
-                atol=1e-13,
-                err_msg=f"{label}: {name}",
-            )
+    _assert_jax_grads_match_torch(xp, ours, arrays, theirs, modes=("grad", "jit(grad)", "jacfwd"))
 
 
 @pytest.mark.only_backends(*JAX_BACKENDS)
 def test_jax_bce_gradient_flows_to_target_and_weights(xp: Any, rng: np.random.Generator) -> None:
-    jax, _ = _jax()
+    _jax()
     torch = _torch()
     F = torch.nn.functional
     arrays = {
@@ -845,21 +855,7 @@ def test_jax_bce_gradient_flows_to_target_and_weights(xp: Any, rng: np.random.Ge
     theirs = {k: _t(v).requires_grad_() for k, v in arrays.items()}
     x, y, w, pw = (theirs[k] for k in names)
     (-w * (pw * y * F.logsigmoid(x) + (1 - y) * F.logsigmoid(-x))).mean().backward()
-    values = [to_xp(xp, arrays[k]) for k in names]
-    for label, grad in (
-        ("jit(grad)", jax.jit(jax.grad(ours, argnums=(0, 1, 2, 3)))),
-        ("jacfwd", jax.jacfwd(ours, argnums=(0, 1, 2, 3))),
-    ):
-        for name, got in zip(names, grad(*values), strict=True):
-            xp_assert_close(
-                got,
-                theirs[name].grad.numpy(),
-                xp=xp,
-                dtype="float64",
-                rtol=1e-10,
-                atol=1e-13,
-                err_msg=f"{label}: {name}",
-            )
+    _assert_jax_grads_match_torch(xp, ours, arrays, theirs, modes=("jit(grad)", "jacfwd"))
 
 
 @pytest.mark.only_backends(*JAX_BACKENDS)
