@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from typing import Any
 
 import _reference as ref
@@ -246,3 +249,30 @@ def test_inputs_larger_than_the_native_blocks_match_the_reference(
         want_grad = np.exp(x64 - want[:, None])
     want_grad[np.arange(n), labels] -= 1.0
     np.testing.assert_allclose(grad[ok], want_grad[ok], rtol=1e-4, atol=1e-6)
+
+
+_FORK_SCRIPT = """
+import os
+import numpy as np
+import xent
+
+x = np.random.default_rng(0).normal(size=(1024, 8192)).astype(np.float32)  # 32 MiB: threaded
+y = np.zeros(1024, dtype=np.int64)
+parent = float(xent.cross_entropy(x, y))
+pid = os.fork()
+if pid == 0:
+    os._exit(0 if float(xent.cross_entropy(x, y)) == parent else 1)
+_, status = os.waitpid(pid, 0)
+raise SystemExit(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.only_backends(Backend.NUMPY)
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX-only")
+def test_numpy_threads_work_in_a_forked_child(xp: Any) -> None:
+    """A forked child (DataLoader workers, multiprocessing) has none of the parent's pool
+    threads; xent must make a new pool there instead of waiting forever on the old one."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _FORK_SCRIPT], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr

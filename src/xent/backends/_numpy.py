@@ -24,7 +24,8 @@ _PARALLEL_BYTES = 16 * 2**20
 """Inputs at least this large are split by rows over a thread pool (NumPy's ufuncs release the
 GIL, so the threads run the exp on every core); smaller ones stay on the calling thread."""
 
-_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_pool: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
+"""The pool and the process it was made in: a forked child has none of its threads."""
 
 
 def _threads() -> int:
@@ -46,8 +47,12 @@ def _in_parallel(work: Callable[[int, int], None], n: int, nbytes: int) -> None:
     if threads < 2 or nbytes < _PARALLEL_BYTES:
         work(0, n)
         return
-    if _pool is None:
-        _pool = concurrent.futures.ThreadPoolExecutor(_threads(), thread_name_prefix="xent")
+    if _pool is None or _pool[0] != os.getpid():
+        _pool = (
+            os.getpid(),
+            concurrent.futures.ThreadPoolExecutor(_threads(), thread_name_prefix="xent"),
+        )
+    pool = _pool[1]
     settings = np.geterr()  # the caller's errstate is context-local: carry it to the threads
 
     def run(lo: int, hi: int) -> None:
@@ -55,7 +60,7 @@ def _in_parallel(work: Callable[[int, int], None], n: int, nbytes: int) -> None:
             work(lo, hi)
 
     bounds = [n * i // threads for i in range(threads + 1)]
-    futures = [_pool.submit(run, lo, hi) for lo, hi in itertools.pairwise(bounds)]
+    futures = [pool.submit(run, lo, hi) for lo, hi in itertools.pairwise(bounds)]
     for f in futures:
         f.result()
 
