@@ -63,8 +63,9 @@ class Native(Backend):
         """The loss under a ``jax.custom_jvp`` whose rule is the analytic derivative.
 
         Reverse mode transposes the rule, so the gradient is one fused pass over the logits
-        (``softmax - target``, scaled) instead of the autodiff of every forward op, and the
-        forward pass keeps no exponentials for it. The rule is built of jnp ops, so it is
+        (``softmax - target``, scaled, reusing the forward's exponentials) instead of the
+        autodiff of every forward op, with a select at the label in place of a scatter. The
+        rule is built of jnp ops, so it is
         differentiated in turn (Hessians, ``jacfwd``). The arrays of ``state`` (derived from
         the target and weights) are explicit inputs of the custom function: where one of them
         carries a tangent, its part of the derivative comes from JAX's own ``jvp``.

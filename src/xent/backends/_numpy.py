@@ -29,15 +29,9 @@ _pool: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
 
 
 def _threads() -> int:
-    return max(
-        1,
-        min(
-            8,
-            len(os.sched_getaffinity(0))
-            if hasattr(os, "sched_getaffinity")
-            else (os.cpu_count() or 1),
-        ),
-    )
+    """The cores this process may run on, at most 8."""
+    cores = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    return max(1, min(8, len(cores) if cores is not None else (os.cpu_count() or 1)))
 
 
 def _in_parallel(work: Callable[[int, int], None], n: int, nbytes: int) -> None:
