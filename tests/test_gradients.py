@@ -110,6 +110,14 @@ def _torch_autograd(fn: Any, x_np: np.ndarray, *extra: Any) -> tuple[np.ndarray,
     return loss.detach().numpy(), grad.numpy()
 
 
+def _assert_loss_and_grad(
+    xp: Any, got: tuple[Any, Any], want: tuple[Any, Any], label: str = ""
+) -> None:
+    """Loss and float64 gradient against a reference (the gradient to 1e-10)."""
+    xp_assert_close(got[0], want[0], xp=xp, dtype="float64", err_msg=label)
+    xp_assert_close(got[1], want[1], xp=xp, dtype="float64", rtol=1e-10, atol=1e-13, err_msg=label)
+
+
 def _t(a: Any) -> Any:
     """A NumPy array as a CPU torch tensor (float arrays in float64)."""
     torch = _torch()
@@ -232,10 +240,7 @@ def test_ce_grad_matches_torch_F_cross_entropy_for_every_option_combination(
         want_loss, want_grad = _torch_autograd(
             lambda v, t=t, tk=tk: F.cross_entropy(v, _t(t), **tk), x
         )
-        xp_assert_close(loss, want_loss, xp=xp, dtype="float64", err_msg=label)
-        xp_assert_close(
-            grad, want_grad, xp=xp, dtype="float64", rtol=1e-10, atol=1e-13, err_msg=label
-        )
+        _assert_loss_and_grad(xp, (loss, grad), (want_loss, want_grad), label)
 
 
 # --------------------------------------------------------------------------- binary
@@ -267,10 +272,7 @@ def test_bce_grad_matches_torch_bce_with_logits(
         want_loss, want_grad = _torch_autograd(
             lambda v, y=smoothed, tk=tk: F.binary_cross_entropy_with_logits(v, y, **tk), x
         )
-        xp_assert_close(loss, want_loss, xp=xp, dtype="float64", err_msg=label)
-        xp_assert_close(
-            grad, want_grad, xp=xp, dtype="float64", rtol=1e-10, atol=1e-13, err_msg=label
-        )
+        _assert_loss_and_grad(xp, (loss, grad), (want_loss, want_grad), label)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -288,8 +290,7 @@ def test_bce_from_probabilities_grad_matches_torch_binary_cross_entropy(
     want_loss, want_grad = _torch_autograd(
         lambda v: F.binary_cross_entropy(v, _t(y), weight=_t(w), reduction=reduction), p
     )
-    xp_assert_close(loss, want_loss, xp=xp, dtype="float64")
-    xp_assert_close(grad, want_grad, xp=xp, dtype="float64", rtol=1e-10, atol=1e-13)
+    _assert_loss_and_grad(xp, (loss, grad), (want_loss, want_grad))
 
 
 @st.composite

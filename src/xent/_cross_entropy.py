@@ -442,9 +442,17 @@ def _backward(
         else:
             g = _prob_input_grad(p, input, x, r)
         if p.ignored is not None:
-            g = ops.fill_rows(g, p.ignored, 0.0)
-            g = ops.fill_rows(g, p.bad, math.nan)
+            g = _fill_rows(p, g, p.ignored, 0.0)
+            g = _fill_rows(p, g, p.bad, math.nan)
     return xp.astype(g, input.dtype, copy=False)
+
+
+def _fill_rows(p: _Problem, g: Array, mask: Array, value: float) -> Array:
+    """``value`` on the masked rows of ``g``. Where the mask can be read for free (concrete, on
+    the host) and masks nothing, as it usually does, the full pass over ``g`` is skipped."""
+    if _readable(p.ops, mask, mask, force=False) and not bool(p.xp.any(mask)):
+        return g
+    return p.ops.fill_rows(g, mask, value)
 
 
 def _row_cotangent(p: _Problem, cotangent: Array) -> Array:

@@ -152,8 +152,7 @@ class Native(Backend):
         return out
 
     def fill_rows(self, g: Array, mask: Array, value: float) -> Array:
-        if mask.any():  # on the host: asking first usually skips a full pass
-            np.copyto(g, np.asarray(value, dtype=g.dtype), where=mask)
+        np.copyto(g, np.asarray(value, dtype=g.dtype), where=mask)
         return g
 
     def take_along_axis(self, x: Array, index: Array, axis: int) -> Array:

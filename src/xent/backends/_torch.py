@@ -134,10 +134,6 @@ class Native(Backend):
 
     def fill_rows(self, g: Array, mask: Array, value: float) -> Array:
         if _owned(g) and not self.is_traced(g):
-            # A broadcast masked_fill_ visits every element; on the CPU, asking first whether
-            # any row is masked costs no device sync and usually skips that pass.
-            if g.device.type == "cpu" and not bool(mask.any()):
-                return g
             return g.masked_fill_(mask, value)
         return torch.where(mask, value, g)
 
