@@ -100,7 +100,8 @@ def binary_cross_entropy(
         input, target, from_logits=from_logits, weight=weight, pos_weight=pos_weight,
         label_smoothing=label_smoothing, reduction=reduction, eps=eps, xp=xp,
     )  # fmt: skip
-    return p.ops.custom_grad(_RULE, p, input, others=(target, weight, pos_weight))
+    loss = p.ops.custom_grad(_RULE, p, input, others=(target, weight, pos_weight))
+    return p.ops.finish(loss, input, target, weight, pos_weight)
 
 
 def binary_cross_entropy_and_grad(
@@ -141,7 +142,9 @@ def binary_cross_entropy_and_grad(
         label_smoothing=label_smoothing, reduction=reduction, eps=eps, xp=xp,
     )  # fmt: skip
     loss, _ = _forward(p, input)
-    return loss, _backward(p, input, None, p.xp.ones_like(loss))
+    grad = _backward(p, input, None, p.xp.ones_like(loss))
+    inputs = (input, target, weight, pos_weight)
+    return p.ops.finish(loss, *inputs), p.ops.finish(grad, *inputs)
 
 
 def _problem(

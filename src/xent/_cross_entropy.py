@@ -154,7 +154,8 @@ def cross_entropy(
         sample_weight=sample_weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
         reduction=reduction, z_loss=z_loss, softcap=softcap, eps=eps, validate=validate, xp=xp,
     )  # fmt: skip
-    return p.ops.custom_grad(_RULE, p, input, others=(target, weight, sample_weight))
+    loss = p.ops.custom_grad(_RULE, p, input, others=(target, weight, sample_weight))
+    return p.ops.finish(loss, input, target, weight, sample_weight)
 
 
 def cross_entropy_and_grad(
@@ -211,7 +212,9 @@ def cross_entropy_and_grad(
         reduction=reduction, z_loss=z_loss, softcap=softcap, eps=eps, validate=validate, xp=xp,
     )  # fmt: skip
     loss, saved = _forward(p, input)
-    return loss, _backward(p, input, saved, p.xp.ones_like(loss))
+    grad = _backward(p, input, saved, p.xp.ones_like(loss))
+    inputs = (input, target, weight, sample_weight)
+    return p.ops.finish(loss, *inputs), p.ops.finish(grad, *inputs)
 
 
 # --------------------------------------------------------------------------- preparation

@@ -81,6 +81,14 @@ class Backend:
         """A context that silences floating-point warnings (``log(0)`` of masked rows)."""
         return contextlib.nullcontext()
 
+    def finish(self, result: Array, *inputs: Array | None) -> Array:
+        """``result`` as the caller receives it; ``inputs`` are the caller's arrays.
+
+        Lazy backends override this to make the computation they recorded run under
+        :meth:`quiet` later, when the caller computes it outside xent.
+        """
+        return result
+
     # ------------------------------------------------------------- primitives
     def logsumexp(self, x: Array, axis: int) -> tuple[Array, Array]:
         """``(shift, log_sum)`` with ``logsumexp(x) = shift + log_sum``, both ``keepdims``.
