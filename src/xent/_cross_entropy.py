@@ -355,9 +355,7 @@ def _forward(p: _Problem, input: Array) -> tuple[Array, tuple[Array, _Stats | No
     with p.ops.quiet():
         x, stats = _log_input(p, input)
         if p.empty:
-            # Skip reductions over no rows (Dask gets the shapes of empty reductions wrong).
-            shape = tuple(1 if i == p.axis else n for i, n in enumerate(x.shape))
-            rows = xp.zeros(shape, dtype=p.dtype, device=p.ops.device(x))
+            rows = _no_rows(p, x)
         elif p.probs is None:
             rows = _index_rows(p, x, stats)
         else:
@@ -371,6 +369,17 @@ def _forward(p: _Problem, input: Array) -> tuple[Array, tuple[Array, _Stats | No
             if p.reduction == "mean":
                 loss = loss / p.denominator
     return xp.astype(loss, p.out_dtype, copy=False), (x, stats)
+
+
+def _no_rows(p: _Problem, x: Array) -> Array:
+    """The empty per-row losses, built from every differentiable input (an autodiff system
+    then gives each a zero gradient) without reductions over no rows, whose shapes Dask gets
+    wrong."""
+    first = tuple(slice(0, 1) if i == p.axis else slice(None) for i in range(x.ndim))
+    rows = 0.0 * x[first]
+    if p.probs is not None:
+        rows = rows + 0.0 * p.probs[first]
+    return rows if p.weight is None else rows + 0.0 * p.xp.sum(p.weight)
 
 
 def _neg_logprob(x: Array, stats: _Stats | None) -> Array:
