@@ -79,8 +79,8 @@ def minimal(session: nox.Session) -> None:
 @nox.session(name="tests-numpy")
 def tests_numpy(session: nox.Session) -> None:
     """Conformance suite on NumPy, with writable and with read-only inputs; the examples."""
-    # scikit-learn only here: the example tests load its digits and run once, in this session.
-    _install(session, "-e", ".[test]", *REFERENCES, "scikit-learn")
+    # The examples extra only here: the example tests load its digits and run once, in this session.
+    _install(session, "-e", ".[test,examples]", *REFERENCES)
     _pytest(session, "numpy", "numpy_readonly")
 
 

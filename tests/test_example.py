@@ -33,3 +33,19 @@ def test_digits_example_reaches_stated_accuracy(library: str) -> None:
     loss = re.search(r"final train loss ([0-9.]+)", result.stdout)
     assert loss, result.stdout
     assert float(loss.group(1)) < 0.35, result.stdout
+
+
+def test_digits_example_names_the_extra_when_scikit_learn_is_missing() -> None:
+    # Importing sklearn fails as if it were not installed; nothing else changes.
+    hide = (
+        "import runpy, sys; sys.modules['sklearn'] = None; "
+        f"sys.argv = [{str(SCRIPT)!r}, '--backend', 'numpy']; "
+        f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", hide], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "sklearn" in result.stderr
+    assert "pip install -e '.[examples]'" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
