@@ -13,7 +13,9 @@ import numpy as np
 
 __all__ = [
     "binary_cross_entropy",
+    "binary_cross_entropy_grad",
     "cross_entropy",
+    "cross_entropy_grad",
     "log_softmax",
     "logsumexp",
     "numerical_grad",
@@ -185,3 +187,100 @@ def numerical_grad(f: Callable[[np.ndarray], Any], x: Any, h: float = 1e-6) -> n
         x[i] = saved
         grad[i] = (up - down) / (2 * h)
     return grad
+
+
+def cross_entropy_grad(
+    input: Any,
+    target: Any,
+    *,
+    axis: int = -1,
+    from_logits: bool = True,
+    weight: Any = None,
+    sample_weight: Any = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    eps: float = 1e-7,
+    clip_dtype: Any = None,
+) -> np.ndarray:
+    """The gradient of `sum(cross_entropy(...))` with respect to `input`, analytically (valid
+    labels only): with `a_c` the weight of class `c` in the loss (`(1 - e) w_y [c = y] + e w_c / C`
+    for class indices, `w_c q_c` for probabilities, 0 where `q == 0`), `d l / d x_j =
+    softmax_j (sum_c a_c + 2 z lse) - a_j`, chained through softcap or through the clip and
+    renormalisation of `from_logits=False`; ignored rows get 0."""
+    target = np.asarray(target)
+    u = np.moveaxis(_f64(input), axis, -1)
+    n_classes = u.shape[-1]
+    e = float(label_smoothing)
+    w = np.ones(n_classes) if weight is None else _f64(weight)
+    with np.errstate(all="ignore"):
+        if np.issubdtype(target.dtype, np.integer):
+            y = target.astype(object)
+            ignored = np.asarray(y == ignore_index, dtype=bool)
+            yc = np.where(ignored, 0, y).astype(np.int64)
+            a = (e / n_classes) * np.broadcast_to(w, u.shape)
+            a = a + (1.0 - e) * w[yc][..., None] * np.eye(n_classes)[yc]
+            denominator_terms = w[yc] * ~ignored
+        else:
+            q = (1.0 - e) * np.moveaxis(_f64(target), axis, -1) + e / n_classes
+            a = np.where(q == 0, 0.0, w * q)
+            ignored = np.zeros(u.shape[:-1], dtype=bool)
+            denominator_terms = np.ones(u.shape[:-1])
+        s = np.broadcast_to(1.0 if sample_weight is None else _f64(sample_weight), ignored.shape)
+        r = s.copy()
+        if reduction == "mean":
+            r = r / np.sum(s * denominator_terms)
+        if from_logits:
+            x = u if softcap is None else softcap * np.tanh(u / softcap)
+            p = softmax(x, axis=-1)
+            total = np.sum(a, axis=-1, keepdims=True)
+            if z_loss:
+                total = total + 2.0 * z_loss * logsumexp(x, axis=-1, keepdims=True)
+            g = p * total - a
+            if softcap is not None:
+                g = g * (1.0 - np.tanh(u / softcap) ** 2)
+        else:
+            lo, hi = _clip_bounds(eps, clip_dtype)
+            total = np.sum(u, axis=-1, keepdims=True)
+            prob = u / total
+            inside = (prob >= lo) & (prob <= hi)
+            g_prob = np.where(inside, -a / prob, 0.0)
+            g = (g_prob - np.sum(g_prob * prob, axis=-1, keepdims=True)) / total
+        g = np.where(ignored[..., None], 0.0, g * r[..., None])
+    return np.moveaxis(g, -1, axis)
+
+
+def binary_cross_entropy_grad(
+    input: Any,
+    target: Any,
+    *,
+    from_logits: bool = True,
+    weight: Any = None,
+    pos_weight: Any = None,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    eps: float = 1e-7,
+    clip_dtype: Any = None,
+) -> np.ndarray:
+    """The gradient of `sum(binary_cross_entropy(...))` with respect to `input`, analytically:
+    `w ((pw y + 1 - y) sigmoid(x) - pw y)` from logits; `w ((1 - y) / (1 - p) - pw y / p)` inside
+    the clip (0 outside) from probabilities."""
+    x = _f64(input)
+    e = float(label_smoothing)
+    y = _f64(target) * (1.0 - e) + e / 2.0
+    w = 1.0 if weight is None else _f64(weight)
+    pw = 1.0 if pos_weight is None else _f64(pos_weight)
+    with np.errstate(all="ignore"):
+        if from_logits:
+            g = (pw * y + 1.0 - y) / (1.0 + np.exp(-x)) - pw * y
+        else:
+            lo, hi = _clip_bounds(eps, clip_dtype)
+            p = np.clip(x, lo, hi)
+            inside = (x >= lo) & (x <= hi)
+            g = np.where(inside, (1.0 - y) / (1.0 - p) - pw * y / p, 0.0)
+        g = np.broadcast_to(w * g, x.shape)
+        if reduction == "mean":
+            g = g / x.size
+    return np.asarray(g)

@@ -7,7 +7,6 @@ A test that only makes sense on some backends says so with `@pytest.mark.only_ba
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -118,11 +117,6 @@ def backend(request: pytest.FixtureRequest) -> Iterator[Backend]:
     """The backend under test; native overrides are switched as the test id says and restored."""
     which, native = request.param
     xp, device = _setup(which)
-    if which is Backend.DASK:
-        # Dask computes at .compute(), outside xent's errstate, so NumPy's warnings for rows
-        # masked with -inf (log(0), inf - inf) surface there; the values are checked as usual.
-        # pytest's per-test warnings context spans setup and call, and is undone after.
-        warnings.filterwarnings("ignore", category=RuntimeWarning)
     previous = xent.backends.set_native(native)
     set_current(Current(backend=which, xp=xp, device=device, native=native))
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import _adversarial as adv
 import _reference as ref
 import numpy as np
 import pytest
@@ -762,3 +763,137 @@ def test_state_names_the_running_backend(xp: Any, backend: Backend) -> None:
         assert len(arr.chunks[1]) > 1
     if backend.like(Backend.JAX):
         assert to_xp(xp, np.zeros(2)).dtype == xp.float64, "jax_enable_x64 is off"
+
+
+# --- adversarial inputs ---------------------------------------------------------------------
+
+
+def _finite_max(a: np.ndarray, axis: Any = None, keepdims: bool = False) -> Any:
+    return np.max(np.where(np.isfinite(a), np.abs(a), 0.0), axis=axis, keepdims=keepdims)
+
+
+@st.composite
+def adversarial_cases(draw: Any, *, probabilities: bool) -> dict[str, Any]:
+    """A hostile but valid problem: any float dtype and label width, views, size-1 and empty
+    axes, logits near the dtype's max, `-inf` masks, NaN rows, ignored rows, every option."""
+    rng = np.random.default_rng(draw(adv.seeds()))
+    if current().backend.like(Backend.JAX):  # few shapes: eager JAX compiles each one
+        batch = draw(st.sampled_from([(0,), (4,), (2, 1)]))
+        n_classes = draw(st.sampled_from([1, 3]))
+    else:
+        batch = tuple(draw(st.lists(st.integers(0, 3), max_size=2)))
+        n_classes = draw(st.integers(1, 5))
+    pos = draw(st.integers(0, len(batch)))
+    shape = (*batch[:pos], n_classes, *batch[pos:])
+    axis = pos if draw(st.booleans()) else pos - len(shape)
+    dtype = draw(st.sampled_from(adv.float_dtypes()))
+    from_logits = draw(st.sampled_from([True, True, True, False]))
+    extremes = draw(st.booleans())
+    top = float(np.finfo(np.float32 if dtype == "bfloat16" else dtype).max)
+    x = np.empty(shape)
+    rows = np.moveaxis(x, axis, -1).reshape(-1, n_classes)  # a view of x: rows are written in place
+    for row in rows:
+        if from_logits:
+            row[:] = rng.normal(size=n_classes) * draw(st.sampled_from([1.0, 30.0]))
+        else:
+            row[:] = rng.uniform(0.0, 2.0, size=n_classes) * (rng.uniform(size=n_classes) > 0.2)
+            row[0] += 0.25
+        kind = draw(st.sampled_from(["plain", "huge", "masked", "all_masked", "nan"]))
+        if not extremes or kind == "plain":
+            continue
+        j = rng.integers(n_classes)
+        if kind == "huge":
+            row[j] = top / 64 if not from_logits else rng.choice([-1.0, 1.0]) * top / 64
+        elif kind == "nan":
+            row[j] = np.nan
+        elif from_logits and kind == "masked":
+            row[rng.uniform(size=n_classes) < 0.5] = -np.inf
+        elif from_logits:
+            row[:] = -np.inf
+        else:
+            row[:] = 0.0  # renormalising an all-zero row is 0 / 0: NaN
+    opts: dict[str, Any] = {
+        "axis": axis,
+        "from_logits": from_logits,
+        "label_smoothing": draw(st.sampled_from([0.0, 0.1, 1.0])),
+        "reduction": draw(st.sampled_from(REDUCTIONS)),
+    }
+    if from_logits:
+        opts["z_loss"] = draw(st.sampled_from([0.0, 1e-3]))
+        opts["softcap"] = draw(st.sampled_from([None, 4.0, float(np.finfo(np.float32).max) / 4]))
+    if draw(st.booleans()):
+        opts["weight"] = rng.uniform(0.5, 2.0, size=n_classes)
+    sw = draw(st.sampled_from(["none", "full", "broadcast"]))
+    if sw == "full":
+        opts["sample_weight"] = rng.uniform(0.5, 2.0, size=batch)
+    elif sw == "broadcast" and batch:
+        opts["sample_weight"] = rng.uniform(0.5, 2.0, size=batch[-1:])
+    if probabilities:
+        t = _softmax_rows(rng, shape, axis)
+        target_dtype = draw(st.sampled_from(adv.float_dtypes()))
+    else:
+        target_dtype = draw(st.sampled_from(adv.label_dtypes()))
+        info = np.iinfo(target_dtype)
+        ignore = draw(st.sampled_from([-100, -1, 0, n_classes - 1, int(info.max)]))
+        t = rng.integers(0, n_classes, size=batch)
+        if info.min <= ignore <= info.max:
+            share = draw(st.sampled_from([0.0, 0.3, 1.0]))  # 1.0: every row ignored
+            t[rng.uniform(size=batch) < share] = ignore
+        opts["ignore_index"] = ignore
+        t = t.astype(target_dtype)
+    return {
+        "x": x, "t": t, "dtype": dtype, "target_dtype": target_dtype, "opts": opts,
+        "layout": draw(st.sampled_from(adv.layouts())),
+    }  # fmt: skip
+
+
+def _out_dtype(dtype: str) -> str:
+    return {">f4": "float32", ">f8": "float64"}.get(dtype, dtype)
+
+
+class TestAdversarialInputs:
+    """Value and `cross_entropy_and_grad` gradient against the float64 reference."""
+
+    def _check(self, xp: Any, case: dict[str, Any]) -> None:
+        opts = dict(case["opts"])
+        x = adv.place(xp, case["x"], dtype=case["dtype"], layout=case["layout"])
+        if np.issubdtype(case["t"].dtype, np.integer):
+            t = to_xp(xp, case["t"])
+        else:
+            t = adv.place(xp, case["t"], dtype=case["target_dtype"], layout=case["layout"])
+        for name in ("weight", "sample_weight"):
+            if name in opts:
+                opts[name] = to_xp(xp, opts[name])
+        loss = xent.cross_entropy(x, t, **opts)
+        and_loss, grad = xent.cross_entropy_and_grad(x, t, **opts)
+
+        ref_opts = dict(case["opts"], clip_dtype=adv.compute_dtype(case["dtype"]))
+        xr = adv.reference_input(x)
+        tr = to_numpy(t) if np.issubdtype(case["t"].dtype, np.integer) else adv.reference_input(t)
+        want = ref.cross_entropy(xr, tr, **ref_opts)
+        want_grad = ref.cross_entropy_grad(xr, tr, **ref_opts)
+
+        eps = adv.compute_eps(case["dtype"])
+        axis = case["opts"]["axis"]
+        if case["opts"]["from_logits"]:
+            size = 1.0 + _finite_max(xr, axis=axis)
+        else:
+            size = np.full(np.sum(xr, axis=axis).shape, 20.0)  # -log(eps) and the clip
+        size = size * (xr.shape[axis] + 1) + case["opts"].get("z_loss", 0.0) * size**2
+        if case["opts"]["reduction"] != "none":
+            size = np.sum(size) if size.size else 0.0
+        atol = 64 * eps * (1.0 + size) * 4.0  # weights and sample weights are at most 2
+        out = _out_dtype(case["dtype"])
+        adv.assert_matches(loss, want, dtype=out, atol=atol, what="loss", case=case)
+        adv.assert_matches(and_loss, want, dtype=out, atol=atol, what="and_grad loss", case=case)
+        grad_atol = 64 * eps * (1.0 + _finite_max(want_grad) if want_grad.size else 1.0)
+        adv.assert_matches(grad, want_grad, dtype=out, atol=grad_atol, what="grad", case=case)
+
+    @pytest.mark.parametrize("probabilities", [False, True], ids=["indices", "probabilities"])
+    def test_matches_reference(self, xp: Any, probabilities: bool) -> None:
+        @property_settings()
+        @given(case=adversarial_cases(probabilities=probabilities))
+        def check(case: dict[str, Any]) -> None:
+            self._check(xp, case)
+
+        check()
