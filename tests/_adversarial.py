@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from _helpers import Backend, current, dtype_eps, to_numpy, to_xp
+from _helpers import Backend, current, dtype_eps, property_settings, to_numpy, to_xp
 from hypothesis import strategies as st
 
 __all__ = [
@@ -24,17 +24,18 @@ __all__ = [
     "layouts",
     "place",
     "reference_input",
+    "seeds",
+    "settings",
 ]
 
 
 def float_dtypes() -> list[str]:
     """The input dtypes of the running backend; ``>f4``/``>f8`` are non-native byte orders."""
-    backend = current().backend
+    backend, xp = current().backend, current().xp
     names = ["float32", "float64"]
-    if backend is not Backend.ARRAY_API_STRICT:
-        names.append("float16")
-    if backend.like(Backend.TORCH, Backend.JAX):
-        names.append("bfloat16")
+    names += [name for name in ("float16", "bfloat16") if hasattr(xp, name)]
+    if backend is Backend.DASK:
+        names.append("float16")  # Dask holds NumPy's float16 blocks, unnamed in its namespace
     if backend.like(Backend.NUMPY, Backend.DASK):
         names += [">f4", ">f8"]
     return names
@@ -53,7 +54,7 @@ def place(xp: Any, a: np.ndarray, /, *, dtype: str, layout: str) -> Any:
     """``a`` on the backend as ``dtype``, laid out as a view when ``layout`` asks for one:
     ``transposed`` is a permuted view of a reversed-axes array, ``strided`` takes every other
     element of an array twice as large along each axis."""
-    if dtype.startswith(">"):
+    if dtype.startswith(">") or not hasattr(xp, dtype):
         a, name = a.astype(dtype), None
     else:
         name = dtype
@@ -109,7 +110,8 @@ def assert_matches(
     np.testing.assert_array_equal(
         np.where(finite, 0.0, actual), np.where(finite, 0.0, expected), err_msg=f"inf {detail}"
     )
-    error = np.abs(np.where(finite, actual - expected, 0.0))
+    with np.errstate(invalid="ignore", over="ignore"):
+        error = np.abs(np.where(finite, actual - expected, 0.0))
     bound = atol + 2 * output_eps(dtype) * np.abs(np.where(finite, expected, 0.0))
     if np.any(error > bound):
         worst = np.unravel_index(np.argmax(error - bound), error.shape)
@@ -117,6 +119,16 @@ def assert_matches(
             f"{detail}: at {worst} got {actual[worst]!r}, want {expected[worst]!r} "
             f"(error {error[worst]:.3g} > bound {bound[worst]:.3g})"
         )
+
+
+def settings() -> Any:
+    """``property_settings()``, with fewer examples on JAX, where every new combination of
+    dtype, layout and option compiles its eager operations anew (seconds each)."""
+    if current().backend.like(Backend.JAX):
+        from hypothesis import settings as hypothesis_settings
+
+        return hypothesis_settings(max_examples=3)
+    return property_settings()
 
 
 def seeds() -> st.SearchStrategy[int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import _adversarial as adv
 import _reference as ref
 import numpy as np
 import pytest
@@ -297,3 +298,105 @@ def test_and_grad_returns_gradient_in_input_dtype(
         atol=atol,
     )
     xp_assert_close(grad, want, xp=xp, dtype=dtype, rtol=rtol, atol=atol)
+
+
+# --- adversarial inputs ---------------------------------------------------------------------
+
+
+@st.composite
+def adversarial_cases(draw: Any) -> dict[str, Any]:
+    """A hostile but valid problem: any float dtype, bool or any integer width of 0/1 targets,
+    views, size-1 and empty axes, logits near the dtype's max, NaN, every option."""
+    rng = np.random.default_rng(draw(adv.seeds()))
+    if current().backend.like(Backend.JAX):  # few shapes: eager JAX compiles each one
+        shape = draw(st.sampled_from([(4,), (2, 0)]))
+    else:
+        shape = tuple(draw(st.lists(st.integers(0, 3), min_size=1, max_size=3)))
+    dtype = draw(st.sampled_from(adv.float_dtypes()))
+    from_logits = draw(st.sampled_from([True, True, False]))
+    # Huge logits: 1/256 of the dtype's max, so that no sum of at most 27 weighted terms
+    # overflows where the float64 reference does not.
+    top = float(np.finfo(np.float32 if dtype == "bfloat16" else dtype).max)
+    if from_logits:
+        x = rng.normal(size=shape) * draw(st.sampled_from([1.0, 30.0]))
+        huge = rng.uniform(size=shape) < draw(st.sampled_from([0.0, 0.3]))
+        x[huge] = rng.choice([-1.0, 1.0], size=shape)[huge] * top / 256
+    else:
+        x = rng.uniform(0.0, 1.0, size=shape)
+        x[rng.uniform(size=shape) < 0.2] = 0.0
+        x[rng.uniform(size=shape) < 0.2] = 1.0
+    x[rng.uniform(size=shape) < draw(st.sampled_from([0.0, 0.1]))] = np.nan
+    kind = draw(st.sampled_from(["float", "bool", *adv.label_dtypes()]))
+    if kind == "float":
+        t = rng.uniform(0.0, 1.0, size=shape)
+        t[rng.uniform(size=shape) < 0.3] = 1.0
+    else:
+        t = rng.integers(0, 2, size=shape).astype(kind)
+    opts: dict[str, Any] = {
+        "from_logits": from_logits,
+        "label_smoothing": draw(st.sampled_from([0.0, 0.1, 1.0])),
+        "reduction": draw(st.sampled_from(REDUCTIONS)),
+    }
+    for name in ("weight", "pos_weight"):
+        k = draw(st.integers(-1, len(shape)))
+        if k >= 0:
+            wshape = tuple(1 if draw(st.booleans()) else n for n in shape[len(shape) - k :])
+            opts[name] = rng.uniform(0.5, 2.0, size=wshape)
+    return {
+        "x": x, "t": t, "dtype": dtype, "opts": opts,
+        "target_dtype": draw(st.sampled_from(adv.float_dtypes())),
+        "layout": draw(st.sampled_from(adv.layouts())),
+    }  # fmt: skip
+
+
+class TestAdversarialInputs:
+    """Value and `binary_cross_entropy_and_grad` gradient against the float64 reference."""
+
+    def _check(self, xp: Any, case: dict[str, Any]) -> None:
+        opts = dict(case["opts"])
+        x = adv.place(xp, case["x"], dtype=case["dtype"], layout=case["layout"])
+        floating = np.issubdtype(case["t"].dtype, np.floating)
+        if floating:
+            t = adv.place(xp, case["t"], dtype=case["target_dtype"], layout=case["layout"])
+        else:
+            t = adv.place(xp, case["t"], dtype=str(case["t"].dtype), layout=case["layout"])
+        for name in ("weight", "pos_weight"):
+            if name in opts:
+                opts[name] = to_xp(xp, opts[name])
+        loss = xent.binary_cross_entropy(x, t, **opts)
+        and_loss, grad = xent.binary_cross_entropy_and_grad(x, t, **opts)
+
+        ref_opts = dict(case["opts"], clip_dtype=adv.compute_dtype(case["dtype"]))
+        xr = adv.reference_input(x)
+        tr = adv.reference_input(t)
+        want = ref.binary_cross_entropy(xr, tr, **ref_opts)
+        want_grad = ref.binary_cross_entropy_grad(xr, tr, **ref_opts)
+
+        eps = adv.compute_eps(case["dtype"])
+        # The rounding error scales with the logits' size (-log(eps) for probabilities); weights
+        # are at most 2, so each element's loss is within 4 (1 + |x|).
+        with np.errstate(over="ignore"):
+            size = (
+                1.0 + np.where(np.isfinite(xr), np.abs(xr), 0.0)
+                if case["opts"]["from_logits"]
+                else np.full(xr.shape, 20.0)
+            )
+            if case["opts"]["reduction"] == "sum":
+                size = np.sum(size)
+            elif case["opts"]["reduction"] == "mean":
+                size = np.mean(size) if size.size else 0.0
+            atol = 64 * eps * 4.0 * (1.0 + size)
+            finite = want_grad[np.isfinite(want_grad)]
+            grad_atol = 64 * eps * (1.0 + (np.max(np.abs(finite)) if finite.size else 0.0))
+        out = {">f4": "float32", ">f8": "float64"}.get(case["dtype"], case["dtype"])
+        adv.assert_matches(loss, want, dtype=out, atol=atol, what="loss", case=case)
+        adv.assert_matches(and_loss, want, dtype=out, atol=atol, what="and_grad loss", case=case)
+        adv.assert_matches(grad, want_grad, dtype=out, atol=grad_atol, what="grad", case=case)
+
+    def test_matches_reference(self, xp: Any) -> None:
+        @adv.settings()
+        @given(case=adversarial_cases())
+        def check(case: dict[str, Any]) -> None:
+            self._check(xp, case)
+
+        check()
