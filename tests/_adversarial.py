@@ -123,11 +123,14 @@ def assert_matches(
 
 def settings() -> Any:
     """``property_settings()``, with fewer examples on JAX, where every new combination of
-    dtype, layout and option compiles its eager operations anew (seconds each)."""
-    if current().backend.like(Backend.JAX):
-        from hypothesis import settings as hypothesis_settings
+    dtype, layout and option compiles its eager operations anew (seconds each), and on Dask,
+    which builds and computes a graph per call."""
+    from hypothesis import settings as hypothesis_settings
 
+    if current().backend.like(Backend.JAX):
         return hypothesis_settings(max_examples=3)
+    if current().backend is Backend.DASK:
+        return hypothesis_settings(max_examples=6)
     return property_settings()
 
 
