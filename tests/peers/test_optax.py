@@ -82,9 +82,7 @@ def test_per_logit_mask(xp: Any, target: str) -> None:
     assert np.isnan(got[1])
     if target == "integer":
         ignored = np.array([0, -100], dtype=np.int32)
-        loss, grad = xent.cross_entropy_and_grad(
-            to_xp(xp, x), to_xp(xp, ignored), reduction="none"
-        )
+        loss, grad = xent.cross_entropy_and_grad(to_xp(xp, x), to_xp(xp, ignored), reduction="none")
         xp_assert_close(loss, [0.0, 0.0], xp=xp, dtype="float32", rtol=0, atol=0)
         xp_assert_close(grad, np.zeros((2, 3)), xp=xp, dtype="float32", rtol=0, atol=0)
 

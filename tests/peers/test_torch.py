@@ -22,7 +22,6 @@ Differences by design, asserted as xent documents them:
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import numpy as np
@@ -155,9 +154,7 @@ _NLL_SHAPES = {"": (15, 4), "nd": (2, 4, 5, 5), "higher_dim": (2, 4, 5, 5, 2, 2)
 
 @pytest.mark.parametrize("desc", list(_NLL_OPTIONS))
 @pytest.mark.parametrize("kind", list(_NLL_SHAPES))
-def test_nll_loss_module_inputs(
-    xp: Any, rng: np.random.Generator, kind: str, desc: str
-) -> None:
+def test_nll_loss_module_inputs(xp: Any, rng: np.random.Generator, kind: str, desc: str) -> None:
     """common_modules.py, `module_inputs_torch_nn_NLLLoss`: (15, 4), nd, higher_dim and 3d inputs
     x the seven constructor cases, on log-probabilities (`make_input(...).log_softmax(dim=1)`)."""
     shape = _NLL_SHAPES[kind]
@@ -447,7 +444,9 @@ def test_cross_entropy_loss_2d_out_of_bounds_class_index(xp: Any, rng: np.random
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_nll_loss_out_of_bounds_ignore_index(xp: Any, rng: np.random.Generator, reduction: str) -> None:
+def test_nll_loss_out_of_bounds_ignore_index(
+    xp: Any, rng: np.random.Generator, reduction: str
+) -> None:
     """test_nn.py, `TestNNDeviceType.test_nll_loss_out_of_bounds_ignore_index`: `ignore_index=255`
     with three classes is fine, forward and backward."""
     x = _log_softmax(rng.normal(size=(6, 3)))
