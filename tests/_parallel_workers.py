@@ -1,0 +1,192 @@
+"""Workers for tests/test_parallel.py that need their own process: gloo ranks and 8 JAX devices.
+
+Each compares the vocab-parallel loss and gradient slices with the unsplit `xent.cross_entropy`
+(float64, 1e-12) on one combined scenario: label smoothing, z-loss, class and sample weights,
+an ignored row, and slices of which one holds no target at all.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+
+TOL = 1e-12
+OPTIONS = [
+    {"reduction": "mean", "label_smoothing": 0.1, "z_loss": 1e-3, "weighted": True},
+    {"reduction": "sum", "label_smoothing": 0.0, "z_loss": 0.0, "weighted": False},
+    {"reduction": "none", "label_smoothing": 0.3, "z_loss": 0.0, "weighted": True},
+]
+
+
+def scenario(classes: int, rows: int, empty_slice: tuple[int, int]) -> dict[str, np.ndarray]:
+    """Logits, labels (one ignored, none in ``empty_slice``), class and sample weights."""
+    rng = np.random.default_rng(classes * 100 + rows)
+    x = rng.normal(size=(rows, classes)) * 3.0
+    choices = np.setdiff1d(np.arange(classes), np.arange(*empty_slice))
+    t = rng.choice(choices, size=rows)
+    t[1] = -100
+    return {
+        "x": x,
+        "t": t,
+        "w": rng.uniform(0.5, 2.0, classes),
+        "s": rng.uniform(0.5, 2.0, rows),
+    }
+
+
+def torch_rank(rank: int, world: int, store_path: str, sizes: list[int]) -> None:
+    """One gloo rank: its slice, loss and gradient against the unsplit cross-entropy."""
+    import torch
+    import torch.distributed as dist
+
+    import xent
+    import xent.parallel
+
+    store = dist.FileStore(store_path, world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    try:
+        start = sum(sizes[:rank])
+        stop = start + sizes[rank]
+        data = scenario(sum(sizes), 7, (sum(sizes[:-1]), sum(sizes)))
+        group = xent.parallel.TorchGroup()
+        for opts in OPTIONS:
+            opts = dict(opts)
+            weighted = opts.pop("weighted")
+            x = torch.tensor(data["x"], requires_grad=True)
+            t = torch.tensor(data["t"])
+            w = torch.tensor(data["w"]) if weighted else None
+            s = torch.tensor(data["s"])
+            full = xent.cross_entropy(x, t, weight=w, sample_weight=s, **opts)
+            (full_grad,) = torch.autograd.grad(full.sum(), x)
+            local = x.detach()[:, start:stop].clone().requires_grad_(True)
+            loss = xent.parallel.cross_entropy(
+                local, t, class_start=start, group=group,
+                weight=None if w is None else w[start:stop], sample_weight=s, **opts,
+            )  # fmt: skip
+            loss.sum().backward()
+            assert torch.allclose(loss, full.detach(), rtol=TOL, atol=TOL), (rank, opts)
+            grad = full_grad[:, start:stop]
+            assert torch.allclose(local.grad, grad, rtol=TOL, atol=TOL), (rank, opts)
+    finally:
+        dist.destroy_process_group()
+
+
+def jax_main() -> None:
+    """8 host devices: shard_map over (2, 4) and (1, 8) meshes, pmap, and sharded arrays
+    through the ordinary functions, eagerly and under jit."""
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import xent
+    import xent.parallel
+
+    jax.config.update("jax_enable_x64", True)
+    assert jax.device_count() == 8
+
+    def close(a: object, b: object) -> None:
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=TOL, atol=TOL)
+
+    for batch, split in [(2, 4), (1, 8)]:
+        auto = (jax.sharding.AxisType.Auto,) * 2
+        mesh = jax.make_mesh((batch, split), ("b", "c"), axis_types=auto)
+        classes = 8 * split
+        data = scenario(classes, 6, (classes - classes // split, classes))
+        x, t, w, s = (jnp.asarray(data[k]) for k in "xtws")
+        local = classes // split
+        for opts in OPTIONS:
+            opts = dict(opts)
+            weighted = opts.pop("weighted")
+            reduction = opts["reduction"]
+            opts["reduction"] = "sum" if reduction == "mean" and batch > 1 else reduction
+
+            def body(xl, tl, wl, sl, opts=opts, weighted=weighted):
+                start = jax.lax.axis_index("c") * local
+
+                def f(xl):
+                    loss = xent.parallel.cross_entropy(
+                        xl, tl, class_start=start, group=xent.parallel.JaxAxis("c"),
+                        weight=wl if weighted else None, sample_weight=sl, **opts,
+                    )  # fmt: skip
+                    return jnp.sum(loss), loss
+
+                (_, loss), grad = jax.value_and_grad(f, has_aux=True)(xl)
+                if opts["reduction"] == "sum":
+                    loss = jax.lax.psum(loss, "b")
+                elif opts["reduction"] == "mean":  # one batch shard: replicated over "b" as is
+                    loss = jax.lax.pmean(loss, "b")
+                return loss, grad
+
+            loss_spec = P("b") if opts["reduction"] == "none" else P()
+            run = jax.jit(
+                jax.shard_map(
+                    body, mesh=mesh, in_specs=(P("b", "c"), P("b"), P("c"), P("b")),
+                    out_specs=(loss_spec, P("b", "c")),
+                )  # fmt: skip
+            )
+            loss, grad = run(x, t, w, s)
+            wf = w if weighted else None
+            full, full_grad = xent.cross_entropy_and_grad(
+                x, t, weight=wf, sample_weight=s, **opts
+            )
+            close(loss, full)
+            close(grad, full_grad)
+        # The gradient of the mapped function, taken outside shard_map.
+        outer = jax.shard_map(
+            lambda xl, tl: xent.parallel.cross_entropy(
+                xl, tl, class_start=jax.lax.axis_index("c") * local,
+                group=xent.parallel.JaxAxis("c"), label_smoothing=0.2, reduction="none",
+            ),  # fmt: skip
+            mesh=mesh, in_specs=(P("b", "c"), P("b")), out_specs=P("b"),
+        )  # fmt: skip
+        g_outer = jax.grad(lambda x: jnp.sum(outer(x, t)))(x)
+        close(g_outer, xent.cross_entropy_and_grad(x, t, label_smoothing=0.2, reduction="sum")[1])
+        print(f"shard_map {batch}x{split} ok")
+
+    # pmap over 8 devices, classes split 8 ways.
+    data = scenario(24, 5, (21, 24))
+    x, t = jnp.asarray(data["x"]), jnp.asarray(data["t"])
+    slices = jnp.stack(jnp.split(x, 8, axis=1))
+    pm = jax.pmap(
+        lambda xl, i: jax.value_and_grad(
+            lambda xl: xent.parallel.cross_entropy(
+                xl, t, class_start=i * 3, group=xent.parallel.JaxAxis("d"), label_smoothing=0.1
+            )
+        )(xl),
+        axis_name="d",
+    )
+    loss, grads = pm(slices, jnp.arange(8))
+    full, full_grad = xent.cross_entropy_and_grad(x, t, label_smoothing=0.1)
+    close(loss, jnp.full(8, full))
+    close(jnp.concatenate(list(grads), axis=1), full_grad)
+    print("pmap ok")
+
+    # Sharded arrays through the ordinary functions (issue: eager sharded input raised).
+    data = scenario(16, 8, (0, 0))
+    xn, tn, wn = data["x"], data["t"], data["w"]
+    ref = xent.cross_entropy(xn, tn, weight=wn, label_smoothing=0.1)
+    ref_grad = xent.cross_entropy_and_grad(xn, tn, weight=wn, label_smoothing=0.1)[1]
+    for types in [jax.sharding.AxisType.Auto, jax.sharding.AxisType.Explicit]:
+        mesh = jax.make_mesh((2, 4), ("b", "c"), axis_types=(types, types))
+        with jax.set_mesh(mesh):
+            for spec in [P("b", None), P(None, "c"), P("b", "c")]:
+                x = jax.device_put(jnp.asarray(xn), NamedSharding(mesh, spec))
+                t = jax.device_put(jnp.asarray(tn), NamedSharding(mesh, P(spec[0])))
+                w = jax.device_put(jnp.asarray(wn), NamedSharding(mesh, P()))
+
+                def f(x, t, w):
+                    return xent.cross_entropy(x, t, weight=w, label_smoothing=0.1)
+
+                close(f(x, t, w), ref)
+                close(jax.jit(f)(x, t, w), ref)
+                close(xent.cross_entropy_and_grad(x, t, weight=w, label_smoothing=0.1)[1], ref_grad)
+                close(jax.jit(jax.grad(f))(x, t, w), ref_grad)
+        print(f"sharded {types} ok")
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "jax":
+        jax_main()
