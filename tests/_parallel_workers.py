@@ -35,6 +35,10 @@ def scenario(classes: int, rows: int, empty_slice: tuple[int, int]) -> dict[str,
     }
 
 
+def close(a: object, b: object) -> None:
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=TOL, atol=TOL)
+
+
 def torch_rank(rank: int, world: int, store_path: str, sizes: list[int]) -> None:
     """One gloo rank: its slice, loss and gradient against the unsplit cross-entropy."""
     import torch
@@ -87,10 +91,8 @@ def jax_main() -> None:
     jax.config.update("jax_enable_x64", True)
     assert jax.device_count() == 8
 
-    def close(a: object, b: object) -> None:
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=TOL, atol=TOL)
-
-    for batch, split in [(2, 4), (1, 8)]:
+    meshes = [(2, 4), (1, 8)] if xent.backends.native_enabled() else []
+    for batch, split in meshes:
         auto = (jax.sharding.AxisType.Auto,) * 2
         mesh = jax.make_mesh((batch, split), ("b", "c"), axis_types=auto)
         classes = 8 * split
@@ -146,7 +148,19 @@ def jax_main() -> None:
         close(g_outer, xent.cross_entropy_and_grad(x, t, label_smoothing=0.2, reduction="sum")[1])
         print(f"shard_map {batch}x{split} ok")
 
-    # pmap over 8 devices, classes split 8 ways.
+    if xent.backends.native_enabled():
+        pmap_check()
+    sharded_arrays()
+
+
+def pmap_check() -> None:
+    """pmap over 8 devices, classes split 8 ways."""
+    import jax
+    import jax.numpy as jnp
+
+    import xent
+    import xent.parallel
+
     data = scenario(24, 5, (21, 24))
     x, t = jnp.asarray(data["x"]), jnp.asarray(data["t"])
     slices = jnp.stack(jnp.split(x, 8, axis=1))
@@ -164,7 +178,17 @@ def jax_main() -> None:
     close(jnp.concatenate(list(grads), axis=1), full_grad)
     print("pmap ok")
 
-    # Sharded arrays through the ordinary functions (issue: eager sharded input raised).
+
+def sharded_arrays() -> None:
+    """Arrays sharded over a (2, 4) mesh, by rows, classes or both, through the ordinary
+    functions eagerly and under jit, on Auto and Explicit meshes."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import xent
+
     data = scenario(16, 8, (0, 0))
     xn, tn, wn = data["x"], data["t"], data["w"]
     ref = xent.cross_entropy(xn, tn, weight=wn, label_smoothing=0.1)
@@ -187,6 +211,30 @@ def jax_main() -> None:
         print(f"sharded {types} ok")
 
 
+def torch_main(world: int, sizes: list[int], store_path: str, timeout: float) -> None:
+    """Spawn ``world`` gloo ranks; fail (and end them) if one fails or they outlive ``timeout``."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(
+        torch_rank, args=(world, store_path, sizes), nprocs=world, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + timeout
+    try:
+        while not context.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{world} gloo ranks still running after {timeout} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.terminate()
+    print(f"torch gloo x{world} ok")
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "jax":
         jax_main()
+    else:
+        sizes = [int(n) for n in sys.argv[3].split(",")]
+        torch_main(int(sys.argv[2]), sizes, sys.argv[4], timeout=120)
