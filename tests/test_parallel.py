@@ -7,7 +7,6 @@ host devices for JAX. Everything is compared with the unsplit `xent.cross_entrop
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 from _helpers import Backend, to_xp, xp_assert_close
+from test_transforms import no_compute
 
 import xent
 import xent.parallel
@@ -63,7 +63,9 @@ def _fold(op: Callable[[Any, Any], Any], xs: list[Any]) -> Any:
     return out
 
 
-def run_workers(sizes: list[int], xp: Any, work: Callable[[int, int, int, Loopback], Any]) -> list[Any]:
+def run_workers(
+    sizes: list[int], xp: Any, work: Callable[[int, int, int, Loopback], Any]
+) -> list[Any]:
     """``work(rank, start, stop, group)`` on one thread per slice; their results in rank order."""
     group = Loopback(sizes, xp.maximum)
     results: list[Any] = [None] * len(sizes)
@@ -89,7 +91,9 @@ def run_workers(sizes: list[int], xp: Any, work: Callable[[int, int, int, Loopba
     return results
 
 
-def _data(rng: np.random.Generator, rows: int, classes: int, empty: tuple[int, int]) -> dict[str, Any]:
+def _data(
+    rng: np.random.Generator, rows: int, classes: int, empty: tuple[int, int]
+) -> dict[str, Any]:
     x = rng.normal(size=(rows, classes)) * 3.0
     labels = np.setdiff1d(np.arange(classes), np.arange(*empty))
     t = rng.choice(labels, size=rows)
@@ -158,7 +162,9 @@ class TestLoopback:
             x = to_xp(xp, np.zeros((2, stop - start)))
             return xent.parallel.cross_entropy(x, t, class_start=start, group=group)
 
-        with pytest.raises(ValueError, match=r"label 7 at position \(1,\), expected a class index in \[0, 6\)"):
+        with pytest.raises(
+            ValueError, match=r"label 7 at position \(1,\), expected a class index in \[0, 6\)"
+        ):
             run_workers([3, 3], xp, work)
 
     @pytest.mark.only_backends(Backend.NUMPY)
@@ -168,7 +174,7 @@ class TestLoopback:
         alone = Loopback([3], xp.maximum)
         alone.rank.value = 0
         call = xent.parallel.cross_entropy
-        with pytest.raises(TypeError, match="`group` must be a xent.parallel.Collectives"):
+        with pytest.raises(TypeError, match=r"`group` must be a xent\.parallel\.Collectives"):
             call(x, t, class_start=0, group=object())  # type: ignore[arg-type]
         with pytest.raises(ValueError, match=r"`class_start` must lie in \[0, 0\]"):
             call(x, t, class_start=1, group=alone)
@@ -213,3 +219,30 @@ def test_jax_eight_devices_shard_map_pmap_and_sharded_arrays(backend: Backend) -
         expected += ["shard_map 2x4 ok", "shard_map 1x8 ok", "pmap ok"]
     for line in expected:
         assert line in out, out
+
+
+@pytest.mark.only_backends(Backend.DASK)
+def test_dask_cluster_computes_a_class_chunked_loss_lazily_and_exactly(
+    xp: Any, rng: np.random.Generator
+) -> None:
+    distributed = pytest.importorskip("distributed", reason="dask.distributed is not installed")
+    import dask.array as da
+
+    data = _data(rng, 40, 30, (0, 0))
+    x = da.from_array(data["x"], chunks=(10, 8))  # chunked along rows and classes
+    t = da.from_array(data["t"], chunks=10)
+    w = da.from_array(data["w"], chunks=8)
+    options = {"label_smoothing": 0.1, "z_loss": 1e-3}
+    full, full_grad = xent.cross_entropy_and_grad(data["x"], data["t"], weight=data["w"], **options)
+    with no_compute():
+        loss, grad = xent.cross_entropy_and_grad(x, t, weight=w, **options)
+    assert grad.chunks == x.chunks
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster, timeout=60) as client,
+    ):
+        loss_value, grad_value = client.compute([loss, grad], sync=True)
+    np.testing.assert_allclose(loss_value, full, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(grad_value, full_grad, rtol=1e-12, atol=1e-12)

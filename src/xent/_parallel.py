@@ -316,7 +316,9 @@ def _stats(p: _Problem, x: Array) -> _Stats:
         parts.append(xp.where(p.mine, at_label, zero))
     if p.smoothing:
         gap = shift - x
-        parts.append(xp.sum(gap if p.weight is None else gap * p.weight, axis=p.axis, keepdims=True))
+        parts.append(
+            xp.sum(gap if p.weight is None else gap * p.weight, axis=p.axis, keepdims=True)
+        )
     scalars = 0
     if p.smoothing and p.weight is not None:
         parts.append(xp.reshape(xp.sum(p.weight), (1,)))
@@ -325,7 +327,10 @@ def _stats(p: _Problem, x: Array) -> _Stats:
     rows = math.prod(shift.shape)
     flat = xp.concat([xp.reshape(part, (-1,)) for part in parts])
     total = group.all_reduce_sum(flat)
-    split = [xp.reshape(total[i * rows : (i + 1) * rows], shift.shape) for i in range(len(parts) - scalars)]
+    split = [
+        xp.reshape(total[i * rows : (i + 1) * rows], shift.shape)
+        for i in range(len(parts) - scalars)
+    ]
     weight_total: Array | float = total[-1] if scalars else float(p.classes)
     label_weight = split[2] if p.weight is not None else None
     spread = split[-1] if p.smoothing else None

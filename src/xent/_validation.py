@@ -228,9 +228,7 @@ def class_start(xp: Namespace, value: Any, local: int, classes: int) -> None:
                 f"classes fall inside the {classes} classes of the group, got {value}"
             )
         return
-    if not (
-        is_array_api_obj(value) and value.ndim == 0 and xp.isdtype(value.dtype, "integral")
-    ):
+    if not (is_array_api_obj(value) and value.ndim == 0 and xp.isdtype(value.dtype, "integral")):
         raise TypeError(
             "`class_start` must be an integer or a 0-d integer array, got "
             f"{type(value).__name__} {getattr(value, 'shape', '')}"

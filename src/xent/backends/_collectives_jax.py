@@ -7,7 +7,7 @@ from typing import Any
 
 import jax
 
-from .._parallel import Backward, Collectives, Forward, _Stats as type_of_stats
+from .._parallel import Backward, Collectives, Forward, _Stats
 from .._typing import Array
 
 
@@ -62,7 +62,7 @@ class JaxAxis(Collectives):
 
         def loss_bwd(res: Any, cotangent: Array) -> tuple[Array]:
             x_used, arrays = res
-            stats = type_of_stats(**arrays, **statics)
+            stats = _Stats(**arrays, **statics)
             return (backward(state, x_used, (x_used, stats), cotangent),)
 
         loss.defvjp(loss_fwd, loss_bwd)

@@ -67,7 +67,7 @@ class _ParallelLoss(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # type: ignore[misc]
+    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, cotangent: Array) -> tuple[Array, None, None, None]:
         grad = ctx.backward_fn(ctx.state, ctx.x_meta, ctx.saved, cotangent)
         return grad, None, None, None
