@@ -246,3 +246,20 @@ def test_dask_cluster_computes_a_class_chunked_loss_lazily_and_exactly(
         loss_value, grad_value = client.compute([loss, grad], sync=True)
     np.testing.assert_allclose(loss_value, full, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(grad_value, full_grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.only_backends(Backend.TORCH)
+def test_tensor_parallel_example_prints_the_single_process_losses(backend: Backend) -> None:
+    pytest.importorskip("jax", reason="the example also trains on a JAX mesh")
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    env["XENT_NATIVE"] = "1" if xent.backends.native_enabled() else "0"
+    env.pop("XLA_FLAGS", None)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "tensor_parallel_head.py"), "--steps", "2"],
+        capture_output=True, text=True, timeout=240, env=env, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = [line.split(":", 1)[1].split() for line in result.stdout.splitlines()[:3]]
+    assert len(lines) == 3
+    assert len(lines[0]) == 2
+    assert lines[0] == lines[1] == lines[2], result.stdout
