@@ -164,8 +164,10 @@ def cross_entropy(
     ...     def all_reduce_sum(self, x): return x
     ...     def class_count(self, local, like): return local
     >>> logits = xp.asarray([[2.0, 5.0, 1.0], [7.0, 1.0, 0.5]])
-    >>> xent.parallel.cross_entropy(logits, xp.asarray([1, 0]), class_start=0, group=Alone())
-    Array(0.03492907, dtype=array_api_strict.float64)
+    >>> loss = xent.parallel.cross_entropy(
+    ...     logits, xp.asarray([1, 0]), class_start=0, group=Alone())
+    >>> round(float(loss), 6), round(float(xent.cross_entropy(logits, xp.asarray([1, 0]))), 6)
+    (0.034929, 0.034929)
     """
     p = _problem(
         local_input, target, class_start=class_start, group=group, axis=axis, weight=weight,
