@@ -11,6 +11,7 @@ import os
 import sys
 
 import numpy as np
+import pytest
 
 TOL = 1e-12
 OPTIONS = [
@@ -74,6 +75,15 @@ def torch_rank(rank: int, world: int, store_path: str, sizes: list[int]) -> None
             assert torch.allclose(loss, full.detach(), rtol=TOL, atol=TOL), (rank, opts)
             grad = full_grad[:, start:stop]
             assert torch.allclose(local.grad, grad, rtol=TOL, atol=TOL), (rank, opts)
+        # Labels are checked against the global class count, on every rank.
+        bad = torch.tensor([0, sum(sizes)])
+        zeros = torch.zeros(2, stop - start)
+        with pytest.raises(ValueError, match=rf"label {sum(sizes)} at position \(1,\)"):
+            xent.parallel.cross_entropy(zeros, bad, class_start=start, group=group)
+        # Weights are constants of the analytic backward: one that needs a gradient is refused.
+        w = torch.ones(stop - start, dtype=torch.float64, requires_grad=True)
+        with pytest.raises(TypeError, match="tensors requiring grad behind weight"):
+            xent.parallel.cross_entropy(local, t, class_start=start, group=group, weight=w)
     finally:
         dist.destroy_process_group()
 

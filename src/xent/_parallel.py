@@ -148,10 +148,11 @@ def cross_entropy(
 
     Notes
     -----
-    Per row, a worker sends one number to the max all-reduce and two (target logit, sum of
-    exponentials), three (with ``weight``: the target's weight) or four (with label smoothing)
-    to the sum all-reduce; the backward sends nothing. ``weight`` and ``sample_weight`` are
-    constants for autodiff: only ``local_input`` gets a gradient.
+    Per row, a worker sends one number to the max all-reduce and two (sum of exponentials,
+    target logit) to the sum all-reduce, plus one with ``weight`` (the target's weight) and
+    one with label smoothing (the slice's weighted sum of ``max - x``); the backward sends
+    nothing (see ``docs/parallel.md``). ``weight`` and ``sample_weight`` are constants for
+    autodiff: only ``local_input`` gets a gradient.
 
     Examples
     --------

@@ -233,3 +233,13 @@ def class_start(xp: Namespace, value: Any, local: int, classes: int) -> None:
             "`class_start` must be an integer or a 0-d integer array, got "
             f"{type(value).__name__} {getattr(value, 'shape', '')}"
         )
+
+
+def parallel_constants(tracked: list[str]) -> None:
+    """Refuse class or sample weights that require a gradient in the vocab-parallel loss."""
+    if tracked:
+        raise TypeError(
+            "xent.parallel.cross_entropy differentiates `local_input` only, expected `weight` "
+            "and `sample_weight` that need no gradient (detach them), got tensors requiring "
+            f"grad behind {', '.join(tracked)}"
+        )

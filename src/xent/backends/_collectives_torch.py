@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from .. import _validation
 from .._parallel import Backward, Collectives, Forward
 from .._typing import Array
 
@@ -51,7 +53,18 @@ class TorchGroup(Collectives):
         return self._classes[local]
 
     def attach_grad(self, forward: Forward, backward: Backward, state: Any, x: Array) -> Array:
-        if not (x.requires_grad and torch.is_grad_enabled()):
+        if not torch.is_grad_enabled():
+            return forward(state, x)[0]
+        # The state's tensors derive from `weight` and `sample_weight`, which the analytic
+        # backward treats as constants: refuse rather than leave their gradients silently None.
+        tracked = [
+            {"sample": "sample_weight"}.get(f.name, f.name)
+            for f in dataclasses.fields(state)
+            if isinstance(getattr(state, f.name), torch.Tensor)
+            and getattr(state, f.name).requires_grad
+        ]
+        _validation.parallel_constants(tracked)
+        if not x.requires_grad:
             return forward(state, x)[0]
         return _ParallelLoss.apply(x, forward, backward, state)
 
