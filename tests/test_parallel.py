@@ -167,6 +167,19 @@ class TestLoopback:
         ):
             run_workers([3, 3], xp, work)
 
+    @pytest.mark.only_backends(Backend.DASK)
+    def test_label_outside_the_global_range_is_nan_where_values_are_lazy(self, xp: Any) -> None:
+        t = to_xp(xp, np.array([0, 7]))
+
+        def work(rank: int, start: int, stop: int, group: Loopback) -> Any:
+            x = to_xp(xp, np.zeros((2, stop - start)))
+            return xent.parallel.cross_entropy(
+                x, t, class_start=start, group=group, reduction="none"
+            )
+
+        for loss in run_workers([3, 3], xp, work):
+            xp_assert_close(loss, [np.log(6.0), np.nan], xp=xp, dtype="float64")
+
     @pytest.mark.only_backends(Backend.NUMPY)
     def test_bad_arguments_say_what_was_expected(self, xp: Any) -> None:
         x = to_xp(xp, np.zeros((2, 3)))
