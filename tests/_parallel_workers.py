@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 import numpy as np
 import pytest
@@ -56,8 +57,16 @@ def torch_rank(rank: int, world: int, store_path: str, sizes: list[int]) -> None
         start = sum(sizes[:rank])
         stop = start + sizes[rank]
         data = scenario(sum(sizes), 7, (sum(sizes[:-1]), sum(sizes)))
-        group = xent.parallel.TorchGroup()
-        for opts in OPTIONS:
+
+        class Counting(xent.parallel.TorchGroup):
+            calls = 0
+
+            def _all_reduce(self, x: Any, op: Any) -> Any:
+                Counting.calls += 1
+                return super()._all_reduce(x, op)
+
+        group = Counting()
+        for i, opts in enumerate(OPTIONS):
             opts = dict(opts)
             weighted = opts.pop("weighted")
             x = torch.tensor(data["x"], requires_grad=True)
@@ -67,11 +76,16 @@ def torch_rank(rank: int, world: int, store_path: str, sizes: list[int]) -> None
             full = xent.cross_entropy(x, t, weight=w, sample_weight=s, **opts)
             (full_grad,) = torch.autograd.grad(full.sum(), x)
             local = x.detach()[:, start:stop].clone().requires_grad_(True)
+            before = Counting.calls
             loss = xent.parallel.cross_entropy(
                 local, t, class_start=start, group=group,
                 weight=None if w is None else w[start:stop], sample_weight=s, **opts,
             )  # fmt: skip
+            # Two all-reduces per forward (and, the first time, one for the class count).
+            assert Counting.calls - before == (2 if i else 3), Counting.calls - before
+            sent = Counting.calls
             loss.sum().backward()
+            assert Counting.calls == sent, "the backward communicated"
             assert torch.allclose(loss, full.detach(), rtol=TOL, atol=TOL), (rank, opts)
             grad = full_grad[:, start:stop]
             assert torch.allclose(local.grad, grad, rtol=TOL, atol=TOL), (rank, opts)
