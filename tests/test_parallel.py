@@ -197,6 +197,10 @@ class TestLoopback:
             call(x, to_xp(xp, np.full((2, 3), 1 / 3)), class_start=0, group=alone)
         with pytest.raises(ValueError, match=r"`weight` must have shape \(3,\)"):
             call(x, t, class_start=0, group=alone, weight=to_xp(xp, np.ones(6)))
+        with pytest.raises(
+            ValueError, match=r"at least one class along axis 1, got shape \(2, 0\)"
+        ):
+            call(to_xp(xp, np.zeros((2, 0))), t, class_start=0, group=alone)
         with pytest.raises(TypeError, match="`ignore_index` must be an integer"):
             call(x, t, class_start=0, group=alone, ignore_index=None)  # type: ignore[arg-type]
 

@@ -238,8 +238,9 @@ def _problem(
     z_loss: float,
     xp: Namespace | None,
 ) -> _Problem:
-    arrays = {"local_input": input, "target": target, "weight": weight}
-    arrays["sample_weight"] = sample_weight
+    arrays = {
+        "local_input": input, "target": target, "weight": weight, "sample_weight": sample_weight,
+    }  # fmt: skip
     xp = _validation.namespace(arrays, xp)
     ops = lookup(xp)
     _validation.same_device(ops, arrays)
@@ -247,15 +248,12 @@ def _problem(
     _validation.parallel_group(group, Collectives)
     ax = _validation.axis(axis, input.ndim, "local_input")
     _validation.reduction(reduction)
-    _validation.options(label_smoothing=label_smoothing, eps=0.1, from_logits=True, z_loss=z_loss)
+    # Logits only: the probability clip `eps` does not apply, so its default passes.
+    _validation.options(label_smoothing=label_smoothing, eps=1e-7, from_logits=True, z_loss=z_loss)
     _validation.parallel_index_target(xp, input, target, ax)
     _validation.parallel_ignore_index(ignore_index)
     local = int(input.shape[ax])
-    if local == 0:
-        raise ValueError(
-            f"`local_input` must hold at least one class along axis {ax}, got shape "
-            f"{tuple(input.shape)}"
-        )
+    _validation.parallel_local_classes(local, ax, tuple(input.shape))
     classes = group.class_count(local, input)
     _validation.class_start(xp, class_start, local, classes)
     _validation.class_weight(weight, local)

@@ -243,3 +243,11 @@ def parallel_constants(tracked: list[str]) -> None:
             "and `sample_weight` that need no gradient (detach them), got tensors requiring "
             f"grad behind {', '.join(tracked)}"
         )
+
+
+def parallel_local_classes(local: int, ax: int, shape: tuple[int, ...]) -> None:
+    """Check a worker holds at least one class (an empty slice has no row max to share)."""
+    if local == 0:
+        raise ValueError(
+            f"`local_input` must hold at least one class along axis {ax}, got shape {shape}"
+        )
