@@ -38,7 +38,7 @@ def namespace(arrays: dict[str, Array | None], xp: Namespace | None) -> Namespac
 
 def same_device(ops: Any, arrays: dict[str, Array | None]) -> None:
     """Raise TypeError if the arrays live on different devices."""
-    found = [(name, ops.device(a)) for name, a in arrays.items() if a is not None]
+    found = [(name, ops.placement(a)) for name, a in arrays.items() if a is not None]
     known = [(name, d) for name, d in found if d is not None]
     for name, d in known[1:]:
         if d != known[0][1]:
@@ -189,3 +189,65 @@ def _unravel(i: int, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def _shape(shape: Any) -> str:
     return str(tuple(int(s) if s is not None and s == s else s for s in shape))
+
+
+# --------------------------------------------------------------------------- xent.parallel
+def parallel_group(group: Any, base: type) -> None:
+    """Check ``group`` supplies the collectives (a subclass of ``xent.parallel.Collectives``)."""
+    if not isinstance(group, base):
+        raise TypeError(
+            "`group` must be a xent.parallel.Collectives (TorchGroup, JaxAxis or a subclass), "
+            f"got {type(group).__name__}"
+        )
+
+
+def parallel_index_target(xp: Namespace, input: Array, target: Array, ax: int) -> None:
+    """Check the vocab-parallel target: integer class indices of the per-row shape."""
+    if not xp.isdtype(target.dtype, "integral"):
+        raise TypeError(
+            "`target` of the vocab-parallel cross-entropy must hold integer class indices "
+            f"(class probabilities are not split across workers), got dtype {target.dtype}"
+        )
+    target_kind(xp, input, target, ax)
+
+
+def parallel_ignore_index(value: Any) -> None:
+    """Check ``ignore_index`` is an integer (bool excluded)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`ignore_index` must be an integer, got {value!r}")
+
+
+def class_start(xp: Namespace, value: Any, local: int, classes: int) -> None:
+    """Check ``class_start`` (an int, or a 0-d integer array) puts the slice inside ``[0, C)``."""
+    if isinstance(value, bool):
+        raise TypeError(f"`class_start` must be an integer or a 0-d integer array, got {value!r}")
+    if isinstance(value, int):
+        if not 0 <= value <= classes - local:
+            raise ValueError(
+                f"`class_start` must lie in [0, {classes - local}] so that the {local} local "
+                f"classes fall inside the {classes} classes of the group, got {value}"
+            )
+        return
+    if not (is_array_api_obj(value) and value.ndim == 0 and xp.isdtype(value.dtype, "integral")):
+        raise TypeError(
+            "`class_start` must be an integer or a 0-d integer array, got "
+            f"{type(value).__name__} {getattr(value, 'shape', '')}"
+        )
+
+
+def parallel_constants(tracked: list[str]) -> None:
+    """Refuse class or sample weights that require a gradient in the vocab-parallel loss."""
+    if tracked:
+        raise TypeError(
+            "xent.parallel.cross_entropy differentiates `local_input` only, expected `weight` "
+            "and `sample_weight` that need no gradient (detach them), got tensors requiring "
+            f"grad behind {', '.join(tracked)}"
+        )
+
+
+def parallel_local_classes(local: int, ax: int, shape: tuple[int, ...]) -> None:
+    """Check a worker holds at least one class (an empty slice has no row max to share)."""
+    if local == 0:
+        raise ValueError(
+            f"`local_input` must hold at least one class along axis {ax}, got shape {shape}"
+        )

@@ -68,6 +68,14 @@ class Backend:
             return None
         return device(x)
 
+    def placement(self, x: Array) -> Any:
+        """Where the array's values live, for checking that arrays are together (None: unknown).
+
+        The device itself, except where one array spans several devices (a sharded JAX array):
+        there the set of those devices, so that arrays sharded differently over one mesh agree.
+        """
+        return self.device(x)
+
     def index_dtype(self) -> Any:
         """The signed integer dtype labels are cast to before they index."""
         return self.xp.int64

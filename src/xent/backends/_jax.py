@@ -13,6 +13,25 @@ from .._typing import Array
 from ._generic import Backend, GradRule
 
 
+def _explicit_mesh(*arrays: Array) -> bool:
+    """Whether an array is sharded over a mesh with Explicit axes (JAX's sharding in types).
+
+    A gather there needs an output sharding that JAX will not infer, while a one-hot reduction
+    along the (possibly sharded) class axis types and runs as usual.
+    """
+    for a in arrays:
+        mesh = getattr(jax.typeof(a).sharding, "mesh", None)
+        if jax.sharding.AxisType.Explicit in getattr(mesh, "axis_types", ()):
+            return True
+    return False
+
+
+def _one_hot_take(x: Array, index: Array, axis: int) -> Array:
+    classes = jnp.arange(x.shape[axis], dtype=index.dtype)
+    classes = jnp.reshape(classes, tuple(-1 if i == axis % x.ndim else 1 for i in range(x.ndim)))
+    return jnp.sum(jnp.where(index == classes, x, 0), axis=axis, keepdims=True)
+
+
 class Facts(Backend):
     """Concrete JAX arrays can be read; tracers (jit, vmap, grad) cannot."""
 
@@ -27,9 +46,34 @@ class Facts(Backend):
     def on_host(self, x: Array) -> bool:
         return all(d.platform == "cpu" for d in x.devices())
 
+    def device(self, x: Array) -> Any:
+        # A sharded array's `.device` is its sharding, which differs between arrays on one mesh
+        # sharded differently and which arrays of another rank cannot be created with: new
+        # arrays go to the default device instead and JAX moves them where they are combined.
+        if self.is_traced(x):
+            return None
+        devices = x.devices()
+        return next(iter(devices)) if len(devices) == 1 else None
+
+    def placement(self, x: Array) -> Any:
+        if self.is_traced(x):
+            return None
+        devices = x.devices()
+        return next(iter(devices)) if len(devices) == 1 else frozenset(devices)
+
     def index_dtype(self) -> Any:
         # int64 only exists with jax_enable_x64; otherwise JAX's widest is int32.
         return jnp.asarray(0).dtype
+
+    def take_along_axis(self, x: Array, index: Array, axis: int) -> Array:
+        if _explicit_mesh(x, index):
+            return _one_hot_take(x, index, axis)
+        return super().take_along_axis(x, index, axis)
+
+    def take(self, table: Array, index: Array) -> Array:
+        if _explicit_mesh(table, index):
+            return jnp.squeeze(_one_hot_take(table, index[..., None], -1), axis=-1)
+        return super().take(table, index)
 
 
 class Native(Backend):
@@ -51,6 +95,8 @@ class Native(Backend):
         return jnp.exp(x - shift) * (factor if scale is None else scale * factor)
 
     def take_along_axis(self, x: Array, index: Array, axis: int) -> Array:
+        if _explicit_mesh(x, index):
+            return _one_hot_take(x, index, axis)
         return jnp.take_along_axis(x, index, axis=axis, mode="clip")
 
     def fill_rows(self, g: Array, mask: Array, value: float) -> Array:
