@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 import pytest
 from _helpers import Backend, Current, current, set_current
-from array_api_extra.testing import lazy_xp_function, patch_lazy_xp_functions
 from hypothesis import HealthCheck, settings
 
 import xent
@@ -38,10 +37,6 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 settings.load_profile("xent")
-
-for _name in xent.__all__:
-    if callable(getattr(xent, _name)):
-        lazy_xp_function(getattr(xent, _name))
 
 _NAMES = [b.value for b in Backend]
 _NONE_SELECTED = "xent_no_backend_selected"
@@ -110,6 +105,23 @@ def _eager_reason(request: pytest.FixtureRequest) -> str | None:
     return str(marker.args[0])
 
 
+def _patch_lazy(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, xp: Any
+) -> contextlib.AbstractContextManager[None]:
+    """array-api-extra's patching of xent's public functions for the running test (imported
+    here, not at the top: the `minimal` session has no array-api-extra and no deferred backend)."""
+    from array_api_extra.testing import lazy_xp_function, patch_lazy_xp_functions
+
+    for name in xent.__all__:
+        function = getattr(xent, name)
+        if callable(function) and not hasattr(function, "_lazy_xp_function"):
+            lazy_xp_function(function)
+    # patch_lazy_xp_functions looks for the tagged functions in the test module's globals and
+    # its `lazy_xp_modules`; naming xent there from here covers every test module.
+    monkeypatch.setattr(request.module, "lazy_xp_modules", [xent], raising=False)
+    return patch_lazy_xp_functions(request, xp=xp)
+
+
 @contextlib.contextmanager
 def _strict_flags(which: Backend, xp: Any) -> Iterator[None]:
     if which is not Backend.ARRAY_API_STRICT:
@@ -136,13 +148,9 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
         # masked with -inf (log(0), inf - inf) surface there; the values are checked as usual.
         # pytest's per-test warnings context spans setup and call, and is undone after.
         warnings.filterwarnings("ignore", category=RuntimeWarning)
-    if _eager_reason(request) is None:
-        # patch_lazy_xp_functions looks for the tagged functions in the test module's globals
-        # and its `lazy_xp_modules`; naming xent there once covers every test module.
-        monkeypatch.setattr(request.module, "lazy_xp_modules", [xent], raising=False)
-        lazy: contextlib.AbstractContextManager[None] = patch_lazy_xp_functions(request, xp=xp)
-    else:
-        lazy = contextlib.nullcontext()
+    lazy: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    if row.deferred and _eager_reason(request) is None:
+        lazy = _patch_lazy(request, monkeypatch, xp)
     previous = xent.backends.set_native(native)
     set_current(Current(backend=which, xp=xp, device=device, native=native))
     try:
