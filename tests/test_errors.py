@@ -1,5 +1,5 @@
-"""SPEC section 5: bad input gives a clear error (what was wrong, expected and given), never a
-wrong number. Also the label checks of section 2 where they raise."""
+"""Bad input gives a clear error (what was wrong, expected and given), never a wrong number
+(docs/semantics.md, validation and errors); also the label checks where they raise."""
 
 from __future__ import annotations
 

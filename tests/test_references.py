@@ -340,8 +340,7 @@ def test_binary_matches_keras(
     np.testing.assert_allclose(to_numpy(none).mean(axis=-1), per_row, rtol=2e-6, atol=2e-6)
 
 
-# Real Keras 3 values for the examples of the seed documents (shared/seeds/NOTES.md); the inputs
-# are the ones printed in shared/seeds/00*.txt.
+# Real Keras 3 values, recorded once, for the fixed example inputs below.
 SEED_000_LOGITS = [
     [
         -0.07976019,

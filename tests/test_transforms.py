@@ -18,7 +18,7 @@ import xent
 
 pytestmark = pytest.mark.filterwarnings(
     # array-api-compat's `lru_cache` helpers (`_issubclass_fast`) make Dynamo warn while tracing;
-    # harmless (it traces the wrapped function), see PITFALLS.md item 10
+    # harmless (it traces the wrapped function; array-api-compat >= 1.15 causes no graph break).
     "ignore:Dynamo detected a call to a `functools.lru_cache`-wrapped function:UserWarning"
 )
 
