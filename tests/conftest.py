@@ -4,7 +4,8 @@
 backends are all outside the run is deselected (counted as "deselected", not skipped). Backends
 whose library is not installed, or whose device (CUDA, a JAX GPU) is absent, are skipped with the
 reason. A test that only makes sense on some backends says so with
-`@pytest.mark.only_backends(...)`.
+`@pytest.mark.only_backends(...)`; on a test without the fixture, the marker deselects it from
+runs that include none of those backends.
 
 The fixture is as strict as array-api-extra's: xent's public functions, called as `xent.NAME`
 from a test, run under `jax.jit` on JAX and fail on any Dask compute before their result is
@@ -89,11 +90,23 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     metafunc.parametrize("backend", params, indirect=True)
 
 
+def _outside_run(item: pytest.Item, selected: list[Backend]) -> bool:
+    if item.get_closest_marker(_NONE_SELECTED):
+        return True
+    if "backend" in getattr(item, "fixturenames", ()):
+        return False
+    # A test without the fixture (a README block) may still belong to some backends' runs.
+    return any(
+        not set(marker.args) & set(selected) for marker in item.iter_markers("only_backends")
+    )
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    dropped = [item for item in items if item.get_closest_marker(_NONE_SELECTED)]
+    selected = selected_backends(config)
+    dropped = [item for item in items if _outside_run(item, selected)]
     if dropped:
         config.hook.pytest_deselected(items=dropped)
-        items[:] = [item for item in items if not item.get_closest_marker(_NONE_SELECTED)]
+        items[:] = [item for item in items if not _outside_run(item, selected)]
 
 
 def _eager_reason(request: pytest.FixtureRequest) -> str | None:
