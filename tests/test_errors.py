@@ -105,6 +105,9 @@ def test_label_out_of_range_raises_in_a_flat_batch(
         getattr(xent, func)(x, t)
 
 
+@pytest.mark.eager(
+    "validate=True reads the labels: a Dask compute by design, and under jax.jit none"
+)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_validate_true_raises_on_every_backend(
     xp: Any, rng: np.random.Generator, reduction: str
@@ -117,6 +120,7 @@ def test_validate_true_raises_on_every_backend(
         np.asarray(out.compute() if hasattr(out, "compute") else out)
 
 
+@pytest.mark.eager("validate=True reads the labels: a Dask compute by design")
 def test_ignore_index_label_is_valid(xp: Any, rng: np.random.Generator) -> None:
     x = to_xp(xp, rng.normal(size=(3, 5)))
     for ignore in (-100, 7, -1):
