@@ -24,11 +24,17 @@ _PRINTED = re.compile(r"#\s*(-?\d+\.\d+)\b")
 # The backend whose runs a block belongs to: the first of these libraries it imports.
 _BACKENDS = {"torch": Backend.TORCH, "jax": Backend.JAX, "dask": Backend.DASK}
 
-pytestmark = pytest.mark.filterwarnings(
+pytestmark = [
     # What a user of the torch.compile block sees too: array-api-compat's `lru_cache` helpers
-    # make Dynamo warn while it traces them (harmless: it traces the wrapped function).
-    "ignore:Dynamo detected a call to a `functools.lru_cache`-wrapped function:UserWarning"
-)
+    # make Dynamo warn while it traces them (harmless: it traces the wrapped function), and
+    # inductor's import of torch.utils.mkldnn uses the deprecated torch.jit.script_method.
+    pytest.mark.filterwarnings(
+        "ignore:Dynamo detected a call to a `functools.lru_cache`-wrapped function:UserWarning"
+    ),
+    pytest.mark.filterwarnings(
+        r"ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"
+    ),
+]
 
 
 @dataclass(frozen=True)
