@@ -19,6 +19,7 @@ nox.options.sessions = [
     "tests-torch",
     "tests-jax",
     "tests-dask",
+    "docs",
 ]
 nox.options.reuse_existing_virtualenvs = True
 # The standard library's venv: nothing to download, and no uv (which would fetch a CUDA torch).
@@ -63,8 +64,9 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """mypy --strict on src/xent, with every CPU backend installed so that their types are seen."""
-    _install(session, "-e", ".[numpy,torch,jax,dask]", TORCH, "optax", "rich", MYPY)
+    """mypy --strict on src/xent, the tests and this file, with every CPU backend installed so
+    that their types are seen (the files are listed in pyproject's ``[tool.mypy]``)."""
+    _install(session, "-e", ".[numpy,torch,jax,dask,test]", TORCH, "optax", "nox", MYPY)
     # A cache of its own: one shared with another environment is rebuilt at every switch.
     session.run("mypy", "--cache-dir", f"{session.virtualenv.location}/.mypy_cache")
 
@@ -73,7 +75,20 @@ def typecheck(session: nox.Session) -> None:
 def minimal(session: nox.Session) -> None:
     """NumPy and array-api-strict with no optional library: proves the core has no hidden import."""
     _install(session, "-e", ".", *_MINIMAL)
+    # Every docstring example: they need nothing but NumPy and array-api-strict, so they run
+    # here, where an example that imported anything else would fail.
+    session.run("pytest", "--doctest-modules", "src/xent")
     _pytest(session, "numpy", "numpy_readonly", "array_api_strict", xdist=False)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """The documentation site (Sphinx, MyST Markdown, numpydoc), warnings as errors, into
+    ``docs/_build/html``."""
+    _install(session, "-e", ".[docs]")
+    session.run(
+        "sphinx-build", "-W", "--keep-going", "-q", "-b", "html", "docs", "docs/_build/html"
+    )
 
 
 @nox.session(name="tests-numpy")

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from enum import Enum
+from functools import partial
 from typing import Any
 
 import array_api_compat
@@ -17,7 +19,9 @@ import numpy as np
 import pytest
 
 __all__ = [
+    "BACKENDS",
     "Backend",
+    "BackendRow",
     "current",
     "dtype_eps",
     "is_concrete_host",
@@ -31,7 +35,11 @@ __all__ = [
 
 
 class Backend(Enum):
-    """The array libraries and devices the suite runs on; the value is the `--backend` name."""
+    """The array libraries and devices the suite runs on; the value is the `--backend` name.
+
+    Each member has one row in `BACKENDS` (below): adding a backend to the suite means adding a
+    member here and its row there, and nothing else on the test side.
+    """
 
     NUMPY = "numpy"
     NUMPY_READONLY = "numpy_readonly"
@@ -44,21 +52,145 @@ class Backend(Enum):
     CUPY = "cupy"
 
     @property
+    def row(self) -> BackendRow:
+        return BACKENDS[self]
+
+    @property
     def modname(self) -> str:
-        return {
-            Backend.NUMPY: "numpy",
-            Backend.NUMPY_READONLY: "numpy",
-            Backend.ARRAY_API_STRICT: "array_api_strict",
-            Backend.TORCH: "torch",
-            Backend.TORCH_CUDA: "torch",
-            Backend.JAX: "jax",
-            Backend.JAX_GPU: "jax",
-            Backend.DASK: "dask.array",
-            Backend.CUPY: "cupy",
-        }[self]
+        return self.row.library
 
     def like(self, *others: Backend) -> bool:
+        """True if `self` runs on the same library as one of `others` (TORCH is like TORCH_CUDA)."""
         return any(self.modname == other.modname for other in others)
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendRow:
+    """Everything the suite needs to know about one backend.
+
+    `setup(module)` takes the imported `library` and returns the array-API namespace and the
+    device that test arrays go to (None: the library's default), skipping with the reason when
+    the device is absent. `convert(xp, a, device)` moves a NumPy array there. `concrete_host`:
+    label values are concrete and in host memory, so `validate=None` checks them. `lazy`: values
+    are not known before `.compute()`. `deferred`: tests call xent's public functions through
+    array-api-extra's `patch_lazy_xp_functions` (under `jax.jit` on JAX, failing on any compute
+    on Dask). `examples`: hypothesis examples per property test (eager
+    JAX compiles every new shape, Dask builds a graph per call, so they get fewer).
+    """
+
+    library: str
+    setup: Callable[[Any], tuple[Any, Any]]
+    convert: Callable[[Any, np.ndarray, Any], Any]
+    concrete_host: bool
+    lazy: bool = False
+    deferred: bool = False
+    examples: int = 30
+
+
+def _numpy_setup(np_: Any) -> tuple[Any, Any]:
+    return array_api_compat.array_namespace(np_.empty(0)), None
+
+
+def _numpy_readonly(xp: Any, a: np.ndarray, device: Any) -> Any:
+    a.flags.writeable = False
+    return a
+
+
+def _strict_setup(strict: Any) -> tuple[Any, Any]:
+    # A device other than the default one: a result that silently lands on the default device
+    # (an `asarray` or `zeros` without `device=`) fails the device check of `xp_assert_close`.
+    return strict, strict.Device("device1")
+
+
+def _torch_setup(torch: Any, *, cuda: bool) -> tuple[Any, Any]:
+    xp = array_api_compat.array_namespace(torch.empty(0))
+    if not cuda:
+        return xp, torch.device("cpu")
+    if not torch.cuda.is_available():
+        pytest.skip("torch_cuda: torch.cuda.is_available() is False (no CUDA device)")
+    return xp, torch.device("cuda", torch.cuda.current_device())
+
+
+def _jax_setup(jax: Any, *, gpu: bool) -> tuple[Any, Any]:
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+
+    if not gpu:
+        return jnp, jax.devices("cpu")[0]
+    try:
+        return jnp, jax.devices("gpu")[0]
+    except RuntimeError as exc:
+        pytest.skip(f"jax_gpu: no JAX GPU device ({exc})")
+
+
+def _dask_setup(da: Any) -> tuple[Any, Any]:
+    return array_api_compat.array_namespace(da.empty(0)), None
+
+
+def _dask_convert(xp: Any, a: np.ndarray, device: Any) -> Any:
+    import dask.array as da
+
+    # Two chunks on every axis of two or more elements (rows and classes alike, ragged for odd
+    # sizes), so every reduction over the class axis crosses a chunk boundary while graphs stay
+    # small enough for a fast suite.
+    chunks = tuple(max(1, math.ceil(n / 2)) for n in a.shape)
+    return da.from_array(a, chunks=chunks)  # type: ignore[no-untyped-call]
+
+
+def _cupy_setup(cupy: Any) -> tuple[Any, Any]:
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # CUDA driver missing: cupy imports but cannot run
+        pytest.skip(f"cupy: no CUDA runtime ({exc})")
+    if count == 0:
+        pytest.skip("cupy: no CUDA device")
+    return array_api_compat.array_namespace(cupy.empty(0)), cupy.cuda.Device()
+
+
+def _asarray(xp: Any, a: np.ndarray, device: Any) -> Any:
+    return xp.asarray(a, device=device)
+
+
+BACKENDS: dict[Backend, BackendRow] = {
+    Backend.NUMPY: BackendRow("numpy", _numpy_setup, _asarray, concrete_host=True),
+    Backend.NUMPY_READONLY: BackendRow("numpy", _numpy_setup, _numpy_readonly, concrete_host=True),
+    Backend.ARRAY_API_STRICT: BackendRow(
+        "array_api_strict", _strict_setup, _asarray, concrete_host=True
+    ),
+    Backend.TORCH: BackendRow(
+        "torch", partial(_torch_setup, cuda=False), _asarray, concrete_host=True
+    ),
+    Backend.TORCH_CUDA: BackendRow(
+        "torch", partial(_torch_setup, cuda=True), _asarray, concrete_host=False
+    ),
+    Backend.JAX: BackendRow(
+        "jax",
+        partial(_jax_setup, gpu=False),
+        _asarray,
+        concrete_host=True,
+        deferred=True,
+        examples=10,
+    ),
+    Backend.JAX_GPU: BackendRow(
+        "jax",
+        partial(_jax_setup, gpu=True),
+        _asarray,
+        concrete_host=False,
+        deferred=True,
+        examples=10,
+    ),
+    Backend.DASK: BackendRow(
+        "dask.array",
+        _dask_setup,
+        _dask_convert,
+        concrete_host=False,
+        lazy=True,
+        deferred=True,
+        examples=12,
+    ),
+    Backend.CUPY: BackendRow("cupy", _cupy_setup, _asarray, concrete_host=False),
+}
+"""One row per `Backend` member."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,37 +220,19 @@ def current() -> Current:
 
 def is_lazy() -> bool:
     """True where values are not known until `.compute()` (Dask)."""
-    return current().backend is Backend.DASK
+    return current().backend.row.lazy
 
 
 def is_concrete_host() -> bool:
     """True where label values are concrete and in host memory, so `validate=None` checks them."""
-    return current().backend in {
-        Backend.NUMPY,
-        Backend.NUMPY_READONLY,
-        Backend.ARRAY_API_STRICT,
-        Backend.TORCH,
-        Backend.JAX,
-    }
-
-
-def _dask_chunks(shape: tuple[int, ...]) -> tuple[int, ...]:
-    # Two chunks on every axis of two or more elements (rows and classes alike, ragged for odd
-    # sizes), so every reduction over the class axis crosses a chunk boundary while graphs stay
-    # small enough for a fast suite.
-    return tuple(max(1, math.ceil(n / 2)) for n in shape)
-
-
-# Examples per hypothesis test. Eager JAX compiles every new shape (seconds each with xent's
-# native overrides) and Dask builds a graph per call, so they get fewer random cases.
-_EXAMPLES = {Backend.JAX: 10, Backend.JAX_GPU: 10, Backend.DASK: 12}
+    return current().backend.row.concrete_host
 
 
 def property_settings() -> Any:
-    """Hypothesis settings for a property test of the running backend (see `_EXAMPLES`)."""
+    """Hypothesis settings for a property test of the running backend (`BackendRow.examples`)."""
     from hypothesis import settings
 
-    return settings(max_examples=_EXAMPLES.get(current().backend, 30))
+    return settings(max_examples=current().backend.row.examples)
 
 
 def xp_dtype(xp: Any, name: str) -> Any:
@@ -141,53 +255,25 @@ def to_xp(xp: Any, a: Any, /, *, dtype: str | None = None) -> Any:
     if state is None or state.xp is not xp:
         msg = "to_xp needs the namespace yielded by the `xp` fixture of the running test"
         raise RuntimeError(msg)
-    backend = state.backend
-    target = None if dtype is None else xp_dtype(xp, dtype)
-
-    if backend.like(Backend.NUMPY):
-        out = np.array(a, copy=True)
-        if target is not None:
-            out = out.astype(target)
-        if backend is Backend.NUMPY_READONLY:
+    out = state.backend.row.convert(xp, np.array(a, copy=True), state.device)
+    if dtype is not None:
+        out = xp.astype(out, xp_dtype(xp, dtype))
+        if state.backend is Backend.NUMPY_READONLY:
             out.flags.writeable = False
-        return out
-    if backend is Backend.ARRAY_API_STRICT:
-        out = xp.asarray(np.array(a, copy=True))
-        return out if target is None else xp.astype(out, target)
-    if backend.like(Backend.TORCH):
-        import torch
-
-        out = torch.asarray(np.array(a, copy=True), device=state.device)
-        return out if target is None else out.to(target)
-    if backend.like(Backend.JAX):
-        import jax
-
-        out = jax.device_put(np.array(a, copy=True), state.device)
-        return out if target is None else out.astype(target)
-    if backend is Backend.DASK:
-        import dask.array as da
-
-        out = da.from_array(np.array(a, copy=True), chunks=_dask_chunks(a.shape))
-        return out if target is None else out.astype(target)
-    if backend is Backend.CUPY:
-        import cupy
-
-        out = cupy.asarray(a)
-        return out if target is None else out.astype(target)
-    raise AssertionError(backend)
+    return out
 
 
 def to_numpy(x: Any, /) -> np.ndarray:
     """Bring any backend's array back to NumPy (computing Dask graphs; bfloat16 to float32)."""
     if array_api_compat.is_dask_array(x):
-        x = x.compute()
+        x = x.compute()  # type: ignore[no-untyped-call]
     if array_api_compat.is_torch_array(x):
         import torch
 
         x = x.detach()
         if x.dtype == torch.bfloat16:
             x = x.float()
-        return x.cpu().numpy()
+        return np.asarray(x.cpu().numpy())
     if array_api_compat.is_jax_array(x):
         import jax.numpy as jnp
 
@@ -195,7 +281,12 @@ def to_numpy(x: Any, /) -> np.ndarray:
             x = x.astype(jnp.float32)
         return np.asarray(x)
     if array_api_compat.is_cupy_array(x):
-        return x.get()
+        return np.asarray(x.get())
+    if array_api_compat.is_array_api_strict_namespace(array_api_compat.array_namespace(x)):
+        import array_api_strict
+
+        # array-api-strict refuses to hand an array on a non-default device to NumPy.
+        x = x.to_device(array_api_strict.Device())
     return np.asarray(x)
 
 

@@ -1,4 +1,4 @@
-"""A float64 NumPy reference for xent, written directly from SPEC sections 2 and 3.
+"""A float64 NumPy reference for xent, written directly from the formulas of docs/semantics.md.
 
 Deliberately naive (clarity over speed or memory) and independent of xent: tests compare xent on
 every backend with these functions. Never import this module from `src/`.
@@ -89,7 +89,7 @@ def cross_entropy(
     eps: float = 1e-7,
     clip_dtype: Any = None,
 ) -> np.ndarray:
-    """SPEC section 2. Labels outside `[0, C)` that are not `ignore_index` give NaN (the
+    """The cross-entropy of docs/semantics.md. Labels outside `[0, C)` that are not `ignore_index` give NaN (the
     `validate=False` contract). `clip_dtype` rounds the clip bounds `eps`, `1 - eps` to the
     dtype the computation runs in (float32's `1 - 1e-7` is `1 - 1.19e-7`)."""
     target = np.asarray(target)
@@ -152,7 +152,7 @@ def binary_cross_entropy(
     eps: float = 1e-7,
     clip_dtype: Any = None,
 ) -> np.ndarray:
-    """SPEC section 3 (PyTorch's `binary_cross_entropy_with_logits`, Keras' clipping);
+    """The binary cross-entropy of docs/semantics.md (PyTorch's `binary_cross_entropy_with_logits`, Keras' clipping);
     `clip_dtype` as in `cross_entropy`."""
     x = _f64(input)
     e = float(label_smoothing)

@@ -1,4 +1,5 @@
-"""`xent.binary_cross_entropy` and its `_and_grad` twin against the float64 reference (SPEC 3)."""
+"""`xent.binary_cross_entropy` and its `_and_grad` twin against the float64 reference
+(docs/semantics.md)."""
 
 from __future__ import annotations
 

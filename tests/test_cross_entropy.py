@@ -1,4 +1,5 @@
-"""`xent.cross_entropy` and `xent.cross_entropy_and_grad` against the float64 reference (SPEC 2)."""
+"""`xent.cross_entropy` and `xent.cross_entropy_and_grad` against the float64 reference
+(docs/semantics.md)."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def _softmax_rows(rng: np.random.Generator, shape: tuple[int, ...], axis: int = 
 
 @st.composite
 def cases(draw: Any, *, probabilities: bool) -> dict[str, Any]:
-    """A random problem: shape, class axis, data and every option of SPEC section 2."""
+    """A random problem: shape, class axis, data and every option of docs/semantics.md."""
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     if current().backend.like(Backend.JAX):  # few shapes: eager JAX compiles each one
         batch = draw(st.sampled_from([(0,), (5,), (2, 3)]))

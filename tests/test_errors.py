@@ -1,5 +1,5 @@
-"""SPEC section 5: bad input gives a clear error (what was wrong, expected and given), never a
-wrong number. Also the label checks of section 2 where they raise."""
+"""Bad input gives a clear error (what was wrong, expected and given), never a wrong number
+(docs/semantics.md, validation and errors); also the label checks where they raise."""
 
 from __future__ import annotations
 
@@ -80,6 +80,7 @@ def test_binary_target_shape_must_match_input(xp: Any, logits: Any) -> None:
 # --- labels outside [0, C) --------------------------------------------------------------------
 
 
+@pytest.mark.eager("the error names label values, which eager JAX has and jax.jit does not")
 @pytest.mark.parametrize("bad", [5, -1, 9, 127])
 def test_label_out_of_range_raises_with_value_and_position(
     xp: Any, rng: np.random.Generator, bad: int
@@ -93,6 +94,7 @@ def test_label_out_of_range_raises_with_value_and_position(
         xent.cross_entropy(x, to_xp(xp, t))
 
 
+@pytest.mark.eager("the error names label values, which eager JAX has and jax.jit does not")
 @pytest.mark.parametrize("func", ["cross_entropy", "cross_entropy_and_grad"])
 def test_label_out_of_range_raises_in_a_flat_batch(
     xp: Any, rng: np.random.Generator, func: str
@@ -105,6 +107,9 @@ def test_label_out_of_range_raises_in_a_flat_batch(
         getattr(xent, func)(x, t)
 
 
+@pytest.mark.eager(
+    "validate=True reads the labels: a Dask compute by design, and under jax.jit none"
+)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_validate_true_raises_on_every_backend(
     xp: Any, rng: np.random.Generator, reduction: str
@@ -117,6 +122,7 @@ def test_validate_true_raises_on_every_backend(
         np.asarray(out.compute() if hasattr(out, "compute") else out)
 
 
+@pytest.mark.eager("validate=True reads the labels: a Dask compute by design")
 def test_ignore_index_label_is_valid(xp: Any, rng: np.random.Generator) -> None:
     x = to_xp(xp, rng.normal(size=(3, 5)))
     for ignore in (-100, 7, -1):

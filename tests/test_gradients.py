@@ -50,7 +50,7 @@ def _per_row(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
 
 
 def _torch_reference_ce(x: Any, t: Any, **o: Any) -> Any:
-    """SPEC section 2 in float64 PyTorch ops, differentiable to any order (x and t alike).
+    """The cross-entropy of docs/semantics.md in float64 PyTorch ops, differentiable to any order (x and t alike).
 
     Class-index labels must be in range or equal to ``ignore_index``.
     """
@@ -603,7 +603,7 @@ def test_torch_bce_gradient_flows_to_target_and_weights(xp: Any, rng: np.random.
     ).backward()
     theirs = {k: _t(v).requires_grad_() for k, v in arrays.items()}
     x, y, w, pw = theirs["input"], theirs["target"], theirs["weight"], theirs["pos_weight"]
-    # SPEC section 3 as a PyTorch expression (F.binary_cross_entropy_with_logits has no
+    # The binary cross-entropy of docs/semantics.md as a PyTorch expression (F.binary_cross_entropy_with_logits has no
     # gradient for `weight`)
     (-w * (pw * y * F.logsigmoid(x) + (1 - y) * F.logsigmoid(-x))).mean().backward()
     for name in arrays:

@@ -14,6 +14,14 @@ def _size(text: str) -> tuple[int, int]:
     return int(rows), int(classes)
 
 
+def _repeat(text: str) -> int:
+    if not (text.isdigit() and int(text) >= 1):
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number of runs, 1 or more, got {text!r}"
+        )
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m xent",
@@ -22,15 +30,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--size",
         type=_size,
-        default=_report.DEFAULT_SIZE,
+        # A string, which argparse passes through `_size`, so that --help shows 4096x8192.
+        default="{}x{}".format(*_report.DEFAULT_SIZE),
         metavar="ROWSxCLASSES",
         help="float32 logits to time on (default: %(default)s)",
     )
     parser.add_argument(
-        "--repeat", type=int, default=5, help="timed runs after the warm-up (default: 5)"
+        "--repeat",
+        type=_repeat,
+        default=5,
+        help="timed runs after the warm-up (default: %(default)s)",
     )
     args = parser.parse_args(argv)
-    return _report.run(args.size, max(1, args.repeat))
+    return _report.run(args.size, args.repeat)
 
 
 if __name__ == "__main__":

@@ -146,8 +146,9 @@ def cross_entropy(
     >>> import array_api_strict as xp
     >>> import xent
     >>> logits = xp.asarray([[2.0, 5.0, 1.0], [7.0, 1.0, 0.5]])
-    >>> xent.cross_entropy(logits, xp.asarray([1, 0]))
-    Array(0.03492907, dtype=array_api_strict.float64)
+    >>> loss = xent.cross_entropy(logits, xp.asarray([1, 0]))
+    >>> round(float(loss), 6)
+    0.034929
     """
     p = _problem(
         input, target, axis=axis, from_logits=from_logits, weight=weight,

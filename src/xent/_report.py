@@ -3,8 +3,8 @@
 For every array library and device it can import, the report gives the version, the largest error
 of xent over a fixed set of cases against a float64 NumPy reference (computed with the backends'
 native overrides on and off), and the time of xent next to the library's own loss on one size.
-Only NumPy is required: the other libraries are imported here, lazily, and ``rich`` formats the
-output where it is installed.
+Only NumPy is required: the other libraries are imported here, lazily. The output is plain text;
+progress goes to stderr, one line per step.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -286,27 +286,31 @@ class Case:
     axis: int = -1
 
 
+_WEIGHT = tuple(np.linspace(0.5, 2.0, _CHECK_CLASSES).tolist())
+
+# name: (probability targets, options, shape, axis); every scenario runs with every reduction.
+_SCENARIOS: dict[str, tuple[bool, dict[str, Any], tuple[int, ...], int]] = {
+    "class indices": (False, {}, (6, _CHECK_CLASSES), -1),
+    "probabilities": (True, {}, (6, _CHECK_CLASSES), -1),
+    "class weights": (False, {"weight": _WEIGHT}, (6, _CHECK_CLASSES), -1),
+    "ignore_index": (False, {"ignore_index": _IGNORE}, (6, _CHECK_CLASSES), -1),
+    "label smoothing": (False, {"label_smoothing": 0.1}, (6, _CHECK_CLASSES), -1),
+    "smoothed probabilities": (True, {"label_smoothing": 0.2}, (6, _CHECK_CLASSES), -1),
+    "all options, (N, C, d) with axis=1": (
+        False,
+        {"weight": _WEIGHT, "ignore_index": _IGNORE, "label_smoothing": 0.05},
+        (3, _CHECK_CLASSES, 4),
+        1,
+    ),
+}
+_REDUCTIONS: tuple[Reduction, ...] = ("mean", "sum", "none")
+
+
 def _cases() -> list[Case]:
-    weight = np.linspace(0.5, 2.0, _CHECK_CLASSES, dtype=np.float32)
-    scenarios: list[tuple[str, bool, dict[str, Any], tuple[int, ...], int]] = [
-        ("class indices", False, {}, (6, _CHECK_CLASSES), -1),
-        ("probabilities", True, {}, (6, _CHECK_CLASSES), -1),
-        ("class weights", False, {"weight": weight}, (6, _CHECK_CLASSES), -1),
-        ("ignore_index", False, {"ignore_index": _IGNORE}, (6, _CHECK_CLASSES), -1),
-        ("label smoothing", False, {"label_smoothing": 0.1}, (6, _CHECK_CLASSES), -1),
-        ("smoothed probabilities", True, {"label_smoothing": 0.2}, (6, _CHECK_CLASSES), -1),
-        (
-            "all options, (N, C, d), axis=1",
-            False,
-            {"weight": weight, "ignore_index": _IGNORE, "label_smoothing": 0.05},
-            (3, _CHECK_CLASSES, 4),
-            1,
-        ),
-    ]
     return [
-        Case(name, probs, options, reduction, shape, axis)
-        for (name, probs, options, shape, axis), reduction in itertools.product(
-            scenarios, ("mean", "sum", "none")
+        Case(name, probabilities, options, reduction, shape, axis)
+        for (name, (probabilities, options, shape, axis)), reduction in itertools.product(
+            _SCENARIOS.items(), _REDUCTIONS
         )
     ]
 
@@ -335,7 +339,7 @@ def reference_loss(
     label_smoothing: float = 0.0,
     reduction: Reduction = "mean",
 ) -> np.ndarray:
-    """SPEC section 2 in float64 NumPy, written for clarity rather than speed."""
+    """The loss of docs/semantics.md in float64 NumPy, written for clarity rather than speed."""
     x = np.moveaxis(logits.astype(np.float64), axis, -1)
     classes = x.shape[-1]
     m = x.max(axis=-1, keepdims=True)
@@ -368,6 +372,8 @@ def check(target: Target, cases: Sequence[Case]) -> float:
             backends.set_native(native)
             logits, labels = _case_data(case)
             options = dict(case.options)
+            if "weight" in options:
+                options["weight"] = np.asarray(options["weight"], dtype=np.float32)
             expected = reference_loss(
                 logits, labels, axis=case.axis, reduction=case.reduction, **options
             )
@@ -429,28 +435,24 @@ def timing_data(rows: int, classes: int) -> tuple[np.ndarray, np.ndarray]:
 # Running it and showing progress.
 
 
-class Progress(Protocol):
-    def start(self, total: int) -> None: ...
-    def step(self, text: str) -> None: ...
+class _Progress:
+    """One line per step on stderr: ``[3/12] torch cpu: timing xent on ...``."""
 
-
-class _PlainProgress:
     def __init__(self) -> None:
         self.total = 0
-        self.started = 0
+        self.done = 0
 
     def start(self, total: int) -> None:
-        self.total, self.started = total, 0
+        self.total, self.done = total, 0
 
     def step(self, text: str) -> None:
-        self.started += 1
-        print(f"[{self.started}/{self.total}] {text}", file=sys.stderr, flush=True)
+        self.done += 1
+        print(f"[{self.done}/{self.total}] {text}", file=sys.stderr, flush=True)
 
 
-def measure(
-    progress: Progress, size: tuple[int, int], repeat: int
-) -> tuple[list[Result], list[Missing]]:
+def measure(size: tuple[int, int], repeat: int) -> tuple[list[Result], list[Missing]]:
     """Find every backend and device, then check and time xent on each."""
+    progress = _Progress()
     found: list[Target] = []
     missing: list[Missing] = []
     progress.start(len(FINDERS))
@@ -540,9 +542,8 @@ def rows(results: Sequence[Result]) -> list[tuple[str, ...]]:
 def footnotes(results: Sequence[Result], size: tuple[int, int]) -> list[str]:
     notes = [
         f"max error: largest |xent - reference| / max(1, |reference|) over {len(_cases())} "
-        "float32 cases (class indices, probabilities, class weights, ignore_index, label "
-        "smoothing, (N, C, d) with axis=1; each reduction), native overrides on and off, against "
-        f"a float64 NumPy reference; ok when <= {TOLERANCE:.0e}.",
+        f"float32 cases ({'; '.join(_SCENARIOS)}; each reduction), native overrides on and off, "
+        f"against a float64 NumPy reference; ok when <= {TOLERANCE:.0e}.",
         f"times: best wall time after a warm-up run, forward pass, mean loss of {size[0]} x "
         f"{size[1]} float32 logits with class indices; ratio = xent / native, lower is better; "
         "naive expression = max, exp, sum, log and a gather, written without xent.",
@@ -561,9 +562,8 @@ def _align(table: Sequence[Sequence[str]], indent: str = "") -> list[str]:
     ]
 
 
-def render_plain(
-    results: Sequence[Result], missing: Sequence[Missing], size: tuple[int, int]
-) -> str:
+def render(results: Sequence[Result], missing: Sequence[Missing], size: tuple[int, int]) -> str:
+    """The report as plain text: the header, one row per target, what is missing, footnotes."""
     lines = ["xent report", *_align(header(results), "  "), ""]
     lines += _align([COLUMNS, *rows(results)])
     if missing:
@@ -575,70 +575,8 @@ def render_plain(
     return "\n".join(lines)
 
 
-def _run_rich(size: tuple[int, int], repeat: int) -> list[Result]:
-    from rich import box
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn
-    from rich.progress import Progress as RichProgress
-    from rich.table import Table
-    from rich.text import Text
-
-    class _RichProgress:
-        def __init__(self, bar: RichProgress) -> None:
-            self.bar = bar
-            self.task = bar.add_task("starting", total=None)
-            self.started = 0
-
-        def start(self, total: int) -> None:
-            self.started = 0
-            self.bar.reset(self.task, total=total)
-
-        def step(self, text: str) -> None:
-            self.bar.update(self.task, completed=self.started, description=escape(text))
-            self.started += 1
-
-    stderr = Console(stderr=True)
-    if stderr.is_terminal:
-        columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn())
-        with RichProgress(*columns, MofNCompleteColumn(), console=stderr, transient=True) as bar:
-            results, missing = measure(_RichProgress(bar), size, repeat)
-    else:
-        # A live display needs a terminal; a log gets one line per step instead.
-        results, missing = measure(_PlainProgress(), size, repeat)
-
-    console = Console()
-    if not console.is_terminal:
-        # A log or a pipe has no width to fit; rich's default of 80 columns would fold the table.
-        console.width = max(console.width, 120)
-    console.print(Text("xent report", style="bold"))
-    grid = Table.grid(padding=(0, 2))
-    for key, value in header(results):
-        grid.add_row(Text("  " + key), Text(value))
-    console.print(grid)
-    table = Table(box=box.SIMPLE_HEAVY)
-    for name in COLUMNS:
-        table.add_column(name, justify="right" if name.endswith(("ms", "ratio")) else "left")
-    for result, row in zip(results, rows(results), strict=True):
-        table.add_row(*map(Text, row), style="" if result.ok else "red")
-    console.print(table)
-    if missing:
-        gone = Table(*MISSING_COLUMNS, title="Not available", box=box.SIMPLE_HEAVY)
-        for m in missing:
-            gone.add_row(*map(Text, (m.backend, m.device, m.reason, m.install)))
-        console.print(gone)
-    for note in footnotes(results, size):
-        console.print(Text(note, style="red" if note.startswith("FAILED") else ""))
-    return results
-
-
 def run(size: tuple[int, int] = DEFAULT_SIZE, repeat: int = 5) -> int:
     """Print the report; return 0 if every check passed, 1 otherwise."""
-    try:
-        import rich  # noqa: F401
-    except ImportError:
-        results, missing = measure(_PlainProgress(), size, repeat)
-        print(render_plain(results, missing, size))
-    else:
-        results = _run_rich(size, repeat)
+    results, missing = measure(size, repeat)
+    print(render(results, missing, size))
     return 0 if all(r.ok for r in results) else 1

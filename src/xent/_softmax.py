@@ -64,8 +64,9 @@ def logsumexp(
     --------
     >>> import array_api_strict as xp
     >>> import xent
-    >>> xent.logsumexp(xp.asarray([[0.0, 0.0], [1000.0, 1000.0]]))
-    Array([   0.69314718, 1000.69314718], dtype=array_api_strict.float64)
+    >>> out = xent.logsumexp(xp.asarray([[0.0, 0.0], [1000.0, 1000.0]]))
+    >>> [round(float(out[i]), 6) for i in range(2)]  # log(2) and 1000 + log(2), no overflow
+    [0.693147, 1000.693147]
     """
     xp, xc, ax = _prepare(x, axis, xp)
     ops = lookup(xp)
