@@ -23,7 +23,7 @@ from .._compat import (
 from .._typing import Namespace
 from ._generic import Backend, GradRule
 
-__all__ = ["Backend", "GradRule", "lookup", "native_enabled", "set_native"]
+__all__ = ["Backend", "GradRule", "lookup", "native_enabled", "same_library", "set_native"]
 
 _native = os.environ.get("XENT_NATIVE", "1").strip().lower() not in {"0", "false", "off", "no"}
 _cache: dict[tuple[int, bool], Backend] = {}
@@ -115,6 +115,14 @@ def lookup(xp: Namespace) -> Backend:
         backend = _build(xp, _native)
         _cache[key] = backend
     return backend
+
+
+def same_library(given: object, found: Namespace) -> bool:
+    """Whether ``given`` (a user's ``xp=``: a namespace or a plain library module such as
+    ``torch``) names the library of namespace ``found``."""
+    if isinstance(given, str) or not hasattr(given, "__name__"):
+        return False
+    return any(recognises(given) and recognises(found) for recognises, _ in _TABLE)
 
 
 def _build(xp: Namespace, native: bool) -> Backend:
