@@ -6,13 +6,12 @@ values except :func:`raise_on_bad_labels`, which the caller runs only where valu
 
 from __future__ import annotations
 
-import math
 import operator
 from typing import Any
 
 from ._compat import array_namespace, is_array_api_obj
 from ._typing import Array, Namespace
-from .backends import lookup, same_library
+from .backends import lookup, namespace_of, same_library
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -30,6 +29,9 @@ def namespace(arrays: dict[str, Array | None], xp: Namespace | None) -> Namespac
     ``jax.numpy``, ...): either resolves to the namespace the arrays have.
     """
     present = {name: a for name, a in arrays.items() if a is not None}
+    registered = [namespace_of(a) for a in present.values()]
+    if all(ns is not None and ns is registered[0] for ns in registered):
+        return _checked(present, xp, registered[0])
     for name, a in present.items():
         known = _ARRAY_TYPES.get(type(a))
         if known is None:
@@ -50,6 +52,11 @@ def namespace(arrays: dict[str, Array | None], xp: Namespace | None) -> Namespac
             )
             raise TypeError(f"all arrays must come from one array library, got {kinds}") from err
         _NAMESPACES[key] = found
+    return _checked(present, xp, found)
+
+
+def _checked(present: dict[str, Array], xp: Namespace | None, found: Namespace) -> Namespace:
+    """``found``, once ``xp`` agrees with it and every array is a plain dense one."""
     if xp is not None and xp is not found and not same_library(xp, found):
         raise TypeError(
             f"`xp` must be the namespace of the arrays ({getattr(found, '__name__', found)}) or "
@@ -109,13 +116,15 @@ def real(name: str, value: Any, expected: str) -> float:
     Values that are symbolic (a ``torch.compile(dynamic=True)`` SymFloat) pass through as they
     are, since reading them would specialise the graph; the caller's range checks skip them.
     """
-    if _is_bool(value):
-        raise TypeError(f"`{name}` must be {expected}, got the bool {value!r}")
-    if isinstance(value, (int, float)):
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if _symbolic(value):
         return value  # type: ignore[no-any-return]
+    if _is_bool(value):
+        raise TypeError(f"`{name}` must be {expected}, got the bool {value!r}")
     kind = str(getattr(value, "dtype", "")).rsplit(".", 1)[-1]
+    if isinstance(value, (str, bytes)):
+        raise TypeError(f"`{name}` must be {expected}, got {value!r} of type {type(value).__name__}")
     if kind.startswith("complex") or isinstance(value, complex):
         raise TypeError(f"`{name}` must be {expected}, got the complex {value!r}")
     try:
@@ -124,6 +133,11 @@ def real(name: str, value: Any, expected: str) -> float:
         raise TypeError(
             f"`{name}` must be {expected}, got {value!r} of type {type(value).__name__}"
         ) from None
+
+
+def _finite(value: float) -> bool:
+    """``math.isfinite`` by arithmetic, which symbolic floats (torch.compile) support too."""
+    return bool(value - value == 0)
 
 
 def _symbolic(value: Any) -> bool:
@@ -164,7 +178,7 @@ def in_range(name: str, value: Any, low: float, high: float, *, closed: bool) ->
     number = real(name, value, f"a real number in {interval}")
     if _symbolic(number):
         return number
-    ok = math.isfinite(number) and (low <= number <= high if closed else low < number < high)
+    ok = _finite(number) and (low <= number <= high if closed else low < number < high)
     if not ok:
         raise ValueError(f"`{name}` must be a number in {interval}, got {value!r}")
     return number
@@ -184,10 +198,10 @@ def options(
     smoothing = in_range("label_smoothing", label_smoothing, 0.0, 1.0, closed=True)
     clip = in_range("eps", eps, 0.0, 0.5, closed=False)
     z = real("z_loss", z_loss, "a finite number >= 0")
-    if not _symbolic(z) and not (math.isfinite(z) and z >= 0):
+    if not _symbolic(z) and not (_finite(z) and z >= 0):
         raise ValueError(f"`z_loss` must be a finite number >= 0, got {z_loss!r}")
     cap = None if softcap is None else real("softcap", softcap, "None or a finite number > 0")
-    if cap is not None and not _symbolic(cap) and not (math.isfinite(cap) and cap > 0):
+    if cap is not None and not _symbolic(cap) and not (_finite(cap) and cap > 0):
         raise ValueError(f"`softcap` must be None or a finite number > 0, got {softcap!r}")
     if not isinstance(from_logits, bool):
         raise TypeError(f"`from_logits` must be True or False, got {from_logits!r}")

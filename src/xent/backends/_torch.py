@@ -6,8 +6,12 @@ from typing import Any
 
 import torch
 
+from .._compat import array_namespace
 from .._typing import Array
 from ._generic import Backend, GradRule
+
+NAMESPACE = array_namespace(torch.empty(0))
+"""array-api-compat's namespace for torch tensors."""
 
 
 def _owned(g: Array) -> bool:
