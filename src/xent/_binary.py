@@ -216,7 +216,7 @@ def _forward(p: _Problem, input: Array) -> tuple[Array, None]:
         loss = -(pos + (1.0 - p.target) * log_neg)
         if p.weight is not None:
             loss = p.weight * loss
-        loss = xp.broadcast_to(loss, x.shape)
+        loss = _full_shape(xp, loss, x)
         if p.reduction != "none":
             if p.reduction == "mean":
                 loss = xp.sum(loss) / _count(p, loss)
@@ -224,6 +224,14 @@ def _forward(p: _Problem, input: Array) -> tuple[Array, None]:
                 loss = xp.sum(loss)
         loss = xp.astype(loss, p.out_dtype, copy=False)  # float16 overflow: inf, no warning
     return loss, None
+
+
+def _full_shape(xp: Namespace, a: Array, x: Array) -> Array:
+    """``a`` broadcast to ``x``'s shape (where Dask knows the sizes; ``a`` is computed from
+    ``x`` element-wise, so it has them already)."""
+    if tuple(a.shape) == tuple(x.shape) or not _validation.known_shape(x.shape):
+        return a
+    return xp.broadcast_to(a, x.shape)
 
 
 def _count(p: _Problem, loss: Array) -> Array | float:
@@ -251,7 +259,7 @@ def _backward(p: _Problem, input: Array, saved: None, cotangent: Array) -> Array
         g = g * r
         if p.weight is not None:
             g = g * p.weight
-        g = xp.broadcast_to(g, x.shape)
+        g = _full_shape(xp, g, x)
         return xp.astype(g, input.dtype, copy=False)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 from . import _validation
@@ -269,7 +268,7 @@ def _problem(
     sample = None
     if sample_weight is not None:
         sample = xp.broadcast_to(xp.astype(sample_weight, dtype), per_row)
-        sample = xp.expand_dims(sample, axis=ax)
+        sample = _expand(sample, ax)
 
     labels = label_weight = ignored = bad = probs = None
     if kind == "index":
@@ -336,8 +335,13 @@ def _labels(
     if validate is not False and _readable(ops, target, bad, force=validate is True):
         _validation.raise_on_bad_labels(xp, target, bad, classes, ignore_index)
     safe = xp.astype(xp.where(valid, y, xp.zeros_like(y)), index_dtype, copy=False)
-    expand = partial(xp.expand_dims, axis=ax)
-    return expand(safe), expand(ignored), expand(bad)
+    return _expand(safe, ax), _expand(ignored, ax), _expand(bad, ax)
+
+
+def _expand(a: Array, ax: int) -> Array:
+    """``a`` with a new axis of size 1 at ``ax``, by indexing (Dask's ``expand_dims`` refuses
+    arrays whose sizes are unknown until computed)."""
+    return a[(*(slice(None),) * ax, None, ...)]
 
 
 def _readable(ops: Backend, x: Array, derived: Array, *, force: bool) -> bool:
@@ -499,7 +503,7 @@ def _row_cotangent(p: _Problem, cotangent: Array) -> Array:
     xp = p.xp
     r = xp.astype(cotangent, p.dtype, copy=False)
     if p.reduction == "none":
-        r = xp.expand_dims(r, axis=p.axis)
+        r = _expand(r, p.axis)
     elif p.reduction == "mean":
         r = r / p.denominator
     if p.sample is not None:

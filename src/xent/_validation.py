@@ -315,7 +315,11 @@ def raise_on_bad_labels(
         return
     flat = xp.reshape(xp.astype(bad, xp.int8), (-1,))
     i = int(xp.argmax(flat))
-    value = int(xp.reshape(labels, (-1,))[i])
+    element = xp.reshape(labels, (-1,))[i]
+    try:
+        value = int(element)
+    except (RuntimeError, OverflowError):  # torch cannot read a uint64 above int64's max
+        value = int(xp.astype(element, xp.int64)) % (int(xp.iinfo(labels.dtype).max) + 1)
     position = _unravel(i, tuple(bad.shape))
     raise ValueError(
         f"`target` has label {value} at position {position}, expected a class index in "
