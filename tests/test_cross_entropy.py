@@ -779,7 +779,8 @@ class TestLabelsNeverWrap:
         loss = xent.cross_entropy(x, t, validate=False, reduction="none")
         xp_assert_close(loss, [np.log(3.0), np.nan], xp=xp, dtype="float64")
         _, grad = xent.cross_entropy_and_grad(x, t, validate=False)
-        assert np.isnan(to_numpy(grad)[1]).all() and np.isfinite(to_numpy(grad)[0]).all()
+        assert np.isnan(to_numpy(grad)[1]).all()
+        assert np.isfinite(to_numpy(grad)[0]).all()
 
     def test_ignore_index_matches_only_its_value(self, xp: Any) -> None:
         x = to_xp(xp, np.zeros((3, 4)))
@@ -805,12 +806,15 @@ class TestDtypeByKindAndWidth:
         want = ref.cross_entropy(x64.astype(np.dtype(dtype).newbyteorder("=")), t)
         loss, grad = xent.cross_entropy_and_grad(x, t)
         # 0-d NumPy results are scalars, which always have the native byte order.
-        assert loss.dtype == np.dtype(dtype).newbyteorder("=") and grad.dtype == np.dtype(dtype)
+        assert loss.dtype == np.dtype(dtype).newbyteorder("=")
+        assert grad.dtype == np.dtype(dtype)
         np.testing.assert_allclose(float(loss), want, rtol=rtol)
         np.testing.assert_allclose(float(xent.cross_entropy(x, t)), want, rtol=rtol)
         lse = xent.logsumexp(x)
         assert lse.dtype == np.dtype(dtype)
-        np.testing.assert_allclose(lse.astype(np.float64)[1], np.log(np.exp(x64[1]).sum()), rtol=rtol)
+        np.testing.assert_allclose(
+            lse.astype(np.float64)[1], np.log(np.exp(x64[1]).sum()), rtol=rtol
+        )
         bce = xent.binary_cross_entropy(x[1], np.asarray([1.0, 0.0, 1.0]), reduction="none")
         assert bce.dtype == np.dtype(dtype)
         # 1000 vs 999.99902: the float32 answer differs in the 7th digit.
@@ -880,7 +884,8 @@ class TestNonFiniteRows:
             loss = to_numpy(xent.cross_entropy(x, t, reduction="sum"))
             z = to_xp(xp, np.asarray([-60000.0, 60000.0]), dtype="float16")
             bce = to_numpy(xent.binary_cross_entropy(z, z < 0, reduction="sum"))
-        assert loss == np.inf and bce == np.inf
+        assert loss == np.inf
+        assert bce == np.inf
 
 
 @pytest.mark.only_backends(Backend.DASK)
@@ -895,11 +900,18 @@ class TestUnknownChunkSizes:
         t_np = rng.integers(0, 5, size=12) if kind == "index" else _probs(rng, (12, 5))
         x, t, m = to_xp(xp, x_np), to_xp(xp, t_np), to_xp(xp, keep)
         loss, grad = xent.cross_entropy_and_grad(x[m], t[m])
-        want_loss, want_grad = xent.cross_entropy_and_grad(to_xp(xp, x_np[keep]), to_xp(xp, t_np[keep]))
+        want_loss, want_grad = xent.cross_entropy_and_grad(
+            to_xp(xp, x_np[keep]), to_xp(xp, t_np[keep])
+        )
         np.testing.assert_allclose(to_numpy(loss), to_numpy(want_loss), rtol=1e-12)
         np.testing.assert_allclose(to_numpy(grad), to_numpy(want_grad), rtol=1e-12)
-        bce = xent.binary_cross_entropy(x[m][:, 0], t[m][:, 0] if kind == "prob" else x[m][:, 1] > 0)
-        want = xent.binary_cross_entropy(to_xp(xp, x_np[keep][:, 0]), to_xp(xp, t_np[keep][:, 0] if kind == "prob" else x_np[keep][:, 1] > 0))
+        bce = xent.binary_cross_entropy(
+            x[m][:, 0], t[m][:, 0] if kind == "prob" else x[m][:, 1] > 0
+        )
+        want = xent.binary_cross_entropy(
+            to_xp(xp, x_np[keep][:, 0]),
+            to_xp(xp, t_np[keep][:, 0] if kind == "prob" else x_np[keep][:, 1] > 0),
+        )
         np.testing.assert_allclose(to_numpy(bce), to_numpy(want), rtol=1e-12)
 
 

@@ -988,7 +988,9 @@ class TestProbabilityTargetGradient:
         np.testing.assert_allclose(to_numpy(t.grad), to_numpy(want))
         grad = torch.func.grad(lambda q: xent.cross_entropy(x, q, reduction="sum"))(t.detach())
         want = -torch.log_softmax(x, dim=-1)
-        np.testing.assert_allclose(to_numpy(grad), to_numpy(torch.where(torch.isinf(want), 0.0, want)))
+        np.testing.assert_allclose(
+            to_numpy(grad), to_numpy(torch.where(torch.isinf(want), 0.0, want))
+        )
         t_ref = t.detach().clone().requires_grad_()
         torch.nn.functional.cross_entropy(x[:1], t_ref[:1], reduction="sum").backward()
         np.testing.assert_allclose(to_numpy(t.grad)[0] / [1.0, 2.0, 0.5], to_numpy(t_ref.grad)[0])
@@ -1013,7 +1015,8 @@ class TestInvalidLabelGradientIsNaN:
         x = to_xp(xp, np.zeros((2, 3)))
         _, grad = xent.cross_entropy_and_grad(x, to_xp(xp, np.asarray([1, 7])), validate=False)
         g = to_numpy(grad)
-        assert np.isnan(g[1]).all() and np.isfinite(g[0]).all()
+        assert np.isnan(g[1]).all()
+        assert np.isfinite(g[0]).all()
 
     @pytest.mark.only_backends(*TORCH_BACKENDS)
     @pytest.mark.parametrize("path", ["autograd", "weight_grad", "func_grad"])
@@ -1035,7 +1038,8 @@ class TestInvalidLabelGradientIsNaN:
             if path == "weight_grad":  # the invalid row's NaN reaches the weights it uses
                 assert torch.isnan(w.grad).any()
         g = to_numpy(g)
-        assert np.isnan(g[1]).all() and np.isfinite(g[0]).all()
+        assert np.isnan(g[1]).all()
+        assert np.isfinite(g[0]).all()
 
     @pytest.mark.only_backends(*JAX_BACKENDS)
     def test_jax_paths(self, xp: Any) -> None:
@@ -1047,12 +1051,16 @@ class TestInvalidLabelGradientIsNaN:
         for wrap in (lambda f: f, jax.jit):
             g = wrap(
                 jax.grad(
-                    lambda a, v: xent.cross_entropy(a, t, weight=v, reduction="sum", validate=False),
+                    lambda a, v: xent.cross_entropy(
+                        a, t, weight=v, reduction="sum", validate=False
+                    ),
                     argnums=(0, 1),
                 )
             )
             gx, gw = (to_numpy(a) for a in g(x, w))
-            assert np.isnan(gx[1]).all() and np.isfinite(gx[0]).all() and np.isnan(gw).any()
+            assert np.isnan(gx[1]).all()
+            assert np.isfinite(gx[0]).all()
+            assert np.isnan(gw).any()
 
 
 class TestBinaryGradientAtZero:
@@ -1073,7 +1081,9 @@ class TestBinaryGradientAtZero:
             import jax
 
             g = jax.grad(lambda a: xent.binary_cross_entropy(a, y, reduction="sum"))(x)
-            gg = jax.grad(lambda a: xent.binary_cross_entropy(a, y, weight=a + 1.0, reduction="sum"))(x)
+            gg = jax.grad(
+                lambda a: xent.binary_cross_entropy(a, y, weight=a + 1.0, reduction="sum")
+            )(x)
         else:
             a = x.clone().requires_grad_()
             xent.binary_cross_entropy(a, y, reduction="sum").backward()

@@ -218,10 +218,7 @@ def _forward(p: _Problem, input: Array) -> tuple[Array, None]:
             loss = p.weight * loss
         loss = _full_shape(xp, loss, x)
         if p.reduction != "none":
-            if p.reduction == "mean":
-                loss = xp.sum(loss) / _count(p, loss)
-            else:
-                loss = xp.sum(loss)
+            loss = xp.sum(loss) / _count(p, loss) if p.reduction == "mean" else xp.sum(loss)
         loss = xp.astype(loss, p.out_dtype, copy=False)  # float16 overflow: inf, no warning
     return loss, None
 

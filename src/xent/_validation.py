@@ -30,8 +30,9 @@ def namespace(arrays: dict[str, Array | None], xp: Namespace | None) -> Namespac
     """
     present = {name: a for name, a in arrays.items() if a is not None}
     registered = [namespace_of(a) for a in present.values()]
-    if all(ns is not None and ns is registered[0] for ns in registered):
-        return _checked(present, xp, registered[0])
+    first = registered[0]
+    if first is not None and all(ns is first for ns in registered):
+        return _checked(present, xp, first)
     for name, a in present.items():
         known = _ARRAY_TYPES.get(type(a))
         if known is None:
@@ -124,7 +125,9 @@ def real(name: str, value: Any, expected: str) -> float:
         raise TypeError(f"`{name}` must be {expected}, got the bool {value!r}")
     kind = str(getattr(value, "dtype", "")).rsplit(".", 1)[-1]
     if isinstance(value, (str, bytes)):
-        raise TypeError(f"`{name}` must be {expected}, got {value!r} of type {type(value).__name__}")
+        raise TypeError(
+            f"`{name}` must be {expected}, got {value!r} of type {type(value).__name__}"
+        )
     if kind.startswith("complex") or isinstance(value, complex):
         raise TypeError(f"`{name}` must be {expected}, got the complex {value!r}")
     try:

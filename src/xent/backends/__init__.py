@@ -149,7 +149,7 @@ def lookup(xp: Namespace) -> Backend:
 def same_library(given: object, found: Namespace) -> bool:
     """Whether ``given`` (a user's ``xp=``: a namespace or a plain library module such as
     ``torch``) names the library of namespace ``found``."""
-    if isinstance(given, str) or not hasattr(given, "__name__"):
+    if not isinstance(given, ModuleType):
         return False
     return any(recognises(given) and recognises(found) for recognises, _ in _TABLE)
 
