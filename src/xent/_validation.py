@@ -118,7 +118,10 @@ def real(name: str, value: Any, expected: str) -> float:
     are, since reading them would specialise the graph; the caller's range checks skip them.
     """
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond the float range: out of every range checked
+            return float("inf") if value > 0 else float("-inf")
     if _symbolic(value):
         return value  # type: ignore[no-any-return]
     if _is_bool(value):
