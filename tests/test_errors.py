@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _helpers import Backend, is_concrete_host, to_numpy, to_xp
+from _helpers import Backend, is_concrete_host, is_lazy, to_numpy, to_xp
 
 import xent
 
@@ -341,3 +341,148 @@ def test_arrays_on_different_devices_are_a_type_error_torch(xp: Any) -> None:
         xent.cross_entropy(x, t)
     with pytest.raises(TypeError, match="device"):
         xent.binary_cross_entropy(x, torch.zeros((4, 5), device="meta"))
+
+
+# --------------------------------------------------------------------------- issue 7 classes
+_PLAIN_MODULES = {
+    Backend.NUMPY: "numpy",
+    Backend.NUMPY_READONLY: "numpy",
+    Backend.ARRAY_API_STRICT: "array_api_strict",
+    Backend.TORCH: "torch",
+    Backend.TORCH_CUDA: "torch",
+    Backend.JAX: "jax.numpy",
+    Backend.JAX_GPU: "jax.numpy",
+    Backend.DASK: "dask.array",
+    Backend.CUPY: "cupy",
+}
+
+
+class TestMaskedAndSparseContainers:
+    """Containers whose structure some code paths would ignore (NumPy masked arrays, torch
+    sparse layouts) are rejected with a TypeError, for every function."""
+
+    @pytest.mark.only_backends(Backend.NUMPY, Backend.NUMPY_READONLY)
+    @pytest.mark.parametrize("func", ["cross_entropy", "cross_entropy_and_grad", "softmax"])
+    def test_numpy_masked_array_is_rejected(self, xp: Any, func: str) -> None:
+        x = np.ma.masked_array([[1.0, 2.0, 3.0]], mask=[[False, True, False]])
+        args = (x,) if func == "softmax" else (x, np.asarray([0]))
+        with pytest.raises(TypeError, match="must be a plain dense array, got a NumPy masked"):
+            getattr(xent, func)(*args)
+
+    @pytest.mark.only_backends(Backend.NUMPY, Backend.NUMPY_READONLY)
+    def test_masked_target_and_binary_input_are_rejected(self, xp: Any) -> None:
+        with pytest.raises(TypeError, match="`target` must be a plain dense array"):
+            xent.cross_entropy(np.zeros((1, 3)), np.ma.masked_array([0], mask=[True]))
+        with pytest.raises(TypeError, match="`input` must be a plain dense array"):
+            xent.binary_cross_entropy(np.ma.masked_array([0.0]), np.asarray([1.0]))
+
+    @pytest.mark.only_backends(Backend.TORCH)
+    def test_torch_sparse_input_is_rejected(self, xp: Any) -> None:
+        import torch
+
+        x = torch.eye(3, dtype=torch.float64).to_sparse()
+        with pytest.raises(TypeError, match=r"`input` must be a plain dense array.*sparse"):
+            xent.cross_entropy(x, torch.tensor([0, 1, 2]))
+        with pytest.raises(TypeError, match=r"`x` must be a plain dense array.*sparse"):
+            xent.log_softmax(x)
+
+
+class TestComplexWeights:
+    """Complex weights of any kind (class, sample, element, positive) are a TypeError instead
+    of being cut to their real part."""
+
+    @pytest.mark.parametrize("name", ["weight", "sample_weight"])
+    def test_cross_entropy_complex_weights(self, xp: Any, name: str) -> None:
+        x = to_xp(xp, np.zeros((2, 3)))
+        w = to_xp(xp, np.ones(3 if name == "weight" else 2, dtype=np.complex128))
+        with pytest.raises(TypeError, match=f"`{name}` must hold real numbers, got dtype"):
+            xent.cross_entropy(x, to_xp(xp, np.asarray([0, 1])), **{name: w})
+
+    @pytest.mark.parametrize("name", ["weight", "pos_weight"])
+    def test_binary_complex_weights(self, xp: Any, name: str) -> None:
+        x = to_xp(xp, np.zeros(2))
+        w = to_xp(xp, np.ones(2, dtype=np.complex128))
+        with pytest.raises(TypeError, match=f"`{name}` must hold real numbers"):
+            xent.binary_cross_entropy_and_grad(x, to_xp(xp, np.ones(2)), **{name: w})
+
+
+class TestIgnoreIndexWithProbabilities:
+    """`ignore_index` set with probability targets matches nothing: a ValueError, as in
+    PyTorch; the default is accepted."""
+
+    @pytest.mark.parametrize("func", ["cross_entropy", "cross_entropy_and_grad"])
+    def test_non_default_ignore_index_is_rejected(self, xp: Any, func: str) -> None:
+        x = to_xp(xp, np.zeros((2, 3)))
+        t = to_xp(xp, np.full((2, 3), 1 / 3))
+        with pytest.raises(ValueError, match="`ignore_index` applies to class-index targets"):
+            getattr(xent, func)(x, t, ignore_index=0)
+        assert np.isfinite(to_numpy(xent.cross_entropy(x, t, ignore_index=-100)))
+
+
+class TestScalarOptions:
+    """Scalar options accept any real scalar (Python, NumPy, 0-d arrays) and reject bools and
+    non-numbers with a TypeError whose message does not contradict itself."""
+
+    def test_numpy_and_zero_d_scalars_are_accepted(self, xp: Any) -> None:
+        x_np = np.asarray([[1.0, 2.0, 3.0], [0.5, 0.0, -1.0]])
+        t_np = np.asarray([2, 0])
+        x, t = to_xp(xp, x_np), to_xp(xp, t_np)
+        want = to_numpy(xent.cross_entropy(x, t, label_smoothing=0.25, z_loss=0.5, softcap=4.0))
+        got = xent.cross_entropy(
+            x, t, axis=np.int64(-1), label_smoothing=np.float32(0.25), z_loss=np.float64(0.5),
+            softcap=np.float16(4.0), ignore_index=np.int16(-100),
+        )  # fmt: skip
+        np.testing.assert_allclose(to_numpy(got), want, rtol=1e-12)
+        if not is_lazy():
+            zero_d = xent.cross_entropy(x, t, label_smoothing=to_xp(xp, np.asarray(0.25)))
+            want_s = to_numpy(xent.cross_entropy(x, t, label_smoothing=0.25))
+            np.testing.assert_allclose(to_numpy(zero_d), want_s, rtol=1e-12)
+
+    @pytest.mark.parametrize(
+        "option", ["softcap", "z_loss", "label_smoothing", "eps", "axis", "ignore_index"]
+    )
+    def test_bools_are_rejected(self, xp: Any, option: str) -> None:
+        x = to_xp(xp, np.zeros((2, 3)))
+        with pytest.raises(TypeError, match=rf"`{option}` must be .*, got the bool True"):
+            xent.cross_entropy(x, to_xp(xp, np.asarray([0, 1])), **{option: True})
+
+    @pytest.mark.parametrize("value", [None, 0.5, "x", -100.0])
+    def test_ignore_index_takes_integers_only(self, xp: Any, value: Any) -> None:
+        x = to_xp(xp, np.zeros((2, 3)))
+        with pytest.raises(TypeError, match=r"`ignore_index` must be an integer .*, got"):
+            xent.cross_entropy(x, to_xp(xp, np.asarray([0, 1])), ignore_index=value)
+
+    def test_non_numbers_are_type_errors(self, xp: Any) -> None:
+        x = to_xp(xp, np.zeros((2, 3)))
+        t = to_xp(xp, np.asarray([0, 1]))
+        with pytest.raises(TypeError, match=r"`label_smoothing` must be a real number in .*str"):
+            xent.cross_entropy(x, t, label_smoothing="0.1")
+        with pytest.raises(TypeError, match=r"`axis` must be an integer in \[-2, 2\), got 1.0"):
+            xent.softmax(x, axis=1.0)
+        with pytest.raises(TypeError, match=r"`eps` must be .*, got the bool True"):
+            xent.binary_cross_entropy(to_xp(xp, np.zeros(2)), to_xp(xp, np.ones(2)), eps=True)
+
+
+class TestXpArgument:
+    """`xp=` takes the arrays' namespace or their plain library module; anything else (a
+    string, another library) is a TypeError naming `xp`."""
+
+    def test_plain_library_module_is_accepted(self, xp: Any, backend: Backend) -> None:
+        import importlib
+
+        module = importlib.import_module(_PLAIN_MODULES[backend])
+        x = to_xp(xp, np.asarray([[1.0, 2.0, 3.0]]))
+        t = to_xp(xp, np.asarray([1]))
+        want = to_numpy(xent.cross_entropy(x, t))
+        np.testing.assert_allclose(to_numpy(xent.cross_entropy(x, t, xp=module)), want)
+        np.testing.assert_allclose(to_numpy(xent.cross_entropy(x, t, xp=xp)), want)
+        assert to_numpy(xent.softmax(x, xp=module)).shape == (1, 3)
+
+    def test_string_or_foreign_module_is_rejected(self, xp: Any, backend: Backend) -> None:
+        x = to_xp(xp, np.asarray([[1.0, 2.0, 3.0]]))
+        t = to_xp(xp, np.asarray([1]))
+        with pytest.raises(TypeError, match=r"`xp` must be the namespace of the arrays"):
+            xent.cross_entropy(x, t, xp="numpy")
+        foreign = re if backend.like(Backend.NUMPY) else np
+        with pytest.raises(TypeError, match=r"`xp` must be the namespace of the arrays"):
+            xent.cross_entropy(x, t, xp=foreign)

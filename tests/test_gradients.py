@@ -969,3 +969,128 @@ def test_jax_grad_under_vmap_matches_per_example_grads(xp: Any, rng: np.random.G
     for i in range(5):
         _, want = xent.cross_entropy_and_grad(x[i], t[i], label_smoothing=0.1, z_loss=0.01)
         xp_assert_close(got[i], to_numpy(want), xp=xp, dtype="float64", rtol=1e-12, atol=1e-14)
+
+
+# --------------------------------------------------------------------------- issue 7 classes
+class TestProbabilityTargetGradient:
+    """The derivative with respect to probability targets is ``-w * log_softmax(x)`` for
+    every class, those with target 0 included (torch autograd, torch.func, JAX grad and jit)."""
+
+    @pytest.mark.only_backends(*TORCH_BACKENDS)
+    def test_torch(self, xp: Any) -> None:
+        torch = _torch()
+        x = to_xp(xp, np.asarray([[1.0, 2.0, 3.0], [0.5, -np.inf, 0.0]]))
+        t = to_xp(xp, np.asarray([[0.0, 1.0, 0.0], [0.25, 0.0, 0.75]])).requires_grad_()
+        w = to_xp(xp, np.asarray([1.0, 2.0, 0.5]))
+        xent.cross_entropy(x, t, weight=w, reduction="sum").backward()
+        want = -(torch.log_softmax(x, dim=-1) * w)
+        want = torch.where(torch.isinf(want), 0.0, want)  # a -inf (masked) class: derivative 0
+        np.testing.assert_allclose(to_numpy(t.grad), to_numpy(want))
+        grad = torch.func.grad(lambda q: xent.cross_entropy(x, q, reduction="sum"))(t.detach())
+        want = -torch.log_softmax(x, dim=-1)
+        np.testing.assert_allclose(
+            to_numpy(grad), to_numpy(torch.where(torch.isinf(want), 0.0, want))
+        )
+        t_ref = t.detach().clone().requires_grad_()
+        torch.nn.functional.cross_entropy(x[:1], t_ref[:1], reduction="sum").backward()
+        np.testing.assert_allclose(to_numpy(t.grad)[0] / [1.0, 2.0, 0.5], to_numpy(t_ref.grad)[0])
+
+    @pytest.mark.only_backends(*JAX_BACKENDS)
+    def test_jax(self, xp: Any) -> None:
+        import jax
+
+        x = to_xp(xp, np.asarray([[1.0, 2.0, 3.0], [0.5, -np.inf, 0.0]]))
+        t = to_xp(xp, np.asarray([[0.0, 1.0, 0.0], [0.25, 0.0, 0.75]]))
+        for wrap in (lambda f: f, jax.jit):
+            grad = wrap(jax.grad(lambda q: xent.cross_entropy(x, q, reduction="sum")))(t)
+            want = -to_numpy(jax.nn.log_softmax(x))
+            np.testing.assert_allclose(to_numpy(grad), np.where(np.isinf(want), 0.0, want))
+
+
+class TestInvalidLabelGradientIsNaN:
+    """An invalid label left unchecked (validate=False, or traced) gives its row a NaN loss and
+    a NaN gradient on every path; the other rows keep their finite gradient."""
+
+    def test_analytic_gradient(self, xp: Any) -> None:
+        x = to_xp(xp, np.zeros((2, 3)))
+        _, grad = xent.cross_entropy_and_grad(x, to_xp(xp, np.asarray([1, 7])), validate=False)
+        g = to_numpy(grad)
+        assert np.isnan(g[1]).all()
+        assert np.isfinite(g[0]).all()
+
+    @pytest.mark.only_backends(*TORCH_BACKENDS)
+    @pytest.mark.parametrize("path", ["autograd", "weight_grad", "func_grad"])
+    def test_torch_paths(self, xp: Any, path: str) -> None:
+        torch = _torch()
+        x = to_xp(xp, np.zeros((2, 3)))
+        t = to_xp(xp, np.asarray([1, 7]))
+        w = to_xp(xp, np.ones(3)).requires_grad_(path == "weight_grad")
+
+        def loss(a: Any) -> Any:
+            return xent.cross_entropy(a, t, weight=w, reduction="sum", validate=False)
+
+        if path == "func_grad":
+            g = torch.func.grad(loss)(x)
+        else:
+            a = x.clone().requires_grad_()
+            loss(a).backward()
+            g = a.grad
+            if path == "weight_grad":  # the invalid row's NaN reaches the weights it uses
+                assert torch.isnan(w.grad).any()
+        g = to_numpy(g)
+        assert np.isnan(g[1]).all()
+        assert np.isfinite(g[0]).all()
+
+    @pytest.mark.only_backends(*JAX_BACKENDS)
+    def test_jax_paths(self, xp: Any) -> None:
+        import jax
+
+        x = to_xp(xp, np.zeros((2, 3)))
+        t = to_xp(xp, np.asarray([1, 7]))
+        w = to_xp(xp, np.ones(3))
+        for wrap in (lambda f: f, jax.jit):
+            g = wrap(
+                jax.grad(
+                    lambda a, v: xent.cross_entropy(
+                        a, t, weight=v, reduction="sum", validate=False
+                    ),
+                    argnums=(0, 1),
+                )
+            )
+            gx, gw = (to_numpy(a) for a in g(x, w))
+            assert np.isnan(gx[1]).all()
+            assert np.isfinite(gx[0]).all()
+            assert np.isnan(gw).any()
+
+
+class TestBinaryGradientAtZero:
+    """The binary cross-entropy's derivative at a logit of exactly 0 is ``sigmoid(0) - y``
+    (0.5 or -0.5) on every path: analytic, autodiff of the generic forward, native rules."""
+
+    def test_analytic(self, xp: Any) -> None:
+        _, g = xent.binary_cross_entropy_and_grad(
+            to_xp(xp, np.zeros(3)), to_xp(xp, np.asarray([1.0, 0.0, 0.25])), reduction="sum"
+        )
+        np.testing.assert_allclose(to_numpy(g), [-0.5, 0.5, 0.25])
+
+    @pytest.mark.only_backends(*TORCH_BACKENDS, *JAX_BACKENDS)
+    def test_autodiff(self, xp: Any, backend: Backend) -> None:
+        x = to_xp(xp, np.zeros(3))
+        y = to_xp(xp, np.asarray([1.0, 0.0, 0.25]))
+        if backend.like(Backend.JAX):
+            import jax
+
+            g = jax.grad(lambda a: xent.binary_cross_entropy(a, y, reduction="sum"))(x)
+            gg = jax.grad(
+                lambda a: xent.binary_cross_entropy(a, y, weight=a + 1.0, reduction="sum")
+            )(x)
+        else:
+            a = x.clone().requires_grad_()
+            xent.binary_cross_entropy(a, y, reduction="sum").backward()
+            g = a.grad
+            b = x.clone().requires_grad_()
+            xent.binary_cross_entropy(b, y, pos_weight=b + 1.0, reduction="sum").backward()
+            gg = b.grad
+        np.testing.assert_allclose(to_numpy(g), [-0.5, 0.5, 0.25])
+        # With the weight depending on x the plain-autodiff fallback runs as well.
+        assert np.isfinite(to_numpy(gg)).all()

@@ -16,12 +16,6 @@ from _helpers import Backend, to_numpy, to_xp, xp_assert_close
 
 import xent
 
-pytestmark = pytest.mark.filterwarnings(
-    # array-api-compat's `lru_cache` helpers (`_issubclass_fast`) make Dynamo warn while tracing;
-    # harmless (it traces the wrapped function; array-api-compat >= 1.15 causes no graph break).
-    "ignore:Dynamo detected a call to a `functools.lru_cache`-wrapped function:UserWarning"
-)
-
 JAX = pytest.mark.only_backends(Backend.JAX, Backend.JAX_GPU)
 TORCH = pytest.mark.only_backends(Backend.TORCH, Backend.TORCH_CUDA)
 DASK = pytest.mark.only_backends(Backend.DASK)
@@ -640,3 +634,71 @@ def test_dask_chunk_layout_does_not_change_the_result(xp: Any, rng: np.random.Ge
         t_d = da.from_array(t, chunks=(chunks[0],))
         got = xent.cross_entropy(x_d, t_d, label_smoothing=0.1, reduction="none")
         np.testing.assert_allclose(_compute(got), want, rtol=1e-12, err_msg=str(chunks))
+
+
+# --------------------------------------------------------------------------- issue 7 classes
+_NO_JIT_DEPRECATION = pytest.mark.filterwarnings(
+    # inductor's import of torch.utils.mkldnn decorates with the deprecated torch.jit.script_method
+    r"ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"
+)
+
+
+@TORCH
+@_NO_JIT_DEPRECATION
+class TestTorchCompileWithoutWarnings:
+    """``torch.compile(fullgraph=True)`` traces xent, on a cold cache, without a warning (the
+    README's snippet): array-api-compat's ``lru_cache`` type tests are not reached."""
+
+    def test_readme_snippet(self, xp: Any, torch_compile_ready: None) -> None:
+        import warnings
+
+        import torch
+
+        x = to_xp(xp, np.zeros((4, 3, 5), dtype=np.float32)).requires_grad_()
+        y = to_xp(xp, np.zeros((4, 5), dtype=np.int64))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            # Dynamo (which warns) traces the same for every compiler backend; aot_eager is fast.
+            f = torch.compile(
+                lambda a: xent.cross_entropy(a, y, axis=1), fullgraph=True, backend="aot_eager"
+            )
+            out = f(x)
+            out.backward()
+        assert [str(w.message)[:80] for w in caught] == []
+        xp_assert_close(out, np.log(3.0), xp=xp, dtype="float32")
+
+
+@TORCH
+@_NO_JIT_DEPRECATION
+class TestTorchCompileDynamic:
+    """``torch.compile(fullgraph=True, dynamic=True)``: symbolic sizes and float options pass
+    validation (no ``math.isfinite``/``float`` on SymFloats), and an invalid label gives NaN
+    gradient rows inside the compiled graph too."""
+
+    def test_dynamic_shapes_and_options(self, xp: Any, torch_compile_ready: None) -> None:
+        import torch
+
+        def loss(a: Any, t: Any, e: float, z: float) -> Any:
+            return xent.cross_entropy(a, t, label_smoothing=e, z_loss=z, softcap=30.0)
+
+        f = torch.compile(loss, fullgraph=True, dynamic=True, backend="aot_eager")
+        for n, e in ((4, 0.1), (6, 0.2), (7, 0.3)):
+            x = np.linspace(-2.0, 2.0, n * 5).reshape(n, 5)
+            t = np.arange(n) % 5
+            got = f(to_xp(xp, x), to_xp(xp, t), e, 1e-3)
+            want = ref.cross_entropy(x, t, label_smoothing=e, z_loss=1e-3, softcap=30.0)
+            xp_assert_close(got, want, xp=xp, dtype="float64")
+
+    def test_invalid_label_gradient_is_nan(self, xp: Any, torch_compile_ready: None) -> None:
+        import torch
+
+        t = to_xp(xp, np.asarray([1, 7]))
+        a = to_xp(xp, np.zeros((2, 3))).requires_grad_()
+        f = torch.compile(
+            lambda v: xent.cross_entropy(v, t, reduction="sum"), fullgraph=True, backend="aot_eager"
+        )
+        f(a).backward()
+        g = to_numpy(a.grad)
+        assert np.isnan(g[1]).all()
+        assert np.isfinite(g[0]).all()

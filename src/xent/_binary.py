@@ -25,7 +25,7 @@ class _Problem:
     target: Array  # smoothed, in the compute dtype
     weight: Array | None
     pos_weight: Array | None
-    count: float
+    count: float | None  # element count; None where Dask does not know it yet
 
 
 def binary_cross_entropy(
@@ -166,9 +166,11 @@ def _problem(
     _validation.same_device(ops, arrays)
     _validation.floating_input(xp, "input", input)
     _validation.reduction(reduction)
-    _validation.options(label_smoothing=label_smoothing, eps=eps, from_logits=from_logits)
+    label_smoothing, eps, _, _ = _validation.options(
+        label_smoothing=label_smoothing, eps=eps, from_logits=from_logits
+    )
     shape = tuple(input.shape)
-    if tuple(target.shape) != shape:
+    if not _validation.same_shape(target.shape, shape):
         raise ValueError(
             f"`target` must have the input's shape {shape} (one label per element), got {tuple(target.shape)}"
         )
@@ -178,6 +180,8 @@ def _problem(
         )
     _validation.broadcastable("weight", weight, shape, "the input's shape")
     _validation.broadcastable("pos_weight", pos_weight, shape, "the input's shape")
+    _validation.real_weights(xp, "weight", weight)
+    _validation.real_weights(xp, "pos_weight", pos_weight)
     dtype = ops.compute_dtype(input.dtype)
     y = xp.astype(target, dtype)
     if label_smoothing:
@@ -187,7 +191,7 @@ def _problem(
         eps=float(eps), reduction=reduction, target=y,
         weight=None if weight is None else xp.astype(weight, dtype),
         pos_weight=None if pos_weight is None else xp.astype(pos_weight, dtype),
-        count=float(math.prod(shape)),
+        count=float(math.prod(shape)) if _validation.known_shape(shape) else None,
     )  # fmt: skip
 
 
@@ -195,9 +199,12 @@ def _log_terms(p: _Problem, x: Array) -> tuple[Array, Array]:
     """``(log p, log(1 - p))`` from logits or from clipped probabilities."""
     xp = p.xp
     if p.from_logits:
-        # softplus(z) = max(z, 0) + log1p(exp(-|z|)) never overflows.
-        tail = xp.log1p(xp.exp(-xp.abs(x)))
-        return -(xp.maximum(-x, xp.zeros_like(x)) + tail), -(xp.maximum(x, xp.zeros_like(x)) + tail)
+        # softplus(z) = max(z, 0) + log1p(exp(-|z|)) never overflows. max and |.| take the
+        # same branch (x >= 0) so that autodiff's subgradients add up to sigmoid(0) = 0.5 at 0.
+        zero = xp.zeros_like(x)
+        right = x >= 0
+        tail = xp.log1p(xp.exp(-xp.where(right, x, -x)))
+        return -(xp.where(right, zero, -x) + tail), -(xp.where(right, x, zero) + tail)
     prob = xp.clip(x, min=p.eps, max=1.0 - p.eps)
     return xp.log(prob), xp.log(1.0 - prob)
 
@@ -213,12 +220,26 @@ def _forward(p: _Problem, input: Array) -> tuple[Array, None]:
         loss = -(pos + (1.0 - p.target) * log_neg)
         if p.weight is not None:
             loss = p.weight * loss
-        loss = xp.broadcast_to(loss, x.shape)
+        loss = _full_shape(xp, loss, x)
         if p.reduction != "none":
-            loss = xp.sum(loss)
-            if p.reduction == "mean":
-                loss = loss / p.count if p.count else loss * math.nan
-    return xp.astype(loss, p.out_dtype, copy=False), None
+            loss = xp.sum(loss) / _count(p, loss) if p.reduction == "mean" else xp.sum(loss)
+        loss = xp.astype(loss, p.out_dtype, copy=False)  # float16 overflow: inf, no warning
+    return loss, None
+
+
+def _full_shape(xp: Namespace, a: Array, x: Array) -> Array:
+    """``a`` broadcast to ``x``'s shape (where Dask knows the sizes; ``a`` is computed from
+    ``x`` element-wise, so it has them already)."""
+    if tuple(a.shape) == tuple(x.shape) or not _validation.known_shape(x.shape):
+        return a
+    return xp.broadcast_to(a, x.shape)
+
+
+def _count(p: _Problem, loss: Array) -> Array | float:
+    """What ``"mean"`` divides by: the element count (NaN for none), lazily where unknown."""
+    if p.count is None:
+        return p.xp.sum(p.xp.ones_like(loss))
+    return p.count if p.count else math.nan
 
 
 def _backward(p: _Problem, input: Array, saved: None, cotangent: Array) -> Array:
@@ -227,7 +248,7 @@ def _backward(p: _Problem, input: Array, saved: None, cotangent: Array) -> Array
         x = xp.astype(input, p.dtype, copy=False)
         r = xp.astype(cotangent, p.dtype, copy=False)
         if p.reduction == "mean":
-            r = r / p.count if p.count else r * math.nan
+            r = r / _count(p, x)
         y = p.target
         pos = y if p.pos_weight is None else p.pos_weight * y
         if p.from_logits:
@@ -239,8 +260,8 @@ def _backward(p: _Problem, input: Array, saved: None, cotangent: Array) -> Array
         g = g * r
         if p.weight is not None:
             g = g * p.weight
-        g = xp.broadcast_to(g, x.shape)
-    return xp.astype(g, input.dtype, copy=False)
+        g = _full_shape(xp, g, x)
+        return xp.astype(g, input.dtype, copy=False)
 
 
 def _tangent(p: _Problem, input: Array, saved: None, dx: Array) -> Array:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 from . import _validation
@@ -18,6 +17,9 @@ from ._typing import Array, Namespace, Reduction
 from .backends import Backend, GradRule, lookup
 
 __all__ = ["cross_entropy", "cross_entropy_and_grad"]
+
+_IGNORE_INDEX = -100
+"""The default ``ignore_index`` (PyTorch's)."""
 
 
 @dataclass(frozen=True)
@@ -243,12 +245,15 @@ def _problem(
     _validation.floating_input(xp, "input", input)
     ax = _validation.axis(axis, input.ndim)
     _validation.reduction(reduction)
-    _validation.options(
+    label_smoothing, eps, z_loss, softcap = _validation.options(
         label_smoothing=label_smoothing, eps=eps, from_logits=from_logits, z_loss=z_loss,
         softcap=softcap, validate=validate,
     )  # fmt: skip
+    ignore_index = _validation.ignore_index(ignore_index)
     kind = _validation.target_kind(xp, input, target, ax)
-    classes = int(input.shape[ax])
+    if kind == "prob":
+        _validation.probability_target_options(ignore_index, _IGNORE_INDEX)
+    classes = _validation.class_count(input.shape, ax)
     if classes == 0:
         raise ValueError(
             f"`input` must have at least one class along axis {ax}, got shape {tuple(input.shape)}"
@@ -256,18 +261,18 @@ def _problem(
     _validation.class_weight(weight, classes)
     per_row = tuple(input.shape[:ax] + input.shape[ax + 1 :])
     _validation.broadcastable("sample_weight", sample_weight, per_row, "the per-example shape")
-    if weight is not None and not xp.isdtype(weight.dtype, ("real floating", "integral")):
-        raise TypeError(f"`weight` must hold real numbers, got dtype {weight.dtype}")
+    _validation.real_weights(xp, "weight", weight)
+    _validation.real_weights(xp, "sample_weight", sample_weight)
 
     dtype = ops.compute_dtype(input.dtype)
     dev = ops.device(input)
-    empty = math.prod(per_row) == 0
+    empty = 0 in per_row
     class_shape = tuple(classes if i == ax else 1 for i in range(input.ndim))
     w = None if weight is None else xp.reshape(xp.astype(weight, dtype), class_shape)
     sample = None
     if sample_weight is not None:
         sample = xp.broadcast_to(xp.astype(sample_weight, dtype), per_row)
-        sample = xp.expand_dims(sample, axis=ax)
+        sample = _expand(sample, ax)
 
     labels = label_weight = ignored = bad = probs = None
     if kind == "index":
@@ -283,14 +288,17 @@ def _problem(
         denominator = xp.sum(base if sample is None else base * sample)
     else:
         probs = xp.astype(target, dtype)
-        if sample is None:
+        if sample is None and not _validation.known_shape(per_row):
+            # Sizes unknown until Dask computes (boolean indexing): count the rows lazily.
+            denominator = xp.sum(xp.ones_like(xp.sum(probs, axis=ax)))
+        elif sample is None:
             denominator = xp.asarray(float(math.prod(per_row)), dtype=dtype, device=dev)
         else:
             denominator = xp.sum(sample)
     return _Problem(
         xp=xp, ops=ops, axis=ax, classes=classes, dtype=dtype, out_dtype=input.dtype,
-        from_logits=from_logits, softcap=None if softcap is None else float(softcap),
-        eps=float(eps), smoothing=float(label_smoothing), z_loss=float(z_loss),
+        from_logits=from_logits, softcap=softcap, eps=eps, smoothing=label_smoothing,
+        z_loss=z_loss,
         reduction=reduction, empty=empty, weight=w,
         weight_total=float(classes) if w is None else xp.sum(w),
         sample=sample, denominator=denominator if reduction == "mean" else None,
@@ -307,23 +315,37 @@ def _labels(
     validate: bool | None,
     ax: int,
 ) -> tuple[Array, Array, Array]:
-    """Safe gather indices and the ignored/invalid masks, class axis kept with size 1."""
+    """Safe gather indices and the ignored/invalid masks, class axis kept with size 1.
+
+    No label is ever taken for another: ``ignore_index`` matches only labels equal to it in
+    their own dtype, and a label the cast to the index dtype would wrap is invalid. Widening
+    casts are exact; an unsigned dtype as wide as the index dtype wraps its upper half onto
+    negative values, which no class index or (for unsigned labels) no ``ignore_index`` is.
+    """
+    own = xp.iinfo(target.dtype)
     index_dtype = ops.index_dtype()
-    y = xp.astype(target, index_dtype, copy=False)
-    info = xp.iinfo(index_dtype)
-    if info.min <= ignore_index <= info.max:
+    if own.bits > xp.iinfo(index_dtype).bits:
+        y = target  # narrower index dtype (JAX without x64): compare before the cast
+    else:
+        y = xp.astype(target, index_dtype, copy=False)
+    if own.min <= ignore_index <= own.max:
         ignored = y == ignore_index
     else:
-        ignored = xp.zeros(y.shape, dtype=xp.bool, device=ops.device(target))
-    valid = (y >= 0) & (y < classes)
+        ignored = xp.zeros(target.shape, dtype=xp.bool, device=ops.device(target))
+    valid = (y >= 0) & (y < classes) if classes <= own.max else y >= 0
     bad = ~valid & ~ignored
     # Under jit a label array captured from outside is concrete while `bad`, built inside the
     # trace, is not; both must be readable.
     if validate is not False and _readable(ops, target, bad, force=validate is True):
         _validation.raise_on_bad_labels(xp, target, bad, classes, ignore_index)
-    safe = xp.where(valid, y, xp.zeros_like(y))
-    expand = partial(xp.expand_dims, axis=ax)
-    return expand(safe), expand(ignored), expand(bad)
+    safe = xp.astype(xp.where(valid, y, xp.zeros_like(y)), index_dtype, copy=False)
+    return _expand(safe, ax), _expand(ignored, ax), _expand(bad, ax)
+
+
+def _expand(a: Array, ax: int) -> Array:
+    """``a`` with a new axis of size 1 at ``ax``, by indexing (Dask's ``expand_dims`` refuses
+    arrays whose sizes are unknown until computed)."""
+    return a[(*(slice(None),) * ax, None, ...)]
 
 
 def _readable(ops: Backend, x: Array, derived: Array, *, force: bool) -> bool:
@@ -345,10 +367,32 @@ def _log_input(p: _Problem, input: Array) -> tuple[Array, _Stats | None]:
         prob = x / xp.sum(x, axis=p.axis, keepdims=True)
         return xp.log(xp.clip(prob, min=p.eps, max=1.0 - p.eps)), None
     if p.softcap is not None:
-        x = p.softcap * xp.tanh(x / p.softcap)
+        x = _cap(xp, x, p.softcap)
     if p.empty:
         return x, None
     return x, p.ops.logsumexp(x, p.axis)
+
+
+def _cap(xp: Namespace, x: Array, cap: float) -> Array:
+    """``cap * tanh(x / cap)``, degrading smoothly to ``x`` as ``cap`` grows.
+
+    The plain form is exact while ``cap`` is at most the square root of the dtype's max. Beyond,
+    ``x / cap`` could flush to zero and ``cap`` itself overflow, so the cap is taken as
+    ``x * (tanh(u) / u)`` with ``u = x / cap`` (``1 - u**2 / 3`` where ``u`` is tiny), which is
+    ``x`` once ``cap`` is out of range; infinite logits go to ``+-cap`` (at most the max).
+    Every branch stays finite where it is not selected, so autodiff through it is too.
+    """
+    info = xp.finfo(x.dtype)
+    if cap <= math.sqrt(float(info.max)):
+        return cap * xp.tanh(x / cap)
+    infinite = xp.isinf(x)
+    finite_x = xp.where(infinite, xp.zeros_like(x), x)
+    u = finite_x * (1.0 / cap)
+    tiny = xp.abs(u) < 1e-4
+    u_safe = xp.where(tiny, xp.ones_like(u), u)
+    ratio = xp.where(tiny, 1.0 - u * u / 3.0, xp.tanh(u_safe) / u_safe)
+    edge = xp.sign(x) * min(cap, float(info.max))
+    return xp.where(infinite, edge, finite_x * ratio)
 
 
 def _forward(p: _Problem, input: Array) -> tuple[Array, tuple[Array, _Stats | None]]:
@@ -369,7 +413,9 @@ def _forward(p: _Problem, input: Array) -> tuple[Array, tuple[Array, _Stats | No
             loss = xp.sum(rows)
             if p.reduction == "mean":
                 loss = loss / p.denominator
-    return xp.astype(loss, p.out_dtype, copy=False), (x, stats)
+        # Inside the guard: a float16 result that overflows is inf, without a warning.
+        loss = xp.astype(loss, p.out_dtype, copy=False)
+    return loss, (x, stats)
 
 
 def _no_rows(p: _Problem, x: Array) -> Array:
@@ -408,7 +454,14 @@ def _index_rows(p: _Problem, x: Array, stats: _Stats | None) -> Array:
         rows = (1.0 - p.smoothing) * rows + (p.smoothing / p.classes) * spread
     rows = _with_z_loss(p, rows, stats)
     rows = xp.where(p.ignored, xp.zeros_like(rows), rows)
-    return xp.where(p.bad, xp.full_like(rows, math.nan), rows)
+    # Invalid labels: NaN by a product, not a select, so autodiff carries the NaN into the
+    # gradient as well (a select would give those rows a zero, finite gradient).
+    return rows * _nan_where(xp, p.bad, rows)
+
+
+def _nan_where(xp: Namespace, mask: Array, like: Array) -> Array:
+    """NaN where ``mask``, 1 elsewhere, in ``like``'s dtype."""
+    return xp.where(mask, xp.full_like(like, math.nan), xp.ones_like(like))
 
 
 def _smoothed_probs(p: _Problem) -> Array:
@@ -424,9 +477,10 @@ def _prob_rows(p: _Problem, x: Array, stats: _Stats | None) -> Array:
     q = _smoothed_probs(p)
     mass = q if p.weight is None else q * p.weight
     # A class with no target mass adds 0, even where its log-probability is -inf (masking
-    # before the product also keeps 0 * inf out of lazily computed graphs).
+    # before the product also keeps 0 * inf out of lazily computed graphs). Only the infinite
+    # entries are replaced, so the derivative with respect to the target stays -w * lp.
     neg = _neg_logprob(x, stats)
-    terms = mass * xp.where(q == 0, xp.zeros_like(neg), neg)
+    terms = mass * xp.where((q == 0) & xp.isinf(neg), xp.zeros_like(neg), neg)
     return _with_z_loss(p, xp.sum(terms, axis=p.axis, keepdims=True), stats)
 
 
@@ -451,32 +505,31 @@ def _backward(
         if stats is not None:
             g = _logit_grad(p, x, stats, r)
             if p.softcap is not None:
-                g = g * (1.0 - (x / p.softcap) ** 2)
+                t = x * (1.0 / p.softcap)  # tanh(input / softcap); never overflows
+                g = g * (1.0 - t * t)
         else:
             g = _prob_input_grad(p, input, x, r)
-        if p.ignored is not None:
-            g = _fill_rows(p, g, p.ignored, 0.0)
-            g = _fill_rows(p, g, p.bad, math.nan)
-    return xp.astype(g, input.dtype, copy=False)
-
-
-def _fill_rows(p: _Problem, g: Array, mask: Array, value: float) -> Array:
-    """``value`` on the masked rows of ``g``. Where the mask can be read for free (concrete, on
-    the host) and masks nothing, as it usually does, the full pass over ``g`` is skipped."""
-    if _readable(p.ops, mask, mask, force=False) and not bool(p.xp.any(mask)):
-        return g
-    return p.ops.fill_rows(g, mask, value)
+        return xp.astype(g, input.dtype, copy=False)
 
 
 def _row_cotangent(p: _Problem, cotangent: Array) -> Array:
     xp = p.xp
     r = xp.astype(cotangent, p.dtype, copy=False)
     if p.reduction == "none":
-        r = xp.expand_dims(r, axis=p.axis)
+        r = _expand(r, p.axis)
     elif p.reduction == "mean":
         r = r / p.denominator
     if p.sample is not None:
         r = r * p.sample
+    if p.ignored is not None:
+        # Per row, before the full-size pass: an ignored row's gradient is 0 times its softmax
+        # (0 where the logits are finite, NaN where they hold NaN, as autodiff of the forward
+        # gives it); an invalid label's row is NaN.
+        if _readable(p.ops, p.ignored, p.ignored, force=False) and not bool(
+            p.xp.any(p.ignored | p.bad)
+        ):
+            return r
+        r = xp.where(p.ignored, xp.zeros_like(r), r) * _nan_where(xp, p.bad, r)
     return r
 
 

@@ -6,34 +6,69 @@ values except :func:`raise_on_bad_labels`, which the caller runs only where valu
 
 from __future__ import annotations
 
-import math
+import operator
 from typing import Any
 
 from ._compat import array_namespace, is_array_api_obj
 from ._typing import Array, Namespace
+from .backends import lookup, namespace_of, same_library
 
 REDUCTIONS = ("mean", "sum", "none")
 
+# array-api-compat's type tests are `functools.lru_cache` functions, which torch.compile warns
+# about on every trace. The answers depend on the arrays' types alone, so xent remembers them
+# per type: a compiled call whose types were seen before (e.g. eagerly) never reaches them.
+_ARRAY_TYPES: dict[type, bool] = {}
+_NAMESPACES: dict[tuple[type, ...], Namespace] = {}
+
 
 def namespace(arrays: dict[str, Array | None], xp: Namespace | None) -> Namespace:
-    """The namespace shared by ``arrays`` (``None`` entries are absent options)."""
+    """The namespace shared by ``arrays`` (``None`` entries are absent options).
+
+    ``xp`` may be the namespace itself or the plain library module (``numpy``, ``torch``,
+    ``jax.numpy``, ...): either resolves to the namespace the arrays have.
+    """
     present = {name: a for name, a in arrays.items() if a is not None}
+    registered = [namespace_of(a) for a in present.values()]
+    first = registered[0]
+    if first is not None and all(ns is first for ns in registered):
+        return _checked(present, xp, first)
     for name, a in present.items():
-        if not is_array_api_obj(a):
+        known = _ARRAY_TYPES.get(type(a))
+        if known is None:
+            known = _ARRAY_TYPES.setdefault(type(a), bool(is_array_api_obj(a)))
+        if not known:
             raise TypeError(
                 f"`{name}` must be an array of an array API library (NumPy, PyTorch, JAX, ...), "
                 f"got {type(a).__name__}; convert it first, e.g. with `xp.asarray`"
             )
-    if xp is not None:
-        return xp
-    try:
-        found: Namespace = array_namespace(*present.values())
-        return found
-    except TypeError as err:
-        kinds = ", ".join(
-            f"`{name}`: {type(a).__module__}.{type(a).__name__}" for name, a in present.items()
+    key = tuple(type(a) for a in present.values())
+    found = _NAMESPACES.get(key)
+    if found is None:
+        try:
+            found = array_namespace(*present.values())
+        except TypeError as err:
+            kinds = ", ".join(
+                f"`{name}`: {type(a).__module__}.{type(a).__name__}" for name, a in present.items()
+            )
+            raise TypeError(f"all arrays must come from one array library, got {kinds}") from err
+        _NAMESPACES[key] = found
+    return _checked(present, xp, found)
+
+
+def _checked(present: dict[str, Array], xp: Namespace | None, found: Namespace) -> Namespace:
+    """``found``, once ``xp`` agrees with it and every array is a plain dense one."""
+    if xp is not None and xp is not found and not same_library(xp, found):
+        raise TypeError(
+            f"`xp` must be the namespace of the arrays ({getattr(found, '__name__', found)}) or "
+            f"its library module, got {getattr(xp, '__name__', None) or repr(xp)}"
         )
-        raise TypeError(f"all arrays must come from one array library, got {kinds}") from err
+    ops = lookup(found)
+    for name, a in present.items():
+        why = ops.unsupported(a)
+        if why is not None:
+            raise TypeError(f"`{name}` must be a plain dense array, got {why}")
+    return found
 
 
 def same_device(ops: Any, arrays: dict[str, Array | None]) -> None:
@@ -56,17 +91,82 @@ def floating_input(xp: Namespace, name: str, x: Array) -> None:
         )
 
 
-def axis(value: int, ndim: int, name: str = "input") -> int:
+def _is_bool(value: Any) -> bool:
+    """True for Python and NumPy-style booleans and for 0-d boolean arrays of any library."""
+    if isinstance(value, bool):
+        return True
+    dtype = getattr(value, "dtype", None)
+    return dtype is not None and str(dtype).rsplit(".", 1)[-1] in ("bool", "bool_")
+
+
+def integer(name: str, value: Any, expected: str) -> int:
+    """``value`` as a Python int: any integer scalar (``operator.index``), never a bool."""
+    if _is_bool(value):
+        raise TypeError(f"`{name}` must be {expected}, got the bool {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(
+            f"`{name}` must be {expected}, got {value!r} of type {type(value).__name__}"
+        ) from None
+
+
+def real(name: str, value: Any, expected: str) -> float:
+    """``value`` as a Python float: any real scalar or 0-d real array, never a bool.
+
+    Values that are symbolic (a ``torch.compile(dynamic=True)`` SymFloat) pass through as they
+    are, since reading them would specialise the graph; the caller's range checks skip them.
+    """
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond the float range: out of every range checked
+            return float("inf") if value > 0 else float("-inf")
+    if _symbolic(value):
+        return value  # type: ignore[no-any-return]
+    if _is_bool(value):
+        raise TypeError(f"`{name}` must be {expected}, got the bool {value!r}")
+    kind = str(getattr(value, "dtype", "")).rsplit(".", 1)[-1]
+    if isinstance(value, (str, bytes)):
+        raise TypeError(
+            f"`{name}` must be {expected}, got {value!r} of type {type(value).__name__}"
+        )
+    if kind.startswith("complex") or isinstance(value, complex):
+        raise TypeError(f"`{name}` must be {expected}, got the complex {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"`{name}` must be {expected}, got {value!r} of type {type(value).__name__}"
+        ) from None
+
+
+def _finite(value: float) -> bool:
+    """``math.isfinite`` by arithmetic, which symbolic floats (torch.compile) support too."""
+    return bool(value - value == 0)
+
+
+def _symbolic(value: Any) -> bool:
+    return type(value).__name__ in ("SymFloat", "SymInt")
+
+
+def axis(value: Any, ndim: int, name: str = "input") -> int:
     """``value`` as a non-negative axis of an array with ``ndim`` dimensions."""
     if ndim == 0:
         raise ValueError(
             f"`{name}` must have at least one dimension (the class axis), got a 0-d array"
         )
-    if not isinstance(value, int) or isinstance(value, bool) or not -ndim <= value < ndim:
+    index = integer("axis", value, f"an integer in [{-ndim}, {ndim})")
+    if not -ndim <= index < ndim:
         raise ValueError(
-            f"`axis` must be an integer in [{-ndim}, {ndim}) for a {ndim}-d `{name}`, got {value!r}"
+            f"`axis` must be an integer in [{-ndim}, {ndim}) for a {ndim}-d `{name}`, got {index}"
         )
-    return value % ndim
+    return index % ndim
+
+
+def ignore_index(value: Any) -> int:
+    """``ignore_index`` as a Python int (integers only: a float or None would match nothing)."""
+    return integer("ignore_index", value, "an integer (the label value to ignore)")
 
 
 def reduction(value: str) -> str:
@@ -78,33 +178,36 @@ def reduction(value: str) -> str:
     return value
 
 
-def in_range(name: str, value: float, low: float, high: float, *, closed: bool) -> float:
-    """Check a scalar option lies in ``[low, high]`` (``closed``) or ``(low, high)``."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (low <= value <= high if closed else low < value < high)
+def in_range(name: str, value: Any, low: float, high: float, *, closed: bool) -> float:
+    """``value`` as a float, checked to lie in ``[low, high]`` (``closed``) or ``(low, high)``."""
+    interval = f"[{low}, {high}]" if closed else f"({low}, {high})"
+    number = real(name, value, f"a real number in {interval}")
+    if _symbolic(number):
+        return number
+    ok = _finite(number) and (low <= number <= high if closed else low < number < high)
     if not ok:
-        interval = f"[{low}, {high}]" if closed else f"({low}, {high})"
         raise ValueError(f"`{name}` must be a number in {interval}, got {value!r}")
-    return float(value)
+    return number
 
 
 def options(
     *,
-    label_smoothing: float,
-    eps: float,
+    label_smoothing: Any,
+    eps: Any,
     from_logits: bool,
-    z_loss: float = 0.0,
-    softcap: float | None = None,
+    z_loss: Any = 0.0,
+    softcap: Any = None,
     validate: bool | None = None,
-) -> None:
-    """Check the scalar options shared by the cross-entropies."""
-    in_range("label_smoothing", label_smoothing, 0.0, 1.0, closed=True)
-    in_range("eps", eps, 0.0, 0.5, closed=False)
-    if not (isinstance(z_loss, (int, float)) and math.isfinite(z_loss) and z_loss >= 0):
+) -> tuple[float, float, float, float | None]:
+    """Check the scalar options shared by the cross-entropies; return ``(label_smoothing,
+    eps, z_loss, softcap)`` as Python floats."""
+    smoothing = in_range("label_smoothing", label_smoothing, 0.0, 1.0, closed=True)
+    clip = in_range("eps", eps, 0.0, 0.5, closed=False)
+    z = real("z_loss", z_loss, "a finite number >= 0")
+    if not _symbolic(z) and not (_finite(z) and z >= 0):
         raise ValueError(f"`z_loss` must be a finite number >= 0, got {z_loss!r}")
-    if softcap is not None and not (
-        isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap > 0
-    ):
+    cap = None if softcap is None else real("softcap", softcap, "None or a finite number > 0")
+    if cap is not None and not _symbolic(cap) and not (_finite(cap) and cap > 0):
         raise ValueError(f"`softcap` must be None or a finite number > 0, got {softcap!r}")
     if not isinstance(from_logits, bool):
         raise TypeError(f"`from_logits` must be True or False, got {from_logits!r}")
@@ -113,15 +216,33 @@ def options(
             "`z_loss` and `softcap` act on logits, expected from_logits=True when they are set, "
             f"got from_logits=False with z_loss={z_loss!r}, softcap={softcap!r}"
         )
-    if validate not in (None, True, False):
+    if validate not in (None, True, False) or not isinstance(validate, (bool, type(None))):
         raise ValueError(f"`validate` must be None, True or False, got {validate!r}")
+    return smoothing, clip, z, cap
+
+
+def real_weights(xp: Namespace, name: str, value: Array | None) -> None:
+    """Raise TypeError unless the weight ``value`` holds real numbers (a complex weight would
+    be cut to its real part)."""
+    if value is not None and not xp.isdtype(value.dtype, ("real floating", "integral", "bool")):
+        raise TypeError(f"`{name}` must hold real numbers, got dtype {value.dtype}")
+
+
+def probability_target_options(ignore_index: int, default: int) -> None:
+    """Raise ValueError for an ``ignore_index`` set with probability targets (it has no
+    labels to match there)."""
+    if ignore_index != default:
+        raise ValueError(
+            f"`ignore_index` applies to class-index targets, expected the default "
+            f"{default} with floating (probability) targets, got ignore_index={ignore_index}"
+        )
 
 
 def target_kind(xp: Namespace, input: Array, target: Array, ax: int) -> str:
     """``"index"`` for class indices, ``"prob"`` for class probabilities."""
     per_row = input.shape[:ax] + input.shape[ax + 1 :]
     if xp.isdtype(target.dtype, "integral"):
-        if tuple(target.shape) != tuple(per_row):
+        if not same_shape(target.shape, per_row):
             raise ValueError(
                 f"`target` holds class indices (dtype {target.dtype}) and has shape {_shape(target.shape)}, "
                 f"expected {_shape(per_row)} (input shape {_shape(input.shape)} without axis {ax}); "
@@ -129,7 +250,7 @@ def target_kind(xp: Namespace, input: Array, target: Array, ax: int) -> str:
             )
         return "index"
     if xp.isdtype(target.dtype, "real floating"):
-        if tuple(target.shape) != tuple(input.shape):
+        if not same_shape(target.shape, input.shape):
             raise ValueError(
                 f"`target` holds class probabilities (dtype {target.dtype}) and has shape "
                 f"{_shape(target.shape)}, expected the input's shape {_shape(input.shape)}; "
@@ -141,9 +262,38 @@ def target_kind(xp: Namespace, input: Array, target: Array, ax: int) -> str:
     )
 
 
+def _known(n: Any) -> bool:
+    return n is not None and n == n  # Dask writes an unknown size as NaN
+
+
+def same_shape(a: Any, b: Any) -> bool:
+    """Whether shapes ``a`` and ``b`` can be equal: sizes match where both are known (Dask
+    leaves sizes unknown after boolean indexing; it checks them when it computes)."""
+    a, b = tuple(a), tuple(b)
+    return len(a) == len(b) and all(
+        not (_known(m) and _known(n)) or m == n for m, n in zip(a, b, strict=True)
+    )
+
+
+def known_shape(shape: Any) -> bool:
+    """Whether every size in ``shape`` is known."""
+    return all(_known(n) for n in shape)
+
+
+def class_count(shape: Any, ax: int) -> int:
+    """The size ``C`` of the class axis, which must be known."""
+    classes = shape[ax]
+    if not _known(classes):
+        raise ValueError(
+            f"`input` must have a known size along the class axis {ax}, got shape "
+            f"{_shape(shape)}; compute the chunk sizes first (Dask: `compute_chunk_sizes()`)"
+        )
+    return int(classes)
+
+
 def class_weight(weight: Array | None, classes: int) -> None:
     """Check ``weight`` has shape ``(C,)``."""
-    if weight is not None and tuple(weight.shape) != (classes,):
+    if weight is not None and not same_shape(weight.shape, (classes,)):
         raise ValueError(
             f"`weight` must have shape ({classes},), one entry per class, got {_shape(weight.shape)}"
         )
@@ -155,7 +305,7 @@ def broadcastable(name: str, value: Array | None, shape: tuple[int, ...], what: 
         return
     vshape = tuple(value.shape)
     ok = len(vshape) <= len(shape) and all(
-        v in (1, s) for v, s in zip(vshape[::-1], shape[::-1], strict=False)
+        v == 1 or same_shape((v,), (s,)) for v, s in zip(vshape[::-1], shape[::-1], strict=False)
     )
     if not ok:
         raise ValueError(
@@ -171,7 +321,11 @@ def raise_on_bad_labels(
         return
     flat = xp.reshape(xp.astype(bad, xp.int8), (-1,))
     i = int(xp.argmax(flat))
-    value = int(xp.reshape(labels, (-1,))[i])
+    element = xp.reshape(labels, (-1,))[i]
+    try:
+        value = int(element)
+    except (RuntimeError, OverflowError):  # torch cannot read a uint64 above int64's max
+        value = int(xp.astype(element, xp.int64)) % (int(xp.iinfo(labels.dtype).max) + 1)
     position = _unravel(i, tuple(bad.shape))
     raise ValueError(
         f"`target` has label {value} at position {position}, expected a class index in "

@@ -23,7 +23,15 @@ from .._compat import (
 from .._typing import Namespace
 from ._generic import Backend, GradRule
 
-__all__ = ["Backend", "GradRule", "lookup", "native_enabled", "set_native"]
+__all__ = [
+    "Backend",
+    "GradRule",
+    "lookup",
+    "namespace_of",
+    "native_enabled",
+    "same_library",
+    "set_native",
+]
 
 _native = os.environ.get("XENT_NATIVE", "1").strip().lower() not in {"0", "false", "off", "no"}
 _cache: dict[tuple[int, bool], Backend] = {}
@@ -77,6 +85,27 @@ _TABLE: tuple[tuple[Callable[[Namespace], bool], Callable[[], ModuleType]], ...]
 )
 
 
+# Array classes recognised by name, for the libraries whose compilers trace xent's calls
+# (torch.compile warns about array-api-compat's `functools.lru_cache` type tests, which a
+# cold trace would reach). The module gives the namespace (``NAMESPACE``).
+_ARRAY_CLASSES: dict[tuple[str, str], Callable[[], ModuleType]] = {
+    ("torch", "Tensor"): _load_torch,
+}
+_by_namespace: dict[int, ModuleType] = {}
+
+
+def namespace_of(x: object) -> Namespace | None:
+    """The namespace of ``x`` where its class is one of the registered array classes."""
+    for cls in type(x).__mro__:
+        load = _ARRAY_CLASSES.get((cls.__module__, cls.__qualname__))
+        if load is not None:
+            module = load()
+            found: Namespace = module.NAMESPACE
+            _by_namespace[id(found)] = module
+            return found
+    return None
+
+
 def set_native(enabled: bool) -> bool:
     """Turn the backends' native overrides on or off; return the previous setting.
 
@@ -117,10 +146,22 @@ def lookup(xp: Namespace) -> Backend:
     return backend
 
 
+def same_library(given: object, found: Namespace) -> bool:
+    """Whether ``given`` (a user's ``xp=``: a namespace or a plain library module such as
+    ``torch``) names the library of namespace ``found``."""
+    if not isinstance(given, ModuleType):
+        return False
+    return any(recognises(given) and recognises(found) for recognises, _ in _TABLE)
+
+
 def _build(xp: Namespace, native: bool) -> Backend:
+    known = _by_namespace.get(id(xp))
+    if known is not None:
+        cls: type[Backend] = known.NativeBackend if native else known.Facts
+        return cls(xp)
     for recognises, load in _TABLE:
         if recognises(xp):
             module = load()
-            cls: type[Backend] = module.NativeBackend if native else module.Facts
+            cls = module.NativeBackend if native else module.Facts
             return cls(xp)
     return Backend(xp)

@@ -76,14 +76,21 @@ class Backend:
         """
         return self.device(x)
 
+    def unsupported(self, x: Array) -> str | None:
+        """What ``x`` is, where xent cannot compute with it faithfully (a masked or sparse
+        container, whose extra structure some primitives would ignore); None otherwise."""
+        return None
+
     def index_dtype(self) -> Any:
         """The signed integer dtype labels are cast to before they index."""
         return self.xp.int64
 
     def compute_dtype(self, dtype: Any) -> Any:
-        """float32 and float64 compute in their own dtype; narrower floats in float32."""
+        """The dtype a real floating ``dtype`` computes in, decided by width (never by ``==``,
+        which a byte order or an extended type defeats): wider than 32 bits in float64 (so
+        ``longdouble`` too), 32 bits and narrower in float32."""
         xp = self.xp
-        return xp.float64 if dtype == xp.float64 else xp.float32
+        return xp.float64 if xp.finfo(dtype).bits > 32 else xp.float32
 
     def quiet(self) -> contextlib.AbstractContextManager[None]:
         """A context that silences floating-point warnings (``log(0)`` of masked rows)."""

@@ -67,6 +67,11 @@ class Facts(Backend):
     def is_lazy(self, x: Array) -> bool:
         return False
 
+    def unsupported(self, x: Array) -> str | None:
+        if isinstance(x, np.ma.MaskedArray):
+            return "a NumPy masked array (convert with `.filled(...)` or `np.asarray`)"
+        return None
+
     def quiet(self) -> contextlib.AbstractContextManager[Any]:
         return np.errstate(divide="ignore", invalid="ignore", over="ignore")
 

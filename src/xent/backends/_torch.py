@@ -6,8 +6,12 @@ from typing import Any
 
 import torch
 
+from .._compat import array_namespace
 from .._typing import Array
 from ._generic import Backend, GradRule
+
+NAMESPACE = array_namespace(torch.empty(0))
+"""array-api-compat's namespace for torch tensors."""
 
 
 def _owned(g: Array) -> bool:
@@ -36,6 +40,11 @@ class Facts(Backend):
 
     def on_host(self, x: Array) -> bool:
         return bool(x.device.type == "cpu")
+
+    def unsupported(self, x: Array) -> str | None:
+        if x.layout != torch.strided:
+            return f"a tensor of layout {x.layout} (convert with `.to_dense()`)"
+        return None
 
     def device(self, x: Array) -> Any:
         return x.device
@@ -126,6 +135,11 @@ class Native(Backend):
         # torch.softmax fuses max, exp, sum and divide in one pass per row; the scale then
         # goes in place unless autograd (double backward) or a tracer needs the graph.
         p = torch.softmax(x, dim=axis)
+        # A row holding +inf: torch.softmax makes the whole row NaN; xent's answer (every
+        # backend's) is exp(x - logsumexp) entry by entry, 0 at finite logits, NaN at +inf.
+        overflow = torch.isposinf(log_sum)
+        if self.is_traced(x) or x.device.type != "cpu" or bool(overflow.any()):
+            p = torch.where(overflow, torch.exp((x - shift) - log_sum), p)
         if scale is None:
             return p
         if _owned(p) and not self.is_traced(p):
