@@ -149,10 +149,25 @@ def cross_entropy(
     >>> xent.cross_entropy(logits, xp.asarray([1, 0]))
     Array(0.03492907, dtype=array_api_strict.float64)
     """
-    p = _problem(
+    checked = _check(
         input, target, axis=axis, from_logits=from_logits, weight=weight,
+        sample_weight=sample_weight, label_smoothing=label_smoothing, reduction=reduction,
+        z_loss=z_loss, softcap=softcap, eps=eps, validate=validate, xp=xp,
+    )  # fmt: skip
+    xp, ops, ax, kind = checked
+    if kind == "index" and from_logits and softcap is None and not z_loss and sample_weight is None:
+        # A backend may hand the plain case to a fused kernel of the same semantics; it
+        # declines (None) wherever a label is invalid, so errors and NaNs come from below.
+        loss = ops.fused_index_loss(
+            input, target, axis=ax, weight=weight, ignore_index=ignore_index,
+            label_smoothing=float(label_smoothing), reduction=reduction,
+        )  # fmt: skip
+        if loss is not None:
+            return loss
+    p = _problem(
+        input, target, checked, from_logits=from_logits, weight=weight,
         sample_weight=sample_weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
-        reduction=reduction, z_loss=z_loss, softcap=softcap, eps=eps, validate=validate, xp=xp,
+        reduction=reduction, z_loss=z_loss, softcap=softcap, eps=eps, validate=validate,
     )  # fmt: skip
     return p.ops.custom_grad(_RULE, p, input, others=(target, weight, sample_weight))
 
@@ -205,17 +220,26 @@ def cross_entropy_and_grad(
     >>> grad
     Array([[-0.5,  0.5]], dtype=array_api_strict.float64)
     """
-    p = _problem(
+    checked = _check(
         input, target, axis=axis, from_logits=from_logits, weight=weight,
+        sample_weight=sample_weight, label_smoothing=label_smoothing, reduction=reduction,
+        z_loss=z_loss, softcap=softcap, eps=eps, validate=validate, xp=xp,
+    )  # fmt: skip
+    p = _problem(
+        input, target, checked, from_logits=from_logits, weight=weight,
         sample_weight=sample_weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
-        reduction=reduction, z_loss=z_loss, softcap=softcap, eps=eps, validate=validate, xp=xp,
+        reduction=reduction, z_loss=z_loss, softcap=softcap, eps=eps, validate=validate,
     )  # fmt: skip
     loss, saved = _forward(p, input)
     return loss, _backward(p, input, saved, p.xp.ones_like(loss))
 
 
 # --------------------------------------------------------------------------- preparation
-def _problem(
+_Checked = tuple[Namespace, Backend, int, str]
+"""``(xp, ops, axis, kind)`` of arguments that passed every check."""
+
+
+def _check(
     input: Array,
     target: Array,
     *,
@@ -223,7 +247,6 @@ def _problem(
     from_logits: bool,
     weight: Array | None,
     sample_weight: Array | None,
-    ignore_index: int,
     label_smoothing: float,
     reduction: str,
     z_loss: float,
@@ -231,7 +254,8 @@ def _problem(
     eps: float,
     validate: bool | None,
     xp: Namespace | None,
-) -> _Problem:
+) -> _Checked:
+    """Every check that reads no label values; ``kind`` is ``"index"`` or ``"prob"``."""
     arrays = {"input": input, "target": target, "weight": weight, "sample_weight": sample_weight}
     xp = _validation.namespace(arrays, xp)
     ops = lookup(xp)
@@ -254,7 +278,28 @@ def _problem(
     _validation.broadcastable("sample_weight", sample_weight, per_row, "the per-example shape")
     if weight is not None and not xp.isdtype(weight.dtype, ("real floating", "integral")):
         raise TypeError(f"`weight` must hold real numbers, got dtype {weight.dtype}")
+    return xp, ops, ax, kind
 
+
+def _problem(
+    input: Array,
+    target: Array,
+    checked: _Checked,
+    *,
+    from_logits: bool,
+    weight: Array | None,
+    sample_weight: Array | None,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+    z_loss: float,
+    softcap: float | None,
+    eps: float,
+    validate: bool | None,
+) -> _Problem:
+    xp, ops, ax, kind = checked
+    classes = int(input.shape[ax])
+    per_row = tuple(input.shape[:ax] + input.shape[ax + 1 :])
     dtype = ops.compute_dtype(input.dtype)
     dev = ops.device(input)
     empty = math.prod(per_row) == 0

@@ -15,9 +15,30 @@ from ._typing import Array, Namespace
 REDUCTIONS = ("mean", "sum", "none")
 
 
+_NAMESPACES: dict[tuple[type, ...], Namespace] = {}
+"""The namespace found for each combination of array types: a type's namespace is fixed, and
+finding it is a large share of a small call's cost."""
+
+_KINDS: dict[tuple[Any, Any, str], bool] = {}
+"""``xp.isdtype(dtype, kind)`` per namespace, dtype and kind (dtypes are few, the calls many)."""
+
+
+def isdtype(xp: Namespace, dtype: Any, kind: str) -> bool:
+    """``xp.isdtype(dtype, kind)``, remembered."""
+    key = (id(xp), dtype, kind)
+    found = _KINDS.get(key)
+    if found is None:
+        found = _KINDS[key] = bool(xp.isdtype(dtype, kind))
+    return found
+
+
 def namespace(arrays: dict[str, Array | None], xp: Namespace | None) -> Namespace:
     """The namespace shared by ``arrays`` (``None`` entries are absent options)."""
     present = {name: a for name, a in arrays.items() if a is not None}
+    types = tuple(type(a) for a in present.values())
+    known = _NAMESPACES.get(types)
+    if known is not None:  # these types passed every check below before
+        return known if xp is None else xp
     for name, a in present.items():
         if not is_array_api_obj(a):
             raise TypeError(
@@ -28,6 +49,7 @@ def namespace(arrays: dict[str, Array | None], xp: Namespace | None) -> Namespac
         return xp
     try:
         found: Namespace = array_namespace(*present.values())
+        _NAMESPACES[types] = found
         return found
     except TypeError as err:
         kinds = ", ".join(
@@ -50,7 +72,7 @@ def same_device(ops: Any, arrays: dict[str, Array | None]) -> None:
 
 def floating_input(xp: Namespace, name: str, x: Array) -> None:
     """Raise TypeError unless ``x`` has a real floating dtype."""
-    if not xp.isdtype(x.dtype, "real floating"):
+    if not isdtype(xp, x.dtype, "real floating"):
         raise TypeError(
             f"`{name}` must have a real floating dtype (logits or probabilities), got {x.dtype}"
         )
@@ -120,7 +142,7 @@ def options(
 def target_kind(xp: Namespace, input: Array, target: Array, ax: int) -> str:
     """``"index"`` for class indices, ``"prob"`` for class probabilities."""
     per_row = input.shape[:ax] + input.shape[ax + 1 :]
-    if xp.isdtype(target.dtype, "integral"):
+    if isdtype(xp, target.dtype, "integral"):
         if tuple(target.shape) != tuple(per_row):
             raise ValueError(
                 f"`target` holds class indices (dtype {target.dtype}) and has shape {_shape(target.shape)}, "
@@ -128,7 +150,7 @@ def target_kind(xp: Namespace, input: Array, target: Array, ax: int) -> str:
                 f"probability targets would have the input's shape"
             )
         return "index"
-    if xp.isdtype(target.dtype, "real floating"):
+    if isdtype(xp, target.dtype, "real floating"):
         if tuple(target.shape) != tuple(input.shape):
             raise ValueError(
                 f"`target` holds class probabilities (dtype {target.dtype}) and has shape "

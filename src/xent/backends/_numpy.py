@@ -59,6 +59,9 @@ def _in_parallel(work: Callable[[int, int], None], n: int, nbytes: int) -> None:
         f.result()
 
 
+_FUSED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
 class Facts(Backend):
     """NumPy arrays are concrete and in host memory."""
 
@@ -116,6 +119,58 @@ class Native(Backend):
         _in_parallel(work, rows.shape[0], rows.nbytes)
         np.log(out, out=out)
         return out.reshape(shift.shape)
+
+    def fused_index_loss(
+        self,
+        input: Array,
+        target: Array,
+        *,
+        axis: int,
+        weight: Array | None,
+        ignore_index: int,
+        label_smoothing: float,
+        reduction: str,
+    ) -> Array | None:
+        # The plain loss of C-contiguous rows whose labels are all in [0, C) (one min and one
+        # max read them), with no mask, where and errstate of the general path: at small sizes
+        # those cost more than the arithmetic. Anything else goes back to the core.
+        x, y = np.asarray(input), np.asarray(target)
+        c = x.shape[-1] if x.ndim else 0
+        if (
+            x.dtype not in _FUSED_DTYPES
+            or axis != x.ndim - 1
+            or x.ndim > 2
+            or x.size == 0
+            or label_smoothing
+            or not x.flags.c_contiguous
+            or 0 <= ignore_index < c
+        ):
+            return None
+        rows = x.reshape(-1, c)
+        labels = y.reshape(-1)
+        if labels.min() < 0 or labels.max() >= c:
+            return None
+        picked = rows[np.arange(rows.shape[0]), labels]
+        shift = np.max(rows, axis=1)
+        if rows.nbytes <= _BLOCK_BYTES and np.isfinite(shift).all():
+            # Finite row maxima: exp(x - max) <= 1 and its sum >= 1, so no step can warn.
+            scratch = rows - shift[:, None]
+            np.exp(scratch, out=scratch)
+            log_sum = np.log(np.sum(scratch, axis=1))
+        else:
+            with self.quiet():
+                shift, log_sum = (a.reshape(-1) for a in self.logsumexp(rows, 1))
+        loss = log_sum - (picked - shift)
+        if weight is not None:
+            label_weight = np.asarray(weight).astype(x.dtype, copy=False)[labels]
+            loss *= label_weight
+        if reduction == "none":
+            return loss.reshape(y.shape)
+        total = np.sum(loss)
+        if reduction == "sum":
+            return total
+        count = x.dtype.type(labels.size) if weight is None else np.sum(label_weight)
+        return total / count
 
     def softmax_from_lse(
         self, x: Array, shift: Array, log_sum: Array, axis: int, scale: Array | None = None
