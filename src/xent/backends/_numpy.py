@@ -151,25 +151,37 @@ class Native(Backend):
         if labels.min() < 0 or labels.max() >= c:
             return None
         picked = rows[np.arange(rows.shape[0]), labels]
-        shift = np.max(rows, axis=1)
-        if rows.nbytes <= _BLOCK_BYTES and np.isfinite(shift).all():
-            # Finite row maxima: exp(x - max) <= 1 and its sum >= 1, so no step can warn.
+        with self.quiet():
+            return self._plain_loss(rows, picked, labels, y.shape, weight, reduction)
+
+    def _plain_loss(
+        self,
+        rows: np.ndarray,
+        picked: np.ndarray,
+        labels: np.ndarray,
+        shape: tuple[int, ...],
+        weight: Array | None,
+        reduction: str,
+    ) -> Array:
+        shift = np.max(rows, axis=1) if rows.nbytes <= _BLOCK_BYTES else None
+        # A row max of +inf or NaN takes the general shift of 0 (a row of -inf gives NaN
+        # either way).
+        if shift is not None and np.max(shift) < np.inf:
             scratch = rows - shift[:, None]
             np.exp(scratch, out=scratch)
             log_sum = np.log(np.sum(scratch, axis=1))
         else:
-            with self.quiet():
-                shift, log_sum = (a.reshape(-1) for a in self.logsumexp(rows, 1))
+            shift, log_sum = (a.reshape(-1) for a in self.logsumexp(rows, 1))
         loss = log_sum - (picked - shift)
         if weight is not None:
-            label_weight = np.asarray(weight).astype(x.dtype, copy=False)[labels]
+            label_weight = np.asarray(weight).astype(rows.dtype, copy=False)[labels]
             loss *= label_weight
         if reduction == "none":
-            return loss.reshape(y.shape)
+            return loss.reshape(shape)
         total = np.sum(loss)
         if reduction == "sum":
             return total
-        count = x.dtype.type(labels.size) if weight is None else np.sum(label_weight)
+        count = rows.dtype.type(labels.size) if weight is None else np.sum(label_weight)
         return total / count
 
     def softmax_from_lse(
