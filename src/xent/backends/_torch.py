@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -78,8 +79,8 @@ def _chunked_logsumexp(x: Array) -> tuple[Array, Array]:
     c = x.shape[-1]
     rows = x.reshape(-1, c)
     n = rows.shape[0]
-    peak = torch.amax(rows, dim=1, keepdim=True) if c else rows.new_zeros((n, 1))
     log_sum = rows.new_empty((n, 1))
+    where = torch.empty((n, 1), dtype=torch.long, device=rows.device)
     size = rows.numel() * rows.element_size()
     block = size if size <= _ONE_BLOCK_BYTES else _BLOCK_BYTES
     step = max(1, block // max(1, c * rows.element_size()))
@@ -89,8 +90,21 @@ def _chunked_logsumexp(x: Array) -> tuple[Array, Array]:
     for start in range(0, n, step):
         block_rows = rows[start : start + step]
         lp = torch.log_softmax(block_rows, dim=1, out=scratch[: block_rows.shape[0]])
-        torch.amax(lp, dim=1, keepdim=True, out=log_sum[start : start + step])
+        # The log-softmax peaks where x does: its max is -log_sum and its argmax finds the
+        # row max (the shift) without a separate pass over x.
+        torch.max(
+            lp,
+            dim=1,
+            keepdim=True,
+            out=(log_sum[start : start + step], where[start : start + step]),
+        )
     log_sum.neg_()
+    peak = torch.gather(rows, 1, where)
+    lost = torch.isnan(log_sum)
+    if bool(lost.any()):
+        # A +inf or NaN makes the whole log-softmax row NaN, and its argmax says nothing:
+        # such rows (rare) read their max directly.
+        peak = torch.where(lost, torch.amax(rows, dim=1, keepdim=True), peak)
     # Rows whose max is not finite: shift 0 and log_sum = max (-inf, inf or NaN), as the
     # generic logsumexp gives them.
     finite = torch.isfinite(peak)
@@ -102,7 +116,7 @@ def _chunked_logsumexp(x: Array) -> tuple[Array, Array]:
 
 _FUSED_DTYPES = (torch.float32, torch.float64)
 
-_FUSED_BYTES = 8 * 2**20
+_FUSED_BYTES = 16 * 2**20
 """Inputs up to this size take ``F.cross_entropy``; larger ones the blocked log-sum-exp, which
 never writes a full-size temporary."""
 
@@ -186,12 +200,17 @@ class Native(Backend):
                 return None  # ATen's kernel has no derivative for the class weights
             weight = weight.to(input.dtype)
         try:
-            return torch.nn.functional.cross_entropy(
+            loss = torch.nn.functional.cross_entropy(
                 input, target.long(), weight, ignore_index=ignore_index, reduction=reduction,
                 label_smoothing=label_smoothing,
             )  # fmt: skip
         except (IndexError, RuntimeError):
             return None
+        # Non-finite logits (a +inf, a row of -inf, NaN) or an empty mean: ATen's kernel and
+        # xent's row-max shift may disagree between inf and NaN, so such rare calls take the
+        # general path. The check reads a scalar (or one row per label) on the host.
+        finite = math.isfinite(loss) if loss.ndim == 0 else bool(torch.isfinite(loss).all())
+        return loss if finite else None
 
     def custom_grad(
         self, rule: GradRule, state: Any, x: Array, *, others: tuple[Array | None, ...] = ()
