@@ -209,7 +209,7 @@ class Native(Backend):
         # Non-finite logits (a +inf, a row of -inf, NaN) or an empty mean: ATen's kernel and
         # xent's row-max shift may disagree between inf and NaN, so such rare calls take the
         # general path. The check reads a scalar (or one row per label) on the host.
-        finite = math.isfinite(loss) if loss.ndim == 0 else bool(torch.isfinite(loss).all())
+        finite = math.isfinite(loss.item()) if loss.ndim == 0 else bool(torch.isfinite(loss).all())
         return loss if finite else None
 
     def custom_grad(
