@@ -225,6 +225,14 @@ def cross_entropy_and_grad(
         sample_weight=sample_weight, label_smoothing=label_smoothing, reduction=reduction,
         z_loss=z_loss, softcap=softcap, eps=eps, validate=validate, xp=xp,
     )  # fmt: skip
+    xp, ops, ax, kind = checked
+    if kind == "index" and from_logits and softcap is None and not z_loss and sample_weight is None:
+        both = ops.fused_index_loss_and_grad(
+            input, target, axis=ax, weight=weight, ignore_index=ignore_index,
+            label_smoothing=float(label_smoothing), reduction=reduction,
+        )  # fmt: skip
+        if both is not None:
+            return both
     p = _problem(
         input, target, checked, from_logits=from_logits, weight=weight,
         sample_weight=sample_weight, ignore_index=ignore_index, label_smoothing=label_smoothing,

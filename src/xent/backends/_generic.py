@@ -151,6 +151,21 @@ class Backend:
         """
         return None
 
+    def fused_index_loss_and_grad(
+        self,
+        input: Array,
+        target: Array,
+        *,
+        axis: int,
+        weight: Array | None,
+        ignore_index: int,
+        label_smoothing: float,
+        reduction: str,
+    ) -> tuple[Array, Array] | None:
+        """:meth:`fused_index_loss` and the gradient of ``sum(loss)`` with respect to ``input``
+        (of its shape and dtype), or None, on the same terms."""
+        return None
+
     def custom_grad(
         self, rule: GradRule, state: Any, x: Array, *, others: tuple[Array | None, ...] = ()
     ) -> Array:
