@@ -79,8 +79,8 @@ def _chunked_logsumexp(x: Array) -> tuple[Array, Array]:
     c = x.shape[-1]
     rows = x.reshape(-1, c)
     n = rows.shape[0]
+    peak = torch.amax(rows, dim=1, keepdim=True) if c else rows.new_zeros((n, 1))
     log_sum = rows.new_empty((n, 1))
-    where = torch.empty((n, 1), dtype=torch.long, device=rows.device)
     size = rows.numel() * rows.element_size()
     block = size if size <= _ONE_BLOCK_BYTES else _BLOCK_BYTES
     step = max(1, block // max(1, c * rows.element_size()))
@@ -90,21 +90,8 @@ def _chunked_logsumexp(x: Array) -> tuple[Array, Array]:
     for start in range(0, n, step):
         block_rows = rows[start : start + step]
         lp = torch.log_softmax(block_rows, dim=1, out=scratch[: block_rows.shape[0]])
-        # The log-softmax peaks where x does: its max is -log_sum and its argmax finds the
-        # row max (the shift) without a separate pass over x.
-        torch.max(
-            lp,
-            dim=1,
-            keepdim=True,
-            out=(log_sum[start : start + step], where[start : start + step]),
-        )
+        torch.amax(lp, dim=1, keepdim=True, out=log_sum[start : start + step])
     log_sum.neg_()
-    peak = torch.gather(rows, 1, where)
-    lost = torch.isnan(log_sum)
-    if bool(lost.any()):
-        # A +inf or NaN makes the whole log-softmax row NaN, and its argmax says nothing:
-        # such rows (rare) read their max directly.
-        peak = torch.where(lost, torch.amax(rows, dim=1, keepdim=True), peak)
     # Rows whose max is not finite: shift 0 and log_sum = max (-inf, inf or NaN), as the
     # generic logsumexp gives them.
     finite = torch.isfinite(peak)
