@@ -1,16 +1,24 @@
-"""Time xent against each installed backend's native cross-entropy, side by side.
+"""Time xent against each backend's native cross-entropy over a grid of shapes, side by side.
 
-    python benchmarks/run.py [--quick] [--rounds N] [--sizes 4096x32768 ...] [--backends ...]
+    python benchmarks/run.py                     # the standard grid, table + scaling plot
+    python benchmarks/run.py --quick             # four shapes, three rounds (about a minute)
+    python benchmarks/run.py --sizes 256x10 4096x32768 --backends torch numpy
 
-For every size and backend it measures xent and the references on the same data in the same
-run, forward and forward+backward, taking the candidates in turn within each round (so load on
-a shared machine hits all of them alike); a fast candidate is repeated within its sample until
-the sample lasts about 50 ms. It prints the median time, the ratio to the row's
-reference and the peak extra memory, and writes a PNG of the ratios (``--plot``).
+For every shape N x C (float32 logits of shape (N, C), int labels of shape (N,), mean reduction)
+and every installed backend it times xent and that backend's own loss on the same data in the
+same run: PyTorch eager (against ``F.cross_entropy``, float32 and bfloat16), PyTorch
+``torch.compile`` (both sides compiled), NumPy and array-api-strict (against the plain
+``max/exp/sum/log`` expression with a fancy-index pick), JAX under ``jit`` (against Optax's
+``softmax_cross_entropy_with_integer_labels``, float32 and bfloat16) and Dask (the plain
+expression on the same row chunks). Forward, and forward+backward where the library
+differentiates (NumPy's forward+backward reference is the hand-written softmax-minus-one-hot
+gradient, against ``xent.cross_entropy_and_grad``).
 
-Peak memory: NumPy through ``tracemalloc`` (NumPy reports its buffers to it, so the figure is
-exact); CUDA through the allocator's peak counters; PyTorch CPU and JAX CPU by sampling the
-process's resident set every millisecond (approximate, marked ``~``).
+Timing: all candidates of a shape run in turn within each round (load on a shared machine hits
+them alike); each sample repeats a candidate until it lasts about 30 ms; the figure is the
+median of the rounds. The run prints the load average (``/proc/loadavg``) before and after, and
+writes the Markdown table (``--markdown``) and a log-log plot of time per call against N x C
+(``--plot``). Shapes whose arrays would not fit in memory are skipped with the reason printed.
 """
 
 from __future__ import annotations
@@ -19,12 +27,11 @@ import argparse
 import gc
 import importlib.util
 import math
+import os
 import platform
 import statistics
 import sys
-import threading
 import time
-import tracemalloc
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,215 +42,177 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import xent
 
-MiB = 2**20
-FULL_SIZES = ("32x32768", "4096x32768", "1024x128256")
-QUICK_SIZES = ("512x32768",)
+GiB = 2**30
+GRID = (
+    "256x10", "32x1000", "4096x10", "512x1000", "16384x100", "64x50257", "2048x8192",
+    "4096x32768", "1024x128256", "8192x131072",
+)  # fmt: skip
+QUICK = ("256x10", "4096x10", "512x1000", "2048x8192")
+COMPILED = ("256x10", "512x1000", "2048x8192")
+"""``torch.compile`` recompiles per shape (tens of seconds each on two cores): a few shapes."""
+
+BIG = 2**26
+"""Above this many elements only the float32 rows of NumPy, PyTorch eager and JAX are timed
+(the others would take minutes per shape)."""
+
+SAMPLE_SECONDS = 0.03
+MEMORY_CAP = 20 * GiB
+
+BACKENDS = ("torch", "numpy", "jax", "dask", "strict")
 
 
 @dataclass
 class Case:
     """One timed candidate: ``run()`` does the work and blocks until it is done."""
 
-    group: str  # "numpy fwd 4096x32768"
+    backend: str  # "torch eager fp32"
+    step: str  # "fwd" or "fwd+bwd"
+    size: str
     name: str
     run: Callable[[], Any]
     reference: bool = False
-    memory: str = "rss"  # "tracemalloc", "cuda", "cupy", "rss" or "none"
     times: list[float] = field(default_factory=list)
-    repeat: int = 1  # runs per timing sample (set by the warm-up)
-    peak: float | None = None
-    peak_approx: bool = False
+    repeat: int = 1
+
+    @property
+    def group(self) -> tuple[str, str, str]:
+        return (self.backend, self.step, self.size)
 
 
-# --------------------------------------------------------------------------- memory
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
+# --------------------------------------------------------------------------- numpy & strict
+def _plain(xp: Any, x: Any, y: Any) -> Any:
+    """The plain expression: max, exp, sum, log, and the label's logit picked by index."""
+    m = xp.max(x, axis=1, keepdims=True)
+    lse = xp.log(xp.sum(xp.exp(x - m), axis=1)) + m[:, 0]
+    picked = xp.take_along_axis(x, y[:, None], axis=1)[:, 0]
+    return xp.mean(lse - picked)
 
 
-def _peak_rss(run: Callable[[], Any]) -> float:
-    gc.collect()
-    base = _rss()
-    peak = base
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, _rss())
-            time.sleep(0.001)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    out = run()
-    peak = max(peak, _rss())
-    done.set()
-    t.join()
-    del out
-    return (peak - base) / MiB
-
-
-def _peak(case: Case) -> None:
-    if case.memory == "tracemalloc":
-        gc.collect()
-        tracemalloc.start()
-        out = case.run()
-        case.peak = tracemalloc.get_traced_memory()[1] / MiB
-        tracemalloc.stop()
-        del out
-    elif case.memory == "cuda":
-        import torch
-
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        out = case.run()
-        case.peak = (torch.cuda.max_memory_allocated() - base) / MiB
-        del out
-    elif case.memory == "cupy":
-        import cupy
-
-        pool = cupy.get_default_memory_pool()
-        pool.free_all_blocks()
-        base = pool.used_bytes()
-        out = case.run()
-        case.peak = (pool.total_bytes() - base) / MiB
-        del out
-    elif case.memory == "rss":
-        case.peak = _peak_rss(case.run)
-        case.peak_approx = True
-
-
-# --------------------------------------------------------------------------- numpy
-def numpy_cases(n: int, c: int, rng: np.random.Generator) -> list[Case]:
-    import array_api_compat.numpy as xp
-
+def numpy_cases(n: int, c: int, rng: np.random.Generator, big: bool) -> list[Case]:
     x = rng.standard_normal((n, c), dtype=np.float32)
     y = rng.integers(0, c, n)
     rows = np.arange(n)
 
-    def naive() -> Any:
-        # The plain array-API expression: max, exp, sum, log, each a full-size temporary.
-        m = xp.max(x, axis=-1, keepdims=True)
-        lse = xp.log(xp.sum(xp.exp(x - m), axis=-1, keepdims=True)) + m
-        picked = xp.take_along_axis(x, y[:, None], axis=-1)
-        return xp.mean(lse - picked)
+    def plain() -> Any:
+        m = x.max(axis=1, keepdims=True)
+        return np.mean(np.log(np.exp(x - m).sum(axis=1)) + m[:, 0] - x[rows, y])
 
-    def scipy_lse() -> Any:
-        from scipy.special import logsumexp
-
-        return np.mean(logsumexp(x, axis=-1) - x[rows, y])
-
-    def chunked(block_bytes: int = 16 * MiB) -> Any:
-        # What a careful NumPy user writes: rows in blocks, one reused scratch buffer.
-        step = max(1, block_bytes // (c * 4))
-        buf = np.empty((min(step, n), c), dtype=np.float32)
-        lse = np.empty(n, dtype=np.float32)
-        for s in range(0, n, step):
-            b = x[s : s + step]
-            t = buf[: b.shape[0]]
-            m = b.max(axis=1, keepdims=True)
-            np.subtract(b, m, out=t)
-            np.exp(t, out=t)
-            lse[s : s + step] = np.log(t.sum(axis=1)) + m[:, 0]
-        return np.mean(lse - x[rows, y])
-
-    def chunked_grad(block_bytes: int = 16 * MiB) -> Any:
-        step = max(1, block_bytes // (c * 4))
-        g = np.empty_like(x)
-        lse = np.empty(n, dtype=np.float32)
-        for s in range(0, n, step):
-            b = x[s : s + step]
-            t = g[s : s + step]
-            m = b.max(axis=1, keepdims=True)
-            np.subtract(b, m, out=t)
-            np.exp(t, out=t)
-            z = t.sum(axis=1, keepdims=True)
-            t /= z
-            lse[s : s + step] = np.log(z[:, 0]) + m[:, 0]
-        g[rows, y] -= 1
-        g /= n
-        return np.mean(lse - x[rows, y]), g
+    def plain_grad() -> Any:
+        m = x.max(axis=1, keepdims=True)
+        e = np.exp(x - m)
+        s = e.sum(axis=1, keepdims=True)
+        loss = np.mean(np.log(s[:, 0]) + m[:, 0] - x[rows, y])
+        e /= s
+        e[rows, y] -= 1
+        e /= n
+        return loss, e
 
     size = f"{n}x{c}"
-    fwd = f"numpy fwd {size}"
-    bwd = f"numpy fwd+bwd {size}"
     return [
-        Case(fwd, "chunked in-place loop", chunked, reference=True, memory="tracemalloc"),
-        Case(fwd, "xent", lambda: xent.cross_entropy(x, y), memory="tracemalloc"),
-        Case(fwd, "naive array-API expr", naive, memory="tracemalloc"),
-        Case(fwd, "scipy logsumexp", scipy_lse, memory="tracemalloc"),
-        Case(bwd, "chunked in-place loop", chunked_grad, reference=True, memory="tracemalloc"),
-        Case(bwd, "xent", lambda: xent.cross_entropy_and_grad(x, y), memory="tracemalloc"),
+        Case("numpy fp32", "fwd", size, "plain expression", plain, reference=True),
+        Case("numpy fp32", "fwd", size, "xent", lambda: xent.cross_entropy(x, y)),
+        Case("numpy fp32", "fwd+bwd", size, "plain expression", plain_grad, reference=True),
+        Case("numpy fp32", "fwd+bwd", size, "xent", lambda: xent.cross_entropy_and_grad(x, y)),
+    ]
+
+
+def strict_cases(n: int, c: int, rng: np.random.Generator, big: bool) -> list[Case]:
+    if big:
+        return []
+    import array_api_strict as xp
+
+    x = xp.asarray(rng.standard_normal((n, c), dtype=np.float32))
+    y = xp.asarray(rng.integers(0, c, n))
+    size = f"{n}x{c}"
+    return [
+        Case("array-api-strict fp32", "fwd", size, "plain expression", lambda: _plain(xp, x, y), True),
+        Case("array-api-strict fp32", "fwd", size, "xent", lambda: xent.cross_entropy(x, y)),
+    ]  # fmt: skip
+
+
+def dask_cases(n: int, c: int, rng: np.random.Generator, big: bool) -> list[Case]:
+    if big:
+        return []
+    import array_api_compat.dask.array as xp
+    import dask
+    import dask.array as da
+
+    chunk = max(1, min(n, (16 * 2**20) // (4 * c)))  # row chunks of about 16 MiB
+    x = da.from_array(rng.standard_normal((n, c), dtype=np.float32), chunks=(chunk, c))
+    y = da.from_array(rng.integers(0, c, n), chunks=(chunk,))
+
+    def plain() -> Any:
+        m = xp.max(x, axis=1, keepdims=True)
+        lse = xp.log(xp.sum(xp.exp(x - m), axis=1)) + m[:, 0]
+        picked = xp.sum(xp.where(y[:, None] == xp.arange(c)[None, :], x, 0), axis=1)
+        return dask.compute(xp.mean(lse - picked), scheduler="threads")[0]
+
+    def ours() -> Any:
+        return dask.compute(xent.cross_entropy(x, y), scheduler="threads")[0]
+
+    size = f"{n}x{c}"
+    return [
+        Case("dask fp32", "fwd", size, "plain expression", plain, reference=True),
+        Case("dask fp32", "fwd", size, "xent", ours),
     ]
 
 
 # --------------------------------------------------------------------------- torch
-def torch_cases(n: int, c: int, rng: np.random.Generator, *, compile_: bool) -> list[Case]:
-    import torch
-
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    return [case for dev in devices for case in _torch_device(dev, n, c, rng, compile_)]
-
-
-def _torch_device(dev: str, n: int, c: int, rng: np.random.Generator, compile_: bool) -> list[Case]:
+def torch_cases(n: int, c: int, rng: np.random.Generator, big: bool, compile_: bool) -> list[Case]:
     import torch
     import torch.nn.functional as F
 
-    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
-    x = torch.from_numpy(rng.standard_normal((n, c), dtype=np.float32)).to(dev, dtype)
-    y = torch.from_numpy(rng.integers(0, c, n)).to(dev)
-    xg = x.detach().clone().requires_grad_(True)
-    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-    memory = "cuda" if dev == "cuda" else "rss"
-
-    def fwd(fn: Callable[..., Any]) -> Callable[[], Any]:
-        def run() -> Any:
-            with torch.no_grad():
-                out = fn(x, y)
-            sync()
-            return out
-
-        return run
-
-    def fwd_bwd(fn: Callable[..., Any]) -> Callable[[], Any]:
-        def run() -> Any:
-            xg.grad = None
-            fn(xg, y).backward()
-            sync()
-            return xg.grad
-
-        return run
-
-    impls: list[tuple[str, Callable[..., Any], bool]] = [
-        ("F.cross_entropy", F.cross_entropy, True),
-        ("xent", xent.cross_entropy, False),
+    size = f"{n}x{c}"
+    x32 = torch.from_numpy(rng.standard_normal((n, c), dtype=np.float32))
+    y = torch.from_numpy(rng.integers(0, c, n))
+    variants: list[tuple[str, torch.dtype, Callable[..., Any], Callable[..., Any]]] = [
+        ("torch eager fp32", torch.float32, F.cross_entropy, xent.cross_entropy)
     ]
-    if compile_:
-        impls.append(("torch.compile(F.cross_entropy)", torch.compile(F.cross_entropy), False))
-    if dev == "cuda" and importlib.util.find_spec("liger_kernel") is not None:
-        from liger_kernel.transformers.functional import liger_cross_entropy
+    if not big:
+        variants.append(("torch eager bf16", torch.bfloat16, F.cross_entropy, xent.cross_entropy))
+    if compile_ and size in COMPILED:
+        variants.append(
+            (
+                "torch compile fp32",
+                torch.float32,
+                torch.compile(F.cross_entropy, fullgraph=True, dynamic=False),
+                torch.compile(xent.cross_entropy, fullgraph=True, dynamic=False),
+            )
+        )
+    cases = []
+    for backend, dtype, ref, ours in variants:
+        x = x32.to(dtype)
+        xg = x.detach().clone().requires_grad_(True)
 
-        impls.append(("Liger cross_entropy", liger_cross_entropy, False))
-    label = f"torch-{dev} {'bf16 ' if dtype == torch.bfloat16 else ''}"
-    cases = [
-        Case(f"{label}fwd {n}x{c}", name, fwd(fn), reference=ref, memory=memory)
-        for name, fn, ref in impls
-    ]
-    cases += [
-        Case(f"{label}fwd+bwd {n}x{c}", name, fwd_bwd(fn), reference=ref, memory=memory)
-        for name, fn, ref in impls
-    ]
+        def fwd(fn: Callable[..., Any], x: Any = x) -> Callable[[], Any]:
+            def run() -> Any:
+                with torch.no_grad():
+                    return fn(x, y)
+
+            return run
+
+        def fwd_bwd(fn: Callable[..., Any], xg: Any = xg) -> Callable[[], Any]:
+            def run() -> Any:
+                xg.grad = None
+                fn(xg, y).backward()
+                return xg.grad
+
+            return run
+
+        for step, wrap in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+            cases.append(Case(backend, step, size, "F.cross_entropy", wrap(ref), reference=True))
+            cases.append(Case(backend, step, size, "xent", wrap(ours)))
     return cases
 
 
 # --------------------------------------------------------------------------- jax
-def jax_cases(n: int, c: int, rng: np.random.Generator) -> list[Case]:
+def jax_cases(n: int, c: int, rng: np.random.Generator, big: bool) -> list[Case]:
     import jax
     import jax.numpy as jnp
     import optax
 
-    x = jnp.asarray(rng.standard_normal((n, c), dtype=np.float32))
+    size = f"{n}x{c}"
+    x32 = jnp.asarray(rng.standard_normal((n, c), dtype=np.float32))
     y = jnp.asarray(rng.integers(0, c, n).astype(np.int32))
 
     def optax_loss(a: Any, b: Any) -> Any:
@@ -253,189 +222,215 @@ def jax_cases(n: int, c: int, rng: np.random.Generator) -> list[Case]:
         return xent.cross_entropy(a, b)
 
     cases = []
-    for kind in ("fwd", "fwd+bwd"):
-        for name, fn, ref in (("optax (jit)", optax_loss, True), ("xent (jit)", xent_loss, False)):
-            f = jax.jit(fn if kind == "fwd" else jax.value_and_grad(fn))
-            f(x, y)  # compile outside the timing
+    for backend, dtype in (("jax jit fp32", jnp.float32), ("jax jit bf16", jnp.bfloat16)):
+        if big and dtype != jnp.float32:
+            continue
+        x = x32.astype(dtype)
+        for step in ("fwd", "fwd+bwd"):
+            for name, fn, ref in (("optax", optax_loss, True), ("xent", xent_loss, False)):
+                f = jax.jit(fn if step == "fwd" else jax.value_and_grad(fn))
 
-            def run(f: Any = f) -> Any:
-                return jax.block_until_ready(f(x, y))
+                def run(f: Any = f, x: Any = x) -> Any:
+                    return jax.block_until_ready(f(x, y))
 
-            cases.append(Case(f"jax fwd{'' if kind == 'fwd' else '+bwd'} {n}x{c}", name, run, ref))
+                cases.append(Case(backend, step, size, name, run, reference=ref))
     return cases
 
 
-# --------------------------------------------------------------------------- cupy
-def cupy_cases(n: int, c: int, rng: np.random.Generator) -> list[Case]:
-    import cupy as cp
-
-    x = cp.asarray(rng.standard_normal((n, c), dtype=np.float32))
-    y = cp.asarray(rng.integers(0, c, n))
-
-    def naive() -> Any:
-        m = x.max(axis=1, keepdims=True)
-        out = cp.mean(cp.log(cp.exp(x - m).sum(axis=1)) + m[:, 0] - x[cp.arange(n), y])
-        cp.cuda.Device().synchronize()
-        return out
-
-    def ours() -> Any:
-        out = xent.cross_entropy(x, y)
-        cp.cuda.Device().synchronize()
-        return out
-
-    g = f"cupy fwd {n}x{c}"
-    return [
-        Case(g, "naive cupy expr", naive, reference=True, memory="cupy"),
-        Case(g, "xent", ours, memory="cupy"),
-    ]
-
-
 # --------------------------------------------------------------------------- driver
-def _installed(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None
+def _installed(*names: str) -> bool:
+    return all(importlib.util.find_spec(name) is not None for name in names)
 
 
-def _cupy_usable() -> bool:
-    if not _installed("cupy"):
-        return False
+def _available_memory() -> int:
     try:
-        import cupy
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return MEMORY_CAP
 
-        return bool(cupy.cuda.runtime.getDeviceCount())
-    except Exception:
-        return False
+
+def _load() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "unknown"
+
+
+# Peak working set per backend, in multiples of the float32 logits (inputs, the reference's
+# full-size temporaries, gradients), with a margin.
+_FOOTPRINT = {"numpy": 4.0, "torch": 4.0, "jax": 5.0, "dask": 3.0, "strict": 4.0}
 
 
 def build(size: str, backends: list[str], compile_: bool) -> list[Case]:
     n, c = (int(v) for v in size.lower().split("x"))
+    big = n * c > BIG
     rng = np.random.default_rng(0)
+    logits = 4 * n * c
+    limit = min(MEMORY_CAP, int(0.8 * _available_memory()))
     cases: list[Case] = []
-    if "numpy" in backends:
-        cases += numpy_cases(n, c, rng)
-    if "torch" in backends and _installed("torch"):
-        cases += torch_cases(n, c, rng, compile_=compile_)
-    if "jax" in backends and _installed("jax") and _installed("optax"):
-        cases += jax_cases(n, c, rng)
-    if "cupy" in backends and _cupy_usable():
-        cases += cupy_cases(n, c, rng)
+    makers: dict[str, tuple[tuple[str, ...], Callable[[], list[Case]]]] = {
+        "numpy": ((), lambda: numpy_cases(n, c, rng, big)),
+        "torch": (("torch",), lambda: torch_cases(n, c, rng, big, compile_)),
+        "jax": (("jax", "optax"), lambda: jax_cases(n, c, rng, big)),
+        "dask": (("dask",), lambda: dask_cases(n, c, rng, big)),
+        "strict": (("array_api_strict",), lambda: strict_cases(n, c, rng, big)),
+    }
+    for name in backends:
+        needs, make = makers[name]
+        if not _installed(*needs):
+            print(f"# {size} {name}: skipped, {' and '.join(needs)} not installed")
+            continue
+        need = _FOOTPRINT[name] * logits
+        if need > limit:
+            print(
+                f"# {size} {name}: skipped, needs about {need / GiB:.1f} GiB, "
+                f"{limit / GiB:.1f} GiB usable (MemAvailable, capped at {MEMORY_CAP / GiB:.0f})"
+            )
+            continue
+        if big and name in ("dask", "strict"):
+            print(f"# {size} {name}: skipped above {BIG} elements (time budget)")
+            continue
+        cases += make()
     return cases
 
 
-SAMPLE_SECONDS = 0.05
-"""Each timing sample repeats a fast candidate until it lasts about this long (as ``timeit``
-does), so millisecond cases are not one cold call right after another library's work."""
-
-
 def measure(cases: list[Case], rounds: int) -> None:
-    for case in cases:  # warm-up: compilation, first-touch of pages, caches; calibration
+    for case in cases:  # warm-up (compilation, first touch of pages), then calibration
         case.run()
         t0 = time.perf_counter()
         case.run()
-        case.repeat = max(1, math.ceil(SAMPLE_SECONDS / max(time.perf_counter() - t0, 1e-6)))
+        case.repeat = max(1, math.ceil(SAMPLE_SECONDS / max(time.perf_counter() - t0, 1e-7)))
     for _ in range(rounds):
         for case in cases:
             t0 = time.perf_counter()
             for _ in range(case.repeat):
                 case.run()
             case.times.append((time.perf_counter() - t0) / case.repeat)
-    for case in cases:
-        _peak(case)
 
 
-def rows(cases: list[Case]) -> list[dict[str, Any]]:
+def results(cases: list[Case]) -> list[dict[str, Any]]:
     out = []
-    refs = {c.group: statistics.median(c.times) for c in cases if c.reference}
-    for c in cases:
-        med = statistics.median(c.times)
-        ref = refs.get(c.group)
-        peak = "-" if c.peak is None else f"{'~' if c.peak_approx else ''}{max(c.peak, 0):.0f}"
+    groups = dict.fromkeys(c.group for c in cases)
+    for g in groups:
+        members = [c for c in cases if c.group == g]
+        ref = next(c for c in members if c.reference)
+        ours = next(c for c in members if not c.reference)
+        n, c = (int(v) for v in g[2].split("x"))
         out.append(
             {
-                "group": c.group,
-                "name": c.name + (" (ref)" if c.reference else ""),
-                "ms": med * 1e3,
-                "ratio": med / ref if ref else float("nan"),
-                "peak": peak,
-                "is_xent": c.name.startswith("xent"),
+                "backend": g[0], "step": g[1], "size": g[2], "elements": n * c,
+                "reference": ref.name, "ref_s": statistics.median(ref.times),
+                "xent_s": statistics.median(ours.times),
             }
-        )
+        )  # fmt: skip
+        out[-1]["ratio"] = out[-1]["xent_s"] / out[-1]["ref_s"]
     return out
 
 
-def table(results: list[dict[str, Any]]) -> str:
+def _time(seconds: float) -> str:
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f} us"
+    if seconds < 1:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds:.2f} s"
+
+
+def table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| case | implementation | median ms | ratio to ref | peak extra MiB |",
-        "|---|---|---:|---:|---:|",
+        "| backend | pass | N x C | reference | reference time | xent time | xent / reference |",
+        "|---|---|---|---|---:|---:|---:|",
     ]
-    for r in results:
-        name = f"**{r['name']}**" if r["is_xent"] else r["name"]
-        lines.append(f"| {r['group']} | {name} | {r['ms']:.1f} | {r['ratio']:.2f}x | {r['peak']} |")
+    for r in rows:
+        flag = "**" if r["ratio"] > (1.3 if r["elements"] < 1e5 else 1.0) else ""
+        lines.append(
+            f"| {r['backend']} | {r['step']} | {r['size'].replace('x', ' x ')} | {r['reference']} "
+            f"| {_time(r['ref_s'])} | {_time(r['xent_s'])} | {flag}{r['ratio']:.2f}x{flag} |"
+        )
     return "\n".join(lines)
 
 
-def plot(results: list[dict[str, Any]], path: Path) -> None:
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = list(dict.fromkeys(r["group"] for r in results))
-    fig, ax = plt.subplots(figsize=(10, 0.45 * len(results) + 1.5))
-    labels, values, colors = [], [], []
-    for g in groups:
-        for r in (r for r in results if r["group"] == g):
-            labels.append(f"{g} | {r['name']}")
-            values.append(r["ratio"])
-            colors.append("tab:orange" if r["is_xent"] else "tab:blue")
-    ypos = np.arange(len(values))[::-1]
-    ax.barh(ypos, values, color=colors)
-    ax.set_yticks(ypos, labels, fontsize=7)
-    ax.axvline(1.0, color="k", lw=0.8, ls="--")
-    ax.set_xlabel("median time / reference (lower is better; xent in orange)")
-    ax.set_title(f"xent vs native cross-entropy ({platform.processor() or platform.machine()})")
+    panels = list(dict.fromkeys((r["backend"], r["step"]) for r in rows))
+    cols = min(4, len(panels))
+    nrows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.3 * nrows), squeeze=False)
+    for ax, (backend, step) in zip(axes.flat, panels, strict=False):
+        mine = sorted((r for r in rows if (r["backend"], r["step"]) == (backend, step)),
+                      key=lambda r: r["elements"])  # fmt: skip
+        e = [r["elements"] for r in mine]
+        ax.loglog(e, [r["ref_s"] for r in mine], "o-", color="tab:blue", label=mine[0]["reference"])
+        ax.loglog(e, [r["xent_s"] for r in mine], "s-", color="tab:orange", label="xent")
+        ax.set_title(f"{backend} {step}", fontsize=9)
+        ax.set_xlabel("N x C (elements)", fontsize=8)
+        ax.set_ylabel("seconds per call", fontsize=8)
+        ax.grid(True, which="major", lw=0.4)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.suptitle(f"xent and each backend's own cross-entropy ({platform.machine()}, "
+                 f"{os.cpu_count()} CPUs)", fontsize=10)  # fmt: skip
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:
     here = Path(__file__).resolve().parent
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="one mid-size case, 3 rounds")
+    parser.add_argument("--quick", action="store_true", help="four shapes, three rounds")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5)")
     parser.add_argument("--sizes", nargs="+", default=None, help="NxC, e.g. 4096x32768")
-    parser.add_argument(
-        "--backends", nargs="+", default=["numpy", "torch", "jax", "cupy"],
-        help="any of numpy torch jax cupy (those not installed are skipped)",
-    )  # fmt: skip
+    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile rows")
     parser.add_argument("--generic", action="store_true", help="xent with native overrides off")
-    parser.add_argument("--plot", type=Path, default=here / "results.png")
+    parser.add_argument("--plot", type=Path, default=here / "scaling.png")
+    parser.add_argument("--markdown", type=Path, default=None, help="also write the table here")
     args = parser.parse_args(argv)
 
-    sizes = args.sizes or (QUICK_SIZES if args.quick else FULL_SIZES)
+    sizes = args.sizes or (QUICK if args.quick else GRID)
     rounds = args.rounds or (3 if args.quick else 5)
     compile_ = not (args.quick or args.no_compile)
     if args.generic:
         xent.backends.set_native(False)
-    import os
-
-    print(
-        f"# {platform.platform()}, {os.cpu_count()} CPUs, python {platform.python_version()}, "
-        f"numpy {np.__version__}, xent native={xent.backends.native_enabled()}, "
-        f"rounds={rounds}"
+    header = (
+        f"{platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"NumPy {np.__version__}, xent native={xent.backends.native_enabled()}, "
+        f"rounds={rounds}; command: python benchmarks/run.py {' '.join(argv or sys.argv[1:])}"
     )
-    results: list[dict[str, Any]] = []
+    print(f"# {header}\n# load average before: {_load()}", flush=True)
+    start = time.perf_counter()
+    rows: list[dict[str, Any]] = []
     for size in sizes:
         cases = build(size, args.backends, compile_)
-        measure(cases, rounds)
-        results += rows(cases)
+        measure(cases, rounds if int(np.prod([int(v) for v in size.split("x")])) <= BIG else 3)
+        new = results(cases)
+        rows += new
         del cases
         gc.collect()
-        print(table([r for r in results if size in r["group"]]).split("\n", 2)[-1], flush=True)
-    print()
-    print(table(results))
+        print(table(new).split("\n", 2)[-1], flush=True)
+    load = _load()
+    took = time.perf_counter() - start
+    print(f"# load average after: {load}; {took:.0f} s\n")
+    order = {b: i for i, b in enumerate(dict.fromkeys(r["backend"] for r in rows))}
+    rows.sort(key=lambda r: (order[r["backend"]], r["step"], r["elements"]))
+    text = table(rows)
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(
+            f"<!-- {header} -->\n\nLoad average (1, 5, 15 min) after the run: {load}; "
+            f"the run took {took:.0f} s.\n\n{text}\n"
+        )
     if args.plot:
-        plot(results, args.plot)
+        plot(rows, args.plot)
         print(f"\nplot written to {args.plot}")
     return 0
 

@@ -152,11 +152,21 @@ def cross_entropy(
     >>> round(float(loss), 6)
     0.034929
     """
-    p = _problem(
+    c = _check(
         input, target, axis=axis, from_logits=from_logits, weight=weight,
         sample_weight=sample_weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
         reduction=reduction, z_loss=z_loss, softcap=softcap, eps=eps, validate=validate, xp=xp,
     )  # fmt: skip
+    if c.plain and sample_weight is None:
+        # A backend may hand the plain case to a fused kernel of the same semantics; it
+        # declines (None) wherever a label is invalid, so errors and NaNs come from below.
+        loss = c.ops.fused_index_loss(
+            input, target, axis=c.axis, weight=weight, ignore_index=c.ignore_index,
+            label_smoothing=c.smoothing, reduction=reduction,
+        )  # fmt: skip
+        if loss is not None:
+            return loss
+    p = _problem(input, target, c, weight=weight, sample_weight=sample_weight)
     loss = p.ops.custom_grad(_RULE, p, input, others=(target, weight, sample_weight))
     return p.ops.finish(loss, input, target, weight, sample_weight)
 
@@ -209,11 +219,19 @@ def cross_entropy_and_grad(
     >>> grad
     Array([[-0.5,  0.5]], dtype=array_api_strict.float64)
     """
-    p = _problem(
+    c = _check(
         input, target, axis=axis, from_logits=from_logits, weight=weight,
         sample_weight=sample_weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
         reduction=reduction, z_loss=z_loss, softcap=softcap, eps=eps, validate=validate, xp=xp,
     )  # fmt: skip
+    if c.plain and sample_weight is None:
+        both = c.ops.fused_index_loss_and_grad(
+            input, target, axis=c.axis, weight=weight, ignore_index=c.ignore_index,
+            label_smoothing=c.smoothing, reduction=reduction,
+        )  # fmt: skip
+        if both is not None:
+            return both
+    p = _problem(input, target, c, weight=weight, sample_weight=sample_weight)
     loss, saved = _forward(p, input)
     grad = _backward(p, input, saved, p.xp.ones_like(loss))
     inputs = (input, target, weight, sample_weight)
@@ -221,7 +239,32 @@ def cross_entropy_and_grad(
 
 
 # --------------------------------------------------------------------------- preparation
-def _problem(
+@dataclass(frozen=True)
+class _Checked:
+    """Arguments that passed every check, scalar options as Python numbers."""
+
+    xp: Namespace
+    ops: Backend
+    axis: int
+    kind: str  # "index" or "prob"
+    from_logits: bool
+    smoothing: float
+    eps: float
+    z_loss: float
+    softcap: float | None
+    ignore_index: int
+    reduction: str
+    validate: bool | None
+
+    @property
+    def plain(self) -> bool:
+        """Logits and class indices with no softcap or z-loss: the case fused kernels cover."""
+        return (
+            self.kind == "index" and self.from_logits and self.softcap is None and not self.z_loss
+        )
+
+
+def _check(
     input: Array,
     target: Array,
     *,
@@ -229,15 +272,16 @@ def _problem(
     from_logits: bool,
     weight: Array | None,
     sample_weight: Array | None,
-    ignore_index: int,
     label_smoothing: float,
     reduction: str,
     z_loss: float,
     softcap: float | None,
     eps: float,
+    ignore_index: int,
     validate: bool | None,
     xp: Namespace | None,
-) -> _Problem:
+) -> _Checked:
+    """Every check that reads no label values; ``kind`` is ``"index"`` or ``"prob"``."""
     arrays = {"input": input, "target": target, "weight": weight, "sample_weight": sample_weight}
     xp = _validation.namespace(arrays, xp)
     ops = lookup(xp)
@@ -263,7 +307,24 @@ def _problem(
     _validation.broadcastable("sample_weight", sample_weight, per_row, "the per-example shape")
     _validation.real_weights(xp, "weight", weight)
     _validation.real_weights(xp, "sample_weight", sample_weight)
+    return _Checked(
+        xp=xp, ops=ops, axis=ax, kind=kind, from_logits=from_logits, smoothing=label_smoothing,
+        eps=eps, z_loss=z_loss, softcap=softcap, ignore_index=ignore_index, reduction=reduction,
+        validate=validate,
+    )  # fmt: skip
 
+
+def _problem(
+    input: Array,
+    target: Array,
+    c: _Checked,
+    *,
+    weight: Array | None,
+    sample_weight: Array | None,
+) -> _Problem:
+    xp, ops, ax = c.xp, c.ops, c.axis
+    classes = int(input.shape[ax])
+    per_row = tuple(input.shape[:ax] + input.shape[ax + 1 :])
     dtype = ops.compute_dtype(input.dtype)
     dev = ops.device(input)
     empty = 0 in per_row
@@ -275,8 +336,8 @@ def _problem(
         sample = _expand(sample, ax)
 
     labels = label_weight = ignored = bad = probs = None
-    if kind == "index":
-        labels, ignored, bad = _labels(xp, ops, target, classes, ignore_index, validate, ax)
+    if c.kind == "index":
+        labels, ignored, bad = _labels(xp, ops, target, classes, c.ignore_index, c.validate, ax)
         if weight is not None:
             label_weight = (
                 xp.zeros(labels.shape, dtype=dtype, device=dev)
@@ -297,11 +358,10 @@ def _problem(
             denominator = xp.sum(sample)
     return _Problem(
         xp=xp, ops=ops, axis=ax, classes=classes, dtype=dtype, out_dtype=input.dtype,
-        from_logits=from_logits, softcap=softcap, eps=eps, smoothing=label_smoothing,
-        z_loss=z_loss,
-        reduction=reduction, empty=empty, weight=w,
+        from_logits=c.from_logits, softcap=c.softcap, eps=c.eps, smoothing=c.smoothing,
+        z_loss=c.z_loss, reduction=c.reduction, empty=empty, weight=w,
         weight_total=float(classes) if w is None else xp.sum(w),
-        sample=sample, denominator=denominator if reduction == "mean" else None,
+        sample=sample, denominator=denominator if c.reduction == "mean" else None,
         labels=labels, label_weight=label_weight, ignored=ignored, bad=bad, probs=probs,
     )  # fmt: skip
 

@@ -75,7 +75,9 @@ def logsumexp(
         out = shift + log_sum
         if not keepdims:
             out = xp.squeeze(out, axis=ax)
-        return ops.finish(xp.astype(out, x.dtype, copy=False), x)  # float16 overflow: inf, no warning
+        return ops.finish(
+            xp.astype(out, x.dtype, copy=False), x
+        )  # float16 overflow: inf, no warning
 
 
 def log_softmax(x: Array, /, *, axis: int = -1, xp: Namespace | None = None) -> Array:

@@ -21,6 +21,18 @@ REDUCTIONS = ("mean", "sum", "none")
 _ARRAY_TYPES: dict[type, bool] = {}
 _NAMESPACES: dict[tuple[type, ...], Namespace] = {}
 
+_KINDS: dict[tuple[Any, Any, str], bool] = {}
+"""``xp.isdtype(dtype, kind)`` per namespace, dtype and kind (dtypes are few, the calls many)."""
+
+
+def isdtype(xp: Namespace, dtype: Any, kind: str) -> bool:
+    """``xp.isdtype(dtype, kind)``, remembered."""
+    key = (id(xp), dtype, kind)
+    found = _KINDS.get(key)
+    if found is None:
+        found = _KINDS[key] = bool(xp.isdtype(dtype, kind))
+    return found
+
 
 def namespace(arrays: dict[str, Array | None], xp: Namespace | None) -> Namespace:
     """The namespace shared by ``arrays`` (``None`` entries are absent options).
@@ -85,7 +97,7 @@ def same_device(ops: Any, arrays: dict[str, Array | None]) -> None:
 
 def floating_input(xp: Namespace, name: str, x: Array) -> None:
     """Raise TypeError unless ``x`` has a real floating dtype."""
-    if not xp.isdtype(x.dtype, "real floating"):
+    if not isdtype(xp, x.dtype, "real floating"):
         raise TypeError(
             f"`{name}` must have a real floating dtype (logits or probabilities), got {x.dtype}"
         )
@@ -241,7 +253,7 @@ def probability_target_options(ignore_index: int, default: int) -> None:
 def target_kind(xp: Namespace, input: Array, target: Array, ax: int) -> str:
     """``"index"`` for class indices, ``"prob"`` for class probabilities."""
     per_row = input.shape[:ax] + input.shape[ax + 1 :]
-    if xp.isdtype(target.dtype, "integral"):
+    if isdtype(xp, target.dtype, "integral"):
         if not same_shape(target.shape, per_row):
             raise ValueError(
                 f"`target` holds class indices (dtype {target.dtype}) and has shape {_shape(target.shape)}, "
@@ -249,7 +261,7 @@ def target_kind(xp: Namespace, input: Array, target: Array, ax: int) -> str:
                 f"probability targets would have the input's shape"
             )
         return "index"
-    if xp.isdtype(target.dtype, "real floating"):
+    if isdtype(xp, target.dtype, "real floating"):
         if not same_shape(target.shape, input.shape):
             raise ValueError(
                 f"`target` holds class probabilities (dtype {target.dtype}) and has shape "

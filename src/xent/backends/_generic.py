@@ -151,6 +151,44 @@ class Backend:
         xp = self.xp
         return g - xp.where(self._one_hot(g, index, axis), values, xp.zeros_like(values))
 
+    def fused_index_loss(
+        self,
+        input: Array,
+        target: Array,
+        *,
+        axis: int,
+        weight: Array | None,
+        ignore_index: int,
+        label_smoothing: float,
+        reduction: str,
+    ) -> Array | None:
+        """The cross-entropy of logits and class indices from one fused native kernel, or None.
+
+        The core asks only once every argument has passed its checks, and only for the plain
+        options (logits, class indices, no ``softcap``, ``z_loss`` or ``sample_weight``). A
+        backend answers where a kernel of exactly xent's semantics serves the arrays, keeping
+        them differentiable as :meth:`custom_grad` would; it returns None (never raises) where
+        any label lies outside ``[0, C)`` and is not ``ignore_index``, so that the core's own
+        path raises xent's error or gives the NaN of ``validate=False``. The generic backend
+        has no such kernel.
+        """
+        return None
+
+    def fused_index_loss_and_grad(
+        self,
+        input: Array,
+        target: Array,
+        *,
+        axis: int,
+        weight: Array | None,
+        ignore_index: int,
+        label_smoothing: float,
+        reduction: str,
+    ) -> tuple[Array, Array] | None:
+        """:meth:`fused_index_loss` and the gradient of ``sum(loss)`` with respect to ``input``
+        (of its shape and dtype), or None, on the same terms."""
+        return None
+
     def custom_grad(
         self, rule: GradRule, state: Any, x: Array, *, others: tuple[Array | None, ...] = ()
     ) -> Array:

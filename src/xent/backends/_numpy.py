@@ -59,6 +59,31 @@ def _in_parallel(work: Callable[[int, int], None], n: int, nbytes: int) -> None:
         f.result()
 
 
+_FUSED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _plain_rows(
+    input: Array, target: Array, axis: int, ignore_index: int, label_smoothing: float
+) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]] | None:
+    """``(rows, labels, per-row shape)`` where the fused paths serve the call, else None."""
+    x, y = np.asarray(input), np.asarray(target)
+    c = x.shape[-1] if x.ndim else 0
+    if (
+        x.dtype not in _FUSED_DTYPES
+        or axis != x.ndim - 1
+        or x.ndim > 2
+        or x.size == 0
+        or label_smoothing
+        or not x.flags.c_contiguous
+        or 0 <= ignore_index < c
+    ):
+        return None
+    labels = y.reshape(-1)
+    if labels.min() < 0 or labels.max() >= c:
+        return None
+    return x.reshape(-1, c), labels, y.shape
+
+
 class Facts(Backend):
     """NumPy arrays are concrete and in host memory."""
 
@@ -121,6 +146,102 @@ class Native(Backend):
         _in_parallel(work, rows.shape[0], rows.nbytes)
         np.log(out, out=out)
         return out.reshape(shift.shape)
+
+    def fused_index_loss(
+        self,
+        input: Array,
+        target: Array,
+        *,
+        axis: int,
+        weight: Array | None,
+        ignore_index: int,
+        label_smoothing: float,
+        reduction: str,
+    ) -> Array | None:
+        # The plain loss of C-contiguous rows whose labels are all in [0, C) (one min and one
+        # max read them), with no mask, where and errstate of the general path: at small sizes
+        # those cost more than the arithmetic. Anything else goes back to the core.
+        plain = _plain_rows(input, target, axis, ignore_index, label_smoothing)
+        if plain is None:
+            return None
+        rows, labels, shape = plain
+        picked = rows[np.arange(rows.shape[0]), labels]
+        with self.quiet():
+            return self._plain_loss(rows, picked, labels, shape, weight, reduction)
+
+    def fused_index_loss_and_grad(
+        self,
+        input: Array,
+        target: Array,
+        *,
+        axis: int,
+        weight: Array | None,
+        ignore_index: int,
+        label_smoothing: float,
+        reduction: str,
+    ) -> tuple[Array, Array] | None:
+        # Inputs that fit one scratch block with finite row maxima: the exponentials of the
+        # loss become the gradient in place (larger ones take the threaded blocked path).
+        plain = _plain_rows(input, target, axis, ignore_index, label_smoothing)
+        if plain is None or plain[0].nbytes > _BLOCK_BYTES:
+            return None
+        rows, labels, shape = plain
+        n = rows.shape[0]
+        index = np.arange(n)
+        with self.quiet():
+            shift = np.max(rows, axis=1)
+            if not np.max(shift) < np.inf:
+                return None
+            grad = rows - shift[:, None]
+            np.exp(grad, out=grad)
+            total = np.sum(grad, axis=1)
+            loss = np.log(total) - (rows[index, labels] - shift)
+            # d loss_n / d x = f_n (softmax_n - onehot(y_n)), f_n the row's weight in the sum.
+            factor = np.ones(n, dtype=rows.dtype)
+            if weight is not None:
+                factor = np.asarray(weight).astype(rows.dtype, copy=False)[labels]
+                loss *= factor
+            if reduction == "none":
+                out = loss.reshape(shape)
+            else:
+                out = np.sum(loss)
+                if reduction == "mean":
+                    count = rows.dtype.type(n) if weight is None else np.sum(factor)
+                    out = out / count
+                    factor = factor / count
+            grad *= (factor / total)[:, None]
+            grad[index, labels] -= factor
+        return out, grad.reshape(np.shape(input))
+
+    def _plain_loss(
+        self,
+        rows: np.ndarray,
+        picked: np.ndarray,
+        labels: np.ndarray,
+        shape: tuple[int, ...],
+        weight: Array | None,
+        reduction: str,
+    ) -> Array:
+        shift = np.max(rows, axis=1) if rows.nbytes <= _BLOCK_BYTES else None
+        # A row max of +inf or NaN takes the general shift of 0 (a row of -inf gives NaN
+        # either way).
+        if shift is not None and np.max(shift) < np.inf:
+            scratch = rows - shift[:, None]
+            np.exp(scratch, out=scratch)
+            log_sum = np.log(np.sum(scratch, axis=1))
+        else:
+            shift, log_sum = (a.reshape(-1) for a in self.logsumexp(rows, 1))
+        loss = log_sum - (picked - shift)
+        if weight is not None:
+            label_weight = np.asarray(weight).astype(rows.dtype, copy=False)[labels]
+            loss *= label_weight
+        if reduction == "none":
+            return loss.reshape(shape)
+        total = np.sum(loss)
+        if reduction == "sum":
+            return total
+        count = rows.dtype.type(labels.size) if weight is None else np.sum(label_weight)
+        return total / count
 
     def softmax_from_lse(
         self, x: Array, shift: Array, log_sum: Array, axis: int, scale: Array | None = None

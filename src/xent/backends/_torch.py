@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -109,6 +110,14 @@ def _chunked_logsumexp(x: Array) -> tuple[Array, Array]:
     return shift.reshape(keep), log_sum.reshape(keep)
 
 
+_OWN_DTYPES = (torch.float32, torch.float64)
+_FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+_FUSED_BYTES = 16 * 2**20
+"""Inputs up to this size take ``F.cross_entropy``; larger ones the blocked log-sum-exp, which
+never writes a full-size temporary."""
+
+
 class Native(Backend):
     """torch.logsumexp, torch.softmax, in-place scatter, and the analytic autograd.Function."""
 
@@ -159,6 +168,55 @@ class Native(Backend):
         if _owned(g):
             return g.scatter_add_(axis, index, -values)
         return g.scatter_add(axis, index, -values)
+
+    def fused_index_loss(
+        self,
+        input: Array,
+        target: Array,
+        *,
+        axis: int,
+        weight: Array | None,
+        ignore_index: int,
+        label_smoothing: float,
+        reduction: str,
+    ) -> Array | None:
+        # On the CPU, in (N, C, ...) layout, ``F.cross_entropy`` has xent's
+        # semantics (weighted mean over rows not ignored, smoothing spread over every class)
+        # and checks every label that is not ``ignore_index`` itself. Its error on a bad label
+        # sends the call back to the core, which raises xent's error (or gives the NaN of
+        # validate=False). Traced arrays, other devices (a bad label is a device-side assert
+        # there), and inputs large enough that its full-size log_softmax output costs more
+        # than the blocked log-sum-exp stay on xent's own path.
+        if (
+            input.device.type != "cpu"
+            or input.dtype not in _FUSED_DTYPES
+            or axis != min(1, input.ndim - 1)
+            or not 0 < input.numel() * 4 <= _FUSED_BYTES
+            or type(ignore_index) is not int
+            or self.is_traced(input)
+            or self.is_traced(target)
+        ):
+            return None
+        # float16/bfloat16 compute in float32 and cast back, as on xent's own path.
+        logits = input if input.dtype in _OWN_DTYPES else input.float()
+        if weight is not None:
+            if weight.requires_grad and torch.is_grad_enabled():
+                return None  # ATen's kernel has no derivative for the class weights
+            weight = weight.to(logits.dtype)
+        try:
+            loss = torch.nn.functional.cross_entropy(
+                logits, target.long(), weight, ignore_index=ignore_index, reduction=reduction,
+                label_smoothing=label_smoothing,
+            )  # fmt: skip
+        except (IndexError, RuntimeError):
+            return None
+        # Non-finite logits (a +inf, a row of -inf, NaN) or an empty mean: ATen's kernel and
+        # xent's row-max shift may disagree between inf and NaN, so such rare calls take the
+        # general path. The check reads a scalar (or one row per label) on the host.
+        finite = math.isfinite(loss.item()) if loss.ndim == 0 else bool(torch.isfinite(loss).all())
+        if not finite:
+            return None
+        return loss if loss.dtype == input.dtype else loss.to(input.dtype)
 
     def custom_grad(
         self, rule: GradRule, state: Any, x: Array, *, others: tuple[Array | None, ...] = ()
