@@ -209,7 +209,8 @@ def cross_entropy_grad(
     labels only): with `a_c` the weight of class `c` in the loss (`(1 - e) w_y [c = y] + e w_c / C`
     for class indices, `w_c q_c` for probabilities, 0 where `q == 0`), `d l / d x_j =
     softmax_j (sum_c a_c + 2 z lse) - a_j`, chained through softcap or through the clip and
-    renormalisation of `from_logits=False`; ignored rows get 0."""
+    renormalisation of `from_logits=False`; ignored rows get `0 * g` (0, or NaN where the
+    row's softmax is NaN, as autodiff gives it)."""
     target = np.asarray(target)
     u = np.moveaxis(_f64(input), axis, -1)
     n_classes = u.shape[-1]
@@ -248,7 +249,7 @@ def cross_entropy_grad(
             inside = (prob >= lo) & (prob <= hi)
             g_prob = np.where(inside, -a / prob, 0.0)
             g = (g_prob - np.sum(g_prob * prob, axis=-1, keepdims=True)) / total
-        g = np.where(ignored[..., None], 0.0, g * r[..., None])
+        g = np.where(ignored[..., None], 0.0 * g, g * r[..., None])
     return np.moveaxis(g, -1, axis)
 
 

@@ -389,7 +389,12 @@ def _labels(
     else:
         y = xp.astype(target, index_dtype, copy=False)
     if own.min <= ignore_index <= own.max:
-        ignored = y == ignore_index
+        match = ignore_index
+        if y is not target and ignore_index > xp.iinfo(index_dtype).max:
+            # The cast wrapped the label's upper half (unsigned, as wide as the index dtype);
+            # wrapping `ignore_index` the same way keeps equality exact.
+            match = ignore_index - 2**own.bits
+        ignored = y == match
     else:
         ignored = xp.zeros(target.shape, dtype=xp.bool, device=ops.device(target))
     valid = (y >= 0) & (y < classes) if classes <= own.max else y >= 0
