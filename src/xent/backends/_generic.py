@@ -141,6 +141,28 @@ class Backend:
         """
         return rule.forward(state, x)[0]
 
+    def matmul_add(self, acc: Array, a: Array, b: Array) -> Array:
+        """``acc + a.T @ b``; ``acc`` is xent's own accumulator, so a backend may write it."""
+        return acc + self.xp.matrix_transpose(a) @ b
+
+    def linear_custom_grad(
+        self,
+        rule: Any,
+        state: Any,
+        hidden: Array,
+        weight: Array,
+        bias: Array | None,
+        *,
+        others: tuple[Array | None, ...] = (),
+    ) -> Array:
+        """The loss ``rule.loss(state, hidden, weight, bias)`` of a linear head.
+
+        Backends with autodiff override this to attach ``rule.loss_and_grad`` as the gradient of
+        ``hidden``, ``weight`` and ``bias``; here the framework differentiates the chunked
+        forward itself.
+        """
+        return rule.loss(state, hidden, weight, bias)
+
     def _one_hot(self, x: Array, index: Array, axis: int) -> Array:
         xp = self.xp
         n = x.shape[axis]

@@ -8,6 +8,7 @@ import torch
 
 from .._typing import Array
 from ._generic import Backend, GradRule
+from ._torch_linear import linear_custom_grad as _linear_custom_grad
 
 
 def _owned(g: Array) -> bool:
@@ -153,6 +154,27 @@ class Native(Backend):
         if not (x.requires_grad and torch.is_grad_enabled()) or needs_other or self.is_traced(x):
             return rule.forward(state, x)[0]
         return _AnalyticGrad.apply(x, rule, state)
+
+
+    def matmul_add(self, acc: Array, a: Array, b: Array) -> Array:
+        if _owned(acc) and not self.is_traced(acc):
+            return acc.addmm_(a.mT, b)
+        return torch.addmm(acc, a.mT, b)
+
+    def linear_custom_grad(
+        self,
+        rule: Any,
+        state: Any,
+        hidden: Array,
+        weight: Array,
+        bias: Array | None,
+        *,
+        others: tuple[Array | None, ...] = (),
+    ) -> Array:
+        traced = self.is_traced(hidden)
+        return _linear_custom_grad(
+            rule, state, hidden, weight, bias, others=others, traced=traced
+        )
 
 
 class NativeBackend(Native, Facts):
