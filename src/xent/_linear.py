@@ -237,36 +237,56 @@ def _run(
     need: tuple[bool, bool, bool],
 ) -> tuple[Array, _Grads]:
     xp, ops = p.xp, p.ops
-    h2 = xp.reshape(hidden, (p.rows, int(hidden.shape[-1])))
+    width = int(hidden.shape[-1])
+    dev = ops.device(p.target)
     r_all = _row_cotangent(p, cotangent) if any(need) else None
-    rows: list[Array] = []
-    total: Array | None = None
-    dh: list[Array] = []
-    dw = db = None
-    for start in range(0, p.rows, p.chunk):
-        s = slice(start, min(p.rows, start + p.chunk))
-        h = h2[s, :]
+    per_row = r_all is not None and r_all.ndim == 1
+
+    def step(carry: tuple[Any, ...], block: tuple[Any, ...]) -> tuple[Any, ...]:
+        """One block of rows: its losses, its rows of ``d hidden``, the sums carried over."""
+        total, dw, db = carry
+        h, target, sample, r = block
         logits = _logits(p, h, weight, bias)
-        cp = _chunk_problem(p, s, logits)
+        cp = _block_problem(p, target, sample, logits)
         loss, saved = _cross_entropy._forward(cp, logits)
-        if p.reduction == "none":
-            rows.append(loss)
-        else:
-            total = xp.sum(loss) if total is None else total + xp.sum(loss)
-        if r_all is None:
-            continue
-        r = r_all[s] if r_all.ndim else xp.broadcast_to(r_all, (s.stop - s.start,))
-        g = _cross_entropy._backward(cp, logits, saved, r)
-        del logits, saved
-        if need[0]:
-            dh.append(xp.astype(xp.astype(g, weight.dtype, copy=False) @ weight, hidden.dtype))
-        if need[1]:
-            hc = xp.astype(h, p.dtype, copy=False)
-            dw = xp.matrix_transpose(g) @ hc if dw is None else ops.matmul_add(dw, g, hc)
-        if need[2]:
-            part = xp.sum(g, axis=0)
-            db = part if db is None else db + part
-    return _reduce(p, rows, total), _finish(p, hidden, weight, bias, need, dh, dw, db)
+        total = total + xp.sum(loss)
+        dh = None
+        if r_all is not None:
+            r = r if per_row else xp.broadcast_to(r_all, (int(h.shape[0]),))
+            g = _cross_entropy._backward(cp, logits, saved, r)
+            if need[0]:
+                dh = xp.astype(xp.astype(g, weight.dtype, copy=False) @ weight, hidden.dtype)
+            if need[1]:
+                dw = ops.matmul_add(dw, g, xp.astype(h, p.dtype, copy=False))
+            if need[2]:
+                db = db + xp.sum(g, axis=0)
+        return (total, dw, db), (loss if p.reduction == "none" else None, dh)
+
+    carry = (
+        xp.zeros((), dtype=p.dtype, device=dev),
+        xp.zeros(tuple(weight.shape), dtype=p.dtype, device=dev) if need[1] else None,
+        xp.zeros(tuple(bias.shape), dtype=p.dtype, device=dev) if need[2] else None,
+    )
+    rows = (xp.reshape(hidden, (p.rows, width)), p.target, p.sample, r_all if per_row else None)
+    full = p.rows // p.chunk * p.chunk
+    parts: list[tuple[Any, Any]] = []
+    if full:
+        blocks = tuple(
+            None if a is None else xp.reshape(a[:full, ...], (full // p.chunk, p.chunk, *a.shape[1:]))
+            for a in rows
+        )
+        carry, (loss, dh) = ops.scan(step, carry, blocks)
+        parts.append((
+            None if loss is None else xp.reshape(loss, (full,)),
+            None if dh is None else xp.reshape(dh, (full, width)),
+        ))  # fmt: skip
+    if full < p.rows:
+        carry, tail = step(carry, tuple(None if a is None else a[full:, ...] for a in rows))
+        parts.append(tail)
+    total, dw, db = carry
+    losses = [loss for loss, _ in parts if loss is not None]
+    dhs = [dh for _, dh in parts if dh is not None]
+    return _reduce(p, losses, total), _finish(p, hidden, weight, bias, need, dhs, dw, db)
 
 
 def _logits(p: _Plan, h: Array, weight: Array, bias: Array | None) -> Array:
@@ -277,13 +297,12 @@ def _logits(p: _Plan, h: Array, weight: Array, bias: Array | None) -> Array:
     return z if bias is None else z + xp.astype(bias, p.dtype, copy=False)
 
 
-def _chunk_problem(p: _Plan, s: slice, logits: Array) -> Any:
+def _block_problem(p: _Plan, target: Array, sample: Array | None, logits: Array) -> Any:
     """The cross-entropy problem of one block (labels were checked once, for all rows)."""
     return _cross_entropy._problem(
-        logits, p.target[s, ...], axis=-1, from_logits=True, weight=p.class_weight,
-        sample_weight=None if p.sample is None else p.sample[s], ignore_index=p.ignore_index,
-        label_smoothing=p.smoothing, reduction="none", z_loss=p.z_loss, softcap=p.softcap,
-        eps=1e-7, validate=False, xp=p.xp,
+        logits, target, axis=-1, from_logits=True, weight=p.class_weight, sample_weight=sample,
+        ignore_index=p.ignore_index, label_smoothing=p.smoothing, reduction="none",
+        z_loss=p.z_loss, softcap=p.softcap, eps=1e-7, validate=False, xp=p.xp,
     )  # fmt: skip
 
 
@@ -301,16 +320,14 @@ def _row_cotangent(p: _Plan, cotangent: Array | None) -> Array:
     return r / p.denominator if p.denominator is not None else r
 
 
-def _reduce(p: _Plan, rows: list[Array], total: Array | None) -> Array:
+def _reduce(p: _Plan, rows: list[Array], total: Array) -> Array:
     xp = p.xp
-    dev = p.ops.device(p.target)
     if p.reduction == "none":
-        loss = xp.concat(rows) if rows else xp.zeros((0,), dtype=p.dtype, device=dev)
-        loss = xp.reshape(loss, p.batch)
+        if not rows:
+            return xp.zeros(p.batch, dtype=p.out_dtype, device=p.ops.device(p.target))
+        loss = xp.reshape(rows[0] if len(rows) == 1 else xp.concat(rows), p.batch)
     else:
-        loss = xp.zeros((), dtype=p.dtype, device=dev) if total is None else total
-        if p.denominator is not None:
-            loss = loss / p.denominator
+        loss = total if p.denominator is None else total / p.denominator
     return xp.astype(loss, p.out_dtype, copy=False)
 
 
@@ -321,18 +338,21 @@ def _finish(
     bias: Array | None,
     need: tuple[bool, bool, bool],
     dh: list[Array],
-    dw: Array | None,
-    db: Array | None,
+    dw: Array,
+    db: Array,
 ) -> _Grads:
     """The gradients in the inputs' shapes and dtypes (zeros where there were no rows)."""
     xp = p.xp
     d_hidden = d_weight = d_bias = None
     if need[0]:
-        d_hidden = xp.reshape(xp.concat(dh), hidden.shape) if dh else xp.zeros_like(hidden)
+        if not dh:
+            d_hidden = xp.zeros_like(hidden)
+        else:
+            d_hidden = xp.reshape(dh[0] if len(dh) == 1 else xp.concat(dh), hidden.shape)
     if need[1]:
-        d_weight = xp.zeros_like(weight) if dw is None else xp.astype(dw, weight.dtype)
+        d_weight = xp.astype(dw, weight.dtype, copy=False)
     if need[2] and bias is not None:
-        d_bias = xp.zeros_like(bias) if db is None else xp.astype(db, bias.dtype)
+        d_bias = xp.astype(db, bias.dtype, copy=False)
     return d_hidden, d_weight, d_bias
 
 

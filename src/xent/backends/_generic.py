@@ -145,6 +145,21 @@ class Backend:
         """``acc + a.T @ b``; ``acc`` is xent's own accumulator, so a backend may write it."""
         return acc + self.xp.matrix_transpose(a) @ b
 
+    def scan(self, step: Callable[..., Any], carry: Any, blocks: tuple[Any, ...]) -> Any:
+        """``lax.scan``'s contract over the leading axis of ``blocks`` (None entries stay None):
+        ``step(carry, block) -> (carry, out)``; returns the last carry and the outs stacked."""
+        xp = self.xp
+        count = next(int(b.shape[0]) for b in blocks if b is not None)
+        outs = []
+        for i in range(count):
+            carry, out = step(carry, tuple(None if b is None else b[i, ...] for b in blocks))
+            outs.append(out)
+        stacked = tuple(
+            None if outs[0][k] is None else xp.stack([o[k] for o in outs])
+            for k in range(len(outs[0]))
+        )
+        return carry, stacked
+
     def linear_custom_grad(
         self,
         rule: Any,
