@@ -206,6 +206,7 @@ def linear_cross_entropy_and_grad(
         reduction=reduction, z_loss=z_loss, softcap=softcap, validate=validate, xp=xp,
     )  # fmt: skip
     loss, (dh, dw, db) = _loss_and_grad(plan, hidden, weight, bias, None)
+    assert dh is not None and dw is not None
     return loss, (dh, dw, db)
 
 
@@ -225,7 +226,8 @@ def _loss_and_grad(
     """The loss and the gradients of ``loss . cotangent`` (``cotangent`` None: all ones) with
     respect to those of ``hidden``, ``weight``, ``bias`` that ``need`` asks for (None for the
     others)."""
-    return _run(p, hidden, weight, bias, cotangent, (need[0], need[1], need[2] and bias is not None))
+    need = (need[0], need[1], need[2] and bias is not None)
+    return _run(p, hidden, weight, bias, cotangent, need)
 
 
 def _run(
@@ -236,6 +238,19 @@ def _run(
     cotangent: Array | None,
     need: tuple[bool, bool, bool],
 ) -> tuple[Array, _Grads]:
+    with p.ops.quiet():
+        return _blocks(p, hidden, weight, bias, cotangent, need)
+
+
+def _blocks(
+    p: _Plan,
+    hidden: Array,
+    weight: Array,
+    bias: Array | None,
+    cotangent: Array | None,
+    need: tuple[bool, bool, bool],
+) -> tuple[Array, _Grads]:
+    """Scan the blocks of rows, carrying the loss sum and the weight and bias gradients."""
     xp, ops = p.xp, p.ops
     width = int(hidden.shape[-1])
     dev = ops.device(p.target)
