@@ -50,24 +50,30 @@ ROWS, WIDTH, CLASSES = 7, 5, 11
 CHUNKS = (3, None)  # 3 leaves a ragged last block of 7 rows; None: one block from the budget
 
 
-def _case(rng: np.random.Generator, spec: dict[str, Any]) -> dict[str, Any]:
+def _case(
+    rng: np.random.Generator,
+    spec: dict[str, Any],
+    rows: int = ROWS,
+    width: int = WIDTH,
+    classes: int = CLASSES,
+) -> dict[str, Any]:
     """Float64 NumPy inputs and options for one entry of `CASES`."""
-    batch = (2, 4) if spec.get("kdim") else (ROWS,)
-    hidden = rng.normal(size=(*batch, WIDTH))
-    weight = rng.normal(size=(CLASSES, WIDTH)) * 0.8
-    bias = rng.normal(size=CLASSES) if spec.get("bias", True) else None
+    batch = (2, 4) if spec.get("kdim") else (rows,)
+    hidden = rng.normal(size=(*batch, width))
+    weight = rng.normal(size=(classes, width)) * 0.8
+    bias = rng.normal(size=classes) if spec.get("bias", True) else None
     ignore_index = spec.get("ignore_index", -100)
     if spec.get("probabilities"):
-        z = np.exp(rng.normal(size=(*batch, CLASSES)) * 1.5)
+        z = np.exp(rng.normal(size=(*batch, classes)) * 1.5)
         target = z / z.sum(axis=-1, keepdims=True)
     else:
-        target = rng.integers(0, CLASSES, size=batch)
+        target = rng.integers(0, classes, size=batch)
         if spec.get("ignore"):
             target.reshape(-1)[1::3] = ignore_index
     opts = {k: spec[k] for k in OPTION_KEYS if k in spec}
     return {
         "hidden": hidden, "weight": weight, "bias": bias, "target": target,
-        "class_weight": rng.uniform(0.5, 2.0, CLASSES) if spec.get("class_weight") else None,
+        "class_weight": rng.uniform(0.5, 2.0, classes) if spec.get("class_weight") else None,
         "sample_weight": rng.uniform(0.5, 2.0, batch) if spec.get("sample_weight") else None,
         "opts": opts,
     }  # fmt: skip
@@ -297,12 +303,12 @@ class TestTorchAutograd:
         if b is not None:
             xp_assert_close(b.grad, db_w, xp=xp, dtype="float64")
 
-    @pytest.mark.parametrize("name", ["class-weight-ignore-mean", "smoothing-class-weight-ignore-none",
-                                      "z-loss-softcap-mean", "probabilities-smoothing-none"])  # fmt: skip
+    @pytest.mark.parametrize("name", ["smoothing-class-weight-ignore-none", "z-loss-softcap-mean"])
     def test_gradcheck_and_gradgradcheck(self, xp: Any, rng: np.random.Generator, name: str) -> None:
         import torch
 
-        case = _case(rng, CASES[name])
+        # Few entries: the numerical Jacobians perturb each one.
+        case = _case(rng, CASES[name], rows=5, width=3, classes=4)
         target, fixed = torch.tensor(case["target"]), _fixed(case)
 
         def f(h: Any, w: Any, b: Any) -> Any:
@@ -350,18 +356,24 @@ class TestTorchAutograd:
         xp_assert_close(s.grad, rows, xp=xp, dtype="float64")
         xp_assert_close(h.grad, _want(case)[1], xp=xp, dtype="float64")
 
-    def test_torch_compile_traces_or_falls_back_with_equal_results(
+    @pytest.mark.filterwarnings(
+        # array-api-compat's `lru_cache` helpers make Dynamo warn while tracing; harmless.
+        "ignore:Dynamo detected a call to a `functools.lru_cache`-wrapped function:UserWarning"
+    )
+    def test_torch_compile_fullgraph_matches_composition(
         self, xp: Any, rng: np.random.Generator
     ) -> None:
         import torch
 
+        torch._dynamo.reset()
         case = _case(rng, CASES["class-weight-ignore-mean"])
         target, fixed = torch.tensor(case["target"]), _fixed(case)
 
         def f(h: Any, w: Any, b: Any) -> Any:
             return xent.linear_cross_entropy(h, w, target, bias=b, chunk_size=3, **fixed)
 
-        compiled = torch.compile(f, backend="eager")
+        # aot_eager traces what inductor would (Dynamo, then AOT autograd), without a C++ build.
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
         h, w, b = _torch_args(case)
         loss = compiled(h, w, b)
         loss.backward()
@@ -370,6 +382,7 @@ class TestTorchAutograd:
         xp_assert_close(h.grad, dh_w, xp=xp, dtype="float64")
         xp_assert_close(w.grad, dw_w, xp=xp, dtype="float64")
         xp_assert_close(b.grad, db_w, xp=xp, dtype="float64")
+        torch._dynamo.reset()
 
 
 # --------------------------------------------------------------------------- JAX
