@@ -104,7 +104,7 @@ def _torch_case(case: str, n: int, h: int, v: int, reps: int) -> dict[str, Any]:
 
         def loss_fn(hd: Any, w: Any, b: Any) -> Any:
             options = torch.nn.LinearCrossEntropyOptions()
-            return F.linear_cross_entropy(hd, w, target, b, options=options)
+            return F.linear_cross_entropy(hd, w, target, linear_bias=b, options=options)
     else:
 
         def loss_fn(hd: Any, w: Any, b: Any) -> Any:

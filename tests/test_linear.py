@@ -253,9 +253,11 @@ class TestDask:
                 xent.linear_cross_entropy_and_grad, arrays, case["opts"], chunk_size=3
             )
         assert is_lazy()
-        loss_w, dh_w, _, _ = _want(case)
+        loss_w, dh_w, dw_w, db_w = _want(case)
         xp_assert_close(loss, loss_w, xp=xp, dtype="float64")
         xp_assert_close(dh, dh_w, xp=xp, dtype="float64")
+        xp_assert_close(dw, dw_w, xp=xp, dtype="float64")
+        xp_assert_close(db, db_w, xp=xp, dtype="float64")
 
 
 # --------------------------------------------------------------------------- PyTorch
@@ -304,7 +306,9 @@ class TestTorchAutograd:
             xp_assert_close(b.grad, db_w, xp=xp, dtype="float64")
 
     @pytest.mark.parametrize("name", ["smoothing-class-weight-ignore-none", "z-loss-softcap-mean"])
-    def test_gradcheck_and_gradgradcheck(self, xp: Any, rng: np.random.Generator, name: str) -> None:
+    def test_gradcheck_and_gradgradcheck(
+        self, xp: Any, rng: np.random.Generator, name: str
+    ) -> None:
         import torch
 
         # Few entries: the numerical Jacobians perturb each one.
@@ -318,9 +322,7 @@ class TestTorchAutograd:
         assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-8, rtol=1e-6)
         assert torch.autograd.gradgradcheck(f, args, eps=1e-6, atol=1e-7, rtol=1e-5)
 
-    def test_only_requested_gradients_are_computed(
-        self, xp: Any, rng: np.random.Generator
-    ) -> None:
+    def test_only_requested_gradients_are_computed(self, xp: Any, rng: np.random.Generator) -> None:
         import torch
 
         case = _case(rng, CASES["plain-mean"])
@@ -433,7 +435,9 @@ class TestJaxAutodiff:
         )
         h, w, b = _torch_args(case)
         logits = h @ w.T + b
-        loss = xent.cross_entropy(logits, torch.tensor(case["target"]), **_fixed(case))
+        fixed = _fixed(case)
+        fixed["weight"] = fixed.pop("class_weight")
+        loss = xent.cross_entropy(logits, torch.tensor(case["target"]), **fixed)
         (loss**2).sum().backward()
         for got, want in zip(ours, (h.grad, w.grad, b.grad), strict=True):
             xp_assert_close(got, to_numpy(want), xp=xp, dtype="float64")

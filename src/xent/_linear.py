@@ -206,7 +206,8 @@ def linear_cross_entropy_and_grad(
         reduction=reduction, z_loss=z_loss, softcap=softcap, validate=validate, xp=xp,
     )  # fmt: skip
     loss, (dh, dw, db) = _loss_and_grad(plan, hidden, weight, bias, None)
-    assert dh is not None and dw is not None
+    assert dh is not None
+    assert dw is not None
     return loss, (dh, dw, db)
 
 
@@ -280,14 +281,18 @@ def _blocks(
     carry = (
         xp.zeros((), dtype=p.dtype, device=dev),
         xp.zeros(tuple(weight.shape), dtype=p.dtype, device=dev) if need[1] else None,
-        xp.zeros(tuple(bias.shape), dtype=p.dtype, device=dev) if need[2] else None,
+        xp.zeros(tuple(bias.shape), dtype=p.dtype, device=dev)
+        if need[2] and bias is not None
+        else None,
     )
     rows = (xp.reshape(hidden, (p.rows, width)), p.target, p.sample, r_all if per_row else None)
     full = p.rows // p.chunk * p.chunk
     parts: list[tuple[Any, Any]] = []
     if full:
         blocks = tuple(
-            None if a is None else xp.reshape(a[:full, ...], (full // p.chunk, p.chunk, *a.shape[1:]))
+            None
+            if a is None
+            else xp.reshape(a[:full, ...], (full // p.chunk, p.chunk, *a.shape[1:]))
             for a in rows
         )
         carry, (loss, dh) = ops.scan(step, carry, blocks)

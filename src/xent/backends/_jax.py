@@ -112,7 +112,6 @@ class Native(Backend):
         loss.defjvp(loss_jvp, symbolic_zeros=True)
         return loss(x, values)
 
-
     def scan(self, step: Any, carry: Any, blocks: tuple[Any, ...]) -> Any:
         return jax.lax.scan(step, carry, blocks)
 

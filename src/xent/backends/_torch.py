@@ -155,7 +155,6 @@ class Native(Backend):
             return rule.forward(state, x)[0]
         return _AnalyticGrad.apply(x, rule, state)
 
-
     def matmul_add(self, acc: Array, a: Array, b: Array) -> Array:
         if _owned(acc) and not self.is_traced(acc):
             return acc.addmm_(a.mT, b)
@@ -172,9 +171,7 @@ class Native(Backend):
         others: tuple[Array | None, ...] = (),
     ) -> Array:
         traced = self.is_traced(hidden)
-        return _linear_custom_grad(
-            rule, state, hidden, weight, bias, others=others, traced=traced
-        )
+        return _linear_custom_grad(rule, state, hidden, weight, bias, others=others, traced=traced)
 
 
 class NativeBackend(Native, Facts):
