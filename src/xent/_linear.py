@@ -20,7 +20,7 @@ from .backends import Backend, lookup
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_and_grad"]
 
-_BUDGET_BYTES = 16 * 2**20
+_BUDGET_BYTES = 12 * 2**20
 """Bytes of one block of logits in the compute dtype when ``chunk_size`` is None: the forward
 holds about one such block, the backward about two (logits and their gradient)."""
 
@@ -98,7 +98,7 @@ def linear_cross_entropy(
     bias : array, optional
         Shape ``(V,)``, of ``hidden``'s dtype.
     chunk_size : int, optional
-        Rows per block; None picks it so one block of logits takes about 16 MiB.
+        Rows per block; None picks it so one block of logits takes about 12 MiB.
     class_weight : array, optional
         Class weights of shape ``(V,)`` (``weight`` of :func:`cross_entropy`).
     sample_weight : array, optional
