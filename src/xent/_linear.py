@@ -20,7 +20,7 @@ from .backends import Backend, lookup
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_and_grad"]
 
-_BUDGET_BYTES = 12 * 2**20
+_BUDGET_BYTES = 16 * 2**20
 """Bytes of one block of logits in the compute dtype when ``chunk_size`` is None: the forward
 holds about one such block, the backward about two (logits and their gradient)."""
 
@@ -98,7 +98,8 @@ def linear_cross_entropy(
     bias : array, optional
         Shape ``(V,)``, of ``hidden``'s dtype.
     chunk_size : int, optional
-        Rows per block; None picks it so one block of logits takes about 12 MiB.
+        Rows per block; None picks the largest power of two whose block of logits takes at
+        most 16 MiB.
     class_weight : array, optional
         Class weights of shape ``(V,)`` (``weight`` of :func:`cross_entropy`).
     sample_weight : array, optional
@@ -443,7 +444,9 @@ def _plan(
     if reduction == "mean":
         denominator = xp.sum(counted if sample is None else counted * sample)
     itemsize = 8 if dtype == xp.float64 else 4
-    chunk = chunk_size or max(1, _BUDGET_BYTES // (classes * itemsize))
+    # A power of two, so the blocks usually divide the batch and no short last block is
+    # traced (under jit) beside the scanned ones.
+    chunk = chunk_size or 2 ** max(0, (_BUDGET_BYTES // (classes * itemsize)).bit_length() - 1)
     return _Plan(
         xp=xp, ops=ops, rows=rows, classes=classes, batch=batch, dtype=dtype,
         out_dtype=hidden.dtype, chunk=min(chunk, max(rows, 1)), reduction=reduction,
