@@ -271,7 +271,7 @@ def main() -> None:
         return
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", nargs="+", default=["4096x512x32768", "4096x512x131072"])
+    parser.add_argument("--sizes", nargs="*", default=["4096x512x32768", "4096x512x131072"])
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     parser.add_argument("--threads", type=int, default=1, help="threads per case (default 1)")
     parser.add_argument("--reps", type=int, default=2, help="timed calls; the best is kept")
