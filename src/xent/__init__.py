@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ._binary import binary_cross_entropy, binary_cross_entropy_and_grad
 from ._cross_entropy import cross_entropy, cross_entropy_and_grad
+from ._linear import linear_cross_entropy, linear_cross_entropy_and_grad
 from ._softmax import log_softmax, logsumexp, softmax
 
 __version__ = "0.1.0"
@@ -19,6 +20,8 @@ __all__ = [
     "binary_cross_entropy_and_grad",
     "cross_entropy",
     "cross_entropy_and_grad",
+    "linear_cross_entropy",
+    "linear_cross_entropy_and_grad",
     "log_softmax",
     "logsumexp",
     "softmax",

@@ -417,3 +417,49 @@ def parallel_local_classes(local: int, ax: int, shape: tuple[int, ...]) -> None:
         raise ValueError(
             f"`local_input` must hold at least one class along axis {ax}, got shape {shape}"
         )
+
+
+def linear_inputs(xp: Namespace, hidden: Array, weight: Array, bias: Array | None) -> None:
+    """Check the shapes and dtypes of a linear head: ``hidden (..., H)``, ``weight (V, H)``,
+    ``bias (V,)``, all of one real floating dtype."""
+    floating_input(xp, "hidden", hidden)
+    if hidden.ndim == 0:
+        raise ValueError("`hidden` must have shape (..., H), got a 0-d array")
+    if weight.ndim != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"`weight` must have shape (V, {int(hidden.shape[-1])}) to project `hidden` of shape "
+            f"{_shape(hidden.shape)}, got {_shape(weight.shape)}"
+        )
+    if weight.shape[0] == 0:
+        raise ValueError(f"`weight` must have at least one class (row), got {_shape(weight.shape)}")
+    if bias is not None and tuple(bias.shape) != (int(weight.shape[0]),):
+        raise ValueError(
+            f"`bias` must have shape ({int(weight.shape[0])},), one entry per row of `weight`, "
+            f"got {_shape(bias.shape)}"
+        )
+    for name, a in (("weight", weight), ("bias", bias)):
+        if a is not None and a.dtype != hidden.dtype:
+            raise TypeError(
+                f"`{name}` must have the dtype of `hidden` ({hidden.dtype}), got {a.dtype}"
+            )
+
+
+def chunk_size(value: int | None) -> None:
+    """Check ``chunk_size``: None (chosen from a memory budget) or a positive integer."""
+    if value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"`chunk_size` must be None or an integer >= 1, got {value!r}")
+
+
+def linear_class_weight(xp: Namespace, class_weight: Array | None, classes: int) -> None:
+    """Check ``class_weight`` of a linear head: real numbers of shape ``(V,)``."""
+    if class_weight is None:
+        return
+    if tuple(class_weight.shape) != (classes,):
+        raise ValueError(
+            f"`class_weight` must have shape ({classes},), one entry per row of `weight`, "
+            f"got {_shape(class_weight.shape)}"
+        )
+    if not xp.isdtype(class_weight.dtype, ("real floating", "integral")):
+        raise TypeError(f"`class_weight` must hold real numbers, got dtype {class_weight.dtype}")

@@ -202,6 +202,43 @@ class Backend:
         """
         return rule.forward(state, x)[0]
 
+    def matmul_add(self, acc: Array, a: Array, b: Array) -> Array:
+        """``acc + a.T @ b``; ``acc`` is xent's own accumulator, so a backend may write it."""
+        return acc + self.xp.matrix_transpose(a) @ b
+
+    def scan(self, step: Callable[..., Any], carry: Any, blocks: tuple[Any, ...]) -> Any:
+        """``lax.scan``'s contract over the leading axis of ``blocks`` (None entries stay None):
+        ``step(carry, block) -> (carry, out)``; returns the last carry and the outs stacked."""
+        xp = self.xp
+        count = next(int(b.shape[0]) for b in blocks if b is not None)
+        outs = []
+        for i in range(count):
+            carry, out = step(carry, tuple(None if b is None else b[i, ...] for b in blocks))
+            outs.append(out)
+        stacked = tuple(
+            None if outs[0][k] is None else xp.stack([o[k] for o in outs])
+            for k in range(len(outs[0]))
+        )
+        return carry, stacked
+
+    def linear_custom_grad(
+        self,
+        rule: Any,
+        state: Any,
+        hidden: Array,
+        weight: Array,
+        bias: Array | None,
+        *,
+        others: tuple[Array | None, ...] = (),
+    ) -> Array:
+        """The loss ``rule.loss(state, hidden, weight, bias)`` of a linear head.
+
+        Backends with autodiff override this to attach ``rule.loss_and_grad`` as the gradient of
+        ``hidden``, ``weight`` and ``bias``; here the framework differentiates the chunked
+        forward itself.
+        """
+        return rule.loss(state, hidden, weight, bias)
+
     def _one_hot(self, x: Array, index: Array, axis: int) -> Array:
         xp = self.xp
         n = x.shape[axis]

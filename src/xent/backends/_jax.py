@@ -11,6 +11,7 @@ from jax.custom_derivatives import SymbolicZero
 
 from .._typing import Array
 from ._generic import Backend, GradRule
+from ._jax_linear import linear_custom_grad as _linear_custom_grad
 
 
 def _explicit_mesh(*arrays: Array) -> bool:
@@ -156,6 +157,21 @@ class Native(Backend):
 
         loss.defjvp(loss_jvp, symbolic_zeros=True)
         return loss(x, values)
+
+    def scan(self, step: Any, carry: Any, blocks: tuple[Any, ...]) -> Any:
+        return jax.lax.scan(step, carry, blocks)
+
+    def linear_custom_grad(
+        self,
+        rule: Any,
+        state: Any,
+        hidden: Array,
+        weight: Array,
+        bias: Array | None,
+        *,
+        others: tuple[Array | None, ...] = (),
+    ) -> Array:
+        return _linear_custom_grad(rule, state, hidden, weight, bias)
 
 
 class NativeBackend(Native, Facts):

@@ -289,6 +289,13 @@ class Native(Backend):
         np.put_along_axis(g, index, picked - values, axis=axis)
         return g
 
+    def matmul_add(self, acc: Array, a: Array, b: Array) -> Array:
+        # In place, a slab of acc's rows at a time: no temporary of acc's full size.
+        step = max(1, _BLOCK_BYTES // max(1, b.shape[-1] * acc.itemsize))
+        for start in range(0, acc.shape[0], step):
+            acc[start : start + step] += a[:, start : start + step].T @ b
+        return acc
+
 
 class NativeBackend(Native, Facts):
     """The facts with the native overrides on top."""

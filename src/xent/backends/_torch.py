@@ -10,6 +10,7 @@ import torch
 from .._compat import array_namespace
 from .._typing import Array
 from ._generic import Backend, GradRule
+from ._torch_linear import linear_custom_grad as _linear_custom_grad
 
 NAMESPACE = array_namespace(torch.empty(0))
 """array-api-compat's namespace for torch tensors."""
@@ -225,6 +226,24 @@ class Native(Backend):
         if not (x.requires_grad and torch.is_grad_enabled()) or needs_other or self.is_traced(x):
             return rule.forward(state, x)[0]
         return _AnalyticGrad.apply(x, rule, state)
+
+    def matmul_add(self, acc: Array, a: Array, b: Array) -> Array:
+        if _owned(acc) and not self.is_traced(acc):
+            return acc.addmm_(a.mT, b)
+        return torch.addmm(acc, a.mT, b)
+
+    def linear_custom_grad(
+        self,
+        rule: Any,
+        state: Any,
+        hidden: Array,
+        weight: Array,
+        bias: Array | None,
+        *,
+        others: tuple[Array | None, ...] = (),
+    ) -> Array:
+        traced = self.is_traced(hidden)
+        return _linear_custom_grad(rule, state, hidden, weight, bias, others=others, traced=traced)
 
 
 class NativeBackend(Native, Facts):

@@ -1,0 +1,459 @@
+"""Cross-entropy of a linear head, without the ``(N, V)`` logits.
+
+``linear_cross_entropy(hidden, weight, target)`` is ``cross_entropy(hidden @ weight.T + bias,
+target)``, computed over blocks of ``chunk`` rows: each block's logits are made, reduced to its
+rows' losses by the cross-entropy core, and dropped. The gradients recompute a block's logits,
+take the core's analytic ``d loss / d logits`` for it, and fold it into ``d hidden`` (that
+block's rows), ``d weight`` and ``d bias`` (accumulated over blocks in float32 or float64), so
+extra memory is one block of logits and its gradient, plus the gradients themselves.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from . import _cross_entropy, _validation
+from ._typing import Array, Namespace, Reduction
+from .backends import Backend, lookup
+
+__all__ = ["linear_cross_entropy", "linear_cross_entropy_and_grad"]
+
+_BUDGET_BYTES = 16 * 2**20
+"""Bytes of one block of logits in the compute dtype when ``chunk_size`` is None: the forward
+holds about one such block, the backward about two (logits and their gradient)."""
+
+_Grads = tuple[Array | None, Array | None, Array | None]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Validated options and the flattened target, shared by the loss and its gradients."""
+
+    xp: Namespace
+    ops: Backend
+    rows: int  # N, the rows of hidden once its batch axes are flattened
+    classes: int  # V
+    batch: tuple[int, ...]  # hidden.shape[:-1]
+    dtype: Any  # compute dtype
+    out_dtype: Any
+    chunk: int
+    reduction: str
+    ignore_index: int
+    smoothing: float
+    z_loss: float
+    softcap: float | None
+    target: Array  # (N,) class indices or (N, V) probabilities
+    class_weight: Array | None
+    sample: Array | None  # (N,) in the compute dtype
+    denominator: Array | None  # what "mean" divides by
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """The loss and its analytic gradients, for the backends' autodiff hooks."""
+
+    loss: Any
+    loss_and_grad: Any
+
+
+def linear_cross_entropy(
+    hidden: Array,
+    weight: Array,
+    target: Array,
+    /,
+    *,
+    bias: Array | None = None,
+    chunk_size: int | None = None,
+    class_weight: Array | None = None,
+    sample_weight: Array | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: Reduction = "mean",
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    validate: bool | None = None,
+    xp: Namespace | None = None,
+) -> Array:
+    r"""Cross-entropy of the logits ``hidden @ weight.T + bias``, never holding all of them.
+
+    Equals ``cross_entropy(hidden @ weight.T + bias, target, weight=class_weight, ...)`` with
+    the same options, but works on blocks of ``chunk_size`` rows, so the ``(N, V)`` logits never
+    exist: extra memory is about one block of logits in the forward and two in the backward,
+    plus the gradients. On PyTorch and JAX the gradients of ``hidden``, ``weight`` and ``bias``
+    are analytic (a ``torch.autograd.Function``, a ``jax.custom_vjp``); elsewhere use
+    :func:`linear_cross_entropy_and_grad`.
+
+    Parameters
+    ----------
+    hidden : array
+        Features of shape ``(..., H)``, real floating. float16/bfloat16 logits are computed in
+        float32.
+    weight : array
+        The projection, shape ``(V, H)``, of ``hidden``'s dtype.
+    target : array
+        Integer class indices of shape ``hidden.shape[:-1]``, or floating class probabilities
+        of shape ``(*hidden.shape[:-1], V)``.
+    bias : array, optional
+        Shape ``(V,)``, of ``hidden``'s dtype.
+    chunk_size : int, optional
+        Rows per block; None picks the largest power of two whose block of logits takes at
+        most 16 MiB.
+    class_weight : array, optional
+        Class weights of shape ``(V,)`` (``weight`` of :func:`cross_entropy`).
+    sample_weight : array, optional
+        Per-example weights broadcastable to ``hidden.shape[:-1]``.
+    ignore_index : int, default -100
+        Class-index targets equal to it contribute 0 and are left out of the mean.
+    label_smoothing : float, default 0.0
+        In ``[0, 1]``.
+    reduction : {"mean", "sum", "none"}, default "mean"
+        As in :func:`cross_entropy`.
+    z_loss : float, default 0.0
+        Coefficient of ``logsumexp(logits)**2`` per row.
+    softcap : float, optional
+        Caps the logits to ``softcap * tanh(logits / softcap)``.
+    validate : bool or None, default None
+        Label checking, as in :func:`cross_entropy`.
+    xp : namespace, optional
+        The array namespace; inferred from the arrays when omitted.
+
+    Returns
+    -------
+    array
+        0-d for ``"mean"``/``"sum"``, else ``hidden.shape[:-1]``; of ``hidden``'s dtype.
+
+    Raises
+    ------
+    TypeError
+        Non-floating ``hidden``; ``weight`` or ``bias`` of another dtype; arrays of different
+        libraries or devices.
+    ValueError
+        Shapes that do not fit ``(..., H)``, ``(V, H)``, ``(V,)``; labels outside ``[0, V)``;
+        options out of range.
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> import xent
+    >>> hidden = xp.asarray([[1.0, 0.0], [0.0, 1.0]])
+    >>> weight = xp.asarray([[2.0, 0.0], [0.0, 2.0], [0.0, 0.0]])
+    >>> loss = xent.linear_cross_entropy(hidden, weight, xp.asarray([0, 1]), chunk_size=1)
+    >>> round(float(loss), 6)
+    0.239545
+    """
+    plan = _plan(
+        hidden, weight, target, bias=bias, chunk_size=chunk_size, class_weight=class_weight,
+        sample_weight=sample_weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        reduction=reduction, z_loss=z_loss, softcap=softcap, validate=validate, xp=xp,
+    )  # fmt: skip
+    others = (target, class_weight, sample_weight)
+    return plan.ops.linear_custom_grad(_RULE, plan, hidden, weight, bias, others=others)
+
+
+def linear_cross_entropy_and_grad(
+    hidden: Array,
+    weight: Array,
+    target: Array,
+    /,
+    *,
+    bias: Array | None = None,
+    chunk_size: int | None = None,
+    class_weight: Array | None = None,
+    sample_weight: Array | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: Reduction = "mean",
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    validate: bool | None = None,
+    xp: Namespace | None = None,
+) -> tuple[Array, tuple[Array, Array, Array | None]]:
+    r"""The loss of :func:`linear_cross_entropy` and its gradients, in one chunked pass.
+
+    Takes the options of :func:`linear_cross_entropy`. With ``G`` the gradient of ``sum(loss)``
+    with respect to the logits (:func:`cross_entropy_and_grad`), made one block of rows at a
+    time, the gradients are ``G @ weight`` (for ``hidden``), ``G.T @ hidden`` (for ``weight``)
+    and ``sum(G, axis=0)`` (for ``bias``), the last two accumulated over blocks in float32 (or
+    float64). No autodiff is needed, so NumPy, CuPy, Dask and array-api-strict users can train
+    with it.
+
+    Returns
+    -------
+    loss : array
+        As :func:`linear_cross_entropy` returns it.
+    grads : tuple
+        ``(d_hidden, d_weight, d_bias)`` of the shapes and dtypes of ``hidden``, ``weight`` and
+        ``bias``; ``d_bias`` is None without a bias.
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> import xent
+    >>> hidden = xp.asarray([[0.0, 0.0]])
+    >>> weight = xp.asarray([[1.0, 0.0], [0.0, 1.0]])
+    >>> loss, (d_hidden, d_weight, d_bias) = xent.linear_cross_entropy_and_grad(
+    ...     hidden, weight, xp.asarray([0]), bias=xp.asarray([0.0, 0.0])
+    ... )
+    >>> d_bias
+    Array([-0.5,  0.5], dtype=array_api_strict.float64)
+    >>> d_hidden
+    Array([[-0.5,  0.5]], dtype=array_api_strict.float64)
+    """
+    plan = _plan(
+        hidden, weight, target, bias=bias, chunk_size=chunk_size, class_weight=class_weight,
+        sample_weight=sample_weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        reduction=reduction, z_loss=z_loss, softcap=softcap, validate=validate, xp=xp,
+    )  # fmt: skip
+    loss, (dh, dw, db) = _loss_and_grad(plan, hidden, weight, bias, None)
+    assert dh is not None
+    assert dw is not None
+    return loss, (dh, dw, db)
+
+
+# --------------------------------------------------------------------------- the passes
+def _loss(p: _Plan, hidden: Array, weight: Array, bias: Array | None) -> Array:
+    return _run(p, hidden, weight, bias, None, (False, False, False))[0]
+
+
+def _loss_and_grad(
+    p: _Plan,
+    hidden: Array,
+    weight: Array,
+    bias: Array | None,
+    cotangent: Array | None,
+    need: tuple[bool, bool, bool] = (True, True, True),
+) -> tuple[Array, _Grads]:
+    """The loss and the gradients of ``loss . cotangent`` (``cotangent`` None: all ones) with
+    respect to those of ``hidden``, ``weight``, ``bias`` that ``need`` asks for (None for the
+    others)."""
+    need = (need[0], need[1], need[2] and bias is not None)
+    return _run(p, hidden, weight, bias, cotangent, need)
+
+
+def _run(
+    p: _Plan,
+    hidden: Array,
+    weight: Array,
+    bias: Array | None,
+    cotangent: Array | None,
+    need: tuple[bool, bool, bool],
+) -> tuple[Array, _Grads]:
+    with p.ops.quiet():
+        return _blocks(p, hidden, weight, bias, cotangent, need)
+
+
+def _blocks(
+    p: _Plan,
+    hidden: Array,
+    weight: Array,
+    bias: Array | None,
+    cotangent: Array | None,
+    need: tuple[bool, bool, bool],
+) -> tuple[Array, _Grads]:
+    """Scan the blocks of rows, carrying the loss sum and the weight and bias gradients."""
+    xp, ops = p.xp, p.ops
+    width = int(hidden.shape[-1])
+    dev = ops.device(p.target)
+    r_all = _row_cotangent(p, cotangent) if any(need) else None
+    per_row = r_all is not None and r_all.ndim == 1
+
+    def step(carry: tuple[Any, ...], block: tuple[Any, ...]) -> tuple[Any, ...]:
+        """One block of rows: its losses, its rows of ``d hidden``, the sums carried over."""
+        total, dw, db = carry
+        h, target, sample, r = block
+        logits = _logits(p, h, weight, bias)
+        cp = _block_problem(p, target, sample, logits)
+        loss, saved = _cross_entropy._forward(cp, logits)
+        total = total + xp.sum(loss)
+        dh = None
+        if r_all is not None:
+            r = r if per_row else xp.broadcast_to(r_all, (int(h.shape[0]),))
+            g = _cross_entropy._backward(cp, logits, saved, r)
+            if need[0]:
+                dh = xp.astype(xp.astype(g, weight.dtype, copy=False) @ weight, hidden.dtype)
+            if need[1]:
+                dw = ops.matmul_add(dw, g, xp.astype(h, p.dtype, copy=False))
+            if need[2]:
+                db = db + xp.sum(g, axis=0)
+        return (total, dw, db), (loss if p.reduction == "none" else None, dh)
+
+    carry = (
+        xp.zeros((), dtype=p.dtype, device=dev),
+        xp.zeros(tuple(weight.shape), dtype=p.dtype, device=dev) if need[1] else None,
+        xp.zeros(tuple(bias.shape), dtype=p.dtype, device=dev)
+        if need[2] and bias is not None
+        else None,
+    )
+    rows = (xp.reshape(hidden, (p.rows, width)), p.target, p.sample, r_all if per_row else None)
+    full = p.rows // p.chunk * p.chunk
+    parts: list[tuple[Any, Any]] = []
+    if full:
+        blocks = tuple(
+            None
+            if a is None
+            else xp.reshape(a[:full, ...], (full // p.chunk, p.chunk, *a.shape[1:]))
+            for a in rows
+        )
+        carry, (loss, dh) = ops.scan(step, carry, blocks)
+        parts.append((
+            None if loss is None else xp.reshape(loss, (full,)),
+            None if dh is None else xp.reshape(dh, (full, width)),
+        ))  # fmt: skip
+    if full < p.rows:
+        carry, tail = step(carry, tuple(None if a is None else a[full:, ...] for a in rows))
+        parts.append(tail)
+    total, dw, db = carry
+    losses = [loss for loss, _ in parts if loss is not None]
+    dhs = [dh for _, dh in parts if dh is not None]
+    return _reduce(p, losses, total), _finish(p, hidden, weight, bias, need, dhs, dw, db)
+
+
+def _logits(p: _Plan, h: Array, weight: Array, bias: Array | None) -> Array:
+    """One block's logits in the compute dtype (the product in the inputs' dtype, whose
+    matrix kernels accumulate in float32 for float16/bfloat16)."""
+    xp = p.xp
+    z = xp.astype(h @ xp.matrix_transpose(weight), p.dtype, copy=False)
+    return z if bias is None else z + xp.astype(bias, p.dtype, copy=False)
+
+
+def _block_problem(p: _Plan, target: Array, sample: Array | None, logits: Array) -> Any:
+    """The cross-entropy problem of one block (labels were checked once, for all rows)."""
+    return _cross_entropy._problem(
+        logits, target, axis=-1, from_logits=True, weight=p.class_weight, sample_weight=sample,
+        ignore_index=p.ignore_index, label_smoothing=p.smoothing, reduction="none",
+        z_loss=p.z_loss, softcap=p.softcap, eps=1e-7, validate=False, xp=p.xp,
+    )  # fmt: skip
+
+
+def _row_cotangent(p: _Plan, cotangent: Array | None) -> Array:
+    """Each row's factor on its logit gradient: 0-d for "mean"/"sum", ``(N,)`` for "none"."""
+    xp = p.xp
+    dev = p.ops.device(p.target)
+    if cotangent is None:
+        shape = (p.rows,) if p.reduction == "none" else ()
+        r = xp.ones(shape, dtype=p.dtype, device=dev)
+    else:
+        r = xp.astype(cotangent, p.dtype, copy=False)
+        if p.reduction == "none":
+            r = xp.reshape(r, (p.rows,))
+    return r / p.denominator if p.denominator is not None else r
+
+
+def _reduce(p: _Plan, rows: list[Array], total: Array) -> Array:
+    xp = p.xp
+    if p.reduction == "none":
+        if not rows:
+            return xp.zeros(p.batch, dtype=p.out_dtype, device=p.ops.device(p.target))
+        loss = xp.reshape(rows[0] if len(rows) == 1 else xp.concat(rows), p.batch)
+    else:
+        loss = total if p.denominator is None else total / p.denominator
+    return xp.astype(loss, p.out_dtype, copy=False)
+
+
+def _finish(
+    p: _Plan,
+    hidden: Array,
+    weight: Array,
+    bias: Array | None,
+    need: tuple[bool, bool, bool],
+    dh: list[Array],
+    dw: Array,
+    db: Array,
+) -> _Grads:
+    """The gradients in the inputs' shapes and dtypes (zeros where there were no rows)."""
+    xp = p.xp
+    d_hidden = d_weight = d_bias = None
+    if need[0]:
+        if not dh:
+            d_hidden = xp.zeros_like(hidden)
+        else:
+            d_hidden = xp.reshape(dh[0] if len(dh) == 1 else xp.concat(dh), hidden.shape)
+    if need[1]:
+        d_weight = xp.astype(dw, weight.dtype, copy=False)
+    if need[2] and bias is not None:
+        d_bias = xp.astype(db, bias.dtype, copy=False)
+    return d_hidden, d_weight, d_bias
+
+
+# --------------------------------------------------------------------------- preparation
+class _Logits:
+    """The shape the logits would have, for the cross-entropy's target checks."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+
+
+def _plan(
+    hidden: Array,
+    weight: Array,
+    target: Array,
+    *,
+    bias: Array | None,
+    chunk_size: int | None,
+    class_weight: Array | None,
+    sample_weight: Array | None,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+    z_loss: float,
+    softcap: float | None,
+    validate: bool | None,
+    xp: Namespace | None,
+) -> _Plan:
+    arrays = {
+        "hidden": hidden, "weight": weight, "target": target, "bias": bias,
+        "class_weight": class_weight, "sample_weight": sample_weight,
+    }  # fmt: skip
+    xp = _validation.namespace(arrays, xp)
+    ops = lookup(xp)
+    _validation.same_device(ops, arrays)
+    _validation.linear_inputs(xp, hidden, weight, bias)
+    _validation.reduction(reduction)
+    _validation.options(
+        label_smoothing=label_smoothing, eps=1e-7, from_logits=True, z_loss=z_loss,
+        softcap=softcap, validate=validate,
+    )  # fmt: skip
+    _validation.chunk_size(chunk_size)
+    classes = int(weight.shape[0])
+    batch = tuple(int(n) for n in hidden.shape[:-1])
+    kind = _validation.target_kind(xp, _Logits((*batch, classes)), target, len(batch))
+    _validation.linear_class_weight(xp, class_weight, classes)
+    _validation.broadcastable("sample_weight", sample_weight, batch, "the per-example shape")
+    rows = math.prod(batch)
+    dtype = ops.compute_dtype(hidden.dtype)
+    dev = ops.device(hidden)
+
+    sample = None
+    if sample_weight is not None:
+        sample = xp.reshape(xp.broadcast_to(xp.astype(sample_weight, dtype), batch), (rows,))
+    if kind == "index":
+        labels, ignored, _ = _cross_entropy._labels(
+            xp, ops, target, classes, ignore_index, validate, len(batch)
+        )
+        counted = xp.reshape(xp.astype(~ignored, dtype), (rows,))
+        if class_weight is not None and rows:
+            flat = xp.reshape(labels, (rows,))
+            counted = counted * ops.take(xp.astype(class_weight, dtype), flat)
+        flat_target = xp.reshape(target, (rows,))
+    else:
+        counted = xp.ones((rows,), dtype=dtype, device=dev)
+        flat_target = xp.reshape(target, (rows, classes))
+    denominator = None
+    if reduction == "mean":
+        denominator = xp.sum(counted if sample is None else counted * sample)
+    itemsize = 8 if dtype == xp.float64 else 4
+    # A power of two, so the blocks usually divide the batch and no short last block is
+    # traced (under jit) beside the scanned ones.
+    chunk = chunk_size or 2 ** max(0, (_BUDGET_BYTES // (classes * itemsize)).bit_length() - 1)
+    return _Plan(
+        xp=xp, ops=ops, rows=rows, classes=classes, batch=batch, dtype=dtype,
+        out_dtype=hidden.dtype, chunk=min(chunk, max(rows, 1)), reduction=reduction,
+        ignore_index=ignore_index, smoothing=float(label_smoothing), z_loss=float(z_loss),
+        softcap=None if softcap is None else float(softcap), target=flat_target,
+        class_weight=class_weight, sample=sample, denominator=denominator,
+    )  # fmt: skip
+
+
+_RULE = _Rule(loss=_loss, loss_and_grad=_loss_and_grad)

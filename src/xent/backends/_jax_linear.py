@@ -1,0 +1,58 @@
+"""JAX: the linear cross-entropy under a ``jax.custom_vjp`` with chunked gradients."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+
+from .._typing import Array
+
+
+def linear_custom_grad(
+    rule: Any, state: Any, hidden: Array, weight: Array, bias: Array | None
+) -> Array:
+    """The loss as a ``jax.custom_vjp`` of ``hidden``, ``weight`` and ``bias``.
+
+    For a 0-d loss the forward rule computes the gradients in the same pass over each block of
+    logits and keeps them as residuals (the cotangent only scales them); for ``"none"`` the
+    residuals are the inputs and the backward makes each block's logits again with the
+    per-row cotangent. The arrays of ``state`` (derived from the target and the weights) are
+    explicit inputs, so the rule works under ``jit`` and on sharded arrays; they get no
+    gradient.
+    """
+    names = [
+        f.name for f in dataclasses.fields(state) if isinstance(getattr(state, f.name), jax.Array)
+    ]
+    values = [getattr(state, name) for name in names]
+
+    def rebuild(arrays: Any) -> Any:
+        return dataclasses.replace(state, **dict(zip(names, arrays, strict=True)))
+
+    scalar = state.reduction != "none"
+
+    @jax.custom_vjp
+    def loss(h: Array, w: Array, b: Array | None, arrays: list[Array]) -> Array:
+        out: Array = rule.loss(rebuild(arrays), h, w, b)
+        return out
+
+    def forward(h: Array, w: Array, b: Array | None, arrays: list[Array]) -> tuple[Array, Any]:
+        here = rebuild(arrays)
+        if scalar:
+            out, grads = rule.loss_and_grad(here, h, w, b, None)
+            return out, (grads, arrays)
+        return rule.loss(here, h, w, b), ((h, w, b), arrays)
+
+    def backward(saved: Any, cotangent: Array) -> tuple[Any, ...]:
+        kept, arrays = saved
+        if scalar:
+            grads = tuple(None if g is None else g * cotangent.astype(g.dtype) for g in kept)
+        else:
+            h, w, b = kept
+            _, grads = rule.loss_and_grad(rebuild(arrays), h, w, b, cotangent)
+        return (*grads, [None] * len(arrays))
+
+    loss.defvjp(forward, backward)
+    out: Array = loss(hidden, weight, bias, values)
+    return out

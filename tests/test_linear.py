@@ -1,0 +1,465 @@
+"""Linear cross-entropy (issue #9): ``linear_cross_entropy(h, W, y)`` is the naive composition
+``cross_entropy(h @ W.T + b, y)``, in value and in all three gradients, on every backend.
+
+The reference is that composition in float64 NumPy: the loss from ``_reference``, the gradient
+of the logits from ``cross_entropy_and_grad`` (itself checked against PyTorch and finite
+differences in ``test_gradients``), chained through the product by hand.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import _reference as ref
+import numpy as np
+import pytest
+from _helpers import (
+    Backend,
+    current,
+    is_concrete_host,
+    is_lazy,
+    to_numpy,
+    to_xp,
+    xp_assert_close,
+)
+
+import xent
+
+TORCH_BACKENDS = (Backend.TORCH, Backend.TORCH_CUDA)
+JAX_BACKENDS = (Backend.JAX, Backend.JAX_GPU)
+
+# Each case: options of the composition, plus the layout of the data (see `_case`).
+CASES: dict[str, dict[str, Any]] = {
+    "plain-mean": {},
+    "no-bias-sum": {"bias": False, "reduction": "sum"},
+    "none": {"reduction": "none"},
+    "class-weight-ignore-mean": {"class_weight": True, "ignore": True},
+    "sample-weight-smoothing-sum": {"sample_weight": True, "label_smoothing": 0.2,
+                                    "reduction": "sum"},
+    "smoothing-class-weight-ignore-none": {"label_smoothing": 0.1, "class_weight": True,
+                                           "ignore": True, "reduction": "none"},
+    "z-loss-softcap-mean": {"z_loss": 0.01, "softcap": 4.0},
+    "probabilities-class-weight-mean": {"probabilities": True, "class_weight": True},
+    "probabilities-smoothing-none": {"probabilities": True, "label_smoothing": 0.3,
+                                     "reduction": "none"},
+    "kdim-batch-sample-weight-mean": {"kdim": True, "sample_weight": True, "ignore": True},
+    "custom-ignore-index-sum": {"ignore": True, "ignore_index": 3, "reduction": "sum"},
+}  # fmt: skip
+OPTION_KEYS = ("label_smoothing", "reduction", "z_loss", "softcap", "ignore_index")
+ROWS, WIDTH, CLASSES = 7, 5, 11
+CHUNKS = (3, None)  # 3 leaves a ragged last block of 7 rows; None: one block from the budget
+
+
+def _case(
+    rng: np.random.Generator,
+    spec: dict[str, Any],
+    rows: int = ROWS,
+    width: int = WIDTH,
+    classes: int = CLASSES,
+) -> dict[str, Any]:
+    """Float64 NumPy inputs and options for one entry of `CASES`."""
+    batch = (2, 4) if spec.get("kdim") else (rows,)
+    hidden = rng.normal(size=(*batch, width))
+    weight = rng.normal(size=(classes, width)) * 0.8
+    bias = rng.normal(size=classes) if spec.get("bias", True) else None
+    ignore_index = spec.get("ignore_index", -100)
+    if spec.get("probabilities"):
+        z = np.exp(rng.normal(size=(*batch, classes)) * 1.5)
+        target = z / z.sum(axis=-1, keepdims=True)
+    else:
+        target = rng.integers(0, classes, size=batch)
+        if spec.get("ignore"):
+            target.reshape(-1)[1::3] = ignore_index
+    opts = {k: spec[k] for k in OPTION_KEYS if k in spec}
+    return {
+        "hidden": hidden, "weight": weight, "bias": bias, "target": target,
+        "class_weight": rng.uniform(0.5, 2.0, classes) if spec.get("class_weight") else None,
+        "sample_weight": rng.uniform(0.5, 2.0, batch) if spec.get("sample_weight") else None,
+        "opts": opts,
+    }  # fmt: skip
+
+
+def _want(case: dict[str, Any], cotangent: np.ndarray | float = 1.0) -> tuple[np.ndarray, ...]:
+    """Loss and gradients of ``sum(cotangent * loss)`` of the naive composition, in float64."""
+    h, w, b = case["hidden"], case["weight"], case["bias"]
+    logits = h @ w.T + (0.0 if b is None else b)
+    common = {"weight": case["class_weight"], "sample_weight": case["sample_weight"]}
+    loss = ref.cross_entropy(logits, case["target"], **common, **case["opts"])
+    _, g = xent.cross_entropy_and_grad(logits, case["target"], **common, **case["opts"])
+    cot = np.asarray(cotangent, dtype=np.float64)
+    g = g * (cot[..., None] if cot.ndim else cot)
+    g2 = g.reshape(-1, w.shape[0])
+    d_bias = None if b is None else g2.sum(axis=0)
+    return loss, (g2 @ w).reshape(h.shape), g2.T @ h.reshape(-1, h.shape[-1]), d_bias
+
+
+def _inputs(xp: Any, case: dict[str, Any], dtype: str = "float64") -> dict[str, Any]:
+    def move(a: np.ndarray | None, as_float: bool = True) -> Any:
+        return None if a is None else to_xp(xp, a, dtype=dtype if as_float else None)
+
+    return {
+        "hidden": move(case["hidden"]), "weight": move(case["weight"]),
+        "target": move(case["target"], as_float=case["target"].dtype.kind == "f"),
+        "bias": move(case["bias"]), "class_weight": move(case["class_weight"]),
+        "sample_weight": move(case["sample_weight"]),
+    }  # fmt: skip
+
+
+def _call(fn: Any, arrays: dict[str, Any], opts: dict[str, Any], **more: Any) -> Any:
+    return fn(
+        arrays["hidden"], arrays["weight"], arrays["target"], bias=arrays["bias"],
+        class_weight=arrays["class_weight"], sample_weight=arrays["sample_weight"],
+        **opts, **more,
+    )  # fmt: skip
+
+
+class TestAgainstNaiveComposition:
+    @pytest.mark.parametrize("chunk", CHUNKS, ids=["chunk3", "budget"])
+    @pytest.mark.parametrize("name", list(CASES))
+    def test_loss_and_all_three_gradients_match(
+        self, xp: Any, rng: np.random.Generator, name: str, chunk: int | None
+    ) -> None:
+        case = _case(rng, CASES[name])
+        loss_w, dh_w, dw_w, db_w = _want(case)
+        arrays = _inputs(xp, case)
+        loss, (dh, dw, db) = _call(
+            xent.linear_cross_entropy_and_grad, arrays, case["opts"], chunk_size=chunk
+        )
+        xp_assert_close(loss, loss_w, xp=xp, dtype="float64")
+        xp_assert_close(dh, dh_w, xp=xp, dtype="float64")
+        xp_assert_close(dw, dw_w, xp=xp, dtype="float64")
+        if db_w is None:
+            assert db is None
+        else:
+            xp_assert_close(db, db_w, xp=xp, dtype="float64")
+        plain = _call(xent.linear_cross_entropy, arrays, case["opts"], chunk_size=chunk)
+        xp_assert_close(plain, loss_w, xp=xp, dtype="float64")
+
+    def test_float32_inputs_give_float32_results(self, xp: Any, rng: np.random.Generator) -> None:
+        case = _case(rng, CASES["smoothing-class-weight-ignore-none"])
+        loss_w, dh_w, dw_w, db_w = _want(case)
+        arrays = _inputs(xp, case, "float32")
+        loss, (dh, dw, db) = _call(
+            xent.linear_cross_entropy_and_grad, arrays, case["opts"], chunk_size=2
+        )
+        for got, want in ((loss, loss_w), (dh, dh_w), (dw, dw_w), (db, db_w)):
+            xp_assert_close(got, want, xp=xp, dtype="float32", atol=1e-5, rtol=1e-4)
+
+    def test_empty_batch_gives_nan_mean_and_zero_gradients(self, xp: Any) -> None:
+        case = {
+            "hidden": np.zeros((0, WIDTH)), "weight": np.ones((CLASSES, WIDTH)),
+            "bias": np.zeros(CLASSES), "target": np.zeros(0, dtype=np.int64),
+            "class_weight": None, "sample_weight": None,
+        }  # fmt: skip
+        loss, (dh, dw, db) = _call(xent.linear_cross_entropy_and_grad, _inputs(xp, case), {})
+        xp_assert_close(loss, np.nan, xp=xp, dtype="float64")
+        xp_assert_close(dh, np.zeros((0, WIDTH)), xp=xp, dtype="float64")
+        xp_assert_close(dw, np.zeros((CLASSES, WIDTH)), xp=xp, dtype="float64")
+        xp_assert_close(db, np.zeros(CLASSES), xp=xp, dtype="float64")
+
+
+class TestLowPrecision:
+    @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+    def test_low_precision_matches_the_float32_composition_and_keeps_dtypes(
+        self, xp: Any, rng: np.random.Generator, dtype: str
+    ) -> None:
+        if current().backend.like(Backend.NUMPY, Backend.ARRAY_API_STRICT) and dtype == "bfloat16":
+            pytest.skip("NumPy and array-api-strict have no bfloat16")
+        case = _case(rng, CASES["class-weight-ignore-mean"])
+        arrays = _inputs(xp, case, dtype)
+        # The reference sees the inputs rounded to the low precision, as the backend does.
+        rounded = {k: case[k] if arrays[k] is None else to_numpy(arrays[k]).astype(np.float64)
+                   for k in ("hidden", "weight", "bias")}  # fmt: skip
+        loss_w, dh_w, dw_w, db_w = _want({**case, **rounded})
+        loss, (dh, dw, db) = _call(
+            xent.linear_cross_entropy_and_grad, arrays, case["opts"], chunk_size=1
+        )
+        eps = 2.0**-7 if dtype == "bfloat16" else 2.0**-10
+        # The logits are rounded once to the low precision (the product's output dtype), the
+        # gradients once at the end; one block per row makes a low-precision sum over blocks
+        # (Liger #512) show.
+        for got, want in ((loss, loss_w), (dh, dh_w), (dw, dw_w), (db, db_w)):
+            scale = float(np.max(np.abs(want)))
+            xp_assert_close(got, want, xp=xp, dtype=dtype, rtol=4 * eps, atol=4 * eps * scale)
+
+
+class TestValidation:
+    def test_out_of_range_label_follows_cross_entropy_policy(
+        self, xp: Any, rng: np.random.Generator
+    ) -> None:
+        case = _case(rng, CASES["plain-mean"])
+        case["target"][4] = CLASSES
+        arrays = _inputs(xp, case)
+        if is_concrete_host():
+            with pytest.raises(ValueError, match=rf"label {CLASSES} at position \(4,\)"):
+                _call(xent.linear_cross_entropy, arrays, {})
+        else:
+            loss = _call(xent.linear_cross_entropy, arrays, {})
+            xp_assert_close(loss, np.nan, xp=xp, dtype="float64")
+        rows = _call(xent.linear_cross_entropy, arrays, {"reduction": "none"}, validate=False)
+        got = to_numpy(rows)
+        assert np.isnan(got[4])
+        assert np.isfinite(np.delete(got, 4)).all()
+
+    @pytest.mark.parametrize(
+        ("change", "error", "match"),
+        [
+            ({"weight": np.ones((CLASSES, WIDTH + 1))}, ValueError, r"`weight` must have shape \(V, 5\)"),
+            ({"bias": np.ones(CLASSES + 1)}, ValueError, r"`bias` must have shape \(11,\)"),
+            ({"class_weight": np.ones(3)}, ValueError, r"`class_weight` must have shape \(11,\)"),
+            ({"target": np.zeros((ROWS, 2), dtype=np.int64)}, ValueError, "class indices"),
+            ({"sample_weight": np.ones(3)}, ValueError, "`sample_weight` must broadcast"),
+        ],
+        ids=["weight-width", "bias-shape", "class-weight-shape", "target-shape", "sample-weight"],
+    )  # fmt: skip
+    def test_shape_errors_name_what_was_expected(
+        self, xp: Any, rng: np.random.Generator, change: dict[str, Any], error: type, match: str
+    ) -> None:
+        case = {**_case(rng, CASES["plain-mean"]), **change}
+        with pytest.raises(error, match=match):
+            _call(xent.linear_cross_entropy, _inputs(xp, case), {})
+
+    @pytest.mark.parametrize("chunk", [0, -1, 2.0, True])
+    def test_chunk_size_must_be_a_positive_integer(
+        self, xp: Any, rng: np.random.Generator, chunk: Any
+    ) -> None:
+        arrays = _inputs(xp, _case(rng, CASES["plain-mean"]))
+        with pytest.raises(ValueError, match="`chunk_size` must be None or an integer >= 1"):
+            _call(xent.linear_cross_entropy, arrays, {}, chunk_size=chunk)
+
+    def test_weight_of_another_dtype_is_a_type_error(
+        self, xp: Any, rng: np.random.Generator
+    ) -> None:
+        case = _case(rng, CASES["plain-mean"])
+        arrays = _inputs(xp, case)
+        arrays["weight"] = to_xp(xp, case["weight"], dtype="float32")
+        with pytest.raises(TypeError, match="`weight` must have the dtype of `hidden`"):
+            _call(xent.linear_cross_entropy, arrays, {})
+
+
+@pytest.mark.only_backends(Backend.DASK)
+class TestDask:
+    def test_stays_lazy_until_computed(self, xp: Any, rng: np.random.Generator) -> None:
+        import dask
+
+        case = _case(rng, CASES["class-weight-ignore-mean"])
+        arrays = _inputs(xp, case)
+
+        def refuse(*args: Any, **kwargs: Any) -> Any:
+            raise AssertionError("a Dask graph was computed before .compute()")
+
+        with dask.config.set(scheduler=refuse):
+            loss, (dh, dw, db) = _call(
+                xent.linear_cross_entropy_and_grad, arrays, case["opts"], chunk_size=3
+            )
+        assert is_lazy()
+        loss_w, dh_w, dw_w, db_w = _want(case)
+        xp_assert_close(loss, loss_w, xp=xp, dtype="float64")
+        xp_assert_close(dh, dh_w, xp=xp, dtype="float64")
+        xp_assert_close(dw, dw_w, xp=xp, dtype="float64")
+        xp_assert_close(db, db_w, xp=xp, dtype="float64")
+
+
+# --------------------------------------------------------------------------- PyTorch
+def _torch_args(case: dict[str, Any]) -> tuple[Any, ...]:
+    import torch
+
+    def leaf(a: np.ndarray | None) -> Any:
+        return None if a is None else torch.tensor(a, requires_grad=True)
+
+    return leaf(case["hidden"]), leaf(case["weight"]), leaf(case["bias"])
+
+
+def _fixed(case: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    def move(a: np.ndarray | None) -> Any:
+        return None if a is None else torch.tensor(a)
+
+    return {
+        "class_weight": move(case["class_weight"]),
+        "sample_weight": move(case["sample_weight"]),
+        **case["opts"],
+    }
+
+
+@pytest.mark.only_backends(*TORCH_BACKENDS)
+class TestTorchAutograd:
+    @pytest.mark.parametrize("name", list(CASES))
+    def test_backward_with_random_cotangent_matches_composition(
+        self, xp: Any, rng: np.random.Generator, name: str
+    ) -> None:
+        import torch
+
+        case = _case(rng, CASES[name])
+        h, w, b = _torch_args(case)
+        loss = xent.linear_cross_entropy(
+            h, w, torch.tensor(case["target"]), bias=b, chunk_size=3, **_fixed(case)
+        )
+        cot = rng.normal(size=tuple(loss.shape)) * 3.0
+        loss.backward(torch.tensor(cot))
+        loss_w, dh_w, dw_w, db_w = _want(case, cot)
+        xp_assert_close(loss, loss_w, xp=xp, dtype="float64")
+        xp_assert_close(h.grad, dh_w, xp=xp, dtype="float64")
+        xp_assert_close(w.grad, dw_w, xp=xp, dtype="float64")
+        if b is not None:
+            xp_assert_close(b.grad, db_w, xp=xp, dtype="float64")
+
+    @pytest.mark.parametrize("name", ["smoothing-class-weight-ignore-none", "z-loss-softcap-mean"])
+    def test_gradcheck_and_gradgradcheck(
+        self, xp: Any, rng: np.random.Generator, name: str
+    ) -> None:
+        import torch
+
+        # Few entries: the numerical Jacobians perturb each one.
+        case = _case(rng, CASES[name], rows=5, width=3, classes=4)
+        target, fixed = torch.tensor(case["target"]), _fixed(case)
+
+        def f(h: Any, w: Any, b: Any) -> Any:
+            return xent.linear_cross_entropy(h, w, target, bias=b, chunk_size=3, **fixed)
+
+        args = _torch_args(case)
+        assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-8, rtol=1e-6)
+        assert torch.autograd.gradgradcheck(f, args, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+    def test_only_requested_gradients_are_computed(self, xp: Any, rng: np.random.Generator) -> None:
+        import torch
+
+        case = _case(rng, CASES["plain-mean"])
+        h, w, b = _torch_args(case)
+        w.requires_grad_(False)
+        target = torch.tensor(case["target"])
+        loss = xent.linear_cross_entropy(h, w, target, bias=b, chunk_size=3)
+        loss.backward()
+        assert w.grad is None
+        xp_assert_close(h.grad, _want(case)[1], xp=xp, dtype="float64")
+        with torch.no_grad():
+            frozen = xent.linear_cross_entropy(h, w, target, bias=b)
+        assert frozen.grad_fn is None
+        assert not frozen.requires_grad
+
+    def test_gradient_through_sample_weight_falls_back_to_autograd(
+        self, xp: Any, rng: np.random.Generator
+    ) -> None:
+        import torch
+
+        case = _case(rng, CASES["sample-weight-smoothing-sum"])
+        h, w, b = _torch_args(case)
+        s = torch.tensor(case["sample_weight"], requires_grad=True)
+        opts = case["opts"]
+        loss = xent.linear_cross_entropy(
+            h, w, torch.tensor(case["target"]), bias=b, sample_weight=s, chunk_size=3, **opts
+        )
+        loss.backward()
+        rows = ref.cross_entropy(
+            case["hidden"] @ case["weight"].T + case["bias"], case["target"],
+            **{**opts, "reduction": "none"},
+        )  # fmt: skip
+        xp_assert_close(s.grad, rows, xp=xp, dtype="float64")
+        xp_assert_close(h.grad, _want(case)[1], xp=xp, dtype="float64")
+
+    @pytest.mark.filterwarnings(
+        # array-api-compat's `lru_cache` helpers make Dynamo warn while tracing; harmless.
+        "ignore:Dynamo detected a call to a `functools.lru_cache`-wrapped function:UserWarning"
+    )
+    def test_torch_compile_fullgraph_matches_composition(
+        self, xp: Any, rng: np.random.Generator
+    ) -> None:
+        import torch
+
+        torch._dynamo.reset()
+        case = _case(rng, CASES["class-weight-ignore-mean"])
+        target, fixed = torch.tensor(case["target"]), _fixed(case)
+
+        def f(h: Any, w: Any, b: Any) -> Any:
+            return xent.linear_cross_entropy(h, w, target, bias=b, chunk_size=3, **fixed)
+
+        # aot_eager traces what inductor would (Dynamo, then AOT autograd), without a C++ build.
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+        h, w, b = _torch_args(case)
+        loss = compiled(h, w, b)
+        loss.backward()
+        loss_w, dh_w, dw_w, db_w = _want(case)
+        xp_assert_close(loss, loss_w, xp=xp, dtype="float64")
+        xp_assert_close(h.grad, dh_w, xp=xp, dtype="float64")
+        xp_assert_close(w.grad, dw_w, xp=xp, dtype="float64")
+        xp_assert_close(b.grad, db_w, xp=xp, dtype="float64")
+        torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------- JAX
+@pytest.mark.only_backends(*JAX_BACKENDS)
+class TestJaxAutodiff:
+    @pytest.mark.parametrize("name", ["plain-mean", "none", "smoothing-class-weight-ignore-none",
+                                      "probabilities-class-weight-mean",
+                                      "kdim-batch-sample-weight-mean"])  # fmt: skip
+    def test_jit_value_and_grad_with_random_cotangent(
+        self, xp: Any, rng: np.random.Generator, name: str
+    ) -> None:
+        import jax
+
+        case = _case(rng, CASES[name])
+        arrays = _inputs(xp, case)
+        loss_w = _want(case)[0]
+        cot = rng.normal(size=np.shape(loss_w)) * 3.0
+        _, dh_w, dw_w, db_w = _want(case, cot)
+        c = to_xp(xp, cot)
+
+        def f(h: Any, w: Any, b: Any) -> Any:
+            loss = _call(xent.linear_cross_entropy, {**arrays, "hidden": h, "weight": w,
+                                                     "bias": b}, case["opts"], chunk_size=3)  # fmt: skip
+            return xp.sum(loss * c), loss
+
+        for fn in (jax.value_and_grad, lambda g, **k: jax.jit(jax.value_and_grad(g, **k))):
+            (_, loss), grads = fn(f, argnums=(0, 1, 2), has_aux=True)(
+                arrays["hidden"], arrays["weight"], arrays["bias"]
+            )
+            xp_assert_close(loss, loss_w, xp=xp, dtype="float64")
+            xp_assert_close(grads[0], dh_w, xp=xp, dtype="float64")
+            xp_assert_close(grads[1], dw_w, xp=xp, dtype="float64")
+            xp_assert_close(grads[2], db_w, xp=xp, dtype="float64")
+
+    def test_grads_equal_torch_autograd(self, xp: Any, rng: np.random.Generator) -> None:
+        import jax
+
+        torch = pytest.importorskip("torch", reason="the comparison is with PyTorch's autograd")
+        case = _case(rng, CASES["smoothing-class-weight-ignore-none"])
+        arrays = _inputs(xp, case)
+
+        def f(h: Any, w: Any, b: Any) -> Any:
+            args = {**arrays, "hidden": h, "weight": w, "bias": b}
+            return xp.sum(_call(xent.linear_cross_entropy, args, case["opts"]) ** 2)
+
+        ours = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(
+            arrays["hidden"], arrays["weight"], arrays["bias"]
+        )
+        h, w, b = _torch_args(case)
+        logits = h @ w.T + b
+        fixed = _fixed(case)
+        fixed["weight"] = fixed.pop("class_weight")
+        loss = xent.cross_entropy(logits, torch.tensor(case["target"]), **fixed)
+        (loss**2).sum().backward()
+        for got, want in zip(ours, (h.grad, w.grad, b.grad), strict=True):
+            xp_assert_close(got, to_numpy(want), xp=xp, dtype="float64")
+
+    def test_sharded_inputs_under_jit(self, xp: Any, rng: np.random.Generator) -> None:
+        import jax
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+        case = _case(rng, CASES["class-weight-ignore-mean"])
+        arrays = _inputs(xp, case)
+        mesh = Mesh(np.array(jax.devices("cpu")), ("rows",))
+        rows = NamedSharding(mesh, PartitionSpec("rows"))
+        arrays["hidden"] = jax.device_put(arrays["hidden"], rows)
+        arrays["target"] = jax.device_put(arrays["target"], rows)
+
+        def f(h: Any, w: Any) -> Any:
+            return _call(xent.linear_cross_entropy, {**arrays, "hidden": h, "weight": w}, {})
+
+        loss, (dh, dw) = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(
+            arrays["hidden"], arrays["weight"]
+        )
+        loss_w, dh_w, dw_w, _ = _want(case)
+        xp_assert_close(loss, loss_w, xp=xp, dtype="float64")
+        xp_assert_close(dh, dh_w, xp=xp, dtype="float64")
+        xp_assert_close(dw, dw_w, xp=xp, dtype="float64")
