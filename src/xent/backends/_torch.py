@@ -119,6 +119,10 @@ _FUSED_BYTES = 16 * 2**20
 never writes a full-size temporary."""
 
 
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+"""The range of ``ignore_index`` that ATen's kernel takes."""
+
+
 class Native(Backend):
     """torch.logsumexp, torch.softmax, in-place scatter, and the analytic autograd.Function."""
 
@@ -194,6 +198,9 @@ class Native(Backend):
             or axis != min(1, input.ndim - 1)
             or not 0 < input.numel() * 4 <= _FUSED_BYTES
             or type(ignore_index) is not int
+            or not _INT64_MIN <= ignore_index <= _INT64_MAX
+            # `.long()` would wrap uint64's upper half onto negative labels (-100 included).
+            or target.dtype == torch.uint64
             or self.is_traced(input)
             or self.is_traced(target)
         ):
