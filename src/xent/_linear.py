@@ -320,11 +320,15 @@ def _logits(p: _Plan, h: Array, weight: Array, bias: Array | None) -> Array:
 
 def _block_problem(p: _Plan, target: Array, sample: Array | None, logits: Array) -> Any:
     """The cross-entropy problem of one block (labels were checked once, for all rows)."""
-    return _cross_entropy._problem(
-        logits, target, axis=-1, from_logits=True, weight=p.class_weight, sample_weight=sample,
-        ignore_index=p.ignore_index, label_smoothing=p.smoothing, reduction="none",
-        z_loss=p.z_loss, softcap=p.softcap, eps=1e-7, validate=False, xp=p.xp,
+    kind = "prob" if target.ndim == logits.ndim else "index"
+    checked = _cross_entropy._Checked(
+        xp=p.xp, ops=p.ops, axis=logits.ndim - 1, kind=kind, from_logits=True,
+        smoothing=p.smoothing, eps=1e-7, z_loss=p.z_loss, softcap=p.softcap,
+        ignore_index=p.ignore_index, reduction="none", validate=False,
     )  # fmt: skip
+    return _cross_entropy._problem(
+        logits, target, checked, weight=p.class_weight, sample_weight=sample
+    )
 
 
 def _row_cotangent(p: _Plan, cotangent: Array | None) -> Array:
