@@ -74,7 +74,8 @@ def test_per_logit_mask(xp: Any, target: str) -> None:
     """`SoftmaxCrossEntropyTest.test_per_logit_mask` (and the integer-label one): mask
     [[1, 0, 0], [0, 0, 0]] as `-inf` logits. Optax gives 0 for the fully masked second row;
     xent's all-`-inf` row gives NaN (by design); with class indices, labelling the row
-    `ignore_index` gives Optax's 0, loss and gradient."""
+    `ignore_index` gives Optax's loss of 0. Its gradient is `0 * softmax(row)`, NaN for a row
+    whose softmax is NaN, as PyTorch's `F.cross_entropy` gives it (Optax's `where=` gives 0)."""
     where = np.array([[1, 0, 0], [0, 0, 0]], dtype=bool)
     x = np.where(where, YS, -np.inf).astype(np.float32)
     t = TS if target == "probabilities" else INT_TS
@@ -84,7 +85,8 @@ def test_per_logit_mask(xp: Any, target: str) -> None:
         ignored = np.array([0, -100], dtype=np.int32)
         loss, grad = xent.cross_entropy_and_grad(to_xp(xp, x), to_xp(xp, ignored), reduction="none")
         xp_assert_close(loss, [0.0, 0.0], xp=xp, dtype="float32", rtol=0, atol=0)
-        xp_assert_close(grad, np.zeros((2, 3)), xp=xp, dtype="float32", rtol=0, atol=0)
+        want = np.array([[0.0, 0.0, 0.0], [np.nan, np.nan, np.nan]])
+        xp_assert_close(grad, want, xp=xp, dtype="float32", rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("target", ["probabilities", "integer"])
