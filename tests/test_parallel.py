@@ -239,6 +239,7 @@ def test_jax_eight_devices_shard_map_pmap_and_sharded_arrays(backend: Backend) -
 
 
 @pytest.mark.only_backends(Backend.DASK)
+@pytest.mark.eager("checks laziness itself; the lazy patch would persist the inputs it holds")
 def test_dask_cluster_computes_a_class_chunked_loss_lazily_and_exactly(
     xp: Any, rng: np.random.Generator
 ) -> None:

@@ -149,7 +149,8 @@ def linear_cross_entropy(
         reduction=reduction, z_loss=z_loss, softcap=softcap, validate=validate, xp=xp,
     )  # fmt: skip
     others = (target, class_weight, sample_weight)
-    return plan.ops.linear_custom_grad(_RULE, plan, hidden, weight, bias, others=others)
+    loss = plan.ops.linear_custom_grad(_RULE, plan, hidden, weight, bias, others=others)
+    return plan.ops.finish(loss, hidden, weight, bias, *others)
 
 
 def linear_cross_entropy_and_grad(
@@ -209,7 +210,11 @@ def linear_cross_entropy_and_grad(
     loss, (dh, dw, db) = _loss_and_grad(plan, hidden, weight, bias, None)
     assert dh is not None
     assert dw is not None
-    return loss, (dh, dw, db)
+    inputs = (hidden, weight, bias, target, class_weight, sample_weight)
+    finish = plan.ops.finish
+    return finish(loss, *inputs), (
+        finish(dh, *inputs), finish(dw, *inputs), None if db is None else finish(db, *inputs)
+    )
 
 
 # --------------------------------------------------------------------------- the passes
