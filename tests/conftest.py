@@ -156,10 +156,11 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     row = which.row
     xp, device = row.setup(pytest.importorskip(row.library))
     lazy: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
-    if row.deferred and _eager_reason(request) is None:
+    patched = row.deferred and _eager_reason(request) is None
+    if patched:
         lazy = _patch_lazy(request, monkeypatch, xp)
     previous = xent.backends.set_native(native)
-    set_current(Current(backend=which, xp=xp, device=device, native=native))
+    set_current(Current(backend=which, xp=xp, device=device, native=native, traced=patched))
     try:
         with _strict_flags(which, xp), lazy:
             yield which

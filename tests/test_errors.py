@@ -423,6 +423,7 @@ class TestScalarOptions:
     """Scalar options accept any real scalar (Python, NumPy, 0-d arrays) and reject bools and
     non-numbers with a TypeError whose message does not contradict itself."""
 
+    @pytest.mark.eager("0-d arrays as options are read as numbers; under jit they are tracers")
     def test_numpy_and_zero_d_scalars_are_accepted(self, xp: Any) -> None:
         x_np = np.asarray([[1.0, 2.0, 3.0], [0.5, 0.0, -1.0]])
         t_np = np.asarray([2, 0])
