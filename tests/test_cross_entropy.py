@@ -544,7 +544,9 @@ class TestUnvalidatedLabels:
         from _helpers import is_concrete_host
 
         if validate is None and is_concrete_host():
-            pytest.skip("validate=None checks concrete host labels (test_errors covers the raise)")
+            pytest.skip(
+                "validate=None checks concrete host labels (test_validation covers the raise)"
+            )
         x = rng.normal(size=(4, 5))
         t = np.array([0, bad, 2, 4])
         none = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t), reduction="none", validate=validate)
