@@ -697,6 +697,7 @@ class TestIgnoreIndex:
             atol=1e-7 * max(1.0, float(np.max(np.abs(want), initial=0.0))),
         )
 
+    @pytest.mark.eager("validate=True reads the labels: a Dask compute by design")
     def test_ignore_index_matches_only_its_value(self, xp: Any) -> None:
         x = to_xp(xp, np.zeros((3, 4)))
         t = to_xp(xp, np.asarray([3, 255, 2], dtype=np.uint8))
@@ -992,6 +993,7 @@ class TestLabelsNeverWrap:
     """Labels are checked in their own dtype: an unsigned value that the cast to the index
     dtype would wrap onto ``ignore_index`` (or a class) is invalid, never ignored."""
 
+    @pytest.mark.eager("validate=True reads the labels: a Dask compute by design")
     @pytest.mark.parametrize(("dtype", "bits"), [("uint64", 64), ("uint32", 32), ("int64", 64)])
     def test_wrapping_values_are_invalid(self, xp: Any, dtype: str, bits: int) -> None:
         value = 2**bits - 100 if dtype.startswith("u") else 2**63 - 100
