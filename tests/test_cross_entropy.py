@@ -108,530 +108,617 @@ def _tol(case: dict[str, Any]) -> dict[str, float]:
     return {"rtol": 5e-5, "atol": 5e-6 * lse_scale}
 
 
-@pytest.mark.parametrize("probabilities", [False, True], ids=["indices", "probabilities"])
-def test_matches_reference_on_random_cases(xp: Any, probabilities: bool) -> None:
-    @property_settings()
-    @given(case=cases(probabilities=probabilities))
-    def check(case: dict[str, Any]) -> None:
-        got = _run(xp, case)
-        want = ref.cross_entropy(case["x"], case["t"], clip_dtype=case["dtype"], **case["opts"])
-        xp_assert_close(got, want, xp=xp, dtype=case["dtype"], **_tol(case))
+class TestAgainstReference:
+    """Random problems agree with the float64 reference, with NumPy and with the loss's invariants."""
 
-    check()
+    @pytest.mark.parametrize("probabilities", [False, True], ids=["indices", "probabilities"])
+    def test_matches_reference_on_random_cases(self, xp: Any, probabilities: bool) -> None:
+        @property_settings()
+        @given(case=cases(probabilities=probabilities))
+        def check(case: dict[str, Any]) -> None:
+            got = _run(xp, case)
+            want = ref.cross_entropy(case["x"], case["t"], clip_dtype=case["dtype"], **case["opts"])
+            xp_assert_close(got, want, xp=xp, dtype=case["dtype"], **_tol(case))
 
+        check()
 
-@pytest.mark.parametrize("probabilities", [False, True], ids=["indices", "probabilities"])
-def test_loss_is_invariant_to_a_per_row_shift_of_the_logits(xp: Any, probabilities: bool) -> None:
-    @property_settings()
-    @given(case=cases(probabilities=probabilities), shift_seed=st.integers(0, 2**32 - 1))
-    def check(case: dict[str, Any], shift_seed: int) -> None:
-        # softcap and z_loss depend on the logits themselves, not only on their softmax
-        opts = {**case["opts"], "from_logits": True, "softcap": None, "z_loss": 0.0}
-        x = case["x"]
-        if not case["opts"]["from_logits"]:
-            x = np.log(x + 0.1).astype(x.dtype)
-        case = {**case, "x": x, "opts": opts}
-        shift = np.random.default_rng(shift_seed).uniform(-50, 50, size=x.shape)
-        shift = np.take(shift, [0], axis=opts["axis"])  # one constant per row
-        shifted = {**case, "x": (x.astype(np.float64) + shift).astype(x.dtype)}
-        # the float32 shift itself rounds the logits by up to eps * 58
-        tol = _tol(case) if case["dtype"] == "float64" else {"rtol": 1e-4, "atol": 2e-4}
-        xp_assert_close(
-            _run(xp, shifted), to_numpy(_run(xp, case)), xp=xp, dtype=case["dtype"], **tol
-        )
-
-    check()
-
-
-@pytest.mark.parametrize("probabilities", [False, True], ids=["indices", "probabilities"])
-def test_loss_without_z_loss_is_nonnegative(xp: Any, probabilities: bool) -> None:
-    @property_settings()
-    @given(case=cases(probabilities=probabilities))
-    def check(case: dict[str, Any]) -> None:
-        opts = {**case["opts"], "z_loss": 0.0} if case["opts"]["from_logits"] else case["opts"]
-        loss = to_numpy(_run(xp, {**case, "opts": opts}))
-        assert np.all((loss >= 0) | np.isnan(loss)), loss
-        # NaN only where the reference has it (all ignored / empty mean)
-        want = ref.cross_entropy(case["x"], case["t"], clip_dtype=case["dtype"], **opts)
-        np.testing.assert_array_equal(np.isnan(loss), np.isnan(want))
-
-    check()
-
-
-def test_backend_agrees_with_numpy(xp: Any) -> None:
-    @property_settings()
-    @given(case=cases(probabilities=False))
-    def check(case: dict[str, Any]) -> None:
-        on_numpy = xent.cross_entropy(case["x"], case["t"], **case["opts"])
-        assert isinstance(on_numpy, np.ndarray | np.generic)
-        xp_assert_close(
-            _run(xp, case),
-            np.asarray(on_numpy, dtype=np.float64),
-            xp=xp,
-            dtype=case["dtype"],
-            **_tol(case),
-        )
-
-    check()
-
-
-def test_explicit_xp_gives_the_same_result(xp: Any, rng: np.random.Generator) -> None:
-    x = rng.normal(size=(5, 4))
-    t = rng.integers(0, 4, size=5)
-    got = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t), reduction="none", xp=xp)
-    xp_assert_close(got, ref.cross_entropy(x, t, reduction="none"), xp=xp, dtype="float64")
-
-
-def test_one_hot_probabilities_equal_class_indices(xp: Any, rng: np.random.Generator) -> None:
-    x = rng.normal(size=(6, 5)) * 3
-    t = rng.integers(0, 5, size=6)
-    w = rng.uniform(0.5, 2.0, size=5)
-    one_hot = np.eye(5)[t]
-    for e in (0.0, 0.3):
-        for reduction in ("sum", "none"):
-            by_index = xent.cross_entropy(
-                to_xp(xp, x),
-                to_xp(xp, t),
-                weight=to_xp(xp, w),
-                label_smoothing=e,
-                reduction=reduction,
+    @pytest.mark.parametrize("probabilities", [False, True], ids=["indices", "probabilities"])
+    def test_loss_is_invariant_to_a_per_row_shift_of_the_logits(
+        self, xp: Any, probabilities: bool
+    ) -> None:
+        @property_settings()
+        @given(case=cases(probabilities=probabilities), shift_seed=st.integers(0, 2**32 - 1))
+        def check(case: dict[str, Any], shift_seed: int) -> None:
+            # softcap and z_loss depend on the logits themselves, not only on their softmax
+            opts = {**case["opts"], "from_logits": True, "softcap": None, "z_loss": 0.0}
+            x = case["x"]
+            if not case["opts"]["from_logits"]:
+                x = np.log(x + 0.1).astype(x.dtype)
+            case = {**case, "x": x, "opts": opts}
+            shift = np.random.default_rng(shift_seed).uniform(-50, 50, size=x.shape)
+            shift = np.take(shift, [0], axis=opts["axis"])  # one constant per row
+            shifted = {**case, "x": (x.astype(np.float64) + shift).astype(x.dtype)}
+            # the float32 shift itself rounds the logits by up to eps * 58
+            tol = _tol(case) if case["dtype"] == "float64" else {"rtol": 1e-4, "atol": 2e-4}
+            xp_assert_close(
+                _run(xp, shifted), to_numpy(_run(xp, case)), xp=xp, dtype=case["dtype"], **tol
             )
-            by_prob = xent.cross_entropy(
-                to_xp(xp, x),
-                to_xp(xp, one_hot),
-                weight=to_xp(xp, w),
-                label_smoothing=e,
-                reduction=reduction,
+
+        check()
+
+    @pytest.mark.parametrize("probabilities", [False, True], ids=["indices", "probabilities"])
+    def test_loss_without_z_loss_is_nonnegative(self, xp: Any, probabilities: bool) -> None:
+        @property_settings()
+        @given(case=cases(probabilities=probabilities))
+        def check(case: dict[str, Any]) -> None:
+            opts = {**case["opts"], "z_loss": 0.0} if case["opts"]["from_logits"] else case["opts"]
+            loss = to_numpy(_run(xp, {**case, "opts": opts}))
+            assert np.all((loss >= 0) | np.isnan(loss)), loss
+            # NaN only where the reference has it (all ignored / empty mean)
+            want = ref.cross_entropy(case["x"], case["t"], clip_dtype=case["dtype"], **opts)
+            np.testing.assert_array_equal(np.isnan(loss), np.isnan(want))
+
+        check()
+
+    def test_backend_agrees_with_numpy(self, xp: Any) -> None:
+        @property_settings()
+        @given(case=cases(probabilities=False))
+        def check(case: dict[str, Any]) -> None:
+            on_numpy = xent.cross_entropy(case["x"], case["t"], **case["opts"])
+            assert isinstance(on_numpy, np.ndarray | np.generic)
+            xp_assert_close(
+                _run(xp, case),
+                np.asarray(on_numpy, dtype=np.float64),
+                xp=xp,
+                dtype=case["dtype"],
+                **_tol(case),
             )
-            xp_assert_close(by_prob, to_numpy(by_index), xp=xp, dtype="float64")
+
+        check()
+
+    def test_explicit_xp_gives_the_same_result(self, xp: Any, rng: np.random.Generator) -> None:
+        x = rng.normal(size=(5, 4))
+        t = rng.integers(0, 4, size=5)
+        got = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t), reduction="none", xp=xp)
+        xp_assert_close(got, ref.cross_entropy(x, t, reduction="none"), xp=xp, dtype="float64")
+
+    def test_one_hot_probabilities_equal_class_indices(
+        self, xp: Any, rng: np.random.Generator
+    ) -> None:
+        x = rng.normal(size=(6, 5)) * 3
+        t = rng.integers(0, 5, size=6)
+        w = rng.uniform(0.5, 2.0, size=5)
+        one_hot = np.eye(5)[t]
+        for e in (0.0, 0.3):
+            for reduction in ("sum", "none"):
+                by_index = xent.cross_entropy(
+                    to_xp(xp, x),
+                    to_xp(xp, t),
+                    weight=to_xp(xp, w),
+                    label_smoothing=e,
+                    reduction=reduction,
+                )
+                by_prob = xent.cross_entropy(
+                    to_xp(xp, x),
+                    to_xp(xp, one_hot),
+                    weight=to_xp(xp, w),
+                    label_smoothing=e,
+                    reduction=reduction,
+                )
+                xp_assert_close(by_prob, to_numpy(by_index), xp=xp, dtype="float64")
 
 
-# --- reductions -------------------------------------------------------------------------------
+class TestReductions:
+    """`mean` divides by the weight of the valid targets; empty batches give NaN and 0."""
 
-
-def test_mean_divides_by_weight_of_valid_targets(xp: Any, rng: np.random.Generator) -> None:
-    x = rng.normal(size=(6, 4))
-    t = np.array([0, 3, -100, 1, 3, -100])
-    w = np.array([0.5, 1.0, 2.0, 4.0])
-    s = np.array([1.0, 2.0, 3.0, 0.5, 1.5, 7.0])
-    kw = {"weight": to_xp(xp, w), "sample_weight": to_xp(xp, s)}
-    total = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t), reduction="sum", **kw)
-    mean = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t), reduction="mean", **kw)
-    valid = t != -100
-    denominator = np.sum(s[valid] * w[t[valid]])  # 0.5 + 2*4 + 0.5*1 + 1.5*4 = 15
-    assert denominator == 15.0
-    xp_assert_close(mean, to_numpy(total) / denominator, xp=xp, dtype="float64")
-    xp_assert_close(
-        mean,
-        ref.cross_entropy(x, t, reduction="mean", weight=w, sample_weight=s),
-        xp=xp,
-        dtype="float64",
-    )
-
-
-def test_probability_mean_divides_by_sum_of_sample_weights(
-    xp: Any, rng: np.random.Generator
-) -> None:
-    x = rng.normal(size=(2, 3, 4))
-    t = _softmax_rows(rng, x.shape)
-    w = rng.uniform(0.5, 2.0, size=4)
-    s = rng.uniform(0.5, 2.0, size=(2, 3))
-    kw = {"weight": to_xp(xp, w), "sample_weight": to_xp(xp, s)}
-    total = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t), reduction="sum", **kw)
-    mean = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t), reduction="mean", **kw)
-    xp_assert_close(mean, to_numpy(total) / s.sum(), xp=xp, dtype="float64")
-    plain_total = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t), reduction="sum")
-    plain_mean = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t), reduction="mean")
-    xp_assert_close(plain_mean, to_numpy(plain_total) / 6, xp=xp, dtype="float64")
-
-
-@pytest.mark.parametrize(
-    ("x_shape", "labels"),
-    [((3, 4), [-100, -100, -100]), ((0, 4), []), ((0, 4, 2), np.zeros((0, 2), dtype=np.int64))],
-    ids=["all-ignored", "empty", "empty-Kdim"],
-)
-def test_mean_of_nothing_is_nan_sum_is_zero(xp: Any, x_shape: tuple[int, ...], labels: Any) -> None:
-    x = np.ones(x_shape)
-    t = np.asarray(labels, dtype=np.int64)
-    axis = 1
-    mean = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t), axis=axis)
-    xp_assert_close(mean, np.nan, xp=xp, dtype="float64")
-    total = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t), axis=axis, reduction="sum")
-    xp_assert_close(total, 0.0, xp=xp, dtype="float64")
-    none = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t), axis=axis, reduction="none")
-    xp_assert_close(none, np.zeros(t.shape), xp=xp, dtype="float64")
-
-
-def test_empty_probability_mean_is_nan(xp: Any) -> None:
-    x = np.zeros((0, 3))
-    mean = xent.cross_entropy(to_xp(xp, x), to_xp(xp, x))
-    xp_assert_close(mean, np.nan, xp=xp, dtype="float64")
-
-
-# --- special values ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_minus_inf_logits_off_target_equal_dropping_the_class(
-    xp: Any, rng: np.random.Generator, dtype: str
-) -> None:
-    x = rng.normal(size=(5, 6)).astype(dtype)
-    t = np.array([0, 2, 5, 1, 3])
-    masked = x.copy()
-    masked[:, 4] = -np.inf
-    masked[0, 1] = -np.inf
-    for reduction in REDUCTIONS:
-        got = xent.cross_entropy(to_xp(xp, masked), to_xp(xp, t), reduction=reduction)
-        want = ref.cross_entropy(masked, t, reduction=reduction)
-        assert np.all(np.isfinite(want))
-        xp_assert_close(got, want, xp=xp, dtype=dtype)
-    # the same as never having had class 4 (labels above it shift down by one)
-    dropped = np.delete(x, 4, axis=1)
-    dropped[0, 1] = -np.inf
-    got = xent.cross_entropy(to_xp(xp, masked), to_xp(xp, t), reduction="none")
-    want = ref.cross_entropy(dropped, np.where(t > 4, t - 1, t), reduction="none")
-    xp_assert_close(got, want, xp=xp, dtype=dtype)
-
-
-def test_minus_inf_probability_column_with_zero_target_is_ignored(
-    xp: Any, rng: np.random.Generator
-) -> None:
-    x = rng.normal(size=(3, 4))
-    x[:, 2] = -np.inf
-    t = _softmax_rows(rng, (3, 4))
-    t[:, 2] = 0.0
-    t /= t.sum(axis=1, keepdims=True)
-    got = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t), reduction="none")
-    want = ref.cross_entropy(x, t, reduction="none")
-    assert np.all(np.isfinite(want))
-    xp_assert_close(got, want, xp=xp, dtype="float64")
-
-
-def test_target_at_minus_inf_gives_inf(xp: Any) -> None:
-    x = np.array([[0.0, -np.inf, 1.0], [0.5, 0.2, 0.1]])
-    t = np.array([1, 0])
-    none = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t), reduction="none")
-    xp_assert_close(none, ref.cross_entropy(x, t, reduction="none"), xp=xp, dtype="float64")
-    assert to_numpy(none)[0] == np.inf
-    mean = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t))
-    xp_assert_close(mean, np.inf, xp=xp, dtype="float64")
-
-
-def test_row_of_only_minus_inf_gives_nan_for_that_row(xp: Any) -> None:
-    x = np.array([[-np.inf, -np.inf, -np.inf], [0.5, 0.2, 0.1], [1.0, -np.inf, 0.0]])
-    t = np.array([1, 0, 2])
-    got = to_numpy(xent.cross_entropy(to_xp(xp, x), to_xp(xp, t), reduction="none"))
-    assert np.isnan(got[0])
-    np.testing.assert_allclose(
-        got[1:], ref.cross_entropy(x[1:], t[1:], reduction="none"), rtol=1e-12
-    )
-
-
-@pytest.mark.parametrize("probabilities", [False, True], ids=["indices", "probabilities"])
-def test_nan_logit_poisons_only_its_row(
-    xp: Any, rng: np.random.Generator, probabilities: bool
-) -> None:
-    x = rng.normal(size=(4, 5))
-    x[2, 3] = np.nan
-    t = _softmax_rows(rng, x.shape) if probabilities else np.array([0, 1, 0, 4])
-    got = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t), reduction="none", label_smoothing=0.1)
-    want = ref.cross_entropy(x, t, reduction="none", label_smoothing=0.1)
-    assert np.isnan(want[2])
-    assert np.all(np.isfinite(np.delete(want, 2)))
-    xp_assert_close(got, want, xp=xp, dtype="float64")
-    mean = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t))
-    xp_assert_close(mean, np.nan, xp=xp, dtype="float64")
-
-
-def test_nan_logit_in_an_ignored_row_is_ignored(xp: Any, rng: np.random.Generator) -> None:
-    x = rng.normal(size=(3, 4))
-    x[1, 2] = np.nan
-    t = np.array([0, -100, 3])
-    got = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t))
-    xp_assert_close(got, ref.cross_entropy(x, t), xp=xp, dtype="float64")
-    assert np.isfinite(to_numpy(got))
-
-
-# --- precision --------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-@pytest.mark.parametrize("probabilities", [False, True], ids=["indices", "probabilities"])
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_low_precision_is_computed_in_float32_and_returned_in_input_dtype(
-    xp: Any, rng: np.random.Generator, dtype: str, probabilities: bool, reduction: str
-) -> None:
-    n_classes = 50
-    x_xp = to_xp(xp, rng.normal(size=(16, n_classes)) * 4, dtype=dtype)
-    if probabilities:
-        t_xp = to_xp(xp, _softmax_rows(rng, (16, n_classes)), dtype=dtype)
-    else:
-        t_xp = to_xp(xp, rng.integers(0, n_classes, size=16))
-    got = xent.cross_entropy(x_xp, t_xp, reduction=reduction, label_smoothing=0.1)
-    # the reference sees exactly the rounded values the backend holds
-    want = ref.cross_entropy(
-        to_numpy(x_xp), to_numpy(t_xp), reduction=reduction, label_smoothing=0.1
-    )
-    xp_assert_close(got, want, xp=xp, dtype=dtype, rtol=dtype_eps(dtype), atol=0.0)
-
-
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
-def test_logits_at_dtype_max_do_not_overflow(xp: Any, dtype: str) -> None:
-    big = float(np.finfo(np.float32 if dtype == "bfloat16" else dtype).max)
-    if dtype == "bfloat16":
-        big = 3.3895313892515355e38  # largest finite bfloat16
-    x = np.array([[big, big, 0.0], [big, 0.0, 0.0], [big, big / 2, -big / 2], [-big, -big, -big]])
-    t = np.array([0, 1, 0, 0])
-    x_xp = to_xp(xp, x, dtype=dtype)
-    for reduction in ("none", "sum"):
-        got = xent.cross_entropy(x_xp, to_xp(xp, t), reduction=reduction)
-        loss = to_numpy(got)
-        assert np.all(np.isfinite(loss)), f"overflow: {loss}"
-        want = ref.cross_entropy(to_numpy(x_xp), t, reduction=reduction)
-        # lse - x_t may lose the O(1) part next to a logit of size `big` in the dtype itself
+    def test_mean_divides_by_weight_of_valid_targets(
+        self, xp: Any, rng: np.random.Generator
+    ) -> None:
+        x = rng.normal(size=(6, 4))
+        t = np.array([0, 3, -100, 1, 3, -100])
+        w = np.array([0.5, 1.0, 2.0, 4.0])
+        s = np.array([1.0, 2.0, 3.0, 0.5, 1.5, 7.0])
+        kw = {"weight": to_xp(xp, w), "sample_weight": to_xp(xp, s)}
+        total = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t), reduction="sum", **kw)
+        mean = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t), reduction="mean", **kw)
+        valid = t != -100
+        denominator = np.sum(s[valid] * w[t[valid]])  # 0.5 + 2*4 + 0.5*1 + 1.5*4 = 15
+        assert denominator == 15.0
+        xp_assert_close(mean, to_numpy(total) / denominator, xp=xp, dtype="float64")
         xp_assert_close(
-            got,
-            want,
-            xp=xp,
-            dtype=dtype,
-            rtol=4 * dtype_eps(dtype),
-            atol=4 * dtype_eps(dtype) * big,
-        )
-
-
-# --- axes, shapes, options --------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("axis", [0, 1, -1, -2])
-@pytest.mark.parametrize("probabilities", [False, True], ids=["indices", "probabilities"])
-def test_any_class_axis_equals_moving_it_last(
-    xp: Any, rng: np.random.Generator, axis: int, probabilities: bool
-) -> None:
-    x = rng.normal(size=(3, 4, 5)) * 2
-    moved = np.moveaxis(x, axis, -1)
-    if probabilities:
-        t_moved = _softmax_rows(rng, moved.shape)
-        t = np.moveaxis(t_moved, -1, axis)
-    else:
-        t = t_moved = rng.integers(0, x.shape[axis], size=moved.shape[:-1])
-    w = rng.uniform(0.5, 2.0, size=x.shape[axis])
-    for reduction in REDUCTIONS:
-        kw = {"reduction": reduction, "label_smoothing": 0.2}
-        got = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t), axis=axis, weight=to_xp(xp, w), **kw)
-        last = xent.cross_entropy(to_xp(xp, moved), to_xp(xp, t_moved), weight=to_xp(xp, w), **kw)
-        xp_assert_close(got, to_numpy(last), xp=xp, dtype="float64")
-        xp_assert_close(
-            got, ref.cross_entropy(moved, t_moved, weight=w, **kw), xp=xp, dtype="float64"
-        )
-
-
-@pytest.mark.parametrize("sw_shape", [(), (1,), (3,), (2, 1), (2, 3)])
-@pytest.mark.parametrize("probabilities", [False, True], ids=["indices", "probabilities"])
-def test_sample_weight_broadcasts_to_per_example_shape(
-    xp: Any, rng: np.random.Generator, sw_shape: tuple[int, ...], probabilities: bool
-) -> None:
-    x = rng.normal(size=(2, 3, 4))
-    t = _softmax_rows(rng, x.shape) if probabilities else rng.integers(0, 4, size=(2, 3))
-    s = rng.uniform(0.1, 2.0, size=sw_shape)
-    for reduction in REDUCTIONS:
-        got = xent.cross_entropy(
-            to_xp(xp, x), to_xp(xp, t), sample_weight=to_xp(xp, s), reduction=reduction
-        )
-        full = np.broadcast_to(s, (2, 3))
-        want = ref.cross_entropy(x, t, sample_weight=full, reduction=reduction)
-        xp_assert_close(got, want, xp=xp, dtype="float64")
-
-
-def test_z_loss_adds_scaled_squared_logsumexp_except_where_ignored(
-    xp: Any, rng: np.random.Generator
-) -> None:
-    x = rng.normal(size=(5, 7)) * 3
-    t = np.array([1, -100, 6, 0, 3])
-    s = 0.25
-    base = to_numpy(xent.cross_entropy(to_xp(xp, x), to_xp(xp, t), reduction="none"))
-    with_z = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t), reduction="none", z_loss=s)
-    lse = ref.logsumexp(x, axis=-1)
-    xp_assert_close(with_z, base + np.where(t == -100, 0.0, s * lse**2), xp=xp, dtype="float64")
-    assert to_numpy(with_z)[1] == 0.0
-    mean = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t), z_loss=s)
-    xp_assert_close(mean, ref.cross_entropy(x, t, z_loss=s), xp=xp, dtype="float64")
-
-
-def test_z_loss_applies_to_probability_targets(xp: Any, rng: np.random.Generator) -> None:
-    x = rng.normal(size=(4, 3)) * 3
-    t = _softmax_rows(rng, x.shape)
-    got = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t), reduction="none", z_loss=1e-2)
-    xp_assert_close(
-        got, ref.cross_entropy(x, t, reduction="none", z_loss=1e-2), xp=xp, dtype="float64"
-    )
-
-
-@pytest.mark.parametrize("softcap", [0.5, 5.0, 50.0])
-def test_softcap_equals_capping_the_logits_first(
-    xp: Any, rng: np.random.Generator, softcap: float
-) -> None:
-    x = rng.normal(size=(6, 5)) * 20
-    t = rng.integers(0, 5, size=6)
-    capped = softcap * np.tanh(x / softcap)
-    for reduction in REDUCTIONS:
-        got = xent.cross_entropy(
-            to_xp(xp, x), to_xp(xp, t), softcap=softcap, reduction=reduction, z_loss=1e-3
-        )
-        plain = xent.cross_entropy(
-            to_xp(xp, capped), to_xp(xp, t), reduction=reduction, z_loss=1e-3
-        )
-        xp_assert_close(got, to_numpy(plain), xp=xp, dtype="float64")
-        xp_assert_close(
-            got,
-            ref.cross_entropy(x, t, softcap=softcap, reduction=reduction, z_loss=1e-3),
+            mean,
+            ref.cross_entropy(x, t, reduction="mean", weight=w, sample_weight=s),
             xp=xp,
             dtype="float64",
         )
 
+    def test_probability_mean_divides_by_sum_of_sample_weights(
+        self, xp: Any, rng: np.random.Generator
+    ) -> None:
+        x = rng.normal(size=(2, 3, 4))
+        t = _softmax_rows(rng, x.shape)
+        w = rng.uniform(0.5, 2.0, size=4)
+        s = rng.uniform(0.5, 2.0, size=(2, 3))
+        kw = {"weight": to_xp(xp, w), "sample_weight": to_xp(xp, s)}
+        total = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t), reduction="sum", **kw)
+        mean = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t), reduction="mean", **kw)
+        xp_assert_close(mean, to_numpy(total) / s.sum(), xp=xp, dtype="float64")
+        plain_total = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t), reduction="sum")
+        plain_mean = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t), reduction="mean")
+        xp_assert_close(plain_mean, to_numpy(plain_total) / 6, xp=xp, dtype="float64")
 
-@pytest.mark.parametrize(
-    "label_dtype", ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"]
-)
-def test_integer_targets_of_any_width(xp: Any, rng: np.random.Generator, label_dtype: str) -> None:
-    x = rng.normal(size=(2, 5, 3))
-    t = rng.integers(0, 5, size=(2, 3))
-    w = rng.uniform(0.5, 2.0, size=5)
-    ignore = 4  # representable in every width
-    t[0, 1] = ignore
-    for reduction in REDUCTIONS:
-        got = xent.cross_entropy(
-            to_xp(xp, x),
-            to_xp(xp, t, dtype=label_dtype),
-            axis=1,
-            weight=to_xp(xp, w),
-            ignore_index=ignore,
-            label_smoothing=0.1,
-            reduction=reduction,
+    @pytest.mark.parametrize(
+        ("x_shape", "labels"),
+        [((3, 4), [-100, -100, -100]), ((0, 4), []), ((0, 4, 2), np.zeros((0, 2), dtype=np.int64))],
+        ids=["all-ignored", "empty", "empty-Kdim"],
+    )
+    def test_mean_of_nothing_is_nan_sum_is_zero(
+        self, xp: Any, x_shape: tuple[int, ...], labels: Any
+    ) -> None:
+        x = np.ones(x_shape)
+        t = np.asarray(labels, dtype=np.int64)
+        axis = 1
+        mean = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t), axis=axis)
+        xp_assert_close(mean, np.nan, xp=xp, dtype="float64")
+        total = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t), axis=axis, reduction="sum")
+        xp_assert_close(total, 0.0, xp=xp, dtype="float64")
+        none = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t), axis=axis, reduction="none")
+        xp_assert_close(none, np.zeros(t.shape), xp=xp, dtype="float64")
+
+    def test_empty_probability_mean_is_nan(self, xp: Any) -> None:
+        x = np.zeros((0, 3))
+        mean = xent.cross_entropy(to_xp(xp, x), to_xp(xp, x))
+        xp_assert_close(mean, np.nan, xp=xp, dtype="float64")
+
+
+class TestSpecialValues:
+    """`-inf` logits mask classes; NaN and `+inf` stay in their own row."""
+
+    @pytest.mark.parametrize("dtype", ["float32", "float64"])
+    def test_minus_inf_logits_off_target_equal_dropping_the_class(
+        self, xp: Any, rng: np.random.Generator, dtype: str
+    ) -> None:
+        x = rng.normal(size=(5, 6)).astype(dtype)
+        t = np.array([0, 2, 5, 1, 3])
+        masked = x.copy()
+        masked[:, 4] = -np.inf
+        masked[0, 1] = -np.inf
+        for reduction in REDUCTIONS:
+            got = xent.cross_entropy(to_xp(xp, masked), to_xp(xp, t), reduction=reduction)
+            want = ref.cross_entropy(masked, t, reduction=reduction)
+            assert np.all(np.isfinite(want))
+            xp_assert_close(got, want, xp=xp, dtype=dtype)
+        # the same as never having had class 4 (labels above it shift down by one)
+        dropped = np.delete(x, 4, axis=1)
+        dropped[0, 1] = -np.inf
+        got = xent.cross_entropy(to_xp(xp, masked), to_xp(xp, t), reduction="none")
+        want = ref.cross_entropy(dropped, np.where(t > 4, t - 1, t), reduction="none")
+        xp_assert_close(got, want, xp=xp, dtype=dtype)
+
+    def test_minus_inf_probability_column_with_zero_target_is_ignored(
+        self, xp: Any, rng: np.random.Generator
+    ) -> None:
+        x = rng.normal(size=(3, 4))
+        x[:, 2] = -np.inf
+        t = _softmax_rows(rng, (3, 4))
+        t[:, 2] = 0.0
+        t /= t.sum(axis=1, keepdims=True)
+        got = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t), reduction="none")
+        want = ref.cross_entropy(x, t, reduction="none")
+        assert np.all(np.isfinite(want))
+        xp_assert_close(got, want, xp=xp, dtype="float64")
+
+    def test_target_at_minus_inf_gives_inf(self, xp: Any) -> None:
+        x = np.array([[0.0, -np.inf, 1.0], [0.5, 0.2, 0.1]])
+        t = np.array([1, 0])
+        none = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t), reduction="none")
+        xp_assert_close(none, ref.cross_entropy(x, t, reduction="none"), xp=xp, dtype="float64")
+        assert to_numpy(none)[0] == np.inf
+        mean = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t))
+        xp_assert_close(mean, np.inf, xp=xp, dtype="float64")
+
+    def test_row_of_only_minus_inf_gives_nan_for_that_row(self, xp: Any) -> None:
+        x = np.array([[-np.inf, -np.inf, -np.inf], [0.5, 0.2, 0.1], [1.0, -np.inf, 0.0]])
+        t = np.array([1, 0, 2])
+        got = to_numpy(xent.cross_entropy(to_xp(xp, x), to_xp(xp, t), reduction="none"))
+        assert np.isnan(got[0])
+        np.testing.assert_allclose(
+            got[1:], ref.cross_entropy(x[1:], t[1:], reduction="none"), rtol=1e-12
         )
+
+    @pytest.mark.parametrize("probabilities", [False, True], ids=["indices", "probabilities"])
+    def test_nan_logit_poisons_only_its_row(
+        self, xp: Any, rng: np.random.Generator, probabilities: bool
+    ) -> None:
+        x = rng.normal(size=(4, 5))
+        x[2, 3] = np.nan
+        t = _softmax_rows(rng, x.shape) if probabilities else np.array([0, 1, 0, 4])
+        got = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t), reduction="none", label_smoothing=0.1)
+        want = ref.cross_entropy(x, t, reduction="none", label_smoothing=0.1)
+        assert np.isnan(want[2])
+        assert np.all(np.isfinite(np.delete(want, 2)))
+        xp_assert_close(got, want, xp=xp, dtype="float64")
+        mean = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t))
+        xp_assert_close(mean, np.nan, xp=xp, dtype="float64")
+
+
+class TestPrecision:
+    """Low precision is computed in float32 and returned in the input dtype, without overflow."""
+
+    @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+    @pytest.mark.parametrize("probabilities", [False, True], ids=["indices", "probabilities"])
+    @pytest.mark.parametrize("reduction", REDUCTIONS)
+    def test_low_precision_is_computed_in_float32_and_returned_in_input_dtype(
+        self, xp: Any, rng: np.random.Generator, dtype: str, probabilities: bool, reduction: str
+    ) -> None:
+        n_classes = 50
+        x_xp = to_xp(xp, rng.normal(size=(16, n_classes)) * 4, dtype=dtype)
+        if probabilities:
+            t_xp = to_xp(xp, _softmax_rows(rng, (16, n_classes)), dtype=dtype)
+        else:
+            t_xp = to_xp(xp, rng.integers(0, n_classes, size=16))
+        got = xent.cross_entropy(x_xp, t_xp, reduction=reduction, label_smoothing=0.1)
+        # the reference sees exactly the rounded values the backend holds
         want = ref.cross_entropy(
-            x, t, axis=1, weight=w, ignore_index=ignore, label_smoothing=0.1, reduction=reduction
+            to_numpy(x_xp), to_numpy(t_xp), reduction=reduction, label_smoothing=0.1
         )
-        xp_assert_close(got, want, xp=xp, dtype="float64")
+        xp_assert_close(got, want, xp=xp, dtype=dtype, rtol=dtype_eps(dtype), atol=0.0)
 
-
-@pytest.mark.parametrize("label_dtype", ["uint8", "uint16", "uint32", "uint64"])
-def test_unsigned_labels_work_with_negative_ignore_index(
-    xp: Any, rng: np.random.Generator, label_dtype: str
-) -> None:
-    x = rng.normal(size=(6, 4))
-    t = rng.integers(0, 4, size=6)
-    got = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t, dtype=label_dtype), reduction="none")
-    xp_assert_close(got, ref.cross_entropy(x, t, reduction="none"), xp=xp, dtype="float64")
-    got = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t, dtype=label_dtype), ignore_index=-1)
-    xp_assert_close(got, ref.cross_entropy(x, t), xp=xp, dtype="float64")
-
-
-def test_unsigned_labels_can_be_ignored_at_their_max(xp: Any, rng: np.random.Generator) -> None:
-    x = rng.normal(size=(5, 4))
-    t = np.array([1, 255, 3, 255, 0])
-    for reduction in REDUCTIONS:
-        got = xent.cross_entropy(
-            to_xp(xp, x), to_xp(xp, t, dtype="uint8"), ignore_index=255, reduction=reduction
+    @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+    def test_logits_at_dtype_max_do_not_overflow(self, xp: Any, dtype: str) -> None:
+        big = float(np.finfo(np.float32 if dtype == "bfloat16" else dtype).max)
+        if dtype == "bfloat16":
+            big = 3.3895313892515355e38  # largest finite bfloat16
+        x = np.array(
+            [[big, big, 0.0], [big, 0.0, 0.0], [big, big / 2, -big / 2], [-big, -big, -big]]
         )
-        want = ref.cross_entropy(x, t, ignore_index=255, reduction=reduction)
-        xp_assert_close(got, want, xp=xp, dtype="float64")
+        t = np.array([0, 1, 0, 0])
+        x_xp = to_xp(xp, x, dtype=dtype)
+        for reduction in ("none", "sum"):
+            got = xent.cross_entropy(x_xp, to_xp(xp, t), reduction=reduction)
+            loss = to_numpy(got)
+            assert np.all(np.isfinite(loss)), f"overflow: {loss}"
+            want = ref.cross_entropy(to_numpy(x_xp), t, reduction=reduction)
+            # lse - x_t may lose the O(1) part next to a logit of size `big` in the dtype itself
+            xp_assert_close(
+                got,
+                want,
+                xp=xp,
+                dtype=dtype,
+                rtol=4 * dtype_eps(dtype),
+                atol=4 * dtype_eps(dtype) * big,
+            )
 
 
-@pytest.mark.parametrize("probabilities", [False, True], ids=["indices", "probabilities"])
-def test_from_probabilities_renormalises_and_clips(
-    xp: Any, rng: np.random.Generator, probabilities: bool
-) -> None:
-    p = rng.uniform(0.0, 3.0, size=(5, 4))  # not normalised
-    p[0, 2] = 0.0  # clipped to eps
-    p[1] = [0.0, 5.0, 0.0, 0.0]  # clipped to 1 - eps
-    t = _softmax_rows(rng, p.shape) if probabilities else np.array([2, 1, 0, 3, 1])
-    for eps in (1e-7, 1e-3):
+class TestOptions:
+    """The class axis, sample weights, z-loss, softcap, label dtypes and probability inputs."""
+
+    @pytest.mark.parametrize("axis", [0, 1, -1, -2])
+    @pytest.mark.parametrize("probabilities", [False, True], ids=["indices", "probabilities"])
+    def test_any_class_axis_equals_moving_it_last(
+        self, xp: Any, rng: np.random.Generator, axis: int, probabilities: bool
+    ) -> None:
+        x = rng.normal(size=(3, 4, 5)) * 2
+        moved = np.moveaxis(x, axis, -1)
+        if probabilities:
+            t_moved = _softmax_rows(rng, moved.shape)
+            t = np.moveaxis(t_moved, -1, axis)
+        else:
+            t = t_moved = rng.integers(0, x.shape[axis], size=moved.shape[:-1])
+        w = rng.uniform(0.5, 2.0, size=x.shape[axis])
+        for reduction in REDUCTIONS:
+            kw = {"reduction": reduction, "label_smoothing": 0.2}
+            got = xent.cross_entropy(
+                to_xp(xp, x), to_xp(xp, t), axis=axis, weight=to_xp(xp, w), **kw
+            )
+            last = xent.cross_entropy(
+                to_xp(xp, moved), to_xp(xp, t_moved), weight=to_xp(xp, w), **kw
+            )
+            xp_assert_close(got, to_numpy(last), xp=xp, dtype="float64")
+            xp_assert_close(
+                got, ref.cross_entropy(moved, t_moved, weight=w, **kw), xp=xp, dtype="float64"
+            )
+
+    @pytest.mark.parametrize("sw_shape", [(), (1,), (3,), (2, 1), (2, 3)])
+    @pytest.mark.parametrize("probabilities", [False, True], ids=["indices", "probabilities"])
+    def test_sample_weight_broadcasts_to_per_example_shape(
+        self, xp: Any, rng: np.random.Generator, sw_shape: tuple[int, ...], probabilities: bool
+    ) -> None:
+        x = rng.normal(size=(2, 3, 4))
+        t = _softmax_rows(rng, x.shape) if probabilities else rng.integers(0, 4, size=(2, 3))
+        s = rng.uniform(0.1, 2.0, size=sw_shape)
         for reduction in REDUCTIONS:
             got = xent.cross_entropy(
-                to_xp(xp, p), to_xp(xp, t), from_logits=False, eps=eps, reduction=reduction
+                to_xp(xp, x), to_xp(xp, t), sample_weight=to_xp(xp, s), reduction=reduction
             )
-            want = ref.cross_entropy(p, t, from_logits=False, eps=eps, reduction=reduction)
+            full = np.broadcast_to(s, (2, 3))
+            want = ref.cross_entropy(x, t, sample_weight=full, reduction=reduction)
             xp_assert_close(got, want, xp=xp, dtype="float64")
-    loss0 = to_numpy(
-        xent.cross_entropy(to_xp(xp, p), to_xp(xp, t), from_logits=False, reduction="none")
+
+    def test_z_loss_adds_scaled_squared_logsumexp_except_where_ignored(
+        self, xp: Any, rng: np.random.Generator
+    ) -> None:
+        x = rng.normal(size=(5, 7)) * 3
+        t = np.array([1, -100, 6, 0, 3])
+        s = 0.25
+        base = to_numpy(xent.cross_entropy(to_xp(xp, x), to_xp(xp, t), reduction="none"))
+        with_z = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t), reduction="none", z_loss=s)
+        lse = ref.logsumexp(x, axis=-1)
+        xp_assert_close(with_z, base + np.where(t == -100, 0.0, s * lse**2), xp=xp, dtype="float64")
+        assert to_numpy(with_z)[1] == 0.0
+        mean = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t), z_loss=s)
+        xp_assert_close(mean, ref.cross_entropy(x, t, z_loss=s), xp=xp, dtype="float64")
+
+    def test_z_loss_applies_to_probability_targets(self, xp: Any, rng: np.random.Generator) -> None:
+        x = rng.normal(size=(4, 3)) * 3
+        t = _softmax_rows(rng, x.shape)
+        got = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t), reduction="none", z_loss=1e-2)
+        xp_assert_close(
+            got, ref.cross_entropy(x, t, reduction="none", z_loss=1e-2), xp=xp, dtype="float64"
+        )
+
+    @pytest.mark.parametrize("softcap", [0.5, 5.0, 50.0])
+    def test_softcap_equals_capping_the_logits_first(
+        self, xp: Any, rng: np.random.Generator, softcap: float
+    ) -> None:
+        x = rng.normal(size=(6, 5)) * 20
+        t = rng.integers(0, 5, size=6)
+        capped = softcap * np.tanh(x / softcap)
+        for reduction in REDUCTIONS:
+            got = xent.cross_entropy(
+                to_xp(xp, x), to_xp(xp, t), softcap=softcap, reduction=reduction, z_loss=1e-3
+            )
+            plain = xent.cross_entropy(
+                to_xp(xp, capped), to_xp(xp, t), reduction=reduction, z_loss=1e-3
+            )
+            xp_assert_close(got, to_numpy(plain), xp=xp, dtype="float64")
+            xp_assert_close(
+                got,
+                ref.cross_entropy(x, t, softcap=softcap, reduction=reduction, z_loss=1e-3),
+                xp=xp,
+                dtype="float64",
+            )
+
+    @pytest.mark.parametrize(
+        "label_dtype", ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"]
     )
-    if not probabilities:
-        assert loss0[0] == pytest.approx(-np.log(1e-7), rel=1e-12)
-
-
-# --- label validation when values are not checked ---------------------------------------------
-
-
-@pytest.mark.parametrize("bad", [5, -1, 7, 100], ids=lambda b: f"label{b}")
-@pytest.mark.parametrize("validate", [False, None])
-def test_invalid_label_gives_nan_where_not_validated(
-    xp: Any, rng: np.random.Generator, bad: int, validate: bool | None
-) -> None:
-    from _helpers import is_concrete_host
-
-    if validate is None and is_concrete_host():
-        pytest.skip("validate=None checks concrete host labels (test_errors covers the raise)")
-    x = rng.normal(size=(4, 5))
-    t = np.array([0, bad, 2, 4])
-    none = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t), reduction="none", validate=validate)
-    want = ref.cross_entropy(x, t, reduction="none")
-    assert np.isnan(want[1])
-    xp_assert_close(none, want, xp=xp, dtype="float64")
-    for reduction in ("mean", "sum"):
-        for smoothing in (0.0, 0.1):
+    def test_integer_targets_of_any_width(
+        self, xp: Any, rng: np.random.Generator, label_dtype: str
+    ) -> None:
+        x = rng.normal(size=(2, 5, 3))
+        t = rng.integers(0, 5, size=(2, 3))
+        w = rng.uniform(0.5, 2.0, size=5)
+        ignore = 4  # representable in every width
+        t[0, 1] = ignore
+        for reduction in REDUCTIONS:
             got = xent.cross_entropy(
                 to_xp(xp, x),
-                to_xp(xp, t),
+                to_xp(xp, t, dtype=label_dtype),
+                axis=1,
+                weight=to_xp(xp, w),
+                ignore_index=ignore,
+                label_smoothing=0.1,
                 reduction=reduction,
-                label_smoothing=smoothing,
-                validate=validate,
             )
-            xp_assert_close(got, np.nan, xp=xp, dtype="float64")
+            want = ref.cross_entropy(
+                x,
+                t,
+                axis=1,
+                weight=w,
+                ignore_index=ignore,
+                label_smoothing=0.1,
+                reduction=reduction,
+            )
+            xp_assert_close(got, want, xp=xp, dtype="float64")
+
+    @pytest.mark.parametrize("probabilities", [False, True], ids=["indices", "probabilities"])
+    def test_from_probabilities_renormalises_and_clips(
+        self, xp: Any, rng: np.random.Generator, probabilities: bool
+    ) -> None:
+        p = rng.uniform(0.0, 3.0, size=(5, 4))  # not normalised
+        p[0, 2] = 0.0  # clipped to eps
+        p[1] = [0.0, 5.0, 0.0, 0.0]  # clipped to 1 - eps
+        t = _softmax_rows(rng, p.shape) if probabilities else np.array([2, 1, 0, 3, 1])
+        for eps in (1e-7, 1e-3):
+            for reduction in REDUCTIONS:
+                got = xent.cross_entropy(
+                    to_xp(xp, p), to_xp(xp, t), from_logits=False, eps=eps, reduction=reduction
+                )
+                want = ref.cross_entropy(p, t, from_logits=False, eps=eps, reduction=reduction)
+                xp_assert_close(got, want, xp=xp, dtype="float64")
+        loss0 = to_numpy(
+            xent.cross_entropy(to_xp(xp, p), to_xp(xp, t), from_logits=False, reduction="none")
+        )
+        if not probabilities:
+            assert loss0[0] == pytest.approx(-np.log(1e-7), rel=1e-12)
 
 
-def test_invalid_label_with_weights_gives_nan_not_an_index_error(
-    xp: Any, rng: np.random.Generator
-) -> None:
-    x = rng.normal(size=(3, 4))
-    t = np.array([0, 9, 1])
-    w = rng.uniform(0.5, 2.0, size=4)
-    got = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t), weight=to_xp(xp, w), validate=False)
-    xp_assert_close(got, np.nan, xp=xp, dtype="float64")
+class TestUnvalidatedLabels:
+    """Labels outside `[0, C)` give NaN, never an index error, where values are not checked."""
+
+    @pytest.mark.parametrize("bad", [5, -1, 7, 100], ids=lambda b: f"label{b}")
+    @pytest.mark.parametrize("validate", [False, None])
+    def test_invalid_label_gives_nan_where_not_validated(
+        self, xp: Any, rng: np.random.Generator, bad: int, validate: bool | None
+    ) -> None:
+        from _helpers import is_concrete_host
+
+        if validate is None and is_concrete_host():
+            pytest.skip(
+                "validate=None checks concrete host labels (test_validation covers the raise)"
+            )
+        x = rng.normal(size=(4, 5))
+        t = np.array([0, bad, 2, 4])
+        none = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t), reduction="none", validate=validate)
+        want = ref.cross_entropy(x, t, reduction="none")
+        assert np.isnan(want[1])
+        xp_assert_close(none, want, xp=xp, dtype="float64")
+        for reduction in ("mean", "sum"):
+            for smoothing in (0.0, 0.1):
+                got = xent.cross_entropy(
+                    to_xp(xp, x),
+                    to_xp(xp, t),
+                    reduction=reduction,
+                    label_smoothing=smoothing,
+                    validate=validate,
+                )
+                xp_assert_close(got, np.nan, xp=xp, dtype="float64")
+
+    def test_invalid_label_with_weights_gives_nan_not_an_index_error(
+        self, xp: Any, rng: np.random.Generator
+    ) -> None:
+        x = rng.normal(size=(3, 4))
+        t = np.array([0, 9, 1])
+        w = rng.uniform(0.5, 2.0, size=4)
+        got = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t), weight=to_xp(xp, w), validate=False)
+        xp_assert_close(got, np.nan, xp=xp, dtype="float64")
 
 
-# --- inputs are never modified ----------------------------------------------------------------
+class TestInputsAreNotModified:
+    """No function writes into the arrays it is given."""
+
+    def test_inputs_are_not_modified(self, xp: Any, rng: np.random.Generator) -> None:
+        x = rng.normal(size=(4, 5))
+        x[0, 1] = -np.inf
+        t = np.array([0, 2, -100, 4])
+        tp = _softmax_rows(rng, x.shape)
+        w = rng.uniform(0.5, 2.0, size=5)
+        s = rng.uniform(0.5, 2.0, size=4)
+        arrays = {
+            name: to_xp(xp, a)
+            for name, a in {
+                "x": x,
+                "t": t,
+                "tp": tp,
+                "w": w,
+                "s": s,
+                "p": np.abs(x[:, ::-1]) + 0.1,
+            }.items()
+        }
+        before = {name: to_numpy(a).copy() for name, a in arrays.items()}
+        a = arrays
+        for target in (a["t"], a["tp"]):
+            kw = {"weight": a["w"], "sample_weight": a["s"], "label_smoothing": 0.1}
+            to_numpy(xent.cross_entropy(a["x"], target, z_loss=1e-3, softcap=5.0, **kw))
+            to_numpy(xent.cross_entropy(a["p"], target, from_logits=False, **kw))
+            for out in xent.cross_entropy_and_grad(a["x"], target, z_loss=1e-3, **kw):
+                to_numpy(out)
+            for out in xent.cross_entropy_and_grad(a["p"], target, from_logits=False, **kw):
+                to_numpy(out)
+        for name, arr in arrays.items():
+            np.testing.assert_array_equal(to_numpy(arr), before[name], err_msg=name)
 
 
-def test_inputs_are_not_modified(xp: Any, rng: np.random.Generator) -> None:
-    x = rng.normal(size=(4, 5))
-    x[0, 1] = -np.inf
-    t = np.array([0, 2, -100, 4])
-    tp = _softmax_rows(rng, x.shape)
-    w = rng.uniform(0.5, 2.0, size=5)
-    s = rng.uniform(0.5, 2.0, size=4)
-    arrays = {
-        name: to_xp(xp, a)
-        for name, a in {
-            "x": x,
-            "t": t,
-            "tp": tp,
-            "w": w,
-            "s": s,
-            "p": np.abs(x[:, ::-1]) + 0.1,
-        }.items()
-    }
-    before = {name: to_numpy(a).copy() for name, a in arrays.items()}
-    a = arrays
-    for target in (a["t"], a["tp"]):
-        kw = {"weight": a["w"], "sample_weight": a["s"], "label_smoothing": 0.1}
-        to_numpy(xent.cross_entropy(a["x"], target, z_loss=1e-3, softcap=5.0, **kw))
-        to_numpy(xent.cross_entropy(a["p"], target, from_logits=False, **kw))
-        for out in xent.cross_entropy_and_grad(a["x"], target, z_loss=1e-3, **kw):
-            to_numpy(out)
-        for out in xent.cross_entropy_and_grad(a["p"], target, from_logits=False, **kw):
-            to_numpy(out)
-    for name, arr in arrays.items():
-        np.testing.assert_array_equal(to_numpy(arr), before[name], err_msg=name)
+class TestIgnoreIndex:
+    """Targets equal to `ignore_index` add nothing to the loss, its mean or the gradient."""
+
+    @pytest.mark.parametrize("label_dtype", ["uint8", "uint16", "uint32", "uint64"])
+    def test_unsigned_labels_work_with_negative_ignore_index(
+        self, xp: Any, rng: np.random.Generator, label_dtype: str
+    ) -> None:
+        x = rng.normal(size=(6, 4))
+        t = rng.integers(0, 4, size=6)
+        got = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t, dtype=label_dtype), reduction="none")
+        xp_assert_close(got, ref.cross_entropy(x, t, reduction="none"), xp=xp, dtype="float64")
+        got = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t, dtype=label_dtype), ignore_index=-1)
+        xp_assert_close(got, ref.cross_entropy(x, t), xp=xp, dtype="float64")
+
+    def test_unsigned_labels_can_be_ignored_at_their_max(
+        self, xp: Any, rng: np.random.Generator
+    ) -> None:
+        x = rng.normal(size=(5, 4))
+        t = np.array([1, 255, 3, 255, 0])
+        for reduction in REDUCTIONS:
+            got = xent.cross_entropy(
+                to_xp(xp, x), to_xp(xp, t, dtype="uint8"), ignore_index=255, reduction=reduction
+            )
+            want = ref.cross_entropy(x, t, ignore_index=255, reduction=reduction)
+            xp_assert_close(got, want, xp=xp, dtype="float64")
+
+    def test_nan_logit_in_an_ignored_row_is_ignored(
+        self, xp: Any, rng: np.random.Generator
+    ) -> None:
+        x = rng.normal(size=(3, 4))
+        x[1, 2] = np.nan
+        t = np.array([0, -100, 3])
+        got = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t))
+        xp_assert_close(got, ref.cross_entropy(x, t), xp=xp, dtype="float64")
+        assert np.isfinite(to_numpy(got))
+
+    def test_and_grad_of_ignored_rows_is_zero(self, xp: Any, rng: np.random.Generator) -> None:
+        x = rng.normal(size=(4, 3))
+        t = np.array([0, -100, 2, -100])
+        _, grad = xent.cross_entropy_and_grad(
+            to_xp(xp, x), to_xp(xp, t), label_smoothing=0.3, z_loss=0.1
+        )
+        g = to_numpy(grad)
+        assert np.all(g[[1, 3]] == 0.0)
+        assert np.all(g[[0, 2]] != 0.0)
+
+    @pytest.mark.eager("validate=True reads the labels: a Dask compute by design")
+    def test_ignore_index_label_is_valid(self, xp: Any, rng: np.random.Generator) -> None:
+        x = to_xp(xp, rng.normal(size=(3, 5)))
+        for ignore in (-100, 7, -1):
+            t = to_xp(xp, np.array([0, ignore, 4]))
+            out = xent.cross_entropy(x, t, ignore_index=ignore, validate=True)
+            assert np.isfinite(to_numpy(out))
+
+    @pytest.mark.parametrize("from_logits", [True, False], ids=["logits", "probabilities-in"])
+    def test_ignored_rows_get_exactly_zero_gradient(
+        self, xp: Any, rng: np.random.Generator, from_logits: bool
+    ) -> None:
+        shape = (4, 3, 5)  # K-dimensional, classes on axis 1
+        x = rng.normal(size=shape) * 2 if from_logits else rng.uniform(0.1, 1.0, size=shape)
+        t = rng.integers(0, 3, size=(4, 5))
+        ignored = rng.uniform(size=t.shape) < 0.4
+        ignored[0, 0], ignored[0, 1] = True, False
+        t = np.where(ignored, 7, t)
+        o: dict[str, Any] = {
+            "axis": 1, "ignore_index": 7, "label_smoothing": 0.2, "from_logits": from_logits,
+            "weight": rng.uniform(0.5, 2.0, size=3), "sample_weight": rng.uniform(0.5, 2.0, size=(4, 5)),
+        }  # fmt: skip
+        if from_logits:
+            o.update(z_loss=0.1, softcap=3.0)
+        _, grad = xent.cross_entropy_and_grad(
+            to_xp(xp, x),
+            to_xp(xp, t),
+            **{k: to_xp(xp, v) if isinstance(v, np.ndarray) else v for k, v in o.items()},
+        )
+        g = np.moveaxis(to_numpy(grad), 1, -1)
+        assert np.all(g[ignored] == 0.0), g[ignored]
+        assert np.all(np.any(g[~ignored] != 0.0, axis=-1))
+        want = ref.numerical_grad(lambda v: ref.cross_entropy(v, t, **o), x)
+        xp_assert_close(
+            grad,
+            want,
+            xp=xp,
+            dtype="float64",
+            rtol=1e-6,
+            atol=1e-7 * max(1.0, float(np.max(np.abs(want), initial=0.0))),
+        )
+
+    @pytest.mark.eager("validate=True reads the labels: a Dask compute by design")
+    def test_ignore_index_matches_only_its_value(self, xp: Any) -> None:
+        x = to_xp(xp, np.zeros((3, 4)))
+        t = to_xp(xp, np.asarray([3, 255, 2], dtype=np.uint8))
+        loss = xent.cross_entropy(x, t, ignore_index=255, reduction="none")
+        xp_assert_close(loss, [np.log(4.0), 0.0, np.log(4.0)], xp=xp, dtype="float64")
+        with pytest.raises(ValueError, match="label 255 at position"):
+            xent.cross_entropy(x, t, ignore_index=-1, validate=True)
+
+    @pytest.mark.parametrize("func", ["cross_entropy", "cross_entropy_and_grad"])
+    def test_non_default_ignore_index_is_rejected(self, xp: Any, func: str) -> None:
+        x = to_xp(xp, np.zeros((2, 3)))
+        t = to_xp(xp, np.full((2, 3), 1 / 3))
+        with pytest.raises(ValueError, match="`ignore_index` applies to class-index targets"):
+            getattr(xent, func)(x, t, ignore_index=0)
+        assert np.isfinite(to_numpy(xent.cross_entropy(x, t, ignore_index=-100)))
+
+    @pytest.mark.parametrize("value", [None, 0.5, "x", -100.0])
+    def test_ignore_index_takes_integers_only(self, xp: Any, value: Any) -> None:
+        x = to_xp(xp, np.zeros((2, 3)))
+        with pytest.raises(TypeError, match=r"`ignore_index` must be an integer .*, got"):
+            xent.cross_entropy(x, to_xp(xp, np.asarray([0, 1])), ignore_index=value)
 
 
 # --- cross_entropy_and_grad -------------------------------------------------------------------
@@ -652,118 +739,114 @@ GRAD_OPTIONS = {
 }
 
 
-@pytest.mark.parametrize("probabilities", [False, True], ids=["indices", "probabilities"])
-@pytest.mark.parametrize("option_set", list(GRAD_OPTIONS))
-@pytest.mark.parametrize("axis", [-1, 1])
-def test_and_grad_returns_the_loss_and_its_gradient(
-    xp: Any, rng: np.random.Generator, probabilities: bool, option_set: str, axis: int
-) -> None:
-    spec = GRAD_OPTIONS[option_set]
-    x = rng.normal(size=(4, 5, 3)) * 2
-    n_classes = x.shape[axis]
-    batch = tuple(np.delete(x.shape, axis % 3))
-    if probabilities:
-        t = _softmax_rows(rng, x.shape, axis)
-    else:
-        t = rng.integers(0, n_classes, size=batch)
-        if spec.get("ignore"):
-            t[0, 0] = t[2, 1] = -100
-    opts: dict[str, Any] = {"axis": axis, "reduction": spec.get("reduction", "mean")}
-    for name in ("label_smoothing", "z_loss", "softcap"):
-        if name in spec:
-            opts[name] = spec[name]
-    np_opts = dict(opts)
-    xp_opts = dict(opts)
-    if spec.get("weight"):
-        np_opts["weight"] = rng.uniform(0.5, 2.0, size=n_classes)
-        xp_opts["weight"] = to_xp(xp, np_opts["weight"])
-    if spec.get("sample_weight"):
-        np_opts["sample_weight"] = rng.uniform(0.5, 2.0, size=batch)
-        xp_opts["sample_weight"] = to_xp(xp, np_opts["sample_weight"])
+class TestAndGrad:
+    """`cross_entropy_and_grad` returns the loss and its gradient, in the input dtype."""
 
-    loss, grad = xent.cross_entropy_and_grad(to_xp(xp, x), to_xp(xp, t), **xp_opts)
-    want_loss = ref.cross_entropy(x, t, **np_opts)
-    want_grad = ref.numerical_grad(lambda v: ref.cross_entropy(v, t, **np_opts), x)
-    xp_assert_close(loss, want_loss, xp=xp, dtype="float64")
-    xp_assert_close(grad, want_grad, xp=xp, dtype="float64", rtol=1e-6, atol=1e-8)
-    xp_assert_close(
-        loss,
-        to_numpy(xent.cross_entropy(to_xp(xp, x), to_xp(xp, t), **xp_opts)),
-        xp=xp,
-        dtype="float64",
-    )
+    @pytest.mark.parametrize("probabilities", [False, True], ids=["indices", "probabilities"])
+    @pytest.mark.parametrize("option_set", list(GRAD_OPTIONS))
+    @pytest.mark.parametrize("axis", [-1, 1])
+    def test_and_grad_returns_the_loss_and_its_gradient(
+        self, xp: Any, rng: np.random.Generator, probabilities: bool, option_set: str, axis: int
+    ) -> None:
+        spec = GRAD_OPTIONS[option_set]
+        x = rng.normal(size=(4, 5, 3)) * 2
+        n_classes = x.shape[axis]
+        batch = tuple(np.delete(x.shape, axis % 3))
+        if probabilities:
+            t = _softmax_rows(rng, x.shape, axis)
+        else:
+            t = rng.integers(0, n_classes, size=batch)
+            if spec.get("ignore"):
+                t[0, 0] = t[2, 1] = -100
+        opts: dict[str, Any] = {"axis": axis, "reduction": spec.get("reduction", "mean")}
+        for name in ("label_smoothing", "z_loss", "softcap"):
+            if name in spec:
+                opts[name] = spec[name]
+        np_opts = dict(opts)
+        xp_opts = dict(opts)
+        if spec.get("weight"):
+            np_opts["weight"] = rng.uniform(0.5, 2.0, size=n_classes)
+            xp_opts["weight"] = to_xp(xp, np_opts["weight"])
+        if spec.get("sample_weight"):
+            np_opts["sample_weight"] = rng.uniform(0.5, 2.0, size=batch)
+            xp_opts["sample_weight"] = to_xp(xp, np_opts["sample_weight"])
 
+        loss, grad = xent.cross_entropy_and_grad(to_xp(xp, x), to_xp(xp, t), **xp_opts)
+        want_loss = ref.cross_entropy(x, t, **np_opts)
+        want_grad = ref.numerical_grad(lambda v: ref.cross_entropy(v, t, **np_opts), x)
+        xp_assert_close(loss, want_loss, xp=xp, dtype="float64")
+        xp_assert_close(grad, want_grad, xp=xp, dtype="float64", rtol=1e-6, atol=1e-8)
+        xp_assert_close(
+            loss,
+            to_numpy(xent.cross_entropy(to_xp(xp, x), to_xp(xp, t), **xp_opts)),
+            xp=xp,
+            dtype="float64",
+        )
 
-def test_and_grad_of_ignored_rows_is_zero(xp: Any, rng: np.random.Generator) -> None:
-    x = rng.normal(size=(4, 3))
-    t = np.array([0, -100, 2, -100])
-    _, grad = xent.cross_entropy_and_grad(
-        to_xp(xp, x), to_xp(xp, t), label_smoothing=0.3, z_loss=0.1
-    )
-    g = to_numpy(grad)
-    assert np.all(g[[1, 3]] == 0.0)
-    assert np.all(g[[0, 2]] != 0.0)
+    @pytest.mark.parametrize("probabilities", [False, True], ids=["indices", "probabilities"])
+    def test_and_grad_from_probabilities_matches_finite_differences(
+        self, xp: Any, rng: np.random.Generator, probabilities: bool
+    ) -> None:
+        p = rng.uniform(0.2, 1.0, size=(4, 3))  # away from the clip bounds
+        t = _softmax_rows(rng, p.shape) if probabilities else np.array([0, 2, 1, 1])
+        w = rng.uniform(0.5, 2.0, size=3)
+        kw = {"from_logits": False, "label_smoothing": 0.1}
+        loss, grad = xent.cross_entropy_and_grad(
+            to_xp(xp, p), to_xp(xp, t), weight=to_xp(xp, w), **kw
+        )
+        xp_assert_close(loss, ref.cross_entropy(p, t, weight=w, **kw), xp=xp, dtype="float64")
+        want = ref.numerical_grad(lambda v: ref.cross_entropy(v, t, weight=w, **kw), p)
+        xp_assert_close(grad, want, xp=xp, dtype="float64", rtol=1e-6, atol=1e-8)
 
+    @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+    def test_and_grad_returns_gradient_in_input_dtype(
+        self, xp: Any, rng: np.random.Generator, dtype: str
+    ) -> None:
+        x_xp = to_xp(xp, rng.normal(size=(6, 10)), dtype=dtype)
+        t = rng.integers(0, 10, size=6)
+        loss, grad = xent.cross_entropy_and_grad(x_xp, to_xp(xp, t))
+        x64 = to_numpy(x_xp)
+        want = ref.numerical_grad(lambda v: ref.cross_entropy(v, t), x64)
+        # float32 computes in float32 (a few eps); float16/bfloat16 round a float32 result once
+        rtol, atol = {"float32": (2e-5, 1e-7), "float16": (dtype_eps(dtype), 1e-7)}.get(
+            dtype, (dtype_eps(dtype), 1e-30)
+        )
+        xp_assert_close(loss, ref.cross_entropy(x64, t), xp=xp, dtype=dtype, rtol=rtol, atol=atol)
+        xp_assert_close(grad, want, xp=xp, dtype=dtype, rtol=rtol, atol=atol)
 
-@pytest.mark.parametrize("probabilities", [False, True], ids=["indices", "probabilities"])
-def test_and_grad_from_probabilities_matches_finite_differences(
-    xp: Any, rng: np.random.Generator, probabilities: bool
-) -> None:
-    p = rng.uniform(0.2, 1.0, size=(4, 3))  # away from the clip bounds
-    t = _softmax_rows(rng, p.shape) if probabilities else np.array([0, 2, 1, 1])
-    w = rng.uniform(0.5, 2.0, size=3)
-    kw = {"from_logits": False, "label_smoothing": 0.1}
-    loss, grad = xent.cross_entropy_and_grad(to_xp(xp, p), to_xp(xp, t), weight=to_xp(xp, w), **kw)
-    xp_assert_close(loss, ref.cross_entropy(p, t, weight=w, **kw), xp=xp, dtype="float64")
-    want = ref.numerical_grad(lambda v: ref.cross_entropy(v, t, weight=w, **kw), p)
-    xp_assert_close(grad, want, xp=xp, dtype="float64", rtol=1e-6, atol=1e-8)
-
-
-@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-def test_and_grad_returns_gradient_in_input_dtype(
-    xp: Any, rng: np.random.Generator, dtype: str
-) -> None:
-    x_xp = to_xp(xp, rng.normal(size=(6, 10)), dtype=dtype)
-    t = rng.integers(0, 10, size=6)
-    loss, grad = xent.cross_entropy_and_grad(x_xp, to_xp(xp, t))
-    x64 = to_numpy(x_xp)
-    want = ref.numerical_grad(lambda v: ref.cross_entropy(v, t), x64)
-    # float32 computes in float32 (a few eps); float16/bfloat16 round a float32 result once
-    rtol, atol = {"float32": (2e-5, 1e-7), "float16": (dtype_eps(dtype), 1e-7)}.get(
-        dtype, (dtype_eps(dtype), 1e-30)
-    )
-    xp_assert_close(loss, ref.cross_entropy(x64, t), xp=xp, dtype=dtype, rtol=rtol, atol=atol)
-    xp_assert_close(grad, want, xp=xp, dtype=dtype, rtol=rtol, atol=atol)
-
-
-def test_and_grad_invalid_label_gives_nan_gradient_row(xp: Any, rng: np.random.Generator) -> None:
-    x = rng.normal(size=(3, 4))
-    t = np.array([0, 4, 1])
-    loss, grad = xent.cross_entropy_and_grad(
-        to_xp(xp, x), to_xp(xp, t), reduction="none", validate=False
-    )
-    got_loss, g = to_numpy(loss), to_numpy(grad)
-    assert np.isnan(got_loss[1])
-    assert np.all(np.isfinite(got_loss[[0, 2]]))
-    assert np.all(np.isnan(g[1]))
-    assert np.all(np.isfinite(g[[0, 2]]))
+    def test_and_grad_invalid_label_gives_nan_gradient_row(
+        self, xp: Any, rng: np.random.Generator
+    ) -> None:
+        x = rng.normal(size=(3, 4))
+        t = np.array([0, 4, 1])
+        loss, grad = xent.cross_entropy_and_grad(
+            to_xp(xp, x), to_xp(xp, t), reduction="none", validate=False
+        )
+        got_loss, g = to_numpy(loss), to_numpy(grad)
+        assert np.isnan(got_loss[1])
+        assert np.all(np.isfinite(got_loss[[0, 2]]))
+        assert np.all(np.isnan(g[1]))
+        assert np.all(np.isfinite(g[[0, 2]]))
 
 
-def test_state_names_the_running_backend(xp: Any, backend: Backend) -> None:
-    # guards the fixture itself: the namespace, the device and the native switch are what the
-    # test id says
-    state = current()
-    assert state.backend is backend
-    assert state.xp is xp
-    assert is_lazy() == (backend is Backend.DASK)
-    arr = to_xp(xp, np.zeros((3, 5)))
-    if backend is Backend.NUMPY_READONLY:
-        assert not arr.flags.writeable
-    if backend is Backend.DASK:
-        assert len(arr.chunks[0]) > 1
-        assert len(arr.chunks[1]) > 1
-    if backend.like(Backend.JAX):
-        assert to_xp(xp, np.zeros(2)).dtype == xp.float64, "jax_enable_x64 is off"
+class TestState:
+    """`xent.state()` names the backend that runs."""
+
+    def test_state_names_the_running_backend(self, xp: Any, backend: Backend) -> None:
+        # guards the fixture itself: the namespace, the device and the native switch are what the
+        # test id says
+        state = current()
+        assert state.backend is backend
+        assert state.xp is xp
+        assert is_lazy() == (backend is Backend.DASK)
+        arr = to_xp(xp, np.zeros((3, 5)))
+        if backend is Backend.NUMPY_READONLY:
+            assert not arr.flags.writeable
+        if backend is Backend.DASK:
+            assert len(arr.chunks[0]) > 1
+            assert len(arr.chunks[1]) > 1
+        if backend.like(Backend.JAX):
+            assert to_xp(xp, np.zeros(2)).dtype == xp.float64, "jax_enable_x64 is off"
 
 
 # --- adversarial inputs ---------------------------------------------------------------------
@@ -910,7 +993,7 @@ class TestLabelsNeverWrap:
     """Labels are checked in their own dtype: an unsigned value that the cast to the index
     dtype would wrap onto ``ignore_index`` (or a class) is invalid, never ignored."""
 
-    @pytest.mark.eager("validate=True reads the labels")
+    @pytest.mark.eager("validate=True reads the labels: a Dask compute by design")
     @pytest.mark.parametrize(("dtype", "bits"), [("uint64", 64), ("uint32", 32), ("int64", 64)])
     def test_wrapping_values_are_invalid(self, xp: Any, dtype: str, bits: int) -> None:
         value = 2**bits - 100 if dtype.startswith("u") else 2**63 - 100
@@ -923,15 +1006,6 @@ class TestLabelsNeverWrap:
         _, grad = xent.cross_entropy_and_grad(x, t, validate=False)
         assert np.isnan(to_numpy(grad)[1]).all()
         assert np.isfinite(to_numpy(grad)[0]).all()
-
-    @pytest.mark.eager("validate=True reads the labels")
-    def test_ignore_index_matches_only_its_value(self, xp: Any) -> None:
-        x = to_xp(xp, np.zeros((3, 4)))
-        t = to_xp(xp, np.asarray([3, 255, 2], dtype=np.uint8))
-        loss = xent.cross_entropy(x, t, ignore_index=255, reduction="none")
-        xp_assert_close(loss, [np.log(4.0), 0.0, np.log(4.0)], xp=xp, dtype="float64")
-        with pytest.raises(ValueError, match="label 255 at position"):
-            xent.cross_entropy(x, t, ignore_index=-1, validate=True)
 
 
 class TestDtypeByKindAndWidth:

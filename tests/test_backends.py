@@ -1,11 +1,20 @@
-"""Dask specifics: the gather stays linear in the number of class chunks, and every task xent adds
-to a graph runs under xent's errstate, wherever and whenever the caller computes it."""
+"""Backend specifics: each backend's own code paths give what xent's generic path gives.
+
+- Dask: the gather stays linear in the number of class chunks, and every task xent adds to a graph
+  runs under xent's errstate, wherever and whenever the caller computes it.
+- Fused fast paths: the plain options (logits, class indices, no softcap, z_loss or
+  sample_weight) may be served by a fused native kernel (``F.cross_entropy`` on the PyTorch CPU,
+  one NumPy pass); each call is compared with the same call through the generic primitives, on
+  the inputs where a native kernel is most likely to differ: non-finite logits, logits at the
+  dtype's limits, labels of other integer dtypes, an ``ignore_index`` inside ``[0, C)``, and
+  invalid labels.
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import _reference as ref
 import numpy as np
@@ -14,16 +23,19 @@ from _helpers import Backend, to_numpy, to_xp
 
 import xent
 
-pytestmark = pytest.mark.only_backends(Backend.DASK)
+DASK = pytest.mark.only_backends(Backend.DASK)
 
 
 def _chunked(a: np.ndarray, chunks: tuple[int, ...]) -> Any:
     import dask.array as da
 
-    return da.from_array(a, chunks=chunks)
+    return da.from_array(a, chunks=chunks)  # type: ignore[no-untyped-call]
 
 
-class TestManyClassChunks:
+@DASK
+class TestDaskGather:
+    """The gather over many class chunks: a graph that does not grow with them, fast and exact."""
+
     def _loss(self, rng: np.random.Generator, n_chunks: int) -> tuple[Any, np.ndarray]:
         x = rng.normal(size=(3, n_chunks)) * 3
         t = rng.integers(0, n_chunks, size=3)
@@ -99,10 +111,13 @@ _CALLS: dict[str, tuple[Callable[..., Any], Callable[..., Any]]] = {
 
 
 def _softmax_minus_onehot(x: np.ndarray, t: np.ndarray) -> np.ndarray:
-    return ref.softmax(x) - np.eye(x.shape[-1])[t]
+    return np.asarray(ref.softmax(x) - np.eye(x.shape[-1])[t])
 
 
-class TestErrstate:
+@DASK
+class TestDaskErrstate:
+    """Tasks xent adds compute under its errstate; the caller's own tasks still raise."""
+
     @pytest.mark.parametrize("name", list(_CALLS))
     def test_computes_under_raise_outside_xent(self, xp: Any, name: str) -> None:
         x, t, q = _masked_problem()
@@ -134,3 +149,86 @@ class TestErrstate:
         out = xent.cross_entropy(x, _chunked(np.array([0, 1]), (1,)))
         with np.errstate(all="raise"), pytest.raises(FloatingPointError, match="divide"):
             out.compute()
+
+
+# --- fused fast paths -------------------------------------------------------------------------
+
+
+def _both(fn: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``fn()`` with the current native setting, then with the generic primitives only."""
+    ours = to_numpy(fn())
+    previous = xent.backends.set_native(False)
+    try:
+        generic = to_numpy(fn())
+    finally:
+        xent.backends.set_native(previous)
+    return ours, generic
+
+
+def _logits(rng: np.random.Generator, n: int, c: int) -> np.ndarray:
+    x = rng.normal(size=(n, c)).astype(np.float32)
+    x[1] = -np.inf  # every class masked: NaN
+    x[2, 3] = np.inf  # one +inf logit
+    x[3, 4] = np.nan
+    x[4, :2] = -np.inf  # masked classes, the row still finite
+    x[5, 0], x[5, 1] = np.finfo(np.float32).max, -np.finfo(np.float32).max
+    return x
+
+
+class TestFastPaths:
+    """A backend's fused kernel gives exactly what the generic primitives give."""
+
+    @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+    @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+    def test_fast_path_matches_general_path_on_non_finite_rows(
+        self,
+        xp: Any,
+        rng: np.random.Generator,
+        reduction: Literal["mean", "sum", "none"],
+        weighted: bool,
+    ) -> None:
+        x_np = _logits(rng, 8, 6)
+        y_np = rng.integers(0, 6, size=8)
+        y_np[4] = 0  # the label sits on a -inf logit: +inf for that row
+        x, y = to_xp(xp, x_np), to_xp(xp, y_np)
+        w = to_xp(xp, rng.random(6) + 0.5, dtype="float32") if weighted else None
+        ours, generic = _both(lambda: xent.cross_entropy(x, y, weight=w, reduction=reduction))
+        np.testing.assert_allclose(ours, generic, rtol=1e-5, equal_nan=True)
+        # The finite rows alone: the plain case every fast path serves.
+        keep = np.r_[0, 6, 7]
+        xf, yf = to_xp(xp, x_np[keep]), to_xp(xp, y_np[keep])
+        wf = w
+        ours, generic = _both(lambda: xent.cross_entropy(xf, yf, weight=wf, reduction=reduction))
+        np.testing.assert_allclose(ours, generic, rtol=1e-5)
+        # The loss and gradient in one call (the gradient on finite rows: there the PyTorch
+        # native softmax and the generic exp agree).
+        for part, (a, b) in enumerate([(x, y), (xf, yf)]):
+
+            def call(a: Any = a, b: Any = b, part: int = part) -> Any:
+                return xent.cross_entropy_and_grad(a, b, weight=w, reduction=reduction)[part]
+
+            ours, generic = _both(call)
+            np.testing.assert_allclose(ours, generic, rtol=1e-5, atol=1e-7, equal_nan=True)
+
+    @pytest.mark.parametrize("label_dtype", ["int8", "int32", "int64"])
+    def test_fast_path_matches_general_path_for_label_dtypes_and_ignore_index(
+        self, xp: Any, rng: np.random.Generator, label_dtype: str
+    ) -> None:
+        x = to_xp(xp, rng.normal(size=(7, 5)), dtype="float32")
+        y_np = rng.integers(0, 5, size=7)
+        y_np[2] = 2
+        y = to_xp(xp, y_np, dtype=label_dtype)
+        for ignore_index in (-100, 2, 4):
+            ours, generic = _both(lambda i=ignore_index: xent.cross_entropy(x, y, ignore_index=i))
+            np.testing.assert_allclose(ours, generic, rtol=1e-5)
+        one = to_xp(xp, rng.normal(size=5), dtype="float32")
+        label = to_xp(xp, np.asarray(3), dtype=label_dtype)
+        ours, generic = _both(lambda: xent.cross_entropy(one, label, reduction="none"))
+        np.testing.assert_allclose(ours, generic, rtol=1e-5)
+
+    def test_fast_path_declines_invalid_labels(self, xp: Any, rng: np.random.Generator) -> None:
+        x = to_xp(xp, rng.normal(size=(4, 3)), dtype="float32")
+        y = to_xp(xp, np.asarray([0, 3, 1, -7]))
+        ours, generic = _both(lambda: xent.cross_entropy(x, y, validate=False, reduction="none"))
+        np.testing.assert_array_equal(np.isnan(ours), [False, True, False, True])
+        np.testing.assert_allclose(ours, generic, rtol=1e-5, equal_nan=True)
