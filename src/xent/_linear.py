@@ -213,7 +213,9 @@ def linear_cross_entropy_and_grad(
     inputs = (hidden, weight, bias, target, class_weight, sample_weight)
     finish = plan.ops.finish
     return finish(loss, *inputs), (
-        finish(dh, *inputs), finish(dw, *inputs), None if db is None else finish(db, *inputs)
+        finish(dh, *inputs),
+        finish(dw, *inputs),
+        None if db is None else finish(db, *inputs),
     )
 
 
