@@ -33,6 +33,71 @@ def _one_hot_take(x: Array, index: Array, axis: int) -> Array:
     return jnp.sum(jnp.where(index == classes, x, 0), axis=axis, keepdims=True)
 
 
+def _plain_loss(
+    input: Array, target: Array, ignore: int | None, reduction: str, dtype: Any
+) -> Array:
+    """The plain cross-entropy as a ``jax.custom_jvp`` whose tangent is one fused pass."""
+    classes = input.shape[-1]
+
+    def masks(y: Array) -> tuple[Array, Array]:
+        valid = (y >= 0) & (y < classes)
+        ignored = (y == ignore) if ignore is not None else jnp.zeros_like(valid)
+        # 1 for a counted row, 0 for an ignored one, NaN for an invalid label (carried into
+        # the gradient by the product).
+        factor = jnp.where(valid & ~ignored, 1.0, jnp.where(ignored, 0.0, jnp.nan)).astype(dtype)
+        return factor, ignored
+
+    def shifted(x: Array) -> tuple[Array, Array, Array]:
+        x = x.astype(dtype)
+        shift = jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
+        shift = jnp.where(jnp.isfinite(shift), shift, 0)
+        return x, x - shift, shift
+
+    def reduce(x: Array, lse: Array, y: Array, factor: Array, ignored: Array) -> Array:
+        picked = jnp.take_along_axis(x, y[..., None], axis=-1, mode="clip")
+        # An ignored row is 0 whatever its logits (NaN, infinities) hold: a select, not a
+        # product.
+        rows = jnp.where(ignored, 0.0, (lse - picked)[..., 0]) * factor
+        if reduction == "none":
+            return rows.astype(input.dtype)
+        total = jnp.sum(rows)
+        if reduction == "mean":
+            total = total / jnp.sum((~ignored).astype(dtype))
+        return total.astype(input.dtype)
+
+    @jax.custom_jvp
+    def loss(x: Array, y: Array) -> Array:
+        # Forward only: the exponentials are summed where they are made, never stored.
+        x, z, shift = shifted(x)
+        lse = jnp.log(jnp.sum(jnp.exp(z), axis=-1, keepdims=True)) + shift
+        return reduce(x, lse, y, *masks(y))
+
+    def loss_jvp(primals: Any, tangents: Any) -> tuple[Array, Array]:
+        x, y = primals
+        dx, _ = tangents
+        # With a gradient the exponentials are stored once and reused: the gradient is
+        # ``softmax - onehot`` (a select at the label, not a gather, so reverse mode
+        # transposes it into one elementwise pass), scaled per row.
+        factor, ignored = masks(y)
+        xf, z, shift = shifted(x)
+        e = jnp.exp(z)
+        total = jnp.sum(e, axis=-1, keepdims=True)
+        out = reduce(xf, jnp.log(total) + shift, y, factor, ignored)
+        onehot = jnp.arange(classes, dtype=y.dtype) == y[..., None]
+        grad = e * (1.0 / total) - onehot.astype(dtype)
+        rows = jnp.sum(grad * dx.astype(dtype), axis=-1) * factor
+        if reduction == "none":
+            return out, rows.astype(input.dtype)
+        tangent = jnp.sum(rows)
+        if reduction == "mean":
+            tangent = tangent / jnp.sum((~ignored).astype(dtype))
+        return out, tangent.astype(input.dtype)
+
+    loss.defjvp(loss_jvp)
+    out: Array = loss(input, target)
+    return out
+
+
 class Facts(Backend):
     """Concrete JAX arrays can be read; tracers (jit, vmap, grad) cannot."""
 
@@ -81,6 +146,38 @@ class Native(Backend):
     """A log-sum-exp whose shift carries no gradient, and a clipping take_along_axis."""
 
     native = True
+
+    def fused_index_loss(
+        self,
+        input: Array,
+        target: Array,
+        *,
+        axis: int,
+        weight: Array | None,
+        ignore_index: int,
+        label_smoothing: float,
+        reduction: str,
+    ) -> Array | None:
+        # Under jit (a traced target, so labels are never read and an invalid one gives NaN)
+        # the plain case is one lean graph that XLA fuses as it fuses Optax's: the label masks
+        # fold into one per-row factor and the mean's row count into the same reduction.
+        # Other options, eager labels (validated by the core), wrapping label dtypes and
+        # empty or sharded-with-types arrays stay on the general path.
+        if (
+            not self.is_traced(target)
+            or weight is not None
+            or label_smoothing
+            or axis != input.ndim - 1
+            or 0 in input.shape
+            or not jnp.issubdtype(target.dtype, jnp.signedinteger)
+            or jnp.iinfo(target.dtype).bits > jnp.iinfo(self.index_dtype()).bits
+            or _explicit_mesh(input, target)
+        ):
+            return None
+        own = jnp.iinfo(target.dtype)
+        ignore = ignore_index if own.min <= ignore_index <= own.max else None
+        labels = target.astype(self.index_dtype())  # widening: exact, and wide enough for C
+        return _plain_loss(input, labels, ignore, reduction, self.compute_dtype(input.dtype))
 
     def logsumexp(self, x: Array, axis: int) -> tuple[Array, Array]:
         shift = jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True))
