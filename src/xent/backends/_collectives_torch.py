@@ -52,6 +52,11 @@ class TorchGroup(Collectives):
             self._classes[local] = int(self._all_reduce(count, dist.ReduceOp.SUM).item())
         return self._classes[local]
 
+    def check_constants(self, arrays: dict[str, Array | None]) -> None:
+        if torch.is_grad_enabled():
+            tracked = [k for k, a in arrays.items() if a is not None and a.requires_grad]
+            _validation.parallel_linear_constants(tracked)
+
     def attach_grad(self, forward: Forward, backward: Backward, state: Any, x: Array) -> Array:
         if not torch.is_grad_enabled():
             return forward(state, x)[0]
