@@ -52,6 +52,15 @@ class Collectives:
         """Refuse arrays (class and sample weights) that the framework would differentiate:
         the analytic backward treats them as constants. The default accepts all."""
 
+    def attach_linear_grad(
+        self, rule: Any, state: Any, hidden: Array, weight: Array, bias: Array | None
+    ) -> Array:
+        """``rule.loss(state, hidden, weight, bias)`` of :func:`linear_cross_entropy`, with
+        ``rule.loss_and_grad`` as its gradient for the framework's autodiff. The default uses
+        the backend's hook (``state.ops``), analytic while the native overrides are on."""
+        out: Array = state.ops.linear_custom_grad(rule, state, hidden, weight, bias)
+        return out
+
     def attach_grad(self, forward: Forward, backward: Backward, state: Any, x: Array) -> Array:
         """``forward(state, x)[0]``, with ``backward`` as its derivative for the framework's
         autodiff where it has one. ``backward`` sends nothing; the default computes the value."""

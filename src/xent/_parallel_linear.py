@@ -155,7 +155,7 @@ def linear_cross_entropy(
         z_loss=z_loss, xp=xp,
     )  # fmt: skip
     group.check_constants({"class_weight": class_weight, "sample_weight": sample_weight})
-    return plan.ops.linear_custom_grad(_RULE, plan, hidden, local_weight, bias)
+    return group.attach_linear_grad(_RULE, plan, hidden, local_weight, bias)
 
 
 def linear_cross_entropy_and_grad(
