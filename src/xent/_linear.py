@@ -303,23 +303,29 @@ def _scan_blocks(
     chunk: int,
 ) -> tuple[Any, list[tuple[Array | None, ...]]]:
     """``step(carry, block) -> (carry, outs)`` over blocks of ``chunk`` of the ``count`` rows
-    of ``rows`` (None entries stay None): the whole blocks scanned, then the short last one.
-    Returns the last carry and, per part, the outs with their rows flattened back."""
+    of ``rows`` (None entries stay None). Returns the last carry and, per part, the outs with
+    their rows flattened back.
+
+    The first block (the short one, when ``chunk`` does not divide ``count``) runs before the
+    others are scanned, so the scan starts from a carry made by ``step`` itself: inside
+    ``shard_map`` it then varies over the mesh axes the blocks' results vary over, as
+    ``lax.scan`` requires of a carry."""
     xp = ops.xp
-    full = count // chunk * chunk
+    first = count % chunk or min(chunk, count)
     parts: list[tuple[Array | None, ...]] = []
-    if full:
+    if first:
+        carry, out = step(carry, tuple(None if a is None else a[:first, ...] for a in rows))
+        parts.append(out)
+    rest = count - first
+    if rest:
         blocks = tuple(
-            None if a is None else xp.reshape(a[:full, ...], (full // chunk, chunk, *a.shape[1:]))
+            None if a is None else xp.reshape(a[first:, ...], (rest // chunk, chunk, *a.shape[1:]))
             for a in rows
         )
         carry, outs = ops.scan(step, carry, blocks)
         parts.append(
-            tuple(None if o is None else xp.reshape(o, (full, *o.shape[2:])) for o in outs)
+            tuple(None if o is None else xp.reshape(o, (rest, *o.shape[2:])) for o in outs)
         )
-    if full < count:
-        carry, tail = step(carry, tuple(None if a is None else a[full:, ...] for a in rows))
-        parts.append(tail)
     return carry, parts
 
 

@@ -41,7 +41,7 @@ def linear_custom_grad(
         here = rebuild(arrays)
         if scalar:
             out, grads = rule.loss_and_grad(here, h, w, b, None)
-            return out, (grads, arrays)
+            return out, (_typed(grads, (h, w, b)), arrays)
         return rule.loss(here, h, w, b), ((h, w, b), arrays)
 
     def backward(saved: Any, cotangent: Array) -> tuple[Any, ...]:
@@ -51,8 +51,29 @@ def linear_custom_grad(
         else:
             h, w, b = kept
             _, grads = rule.loss_and_grad(rebuild(arrays), h, w, b, cotangent)
+            grads = _typed(grads, (h, w, b))
         return (*grads, [None] * len(arrays))
 
     loss.defvjp(forward, backward)
     out: Array = loss(hidden, weight, bias, values)
     return out
+
+
+def _typed(grads: Any, primals: tuple[Array | None, ...]) -> tuple[Any, ...]:
+    """Each gradient summed over the ``shard_map`` axes it varies over and its input does not
+    (an input replicated over the batch's axis gets the sum of every shard's rows), as the
+    transpose of JAX's implicit broadcast would; outside ``shard_map`` nothing varies."""
+    out = []
+    for g, x in zip(grads, primals, strict=True):
+        if g is not None and x is not None:
+            extra = tuple(sorted(_varying(g) - _varying(x)))
+            if extra:
+                g = jax.lax.psum(g, extra)
+        out.append(g)
+    return tuple(out)
+
+
+def _varying(x: Array) -> frozenset[str]:
+    """The ``shard_map`` axes ``x`` varies over (none outside ``shard_map``)."""
+    kind = getattr(jax.typeof(x), "manual_axis_type", None)
+    return frozenset(getattr(kind, "varying", ()))
