@@ -112,7 +112,7 @@ def head(classes: int, rows: int, width: int) -> dict[str, np.ndarray]:
     return data
 
 
-HEAD_OPTIONS = {"label_smoothing": 0.1, "z_loss": 1e-3}
+HEAD_OPTIONS: dict[str, Any] = {"label_smoothing": 0.1, "z_loss": 1e-3}
 
 
 def linear_head(group: Any, start: int, stop: int, classes: int) -> None:
@@ -137,6 +137,7 @@ def linear_head(group: Any, start: int, stop: int, classes: int) -> None:
         class_weight=d["w"][start:stop], sample_weight=d["s"], **HEAD_OPTIONS,
     )  # fmt: skip
     grads = torch.autograd.grad(loss, args)
+    assert db is not None
     assert type(group).calls - before == 2 * 3 + 1, type(group).calls - before  # 7 rows: 3 blocks
     close(loss.detach(), full)
     for got, want in zip(grads, (dh, dw[start:stop], db[start:stop]), strict=True):
@@ -232,14 +233,14 @@ def shard_map_head(mesh: Any, split: int) -> None:
     classes = 4 * split
     d = {k: jnp.asarray(v) for k, v in head(classes, 6, 5).items()}
     local = classes // split
-    opts = dict(HEAD_OPTIONS, chunk_size=2)
+    opts: dict[str, Any] = dict(HEAD_OPTIONS, chunk_size=2)
     full, grads = xent.linear_cross_entropy_and_grad(
         d["h"], d["W"], d["t"], bias=d["b"], class_weight=d["w"], sample_weight=d["s"],
         reduction="sum", **opts,
     )  # fmt: skip
     rest = (d["t"], d["s"], d["w"])
 
-    def loss(h, w, b, t, s, cw, reduction="sum"):
+    def loss(h: Any, w: Any, b: Any, t: Any, s: Any, cw: Any, reduction: Any = "sum") -> Any:
         start = jax.lax.axis_index("c") * local
         group = xent.parallel.JaxAxis("c")
         return xent.parallel.linear_cross_entropy(
@@ -247,7 +248,7 @@ def shard_map_head(mesh: Any, split: int) -> None:
             reduction=reduction, **opts,
         )  # fmt: skip
 
-    def body(*args):
+    def body(*args: Any) -> Any:
         value, g = jax.value_and_grad(loss, argnums=(0, 1, 2))(*args)
         return jax.lax.psum(value, "b"), *g
 
@@ -260,7 +261,10 @@ def shard_map_head(mesh: Any, split: int) -> None:
         close(a, b)
     # The gradient of the mapped function, taken outside shard_map (per-row losses).
     rows = jax.shard_map(
-        lambda *a: loss(*a, reduction="none"), mesh=mesh, in_specs=specs, out_specs=P("b")
+        lambda h, w, b, t, s, cw: loss(h, w, b, t, s, cw, reduction="none"),
+        mesh=mesh,
+        in_specs=specs,
+        out_specs=P("b"),
     )
     outer = jax.jit(jax.grad(lambda h, w, b: jnp.sum(rows(h, w, b, *rest)), argnums=(0, 1, 2)))
     for a, b in zip(outer(d["h"], d["W"], d["b"]), grads, strict=True):

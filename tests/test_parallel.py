@@ -246,6 +246,7 @@ class TestLinearLoopback:
         np.testing.assert_allclose(full, naive, rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(dh, g @ d["W"], rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(dw, g.T @ d["h"], rtol=1e-12, atol=1e-12)
+        assert db is not None
         np.testing.assert_allclose(db, g.sum(axis=0), rtol=1e-12, atol=1e-12)
         h, t, s = to_xp(xp, d["h"]), to_xp(xp, d["t"]), to_xp(xp, d["s"])
 
@@ -276,6 +277,7 @@ class TestLinearLoopback:
         full, (dh, dw, db) = xent.linear_cross_entropy_and_grad(
             d["h"], d["W"], d["t"], bias=d["b"], class_weight=cw, sample_weight=d["s"], **options
         )
+        assert db is not None
         t, s = to_xp(xp, d["t"]), to_xp(xp, d["s"])
         # The loopback's exchanges with the real bindings' autodiff hook (the default hook is
         # the backend's, which differentiates through the collectives with the natives off).
