@@ -305,6 +305,48 @@ class TestLinearLoopback:
                 xp_assert_close(got, want, **tol)
 
 
+class TestLinearArguments:
+    @pytest.mark.only_backends(Backend.NUMPY)
+    def test_bad_arguments_say_what_was_expected(self, xp: Any) -> None:
+        h = to_xp(xp, np.zeros((2, 4)))
+        w = to_xp(xp, np.zeros((3, 4)))
+        t = to_xp(xp, np.array([0, 1]))
+        alone = Loopback([3], xp.maximum)
+        alone.rank.value = 0
+        call = xent.parallel.linear_cross_entropy
+        with pytest.raises(TypeError, match=r"`group` must be a xent\.parallel\.Collectives"):
+            call(h, w, t, class_start=0, group=object())  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=r"`class_start` must lie in \[0, 0\]"):
+            call(h, w, t, class_start=2, group=alone)
+        with pytest.raises(ValueError, match=r"`weight` must have shape \(V, 4\)"):
+            call(h, to_xp(xp, np.zeros((3, 5))), t, class_start=0, group=alone)
+        with pytest.raises(ValueError, match=r"`weight` must have shape \(3,\)"):
+            call(h, w, t, class_start=0, group=alone, class_weight=to_xp(xp, np.ones(6)))
+        with pytest.raises(TypeError, match="class probabilities are not split"):
+            call(h, w, to_xp(xp, np.full((2, 3), 1 / 3)), class_start=0, group=alone)
+        with pytest.raises(ValueError, match=r"label 3 at position \(1,\)"):
+            call(h, w, to_xp(xp, np.array([0, 3])), class_start=0, group=alone)
+
+    @pytest.mark.only_backends(Backend.TORCH)
+    def test_weights_that_need_a_gradient_are_refused(self, xp: Any) -> None:
+        import torch
+
+        alone = xent.parallel.TorchGroup()
+        h = torch.zeros((2, 4), dtype=torch.float64, requires_grad=True)
+        w = torch.zeros((3, 4), dtype=torch.float64)
+        s = torch.ones(2, dtype=torch.float64, requires_grad=True)
+        with pytest.raises(TypeError, match="requiring grad: sample_weight"):
+            alone.check_constants({"class_weight": None, "sample_weight": s})
+        group = type("Alone", (Loopback,), {"check_constants": alone.check_constants})(
+            [3], xp.maximum
+        )
+        group.rank.value = 0
+        with pytest.raises(TypeError, match="requiring grad: sample_weight"):
+            xent.parallel.linear_cross_entropy(
+                h, w, torch.tensor([0, 1]), class_start=0, group=group, sample_weight=s
+            )
+
+
 def _eager(xp: Any) -> contextlib.AbstractContextManager[Any]:
     """JAX runs the blocks' ``lax.scan`` as a Python loop (in this thread), so the loopback
     workers exchange values rather than tracers; other libraries are eager anyway."""
