@@ -380,10 +380,9 @@ def _plan(
     sample = None
     if sample_weight is not None:
         sample = xp.reshape(xp.broadcast_to(xp.astype(sample_weight, dtype), batch), (rows, 1))
-    flat = xp.reshape(target, (rows,))
     local_label, mine, ignored, bad = (
         xp.reshape(a, (rows, 1))
-        for a in _parallel._local_labels(xp, ops, flat, class_start, local, classes, ignore_index)
+        for a in _parallel._local_labels(xp, ops, target, class_start, local, classes, ignore_index)
     )
     itemsize = 8 if dtype == xp.float64 else 4
     budget = _linear._BUDGET_BYTES // (local * itemsize)
