@@ -267,7 +267,9 @@ class TestLinearLoopback:
             xp_assert_close(gb, db[part], **tol)
 
     @pytest.mark.only_backends(Backend.TORCH, Backend.JAX)
-    @pytest.mark.parametrize(("sizes", "options", "weighted"), HEAD_CASES[:2])
+    # One case: the "none" loss, whose backward makes the logits again (the 0-d losses'
+    # gradients, made in the forward, are checked on gloo ranks and JAX devices).
+    @pytest.mark.parametrize(("sizes", "options", "weighted"), HEAD_CASES[1:2])
     def test_autodiff_gives_the_full_hidden_and_the_slices_gradients(
         self, xp: Any, backend: Backend, rng: np.random.Generator, sizes: list[int],
         options: dict[str, Any], weighted: bool,
