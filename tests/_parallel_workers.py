@@ -89,6 +89,7 @@ def torch_rank(rank: int, world: int, store_path: str, sizes: list[int]) -> None
             assert torch.allclose(loss, full.detach(), rtol=TOL, atol=TOL), (rank, opts)
             grad = full_grad[:, start:stop]
             assert torch.allclose(local.grad, grad, rtol=TOL, atol=TOL), (rank, opts)
+        linear_head(group, start, stop, sum(sizes))
         # Labels are checked against the global class count, on every rank.
         bad = torch.tensor([0, sum(sizes)])
         zeros = torch.zeros(2, stop - start)
@@ -100,6 +101,47 @@ def torch_rank(rank: int, world: int, store_path: str, sizes: list[int]) -> None
             xent.parallel.cross_entropy(local, t, class_start=start, group=group, weight=w)
     finally:
         dist.destroy_process_group()
+
+
+def head(classes: int, rows: int, width: int) -> dict[str, np.ndarray]:
+    """A linear head on :func:`scenario`'s labels and weights: hidden, projection, bias."""
+    data = scenario(classes, rows, (0, 0))
+    rng = np.random.default_rng(classes + rows * width)
+    data.update(h=rng.normal(size=(rows, width)), W=rng.normal(size=(classes, width)))
+    data["b"] = rng.normal(size=classes)
+    return data
+
+
+HEAD_OPTIONS: dict[str, Any] = {"label_smoothing": 0.1, "z_loss": 1e-3}
+
+
+def linear_head(group: Any, start: int, stop: int, classes: int) -> None:
+    """The row-split linear head on gloo: loss and autograd gradients against the unsplit
+    head, and what is sent: 2 all-reduces per block, then one of d hidden."""
+    import torch
+
+    import xent
+    import xent.parallel
+
+    d = {k: torch.tensor(v) for k, v in head(classes, 7, 5).items()}
+    full, (dh, dw, db) = xent.linear_cross_entropy_and_grad(
+        d["h"], d["W"], d["t"], bias=d["b"], class_weight=d["w"], sample_weight=d["s"],
+        **HEAD_OPTIONS,
+    )  # fmt: skip
+    args = [
+        a.clone().requires_grad_(True) for a in (d["h"], d["W"][start:stop], d["b"][start:stop])
+    ]
+    before = type(group).calls
+    loss = xent.parallel.linear_cross_entropy(
+        args[0], args[1], d["t"], class_start=start, group=group, bias=args[2], chunk_size=3,
+        class_weight=d["w"][start:stop], sample_weight=d["s"], **HEAD_OPTIONS,
+    )  # fmt: skip
+    grads = torch.autograd.grad(loss, args)
+    assert db is not None
+    assert type(group).calls - before == 2 * 3 + 1, type(group).calls - before  # 7 rows: 3 blocks
+    close(loss.detach(), full)
+    for got, want in zip(grads, (dh, dw[start:stop], db[start:stop]), strict=True):
+        close(got, want)
 
 
 def jax_main() -> None:
@@ -170,11 +212,63 @@ def jax_main() -> None:
         outer = jax.shard_map(per_row, mesh=mesh, in_specs=(P("b", "c"), P("b")), out_specs=P("b"))
         g_outer = jax.grad(lambda x, outer=outer, t=t: jnp.sum(outer(x, t)))(x)
         close(g_outer, xent.cross_entropy_and_grad(x, t, label_smoothing=0.2, reduction="sum")[1])
+        shard_map_head(mesh, split)
         print(f"shard_map {batch}x{split} ok")
 
     if xent.backends.native_enabled():
         pmap_check()
     sharded_arrays()
+
+
+def shard_map_head(mesh: Any, split: int) -> None:
+    """The row-split linear head in ``shard_map``, rows over "b", classes over "c": jax.grad
+    inside the body and of the mapped function, against the unsplit head."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    import xent
+    import xent.parallel
+
+    classes = 4 * split
+    d = {k: jnp.asarray(v) for k, v in head(classes, 6, 5).items()}
+    local = classes // split
+    opts: dict[str, Any] = dict(HEAD_OPTIONS, chunk_size=2)
+    full, grads = xent.linear_cross_entropy_and_grad(
+        d["h"], d["W"], d["t"], bias=d["b"], class_weight=d["w"], sample_weight=d["s"],
+        reduction="sum", **opts,
+    )  # fmt: skip
+    rest = (d["t"], d["s"], d["w"])
+
+    def loss(h: Any, w: Any, b: Any, t: Any, s: Any, cw: Any, reduction: Any = "sum") -> Any:
+        start = jax.lax.axis_index("c") * local
+        group = xent.parallel.JaxAxis("c")
+        return xent.parallel.linear_cross_entropy(
+            h, w, t, class_start=start, group=group, bias=b, class_weight=cw, sample_weight=s,
+            reduction=reduction, **opts,
+        )  # fmt: skip
+
+    def body(*args: Any) -> Any:
+        value, g = jax.value_and_grad(loss, argnums=(0, 1, 2))(*args)
+        return jax.lax.psum(value, "b"), *g
+
+    specs = (P("b", None), P("c", None), P("c"), P("b"), P("b"), P("c"))
+    outs = (P(), P("b", None), P("c", None), P("c"))
+    inside = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=outs))
+    value, *got = inside(d["h"], d["W"], d["b"], d["t"], d["s"], d["w"])
+    close(value, full)
+    for a, b in zip(got, grads, strict=True):
+        close(a, b)
+    # The gradient of the mapped function, taken outside shard_map (per-row losses).
+    rows = jax.shard_map(
+        lambda h, w, b, t, s, cw: loss(h, w, b, t, s, cw, reduction="none"),
+        mesh=mesh,
+        in_specs=specs,
+        out_specs=P("b"),
+    )
+    outer = jax.jit(jax.grad(lambda h, w, b: jnp.sum(rows(h, w, b, *rest)), argnums=(0, 1, 2)))
+    for a, b in zip(outer(d["h"], d["W"], d["b"]), grads, strict=True):
+        close(a, b)
 
 
 def pmap_check() -> None:

@@ -7,6 +7,7 @@ host devices for JAX. Everything is compared with the unsplit `xent.cross_entrop
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -64,10 +65,13 @@ def _fold(op: Callable[[Any, Any], Any], xs: list[Any]) -> Any:
 
 
 def run_workers(
-    sizes: list[int], xp: Any, work: Callable[[int, int, int, Loopback], Any]
+    sizes: list[int],
+    xp: Any,
+    work: Callable[[int, int, int, Loopback], Any],
+    kind: type[Loopback] = Loopback,
 ) -> list[Any]:
     """``work(rank, start, stop, group)`` on one thread per slice; their results in rank order."""
-    group = Loopback(sizes, xp.maximum)
+    group = kind(sizes, xp.maximum)
     results: list[Any] = [None] * len(sizes)
     errors: list[BaseException] = []
 
@@ -203,6 +207,171 @@ class TestLoopback:
             call(to_xp(xp, np.zeros((2, 0))), t, class_start=0, group=alone)
         with pytest.raises(TypeError, match="`ignore_index` must be an integer"):
             call(x, t, class_start=0, group=alone, ignore_index=None)  # type: ignore[arg-type]
+
+
+def _head(rng: np.random.Generator, rows: int, width: int, classes: int) -> dict[str, Any]:
+    """A linear head: hidden, projection, bias, labels (row 1 ignored), class and row weights."""
+    data = _data(rng, rows, classes, (0, 0))
+    data.update(h=rng.normal(size=(rows, width)), W=rng.normal(size=(classes, width)))
+    data["b"] = rng.normal(size=classes)
+    return data
+
+
+HEAD_CASES = [
+    ([3, 4, 4], {"reduction": "mean", "label_smoothing": 0.2, "z_loss": 1e-2}, True),
+    ([5, 2], {"reduction": "none", "label_smoothing": 0.0, "z_loss": 1e-3}, False),
+    ([2, 3, 2], {"reduction": "sum", "label_smoothing": 0.1, "z_loss": 0.0}, True),
+]
+"""Uneven slices; 7 rows in blocks of 3, so the last block is short."""
+
+
+class TestLinearLoopback:
+    """The row-split linear head against the unsplit one, with simulated workers."""
+
+    @pytest.mark.parametrize(("sizes", "options", "weighted"), HEAD_CASES)
+    def test_loss_and_gradients_equal_the_unsplit_head(
+        self, xp: Any, rng: np.random.Generator, sizes: list[int], options: dict[str, Any],
+        weighted: bool,
+    ) -> None:  # fmt: skip
+        d = _head(rng, 7, 5, sum(sizes))
+        cw = d["w"] if weighted else None
+        full, (dh, dw, db) = xent.linear_cross_entropy_and_grad(
+            d["h"], d["W"], d["t"], bias=d["b"], class_weight=cw, sample_weight=d["s"], **options
+        )
+        # The naive composition agrees with the chunked unsplit head.
+        logits = d["h"] @ d["W"].T + d["b"]
+        naive, g = xent.cross_entropy_and_grad(
+            logits, d["t"], weight=cw, sample_weight=d["s"], **options
+        )
+        np.testing.assert_allclose(full, naive, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(dh, g @ d["W"], rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(dw, g.T @ d["h"], rtol=1e-12, atol=1e-12)
+        assert db is not None
+        np.testing.assert_allclose(db, g.sum(axis=0), rtol=1e-12, atol=1e-12)
+        h, t, s = to_xp(xp, d["h"]), to_xp(xp, d["t"]), to_xp(xp, d["s"])
+
+        def work(rank: int, start: int, stop: int, group: Loopback) -> Any:
+            with _eager(xp):
+                return xent.parallel.linear_cross_entropy_and_grad(
+                    h, to_xp(xp, d["W"][start:stop]), t, class_start=start, group=group,
+                    bias=to_xp(xp, d["b"][start:stop]), chunk_size=3, sample_weight=s,
+                    class_weight=None if cw is None else to_xp(xp, cw[start:stop]), **options,
+                )  # fmt: skip
+
+        for rank, (loss, (gh, gw, gb)) in enumerate(run_workers(sizes, xp, work)):
+            part = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+            tol = {"xp": xp, "dtype": "float64", "rtol": 1e-12, "atol": 1e-12}
+            xp_assert_close(loss, full, **tol)
+            xp_assert_close(gh, dh, **tol)
+            xp_assert_close(gw, dw[part], **tol)
+            xp_assert_close(gb, db[part], **tol)
+
+    @pytest.mark.only_backends(Backend.TORCH, Backend.JAX)
+    # One case: the "none" loss, whose backward makes the logits again (the 0-d losses'
+    # gradients, made in the forward, are checked on gloo ranks and JAX devices).
+    @pytest.mark.parametrize(("sizes", "options", "weighted"), HEAD_CASES[1:2])
+    def test_autodiff_gives_the_full_hidden_and_the_slices_gradients(
+        self, xp: Any, backend: Backend, rng: np.random.Generator, sizes: list[int],
+        options: dict[str, Any], weighted: bool,
+    ) -> None:  # fmt: skip
+        d = _head(rng, 7, 5, sum(sizes))
+        cw = d["w"] if weighted else None
+        full, (dh, dw, db) = xent.linear_cross_entropy_and_grad(
+            d["h"], d["W"], d["t"], bias=d["b"], class_weight=cw, sample_weight=d["s"], **options
+        )
+        assert db is not None
+        t, s = to_xp(xp, d["t"]), to_xp(xp, d["s"])
+        # The loopback's exchanges with the real bindings' autodiff hook (the default hook is
+        # the backend's, which differentiates through the collectives with the natives off).
+        binding = xent.parallel.TorchGroup if backend is Backend.TORCH else xent.parallel.JaxAxis
+        hooked = type("Hooked", (Loopback,), {"attach_linear_grad": binding.attach_linear_grad})
+
+        def work(rank: int, start: int, stop: int, group: Loopback) -> Any:
+            def f(h: Any, w: Any, b: Any) -> Any:
+                loss = xent.parallel.linear_cross_entropy(
+                    h, w, t, class_start=start, group=group, bias=b, chunk_size=3,
+                    sample_weight=s, class_weight=None if cw is None else to_xp(xp, cw[start:stop]),
+                    **options,
+                )  # fmt: skip
+                return loss
+
+            args = [to_xp(xp, a) for a in (d["h"], d["W"][start:stop], d["b"][start:stop])]
+            with _eager(xp):
+                return _value_and_grads(backend, f, args)
+
+        for rank, (loss, grads) in enumerate(run_workers(sizes, xp, work, hooked)):
+            part = slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+            tol = {"xp": xp, "dtype": "float64", "rtol": 1e-12, "atol": 1e-12}
+            xp_assert_close(loss, full, **tol)
+            for got, want in zip(grads, (dh, dw[part], db[part]), strict=True):
+                xp_assert_close(got, want, **tol)
+
+
+class TestLinearArguments:
+    @pytest.mark.only_backends(Backend.NUMPY)
+    def test_bad_arguments_say_what_was_expected(self, xp: Any) -> None:
+        h = to_xp(xp, np.zeros((2, 4)))
+        w = to_xp(xp, np.zeros((3, 4)))
+        t = to_xp(xp, np.array([0, 1]))
+        alone = Loopback([3], xp.maximum)
+        alone.rank.value = 0
+        call = xent.parallel.linear_cross_entropy
+        with pytest.raises(TypeError, match=r"`group` must be a xent\.parallel\.Collectives"):
+            call(h, w, t, class_start=0, group=object())  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=r"`class_start` must lie in \[0, 0\]"):
+            call(h, w, t, class_start=2, group=alone)
+        with pytest.raises(ValueError, match=r"`weight` must have shape \(V, 4\)"):
+            call(h, to_xp(xp, np.zeros((3, 5))), t, class_start=0, group=alone)
+        with pytest.raises(ValueError, match=r"`weight` must have shape \(3,\)"):
+            call(h, w, t, class_start=0, group=alone, class_weight=to_xp(xp, np.ones(6)))
+        with pytest.raises(TypeError, match="class probabilities are not split"):
+            call(h, w, to_xp(xp, np.full((2, 3), 1 / 3)), class_start=0, group=alone)
+        with pytest.raises(ValueError, match=r"label 3 at position \(1,\)"):
+            call(h, w, to_xp(xp, np.array([0, 3])), class_start=0, group=alone)
+
+    @pytest.mark.only_backends(Backend.TORCH)
+    def test_weights_that_need_a_gradient_are_refused(self, xp: Any) -> None:
+        import torch
+
+        alone = xent.parallel.TorchGroup()
+        h = torch.zeros((2, 4), dtype=torch.float64, requires_grad=True)
+        w = torch.zeros((3, 4), dtype=torch.float64)
+        s = torch.ones(2, dtype=torch.float64, requires_grad=True)
+        with pytest.raises(TypeError, match="requiring grad: sample_weight"):
+            alone.check_constants({"class_weight": None, "sample_weight": s})
+        group = type("Alone", (Loopback,), {"check_constants": alone.check_constants})(
+            [3], xp.maximum
+        )
+        group.rank.value = 0
+        with pytest.raises(TypeError, match="requiring grad: sample_weight"):
+            xent.parallel.linear_cross_entropy(
+                h, w, torch.tensor([0, 1]), class_start=0, group=group, sample_weight=s
+            )
+
+
+def _eager(xp: Any) -> contextlib.AbstractContextManager[Any]:
+    """JAX runs the blocks' ``lax.scan`` as a Python loop (in this thread), so the loopback
+    workers exchange values rather than tracers; other libraries are eager anyway."""
+    if "jax" in xp.__name__:
+        import jax
+
+        return jax.disable_jit()
+    return contextlib.nullcontext()
+
+
+def _value_and_grads(backend: Backend, f: Callable[..., Any], args: list[Any]) -> Any:
+    """``f(*args)`` and the gradients of its sum, by the framework's autodiff."""
+    if backend is Backend.TORCH:
+        import torch
+
+        args = [a.requires_grad_(True) for a in args]
+        loss = f(*args)
+        return loss.detach(), torch.autograd.grad(loss.sum(), args)
+    import jax
+    import jax.numpy as jnp
+
+    loss, vjp = jax.vjp(f, *args)
+    return loss, vjp(jnp.ones_like(loss))
 
 
 def _run(args: list[str], timeout: float) -> str:

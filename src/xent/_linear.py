@@ -270,7 +270,7 @@ def _blocks(
         """One block of rows: its losses, its rows of ``d hidden``, the sums carried over."""
         total, dw, db = carry
         h, target, sample, r = block
-        logits = _logits(p, h, weight, bias)
+        logits = _logits(xp, p.dtype, h, weight, bias)
         cp = _block_problem(p, target, sample, logits)
         loss, saved = _cross_entropy._forward(cp, logits)
         total = total + xp.sum(loss)
@@ -294,35 +294,53 @@ def _blocks(
         else None,
     )
     rows = (xp.reshape(hidden, (p.rows, width)), p.target, p.sample, r_all if per_row else None)
-    full = p.rows // p.chunk * p.chunk
-    parts: list[tuple[Any, Any]] = []
-    if full:
-        blocks = tuple(
-            None
-            if a is None
-            else xp.reshape(a[:full, ...], (full // p.chunk, p.chunk, *a.shape[1:]))
-            for a in rows
-        )
-        carry, (loss, dh) = ops.scan(step, carry, blocks)
-        parts.append((
-            None if loss is None else xp.reshape(loss, (full,)),
-            None if dh is None else xp.reshape(dh, (full, width)),
-        ))  # fmt: skip
-    if full < p.rows:
-        carry, tail = step(carry, tuple(None if a is None else a[full:, ...] for a in rows))
-        parts.append(tail)
+    carry, parts = _scan_blocks(ops, step, carry, rows, p.rows, p.chunk)
     total, dw, db = carry
     losses = [loss for loss, _ in parts if loss is not None]
     dhs = [dh for _, dh in parts if dh is not None]
     return _reduce(p, losses, total), _finish(p, hidden, weight, bias, need, dhs, dw, db)
 
 
-def _logits(p: _Plan, h: Array, weight: Array, bias: Array | None) -> Array:
+def _scan_blocks(
+    ops: Backend,
+    step: Any,
+    carry: Any,
+    rows: tuple[Array | None, ...],
+    count: int,
+    chunk: int,
+) -> tuple[Any, list[tuple[Array | None, ...]]]:
+    """``step(carry, block) -> (carry, outs)`` over blocks of ``chunk`` of the ``count`` rows
+    of ``rows`` (None entries stay None). Returns the last carry and, per part, the outs with
+    their rows flattened back.
+
+    The first block (the short one, when ``chunk`` does not divide ``count``) runs before the
+    others are scanned, so the scan starts from a carry made by ``step`` itself: inside
+    ``shard_map`` it then varies over the mesh axes the blocks' results vary over, as
+    ``lax.scan`` requires of a carry."""
+    xp = ops.xp
+    first = count % chunk or min(chunk, count)
+    parts: list[tuple[Array | None, ...]] = []
+    if first:
+        carry, out = step(carry, tuple(None if a is None else a[:first, ...] for a in rows))
+        parts.append(out)
+    rest = count - first
+    if rest:
+        blocks = tuple(
+            None if a is None else xp.reshape(a[first:, ...], (rest // chunk, chunk, *a.shape[1:]))
+            for a in rows
+        )
+        carry, outs = ops.scan(step, carry, blocks)
+        parts.append(
+            tuple(None if o is None else xp.reshape(o, (rest, *o.shape[2:])) for o in outs)
+        )
+    return carry, parts
+
+
+def _logits(xp: Namespace, dtype: Any, h: Array, weight: Array, bias: Array | None) -> Array:
     """One block's logits in the compute dtype (the product in the inputs' dtype, whose
     matrix kernels accumulate in float32 for float16/bfloat16)."""
-    xp = p.xp
-    z = xp.astype(h @ xp.matrix_transpose(weight), p.dtype, copy=False)
-    return z if bias is None else z + xp.astype(bias, p.dtype, copy=False)
+    z = xp.astype(h @ xp.matrix_transpose(weight), dtype, copy=False)
+    return z if bias is None else z + xp.astype(bias, dtype, copy=False)
 
 
 def _block_problem(p: _Plan, target: Array, sample: Array | None, logits: Array) -> Any:

@@ -48,6 +48,19 @@ class Collectives:
         local array, for bindings that must put a buffer on its device)."""
         raise NotImplementedError
 
+    def check_constants(self, arrays: dict[str, Array | None]) -> None:
+        """Refuse arrays (class and sample weights) that the framework would differentiate:
+        the analytic backward treats them as constants. The default accepts all."""
+
+    def attach_linear_grad(
+        self, rule: Any, state: Any, hidden: Array, weight: Array, bias: Array | None
+    ) -> Array:
+        """``rule.loss(state, hidden, weight, bias)`` of :func:`linear_cross_entropy`, with
+        ``rule.loss_and_grad`` as its gradient for the framework's autodiff. The default uses
+        the backend's hook (``state.ops``), analytic while the native overrides are on."""
+        out: Array = state.ops.linear_custom_grad(rule, state, hidden, weight, bias)
+        return out
+
     def attach_grad(self, forward: Forward, backward: Backward, state: Any, x: Array) -> Array:
         """``forward(state, x)[0]``, with ``backward`` as its derivative for the framework's
         autodiff where it has one. ``backward`` sends nothing; the default computes the value."""
@@ -268,6 +281,28 @@ def _problem(
         sample = xp.broadcast_to(xp.astype(sample_weight, dtype), per_row)
         sample = xp.expand_dims(sample, axis=ax)
 
+    local_label, mine, ignored, bad = (
+        xp.expand_dims(a, axis=ax)
+        for a in _local_labels(xp, ops, target, class_start, local, classes, ignore_index)
+    )
+    return _Problem(
+        xp=xp, ops=ops, group=group, axis=ax, classes=classes, dtype=dtype, out_dtype=input.dtype,
+        smoothing=float(label_smoothing), z_loss=float(z_loss), reduction=reduction, weight=w,
+        sample=sample, local_label=local_label, mine=mine, ignored=ignored, bad=bad,
+    )  # fmt: skip
+
+
+def _local_labels(
+    xp: Namespace,
+    ops: Backend,
+    target: Array,
+    class_start: int | Array,
+    local: int,
+    classes: int,
+    ignore_index: int,
+) -> tuple[Array, Array, Array, Array]:
+    """The label within this worker's slice (0 where it is not there), whether the slice holds
+    it, whether it is ignored, whether it is out of range (raised here where readable)."""
     index_dtype = ops.index_dtype()
     y = xp.astype(target, index_dtype, copy=False)
     info = xp.iinfo(index_dtype)
@@ -279,14 +314,7 @@ def _problem(
     start = class_start if isinstance(class_start, int) else xp.astype(class_start, index_dtype)
     shifted = y - start
     mine = valid & (shifted >= 0) & (shifted < local)
-    local_label = xp.where(mine, shifted, xp.zeros_like(shifted))
-    return _Problem(
-        xp=xp, ops=ops, group=group, axis=ax, classes=classes, dtype=dtype, out_dtype=input.dtype,
-        smoothing=float(label_smoothing), z_loss=float(z_loss), reduction=reduction, weight=w,
-        sample=sample, local_label=xp.expand_dims(local_label, axis=ax),
-        mine=xp.expand_dims(mine, axis=ax), ignored=xp.expand_dims(ignored, axis=ax),
-        bad=xp.expand_dims(bad, axis=ax),
-    )  # fmt: skip
+    return xp.where(mine, shifted, xp.zeros_like(shifted)), mine, ignored, bad
 
 
 # --------------------------------------------------------------------------- forward

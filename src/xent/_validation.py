@@ -411,6 +411,17 @@ def parallel_constants(tracked: list[str]) -> None:
         )
 
 
+def parallel_linear_constants(tracked: list[str]) -> None:
+    """Refuse class or sample weights that require a gradient in the vocab-parallel linear
+    cross-entropy."""
+    if tracked:
+        raise TypeError(
+            "xent.parallel.linear_cross_entropy differentiates `hidden`, `local_weight` and "
+            "`bias` only, expected `class_weight` and `sample_weight` that need no gradient "
+            f"(detach them), got tensors requiring grad: {', '.join(tracked)}"
+        )
+
+
 def parallel_local_classes(local: int, ax: int, shape: tuple[int, ...]) -> None:
     """Check a worker holds at least one class (an empty slice has no row max to share)."""
     if local == 0:

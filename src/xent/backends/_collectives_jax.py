@@ -9,6 +9,7 @@ import jax
 
 from .._parallel import Backward, Collectives, Forward, _Stats
 from .._typing import Array
+from . import _jax_linear
 
 
 class JaxAxis(Collectives):
@@ -39,6 +40,11 @@ class JaxAxis(Collectives):
 
     def class_count(self, local: int, like: Array) -> int:
         return local * int(jax.lax.axis_size(self.axis_name))
+
+    def attach_linear_grad(
+        self, rule: Any, state: Any, hidden: Array, weight: Array, bias: Array | None
+    ) -> Array:
+        return _jax_linear.linear_custom_grad(rule, state, hidden, weight, bias)
 
     def attach_grad(self, forward: Forward, backward: Backward, state: Any, x: Array) -> Array:
         # The stats dataclass goes to the backward as its array fields (the residuals); the

@@ -11,6 +11,7 @@ import torch.distributed as dist
 from .. import _validation
 from .._parallel import Backward, Collectives, Forward
 from .._typing import Array
+from . import _torch_linear
 
 
 class TorchGroup(Collectives):
@@ -51,6 +52,20 @@ class TorchGroup(Collectives):
             count = torch.tensor([local], dtype=torch.int64, device=like.device)
             self._classes[local] = int(self._all_reduce(count, dist.ReduceOp.SUM).item())
         return self._classes[local]
+
+    def check_constants(self, arrays: dict[str, Array | None]) -> None:
+        if torch.is_grad_enabled():
+            tracked = [k for k, a in arrays.items() if a is not None and a.requires_grad]
+            _validation.parallel_linear_constants(tracked)
+
+    def attach_linear_grad(
+        self, rule: Any, state: Any, hidden: Array, weight: Array, bias: Array | None
+    ) -> Array:
+        # Always the analytic autograd.Function: autograd through the forward would miss the
+        # all-reduces, whose results are detached.
+        return _torch_linear.linear_custom_grad(
+            rule, state, hidden, weight, bias, others=(), traced=False
+        )
 
     def attach_grad(self, forward: Forward, backward: Backward, state: Any, x: Array) -> Array:
         if not torch.is_grad_enabled():

@@ -37,8 +37,12 @@ def linear_custom_grad(
         out: Array = rule.loss(rebuild(arrays), h, w, b)
         return out
 
+    # The mesh axes each of hidden, weight, bias varies over, seen by the forward rule.
+    axes: list[frozenset[str]] = []
+
     def forward(h: Array, w: Array, b: Array | None, arrays: list[Array]) -> tuple[Array, Any]:
         here = rebuild(arrays)
+        axes[:] = [frozenset() if x is None else _varying(x) for x in (h, w, b)]
         if scalar:
             out, grads = rule.loss_and_grad(here, h, w, b, None)
             return out, (grads, arrays)
@@ -51,8 +55,28 @@ def linear_custom_grad(
         else:
             h, w, b = kept
             _, grads = rule.loss_and_grad(rebuild(arrays), h, w, b, cotangent)
-        return (*grads, [None] * len(arrays))
+        return (*_typed(grads, axes), [None] * len(arrays))
 
     loss.defvjp(forward, backward)
     out: Array = loss(hidden, weight, bias, values)
     return out
+
+
+def _typed(grads: Any, axes: list[frozenset[str]]) -> tuple[Any, ...]:
+    """Each gradient summed over the ``shard_map`` axes it varies over and its input does not
+    (an input replicated over the batch's axis gets the sum of every shard's rows), as the
+    transpose of JAX's implicit broadcast would; outside ``shard_map`` nothing varies."""
+    out = []
+    for g, own in zip(grads, axes, strict=True):
+        if g is not None:
+            extra = tuple(sorted(_varying(g) - own))
+            if extra:
+                g = jax.lax.psum(g, extra)
+        out.append(g)
+    return tuple(out)
+
+
+def _varying(x: Array) -> frozenset[str]:
+    """The ``shard_map`` axes ``x`` varies over (none outside ``shard_map``)."""
+    kind = getattr(jax.typeof(x), "manual_axis_type", None)
+    return frozenset(getattr(kind, "varying", ()))
