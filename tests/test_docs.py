@@ -63,6 +63,7 @@ def _blocks() -> list[Block]:
     ]
 
 
+@pytest.mark.only_backends(Backend.NUMPY)
 def test_readme_has_python_blocks() -> None:
     assert len(_blocks()) >= 3, "the README's Python blocks were not found"
 

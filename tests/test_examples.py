@@ -11,6 +11,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from _helpers import Backend
+
+# Each example runs once per CI run: in the session of the library it trains with (the digits
+# example needs scikit-learn, which only the NumPy session installs).
+NUMPY_RUN = pytest.mark.only_backends(Backend.NUMPY)
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 DIGITS_SCRIPT = EXAMPLES / "digits_logreg.py"
@@ -18,6 +23,7 @@ EPOCHS = 30  # 0.9511 test accuracy measured on every backend; the threshold lea
 THRESHOLD = 0.90
 
 
+@NUMPY_RUN
 @pytest.mark.parametrize("library", ["numpy", "torch"])
 def test_digits_example_reaches_stated_accuracy(library: str) -> None:
     if importlib.util.find_spec("sklearn") is None:
@@ -38,6 +44,7 @@ def test_digits_example_reaches_stated_accuracy(library: str) -> None:
     assert float(loss.group(1)) < 0.35, result.stdout
 
 
+@NUMPY_RUN
 def test_digits_example_names_the_extra_when_scikit_learn_is_missing() -> None:
     # Importing sklearn fails as if it were not installed; nothing else changes.
     hide = (
@@ -74,7 +81,17 @@ def _losses(library: str) -> tuple[float, float]:
     return float(first.group(1)), float(last.group(1))
 
 
-@pytest.mark.parametrize("library", ["numpy", "torch", "jax"])
+@pytest.mark.parametrize(
+    "library",
+    [
+        pytest.param(name, marks=pytest.mark.only_backends(backend))
+        for name, backend in (
+            ("numpy", Backend.NUMPY),
+            ("torch", Backend.TORCH),
+            ("jax", Backend.JAX),
+        )
+    ],
+)
 def test_lm_head_example_learns_the_corpus(library: str) -> None:
     first, last = _losses(library)
     # log(256) = 5.55 at chance; 40 steps take it well below, towards the floor log(4) = 1.39.

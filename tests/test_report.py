@@ -17,6 +17,10 @@ import sys
 from dataclasses import dataclass
 
 import pytest
+from _helpers import Backend
+
+# Backend-independent: these run once, in the NumPy runs.
+pytestmark = pytest.mark.only_backends(Backend.NUMPY)
 
 QUICK = ["--size", "64x128", "--repeat", "1"]
 TOLERANCE = 1e-5

@@ -15,8 +15,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from _helpers import Backend
 
 import xent
+
+# Backend-independent: these run once, in the NumPy runs.
+pytestmark = pytest.mark.only_backends(Backend.NUMPY)
+
 
 SOURCE = Path(xent.__file__).resolve().parent
 
