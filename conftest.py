@@ -8,11 +8,15 @@ in ``src/xent`` needs anything but NumPy and array-api-strict.
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
-_LIBRARIES = {"_cupy": "cupy", "_dask": "dask", "_jax": "jax", "_torch": "torch"}
+_LIBRARIES = ("cupy", "dask", "jax", "torch")
+"""A backend module is named for the library it imports (``_torch.py``, ``_jax_linear.py``,
+``_collectives_torch.py``, ...)."""
 
 collect_ignore = [
-    f"src/xent/backends/{module}.py"
-    for module, library in _LIBRARIES.items()
-    if importlib.util.find_spec(library) is None
+    f"src/xent/backends/{path.name}"
+    for path in sorted((Path(__file__).parent / "src/xent/backends").glob("_*.py"))
+    for library in _LIBRARIES
+    if library in path.stem and importlib.util.find_spec(library) is None
 ]
