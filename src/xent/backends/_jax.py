@@ -33,6 +33,15 @@ def _one_hot_take(x: Array, index: Array, axis: int) -> Array:
     return jnp.sum(jnp.where(index == classes, x, 0), axis=axis, keepdims=True)
 
 
+def _widens_exactly(dtype: Any, index_dtype: Any) -> bool:
+    """Whether labels of ``dtype`` cast to ``index_dtype`` without wrapping (signed ones no
+    wider, unsigned ones narrower), so every such dtype takes the same path."""
+    bits, index_bits = jnp.iinfo(dtype).bits, jnp.iinfo(index_dtype).bits
+    if jnp.issubdtype(dtype, jnp.unsignedinteger):
+        return bool(bits < index_bits)
+    return bool(bits <= index_bits)
+
+
 def _plain_loss(
     input: Array, target: Array, ignore: int | None, reduction: str, dtype: Any
 ) -> Array:
@@ -47,17 +56,18 @@ def _plain_loss(
         factor = jnp.where(valid & ~ignored, 1.0, jnp.where(ignored, 0.0, jnp.nan)).astype(dtype)
         return factor, ignored
 
-    def shifted(x: Array) -> tuple[Array, Array, Array]:
+    def shifted(x: Array) -> Array:
         x = x.astype(dtype)
         shift = jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
-        shift = jnp.where(jnp.isfinite(shift), shift, 0)
-        return x, x - shift, shift
+        return x - jnp.where(jnp.isfinite(shift), shift, 0)
 
-    def reduce(x: Array, lse: Array, y: Array, factor: Array, ignored: Array) -> Array:
-        picked = jnp.take_along_axis(x, y[..., None], axis=-1, mode="clip")
+    def reduce(z: Array, log_sum: Array, y: Array, factor: Array, ignored: Array) -> Array:
+        # ``log_sum - (x_y - shift)``, not ``logsumexp - x_y``: a confident row's small loss
+        # does not come from the cancellation of two large numbers.
+        picked = jnp.take_along_axis(z, y[..., None], axis=-1, mode="clip")
         # An ignored row is 0 whatever its logits (NaN, infinities) hold: a select, not a
         # product.
-        rows = jnp.where(ignored, 0.0, (lse - picked)[..., 0]) * factor
+        rows = jnp.where(ignored, 0.0, (log_sum - picked)[..., 0]) * factor
         if reduction == "none":
             return rows.astype(input.dtype)
         total = jnp.sum(rows)
@@ -68,9 +78,8 @@ def _plain_loss(
     @jax.custom_jvp
     def loss(x: Array, y: Array) -> Array:
         # Forward only: the exponentials are summed where they are made, never stored.
-        x, z, shift = shifted(x)
-        lse = jnp.log(jnp.sum(jnp.exp(z), axis=-1, keepdims=True)) + shift
-        return reduce(x, lse, y, *masks(y))
+        z = shifted(x)
+        return reduce(z, jnp.log(jnp.sum(jnp.exp(z), axis=-1, keepdims=True)), y, *masks(y))
 
     def loss_jvp(primals: Any, tangents: Any) -> tuple[Array, Array]:
         x, y = primals
@@ -79,10 +88,10 @@ def _plain_loss(
         # ``softmax - onehot`` (a select at the label, not a gather, so reverse mode
         # transposes it into one elementwise pass), scaled per row.
         factor, ignored = masks(y)
-        xf, z, shift = shifted(x)
+        z = shifted(x)
         e = jnp.exp(z)
         total = jnp.sum(e, axis=-1, keepdims=True)
-        out = reduce(xf, jnp.log(total) + shift, y, factor, ignored)
+        out = reduce(z, jnp.log(total), y, factor, ignored)
         onehot = jnp.arange(classes, dtype=y.dtype) == y[..., None]
         grad = e * (1.0 / total) - onehot.astype(dtype)
         rows = jnp.sum(grad * dx.astype(dtype), axis=-1) * factor
@@ -169,8 +178,7 @@ class Native(Backend):
             or label_smoothing
             or axis != input.ndim - 1
             or 0 in input.shape
-            or not jnp.issubdtype(target.dtype, jnp.signedinteger)
-            or jnp.iinfo(target.dtype).bits > jnp.iinfo(self.index_dtype()).bits
+            or not _widens_exactly(target.dtype, self.index_dtype())
             or _explicit_mesh(input, target)
         ):
             return None
