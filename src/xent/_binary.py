@@ -170,14 +170,7 @@ def _problem(
         label_smoothing=label_smoothing, eps=eps, from_logits=from_logits
     )
     shape = tuple(input.shape)
-    if not _validation.same_shape(target.shape, shape):
-        raise ValueError(
-            f"`target` must have the input's shape {shape} (one label per element), got {tuple(target.shape)}"
-        )
-    if not xp.isdtype(target.dtype, ("bool", "integral", "real floating")):
-        raise TypeError(
-            f"`target` must be bool, integer 0/1 or floating in [0, 1], got dtype {target.dtype}"
-        )
+    _validation.binary_target(xp, target, shape)
     _validation.broadcastable("weight", weight, shape, "the input's shape")
     _validation.broadcastable("pos_weight", pos_weight, shape, "the input's shape")
     _validation.real_weights(xp, "weight", weight)

@@ -238,187 +238,6 @@ def cross_entropy_and_grad(
     return p.ops.finish(loss, *inputs), p.ops.finish(grad, *inputs)
 
 
-# --------------------------------------------------------------------------- preparation
-@dataclass(frozen=True)
-class _Checked:
-    """Arguments that passed every check, scalar options as Python numbers."""
-
-    xp: Namespace
-    ops: Backend
-    axis: int
-    kind: str  # "index" or "prob"
-    from_logits: bool
-    smoothing: float
-    eps: float
-    z_loss: float
-    softcap: float | None
-    ignore_index: int
-    reduction: str
-    validate: bool | None
-
-    @property
-    def plain(self) -> bool:
-        """Logits and class indices with no softcap or z-loss: the case fused kernels cover."""
-        return (
-            self.kind == "index" and self.from_logits and self.softcap is None and not self.z_loss
-        )
-
-
-def _check(
-    input: Array,
-    target: Array,
-    *,
-    axis: int,
-    from_logits: bool,
-    weight: Array | None,
-    sample_weight: Array | None,
-    label_smoothing: float,
-    reduction: str,
-    z_loss: float,
-    softcap: float | None,
-    eps: float,
-    ignore_index: int,
-    validate: bool | None,
-    xp: Namespace | None,
-) -> _Checked:
-    """Every check that reads no label values; ``kind`` is ``"index"`` or ``"prob"``."""
-    arrays = {"input": input, "target": target, "weight": weight, "sample_weight": sample_weight}
-    xp = _validation.namespace(arrays, xp)
-    ops = lookup(xp)
-    _validation.same_device(ops, arrays)
-    _validation.floating_input(xp, "input", input)
-    ax = _validation.axis(axis, input.ndim)
-    _validation.reduction(reduction)
-    label_smoothing, eps, z_loss, softcap = _validation.options(
-        label_smoothing=label_smoothing, eps=eps, from_logits=from_logits, z_loss=z_loss,
-        softcap=softcap, validate=validate,
-    )  # fmt: skip
-    ignore_index = _validation.ignore_index(ignore_index)
-    kind = _validation.target_kind(xp, input, target, ax)
-    if kind == "prob":
-        _validation.probability_target_options(ignore_index, _IGNORE_INDEX)
-    classes = _validation.class_count(input.shape, ax)
-    if classes == 0:
-        raise ValueError(
-            f"`input` must have at least one class along axis {ax}, got shape {tuple(input.shape)}"
-        )
-    _validation.class_weight(weight, classes)
-    per_row = tuple(input.shape[:ax] + input.shape[ax + 1 :])
-    _validation.broadcastable("sample_weight", sample_weight, per_row, "the per-example shape")
-    _validation.real_weights(xp, "weight", weight)
-    _validation.real_weights(xp, "sample_weight", sample_weight)
-    return _Checked(
-        xp=xp, ops=ops, axis=ax, kind=kind, from_logits=from_logits, smoothing=label_smoothing,
-        eps=eps, z_loss=z_loss, softcap=softcap, ignore_index=ignore_index, reduction=reduction,
-        validate=validate,
-    )  # fmt: skip
-
-
-def _problem(
-    input: Array,
-    target: Array,
-    c: _Checked,
-    *,
-    weight: Array | None,
-    sample_weight: Array | None,
-) -> _Problem:
-    xp, ops, ax = c.xp, c.ops, c.axis
-    classes = int(input.shape[ax])
-    per_row = tuple(input.shape[:ax] + input.shape[ax + 1 :])
-    dtype = ops.compute_dtype(input.dtype)
-    dev = ops.device(input)
-    empty = 0 in per_row
-    class_shape = tuple(classes if i == ax else 1 for i in range(input.ndim))
-    w = None if weight is None else xp.reshape(xp.astype(weight, dtype), class_shape)
-    sample = None
-    if sample_weight is not None:
-        sample = xp.broadcast_to(xp.astype(sample_weight, dtype), per_row)
-        sample = _expand(sample, ax)
-
-    labels = label_weight = ignored = bad = probs = None
-    if c.kind == "index":
-        labels, ignored, bad = _labels(xp, ops, target, classes, c.ignore_index, c.validate, ax)
-        if weight is not None:
-            label_weight = (
-                xp.zeros(labels.shape, dtype=dtype, device=dev)
-                if empty
-                else ops.take(xp.astype(weight, dtype), labels)
-            )
-        counted = xp.astype(~ignored, dtype)
-        base = counted if label_weight is None else counted * label_weight
-        denominator = xp.sum(base if sample is None else base * sample)
-    else:
-        probs = xp.astype(target, dtype)
-        if sample is None and not _validation.known_shape(per_row):
-            # Sizes unknown until Dask computes (boolean indexing): count the rows lazily.
-            denominator = xp.sum(xp.ones_like(xp.sum(probs, axis=ax)))
-        elif sample is None:
-            denominator = xp.asarray(float(math.prod(per_row)), dtype=dtype, device=dev)
-        else:
-            denominator = xp.sum(sample)
-    return _Problem(
-        xp=xp, ops=ops, axis=ax, classes=classes, dtype=dtype, out_dtype=input.dtype,
-        from_logits=c.from_logits, softcap=c.softcap, eps=c.eps, smoothing=c.smoothing,
-        z_loss=c.z_loss, reduction=c.reduction, empty=empty, weight=w,
-        weight_total=float(classes) if w is None else xp.sum(w),
-        sample=sample, denominator=denominator if c.reduction == "mean" else None,
-        labels=labels, label_weight=label_weight, ignored=ignored, bad=bad, probs=probs,
-    )  # fmt: skip
-
-
-def _labels(
-    xp: Namespace,
-    ops: Backend,
-    target: Array,
-    classes: int,
-    ignore_index: int,
-    validate: bool | None,
-    ax: int,
-) -> tuple[Array, Array, Array]:
-    """Safe gather indices and the ignored/invalid masks, class axis kept with size 1.
-
-    No label is ever taken for another: ``ignore_index`` matches only labels equal to it in
-    their own dtype, and a label the cast to the index dtype would wrap is invalid. Widening
-    casts are exact; an unsigned dtype as wide as the index dtype wraps its upper half onto
-    negative values, which no class index or (for unsigned labels) no ``ignore_index`` is.
-    """
-    own = xp.iinfo(target.dtype)
-    index_dtype = ops.index_dtype()
-    if own.bits > xp.iinfo(index_dtype).bits:
-        y = target  # narrower index dtype (JAX without x64): compare before the cast
-    else:
-        y = xp.astype(target, index_dtype, copy=False)
-    if own.min <= ignore_index <= own.max:
-        match = ignore_index
-        if y is not target and ignore_index > xp.iinfo(index_dtype).max:
-            # The cast wrapped the label's upper half (unsigned, as wide as the index dtype);
-            # wrapping `ignore_index` the same way keeps equality exact.
-            match = ignore_index - 2**own.bits
-        ignored = y == match
-    else:
-        ignored = xp.zeros(target.shape, dtype=xp.bool, device=ops.device(target))
-    valid = (y >= 0) & (y < classes) if classes <= own.max else y >= 0
-    bad = ~valid & ~ignored
-    # Under jit a label array captured from outside is concrete while `bad`, built inside the
-    # trace, is not; both must be readable.
-    if validate is not False and _readable(ops, target, bad, force=validate is True):
-        _validation.raise_on_bad_labels(xp, target, bad, classes, ignore_index)
-    safe = xp.astype(xp.where(valid, y, xp.zeros_like(y)), index_dtype, copy=False)
-    return _expand(safe, ax), _expand(ignored, ax), _expand(bad, ax)
-
-
-def _expand(a: Array, ax: int) -> Array:
-    """``a`` with a new axis of size 1 at ``ax``, by indexing (Dask's ``expand_dims`` refuses
-    arrays whose sizes are unknown until computed)."""
-    return a[(*(slice(None),) * ax, None, ...)]
-
-
-def _readable(ops: Backend, x: Array, derived: Array, *, force: bool) -> bool:
-    if ops.is_traced(x) or ops.is_traced(derived):
-        return False
-    return force or (not ops.is_lazy(x) and ops.on_host(x))
-
-
 # --------------------------------------------------------------------------- forward
 _Stats = tuple[Array, Array]
 """``(shift, log_sum)``: the row's log-sum-exp is ``shift + log_sum``."""
@@ -663,3 +482,180 @@ def _tangent(p: _Problem, input: Array, saved: tuple[Array, _Stats | None], dx: 
 
 
 _RULE = GradRule(forward=_forward, backward=_backward, tangent=_tangent)
+
+
+# --------------------------------------------------------------------------- preparation
+@dataclass(frozen=True)
+class _Checked:
+    """Arguments that passed every check, scalar options as Python numbers."""
+
+    xp: Namespace
+    ops: Backend
+    axis: int
+    kind: str  # "index" or "prob"
+    from_logits: bool
+    smoothing: float
+    eps: float
+    z_loss: float
+    softcap: float | None
+    ignore_index: int
+    reduction: str
+    validate: bool | None
+
+    @property
+    def plain(self) -> bool:
+        """Logits and class indices with no softcap or z-loss: the case fused kernels cover."""
+        return (
+            self.kind == "index" and self.from_logits and self.softcap is None and not self.z_loss
+        )
+
+
+def _check(
+    input: Array,
+    target: Array,
+    *,
+    axis: int,
+    from_logits: bool,
+    weight: Array | None,
+    sample_weight: Array | None,
+    label_smoothing: float,
+    reduction: str,
+    z_loss: float,
+    softcap: float | None,
+    eps: float,
+    ignore_index: int,
+    validate: bool | None,
+    xp: Namespace | None,
+) -> _Checked:
+    """Every check that reads no label values; ``kind`` is ``"index"`` or ``"prob"``."""
+    arrays = {"input": input, "target": target, "weight": weight, "sample_weight": sample_weight}
+    xp = _validation.namespace(arrays, xp)
+    ops = lookup(xp)
+    _validation.same_device(ops, arrays)
+    _validation.floating_input(xp, "input", input)
+    ax = _validation.axis(axis, input.ndim)
+    _validation.reduction(reduction)
+    label_smoothing, eps, z_loss, softcap = _validation.options(
+        label_smoothing=label_smoothing, eps=eps, from_logits=from_logits, z_loss=z_loss,
+        softcap=softcap, validate=validate,
+    )  # fmt: skip
+    ignore_index = _validation.ignore_index(ignore_index)
+    kind = _validation.target_kind(xp, input, target, ax)
+    if kind == "prob":
+        _validation.probability_target_options(ignore_index, _IGNORE_INDEX)
+    classes = _validation.class_count(input.shape, ax)
+    _validation.class_weight(weight, classes)
+    per_row = tuple(input.shape[:ax] + input.shape[ax + 1 :])
+    _validation.broadcastable("sample_weight", sample_weight, per_row, "the per-example shape")
+    _validation.real_weights(xp, "weight", weight)
+    _validation.real_weights(xp, "sample_weight", sample_weight)
+    return _Checked(
+        xp=xp, ops=ops, axis=ax, kind=kind, from_logits=from_logits, smoothing=label_smoothing,
+        eps=eps, z_loss=z_loss, softcap=softcap, ignore_index=ignore_index, reduction=reduction,
+        validate=validate,
+    )  # fmt: skip
+
+
+def _problem(
+    input: Array,
+    target: Array,
+    c: _Checked,
+    *,
+    weight: Array | None,
+    sample_weight: Array | None,
+) -> _Problem:
+    xp, ops, ax = c.xp, c.ops, c.axis
+    classes = int(input.shape[ax])
+    per_row = tuple(input.shape[:ax] + input.shape[ax + 1 :])
+    dtype = ops.compute_dtype(input.dtype)
+    dev = ops.device(input)
+    empty = 0 in per_row
+    class_shape = tuple(classes if i == ax else 1 for i in range(input.ndim))
+    w = None if weight is None else xp.reshape(xp.astype(weight, dtype), class_shape)
+    sample = None
+    if sample_weight is not None:
+        sample = xp.broadcast_to(xp.astype(sample_weight, dtype), per_row)
+        sample = _expand(sample, ax)
+
+    labels = label_weight = ignored = bad = probs = None
+    if c.kind == "index":
+        labels, ignored, bad = _labels(xp, ops, target, classes, c.ignore_index, c.validate, ax)
+        if weight is not None:
+            label_weight = (
+                xp.zeros(labels.shape, dtype=dtype, device=dev)
+                if empty
+                else ops.take(xp.astype(weight, dtype), labels)
+            )
+        counted = xp.astype(~ignored, dtype)
+        base = counted if label_weight is None else counted * label_weight
+        denominator = xp.sum(base if sample is None else base * sample)
+    else:
+        probs = xp.astype(target, dtype)
+        if sample is None and not _validation.known_shape(per_row):
+            # Sizes unknown until Dask computes (boolean indexing): count the rows lazily.
+            denominator = xp.sum(xp.ones_like(xp.sum(probs, axis=ax)))
+        elif sample is None:
+            denominator = xp.asarray(float(math.prod(per_row)), dtype=dtype, device=dev)
+        else:
+            denominator = xp.sum(sample)
+    return _Problem(
+        xp=xp, ops=ops, axis=ax, classes=classes, dtype=dtype, out_dtype=input.dtype,
+        from_logits=c.from_logits, softcap=c.softcap, eps=c.eps, smoothing=c.smoothing,
+        z_loss=c.z_loss, reduction=c.reduction, empty=empty, weight=w,
+        weight_total=float(classes) if w is None else xp.sum(w),
+        sample=sample, denominator=denominator if c.reduction == "mean" else None,
+        labels=labels, label_weight=label_weight, ignored=ignored, bad=bad, probs=probs,
+    )  # fmt: skip
+
+
+def _labels(
+    xp: Namespace,
+    ops: Backend,
+    target: Array,
+    classes: int,
+    ignore_index: int,
+    validate: bool | None,
+    ax: int,
+) -> tuple[Array, Array, Array]:
+    """Safe gather indices and the ignored/invalid masks, class axis kept with size 1.
+
+    No label is ever taken for another: ``ignore_index`` matches only labels equal to it in
+    their own dtype, and a label the cast to the index dtype would wrap is invalid. Widening
+    casts are exact; an unsigned dtype as wide as the index dtype wraps its upper half onto
+    negative values, which no class index or (for unsigned labels) no ``ignore_index`` is.
+    """
+    own = xp.iinfo(target.dtype)
+    index_dtype = ops.index_dtype()
+    if own.bits > xp.iinfo(index_dtype).bits:
+        y = target  # narrower index dtype (JAX without x64): compare before the cast
+    else:
+        y = xp.astype(target, index_dtype, copy=False)
+    if own.min <= ignore_index <= own.max:
+        match = ignore_index
+        if y is not target and ignore_index > xp.iinfo(index_dtype).max:
+            # The cast wrapped the label's upper half (unsigned, as wide as the index dtype);
+            # wrapping `ignore_index` the same way keeps equality exact.
+            match = ignore_index - 2**own.bits
+        ignored = y == match
+    else:
+        ignored = xp.zeros(target.shape, dtype=xp.bool, device=ops.device(target))
+    valid = (y >= 0) & (y < classes) if classes <= own.max else y >= 0
+    bad = ~valid & ~ignored
+    # Under jit a label array captured from outside is concrete while `bad`, built inside the
+    # trace, is not; both must be readable.
+    if validate is not False and _readable(ops, target, bad, force=validate is True):
+        _validation.raise_on_bad_labels(xp, target, bad, classes, ignore_index)
+    safe = xp.astype(xp.where(valid, y, xp.zeros_like(y)), index_dtype, copy=False)
+    return _expand(safe, ax), _expand(ignored, ax), _expand(bad, ax)
+
+
+def _expand(a: Array, ax: int) -> Array:
+    """``a`` with a new axis of size 1 at ``ax``, by indexing (Dask's ``expand_dims`` refuses
+    arrays whose sizes are unknown until computed)."""
+    return a[(*(slice(None),) * ax, None, ...)]
+
+
+def _readable(ops: Backend, x: Array, derived: Array, *, force: bool) -> bool:
+    if ops.is_traced(x) or ops.is_traced(derived):
+        return False
+    return force or (not ops.is_lazy(x) and ops.on_host(x))

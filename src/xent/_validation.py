@@ -293,14 +293,31 @@ def known_shape(shape: Any) -> bool:
 
 
 def class_count(shape: Any, ax: int) -> int:
-    """The size ``C`` of the class axis, which must be known."""
+    """The size ``C`` of the class axis, which must be known and at least 1."""
     classes = shape[ax]
     if not _known(classes):
         raise ValueError(
             f"`input` must have a known size along the class axis {ax}, got shape "
             f"{_shape(shape)}; compute the chunk sizes first (Dask: `compute_chunk_sizes()`)"
         )
+    if classes == 0:
+        raise ValueError(
+            f"`input` must have at least one class along axis {ax}, got shape {_shape(shape)}"
+        )
     return int(classes)
+
+
+def binary_target(xp: Namespace, target: Array, shape: tuple[int, ...]) -> None:
+    """Check a binary cross-entropy target: the input's shape, bool, integer or floating."""
+    if not same_shape(target.shape, shape):
+        raise ValueError(
+            f"`target` must have the input's shape {_shape(shape)} (one label per element), "
+            f"got {_shape(target.shape)}"
+        )
+    if not xp.isdtype(target.dtype, ("bool", "integral", "real floating")):
+        raise TypeError(
+            f"`target` must be bool, integer 0/1 or floating in [0, 1], got dtype {target.dtype}"
+        )
 
 
 def class_weight(weight: Array | None, classes: int) -> None:
