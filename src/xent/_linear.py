@@ -472,7 +472,7 @@ def _plan(
     denominator = None
     if reduction == "mean":
         denominator = xp.sum(counted if sample is None else counted * sample)
-    itemsize = 8 if dtype == xp.float64 else 4
+    itemsize = xp.finfo(dtype).bits // 8
     # A power of two, so the blocks usually divide the batch and no short last block is
     # traced (under jit) beside the scanned ones.
     chunk = chunk_size or 2 ** max(0, (_BUDGET_BYTES // (classes * itemsize)).bit_length() - 1)

@@ -264,7 +264,7 @@ def _problem(
     # Logits only: the probability clip `eps` does not apply, so its default passes.
     _validation.options(label_smoothing=label_smoothing, eps=1e-7, from_logits=True, z_loss=z_loss)
     _validation.parallel_index_target(xp, input, target, ax)
-    _validation.parallel_ignore_index(ignore_index)
+    ignore_index = _validation.ignore_index(ignore_index)
     local = int(input.shape[ax])
     _validation.parallel_local_classes(local, ax, tuple(input.shape))
     classes = group.class_count(local, input)

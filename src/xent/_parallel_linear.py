@@ -363,7 +363,7 @@ def _plan(
     _validation.reduction(reduction)
     _validation.options(label_smoothing=label_smoothing, eps=1e-7, from_logits=True, z_loss=z_loss)
     _validation.chunk_size(chunk_size)
-    _validation.parallel_ignore_index(ignore_index)
+    ignore_index = _validation.ignore_index(ignore_index)
     local = int(weight.shape[0])
     batch = tuple(int(n) for n in hidden.shape[:-1])
     _validation.parallel_index_target(xp, _linear._Logits((*batch, local)), target, len(batch))
@@ -384,7 +384,7 @@ def _plan(
         xp.reshape(a, (rows, 1))
         for a in _parallel._local_labels(xp, ops, target, class_start, local, classes, ignore_index)
     )
-    itemsize = 8 if dtype == xp.float64 else 4
+    itemsize = xp.finfo(dtype).bits // 8
     budget = _linear._BUDGET_BYTES // (local * itemsize)
     chunk = chunk_size or 2 ** max(0, budget.bit_length() - 1)
     return _Plan(

@@ -394,12 +394,6 @@ def parallel_index_target(xp: Namespace, input: Array, target: Array, ax: int) -
     target_kind(xp, input, target, ax)
 
 
-def parallel_ignore_index(value: Any) -> None:
-    """Check ``ignore_index`` is an integer (bool excluded)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`ignore_index` must be an integer, got {value!r}")
-
-
 def class_start(xp: Namespace, value: Any, local: int, classes: int) -> None:
     """Check ``class_start`` (an int, or a 0-d integer array) puts the slice inside ``[0, C)``."""
     if isinstance(value, bool):
