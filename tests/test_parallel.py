@@ -143,6 +143,35 @@ class TestLoopback:
             slice_grad = full_grad[:, start : start + sizes[rank]]
             xp_assert_close(grad, slice_grad, xp=xp, dtype="float64", rtol=1e-12, atol=1e-12)
 
+    @pytest.mark.parametrize("row", ["nan", "all_neg_inf", "pos_inf"])
+    def test_ignored_row_gradient_is_zero_times_its_softmax(
+        self, xp: Any, rng: np.random.Generator, row: str
+    ) -> None:
+        """An ignored row's gradient is ``0 * softmax``, as in the unsplit cross-entropy: 0 for
+        a finite row, NaN where the softmax is NaN (a NaN or all ``-inf`` row)."""
+        x = rng.normal(size=(3, 5))
+        if row == "pos_inf":
+            x[1, 3] = np.inf
+        else:
+            x[1] = {"nan": np.nan, "all_neg_inf": -np.inf}[row]
+        t = np.array([2, -100, 4])
+        options = {"label_smoothing": 0.1, "z_loss": 1e-2}
+        full_loss, full_grad = xent.cross_entropy_and_grad(x, t, **options)
+        assert np.isfinite(full_loss)
+        assert np.isnan(full_grad[1]).any()
+
+        def work(rank: int, start: int, stop: int, group: Loopback) -> Any:
+            return xent.parallel.cross_entropy_and_grad(
+                to_xp(xp, x[:, start:stop]), to_xp(xp, t), class_start=start, group=group,
+                **options,
+            )  # fmt: skip
+
+        for rank, (loss, grad) in enumerate(run_workers([2, 3], xp, work)):
+            start = (0, 2)[rank]
+            xp_assert_close(loss, full_loss, xp=xp, dtype="float64", rtol=1e-12)
+            slice_grad = full_grad[:, start : start + (2, 3)[rank]]
+            xp_assert_close(grad, slice_grad, xp=xp, dtype="float64", rtol=1e-12, atol=1e-12)
+
     def test_class_axis_first_and_float32(self, xp: Any, rng: np.random.Generator) -> None:
         data = _data(rng, 5, 7, (0, 0))
         x = data["x"].T.astype(np.float32)

@@ -188,7 +188,8 @@ def cross_entropy(
         sample_weight=sample_weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
         reduction=reduction, z_loss=z_loss, xp=xp,
     )  # fmt: skip
-    return group.attach_grad(_forward, _backward, p, local_input)
+    loss = group.attach_grad(_forward, _backward, p, local_input)
+    return p.ops.finish(loss, local_input, target, weight, sample_weight)
 
 
 def cross_entropy_and_grad(
@@ -232,7 +233,9 @@ def cross_entropy_and_grad(
         reduction=reduction, z_loss=z_loss, xp=xp,
     )  # fmt: skip
     loss, saved = _forward(p, local_input)
-    return loss, _backward(p, local_input, saved, p.xp.ones_like(loss))
+    grad = _backward(p, local_input, saved, p.xp.ones_like(loss))
+    inputs = (local_input, target, weight, sample_weight)
+    return p.ops.finish(loss, *inputs), p.ops.finish(grad, *inputs)
 
 
 # --------------------------------------------------------------------------- preparation
@@ -415,6 +418,9 @@ def _backward(p: _Problem, input: Array, saved: tuple[Array, _Stats], cotangent:
             r = r / s.denominator
         if p.sample is not None:
             r = r * p.sample
+        # An ignored row's gradient is 0 times its softmax (NaN where the softmax is), as in
+        # the unsplit cross-entropy.
+        r = xp.where(p.ignored, xp.zeros_like(r), r)
         on_label = r * (1.0 - p.smoothing)
         if s.label_weight is not None:
             on_label = on_label * s.label_weight
@@ -429,6 +435,5 @@ def _backward(p: _Problem, input: Array, saved: tuple[Array, _Stats], cotangent:
         if p.smoothing:
             spread = r * (p.smoothing / p.classes)
             g = g - (spread if p.weight is None else spread * p.weight)
-        g = ops.fill_rows(g, p.ignored, 0.0)
         g = ops.fill_rows(g, p.bad, math.nan)
     return xp.astype(g, input.dtype, copy=False)

@@ -155,7 +155,9 @@ def linear_cross_entropy(
         z_loss=z_loss, xp=xp,
     )  # fmt: skip
     group.check_constants({"class_weight": class_weight, "sample_weight": sample_weight})
-    return group.attach_linear_grad(_RULE, plan, hidden, local_weight, bias)
+    loss = group.attach_linear_grad(_RULE, plan, hidden, local_weight, bias)
+    others = (target, class_weight, sample_weight)
+    return plan.ops.finish(loss, hidden, local_weight, bias, *others)
 
 
 def linear_cross_entropy_and_grad(
@@ -208,7 +210,13 @@ def linear_cross_entropy_and_grad(
     loss, (dh, dw, db) = _loss_and_grad(plan, hidden, local_weight, bias, None)
     assert dh is not None
     assert dw is not None
-    return loss, (dh, dw, db)
+    inputs = (hidden, local_weight, bias, target, class_weight, sample_weight)
+    finish = plan.ops.finish
+    return finish(loss, *inputs), (
+        finish(dh, *inputs),
+        finish(dw, *inputs),
+        None if db is None else finish(db, *inputs),
+    )
 
 
 # --------------------------------------------------------------------------- the passes
