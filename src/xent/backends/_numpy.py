@@ -59,7 +59,16 @@ def _in_parallel(work: Callable[[int, int], None], n: int, nbytes: int) -> None:
         f.result()
 
 
-_FUSED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_FUSED_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+_NARROW = 64
+"""Rows of at most this many classes are reduced in a transposed copy: NumPy reduces a short
+contiguous axis row by row at some 20 ns a row (more than the arithmetic below ~100 classes),
+while a reduction across rows runs as a few long vectorised passes."""
+
+
+class _Decline(Exception):
+    """A row maximum is +inf or NaN: the general path gives such rows their exact values."""
 
 
 def _plain_rows(
@@ -76,12 +85,135 @@ def _plain_rows(
         or label_smoothing
         or not x.flags.c_contiguous
         or 0 <= ignore_index < c
+        or y.dtype.kind not in "iu"
     ):
         return None
     labels = y.reshape(-1)
-    if labels.min() < 0 or labels.max() >= c:
+    # One max of the labels read as unsigned: a negative label wraps above every class.
+    if labels.view(labels.dtype.str.replace("i", "u")).max() >= c:
         return None
     return x.reshape(-1, c), labels, y.shape
+
+
+def _row_pass(
+    rows: np.ndarray,
+    labels: np.ndarray,
+    dtype: np.dtype[Any],
+    factor: Any,
+    grad: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(shift, total)`` per row, ``total = sum(exp(x - shift))`` with ``shift`` the row max,
+    read a cache-sized block of rows at a time; threaded by row ranges for large inputs.
+
+    With ``grad`` given, the same exponentials become its rows in place:
+    ``exp(x - shift) * factor / total``, less ``factor`` at the label (``factor`` per row, or
+    one number). Without, a row max of +inf or NaN takes the general path's shift of 0; with,
+    :class:`_Decline` is raised, since there the general path's softmax differs from these
+    scaled exponentials.
+    """
+    n, c = rows.shape
+    shift = np.empty(n, dtype)
+    total = np.empty(n, dtype)
+    narrow = c <= _NARROW
+    step = max(1, _BLOCK_BYTES // (c * dtype.itemsize))
+    # Where the gradient has the compute dtype and the row layout, it is its own scratch.
+    own = grad is not None and not narrow and grad.dtype == dtype
+
+    def work(lo: int, hi: int) -> None:
+        size = min(step, hi - lo)
+        scratch = None if own else np.empty((c, size) if narrow else (size, c), dtype)
+        for start in range(lo, hi, step):
+            stop = min(start + step, hi)
+            block, m, s = rows[start:stop], shift[start:stop], total[start:stop]
+            if narrow:
+                assert scratch is not None
+                buf = scratch[:, : stop - start]
+                np.copyto(buf, block.T)
+                np.max(buf, axis=0, out=m)
+                _finite(m, grad)
+                buf -= m
+            else:
+                if scratch is None:
+                    assert grad is not None
+                    buf = grad[start:stop]
+                else:
+                    buf = scratch[: stop - start]
+                if block.dtype != dtype:
+                    np.copyto(buf, block)
+                    block = buf
+                np.max(block, axis=1, out=m)
+                _finite(m, grad)
+                np.subtract(block, m[:, None], out=buf)
+            np.exp(buf, out=buf)
+            np.sum(buf, axis=0 if narrow else 1, out=s)
+            if grad is None:
+                continue
+            f = factor if np.ndim(factor) == 0 else factor[start:stop]
+            scale = f / s
+            at = (np.arange(stop - start), labels[start:stop])
+            if narrow:
+                buf *= scale
+                buf[at[::-1]] -= f
+                np.copyto(grad[start:stop], buf.T)
+            else:
+                buf *= scale[:, None]
+                buf[at] -= f
+                if not own:
+                    np.copyto(grad[start:stop], buf)
+
+    _in_parallel(work, n, n * c * dtype.itemsize)
+    return shift, total
+
+
+def _finite(m: np.ndarray, grad: np.ndarray | None) -> None:
+    """The general path's shift of 0 for rows whose max is not finite (or :class:`_Decline`)."""
+    if not np.max(m) < np.inf:
+        if grad is not None:
+            raise _Decline
+        np.copyto(m, 0, where=~np.isfinite(m))
+
+
+def _compute_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
+    """float16 computes in float32; float32 and float64 in their own dtype."""
+    return np.dtype(np.float32) if dtype.itemsize < 4 else dtype
+
+
+def _label_weight(
+    weight: Array | None, labels: np.ndarray, dtype: np.dtype[Any]
+) -> np.ndarray | None:
+    return None if weight is None else np.asarray(weight).astype(dtype, copy=False)[labels]
+
+
+def _count(labels: np.ndarray, label_weight: np.ndarray | None, dtype: np.dtype[Any]) -> Any:
+    """What the mean divides by: the rows, or their weights."""
+    return dtype.type(labels.size) if label_weight is None else np.sum(label_weight)
+
+
+def _loss(
+    rows: np.ndarray,
+    labels: np.ndarray,
+    shape: tuple[int, ...],
+    shift: np.ndarray,
+    total: np.ndarray,
+    label_weight: np.ndarray | None,
+    reduction: str,
+) -> Any:
+    """The reduced loss from each row's ``(shift, total)``, in the input's dtype; writes
+    ``total``."""
+    dtype = total.dtype
+    picked = rows[np.arange(rows.shape[0]), labels].astype(dtype, copy=False)
+    picked -= shift
+    loss = np.log(total, out=total)
+    loss -= picked
+    if label_weight is not None:
+        loss *= label_weight
+    if reduction == "none":
+        out = loss.reshape(shape)
+    else:
+        out = np.sum(loss)
+        if reduction == "mean":
+            out = out / _count(labels, label_weight, dtype)
+    return out.astype(rows.dtype, copy=False)
 
 
 class Facts(Backend):
@@ -158,16 +290,18 @@ class Native(Backend):
         label_smoothing: float,
         reduction: str,
     ) -> Array | None:
-        # The plain loss of C-contiguous rows whose labels are all in [0, C) (one min and one
-        # max read them), with no mask, where and errstate of the general path: at small sizes
-        # those cost more than the arithmetic. Anything else goes back to the core.
+        # The plain loss of C-contiguous rows whose labels are all in [0, C) (one max reads
+        # them): one pass of max, exp and sum, with no mask, where or gather of the general
+        # path. Anything else goes back to the core.
         plain = _plain_rows(input, target, axis, ignore_index, label_smoothing)
         if plain is None:
             return None
         rows, labels, shape = plain
-        picked = rows[np.arange(rows.shape[0]), labels]
+        dtype = _compute_dtype(rows.dtype)
         with self.quiet():
-            return self._plain_loss(rows, picked, labels, shape, weight, reduction)
+            label_weight = _label_weight(weight, labels, dtype)
+            shift, total = _row_pass(rows, labels, dtype, None, None)
+            return _loss(rows, labels, shape, shift, total, label_weight, reduction)
 
     def fused_index_loss_and_grad(
         self,
@@ -180,68 +314,25 @@ class Native(Backend):
         label_smoothing: float,
         reduction: str,
     ) -> tuple[Array, Array] | None:
-        # Inputs that fit one scratch block with finite row maxima: the exponentials of the
-        # loss become the gradient in place (larger ones take the threaded blocked path).
+        # The same pass, its exponentials scaled in place into the gradient:
+        # d loss_n / d x = f_n (softmax_n - onehot(y_n)), f_n the row's weight in the sum.
         plain = _plain_rows(input, target, axis, ignore_index, label_smoothing)
-        if plain is None or plain[0].nbytes > _BLOCK_BYTES:
+        if plain is None:
             return None
         rows, labels, shape = plain
-        n = rows.shape[0]
-        index = np.arange(n)
+        dtype = _compute_dtype(rows.dtype)
         with self.quiet():
-            shift = np.max(rows, axis=1)
-            if not np.max(shift) < np.inf:
+            label_weight = _label_weight(weight, labels, dtype)
+            factor: np.ndarray | Any = dtype.type(1) if label_weight is None else label_weight
+            if reduction == "mean":
+                factor = factor / _count(labels, label_weight, dtype)
+            grad = np.empty(rows.shape, rows.dtype)
+            try:
+                shift, total = _row_pass(rows, labels, dtype, factor, grad)
+            except _Decline:
                 return None
-            grad = rows - shift[:, None]
-            np.exp(grad, out=grad)
-            total = np.sum(grad, axis=1)
-            loss = np.log(total) - (rows[index, labels] - shift)
-            # d loss_n / d x = f_n (softmax_n - onehot(y_n)), f_n the row's weight in the sum.
-            factor = np.ones(n, dtype=rows.dtype)
-            if weight is not None:
-                factor = np.asarray(weight).astype(rows.dtype, copy=False)[labels]
-                loss *= factor
-            if reduction == "none":
-                out = loss.reshape(shape)
-            else:
-                out = np.sum(loss)
-                if reduction == "mean":
-                    count = rows.dtype.type(n) if weight is None else np.sum(factor)
-                    out = out / count
-                    factor = factor / count
-            grad *= (factor / total)[:, None]
-            grad[index, labels] -= factor
-        return out, grad.reshape(np.shape(input))
-
-    def _plain_loss(
-        self,
-        rows: np.ndarray,
-        picked: np.ndarray,
-        labels: np.ndarray,
-        shape: tuple[int, ...],
-        weight: Array | None,
-        reduction: str,
-    ) -> Array:
-        shift = np.max(rows, axis=1) if rows.nbytes <= _BLOCK_BYTES else None
-        # A row max of +inf or NaN takes the general shift of 0 (a row of -inf gives NaN
-        # either way).
-        if shift is not None and np.max(shift) < np.inf:
-            scratch = rows - shift[:, None]
-            np.exp(scratch, out=scratch)
-            log_sum = np.log(np.sum(scratch, axis=1))
-        else:
-            shift, log_sum = (a.reshape(-1) for a in self.logsumexp(rows, 1))
-        loss = log_sum - (picked - shift)
-        if weight is not None:
-            label_weight = np.asarray(weight).astype(rows.dtype, copy=False)[labels]
-            loss *= label_weight
-        if reduction == "none":
-            return loss.reshape(shape)
-        total = np.sum(loss)
-        if reduction == "sum":
-            return total
-        count = rows.dtype.type(labels.size) if weight is None else np.sum(label_weight)
-        return total / count
+            loss = _loss(rows, labels, shape, shift, total, label_weight, reduction)
+        return loss, grad.reshape(np.shape(input))
 
     def softmax_from_lse(
         self, x: Array, shift: Array, log_sum: Array, axis: int, scale: Array | None = None
