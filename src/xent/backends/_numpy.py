@@ -67,10 +67,6 @@ contiguous axis row by row at some 20 ns a row (more than the arithmetic below ~
 while a reduction across rows runs as a few long vectorised passes."""
 
 
-class _Decline(Exception):
-    """A row maximum is +inf or NaN: the general path gives such rows their exact values."""
-
-
 def _plain_rows(
     input: Array, target: Array, axis: int, ignore_index: int, label_smoothing: float
 ) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]] | None:
@@ -107,9 +103,8 @@ def _row_pass(
 
     With ``grad`` given, the same exponentials become its rows in place:
     ``exp(x - shift) * factor / total``, less ``factor`` at the label (``factor`` per row, or
-    one number). Without, a row max of +inf or NaN takes the general path's shift of 0; with,
-    :class:`_Decline` is raised, since there the general path's softmax differs from these
-    scaled exponentials.
+    one number). A row whose max is +inf or NaN gets a NaN ``total`` (the general path shifts
+    it by 0 instead); so does a row of -inf, whose loss is NaN on either path.
     """
     n, c = rows.shape
     shift = np.empty(n, dtype)
@@ -118,59 +113,76 @@ def _row_pass(
     step = max(1, _BLOCK_BYTES // (c * dtype.itemsize))
     # Where the gradient has the compute dtype and the row layout, it is its own scratch.
     own = grad is not None and not narrow and grad.dtype == dtype
+    if n <= step:
+        # One block: no loop, no threads.
+        scratch = None if own else np.empty((c, n) if narrow else (n, c), dtype)
+        _block(rows, labels, shift, total, scratch, factor, grad, narrow)
+        return shift, total
 
     def work(lo: int, hi: int) -> None:
         size = min(step, hi - lo)
         scratch = None if own else np.empty((c, size) if narrow else (size, c), dtype)
         for start in range(lo, hi, step):
             stop = min(start + step, hi)
-            block, m, s = rows[start:stop], shift[start:stop], total[start:stop]
-            if narrow:
-                assert scratch is not None
-                buf = scratch[:, : stop - start]
-                np.copyto(buf, block.T)
-                np.max(buf, axis=0, out=m)
-                _finite(m, grad)
-                buf -= m
-            else:
-                if scratch is None:
-                    assert grad is not None
-                    buf = grad[start:stop]
-                else:
-                    buf = scratch[: stop - start]
-                if block.dtype != dtype:
-                    np.copyto(buf, block)
-                    block = buf
-                np.max(block, axis=1, out=m)
-                _finite(m, grad)
-                np.subtract(block, m[:, None], out=buf)
-            np.exp(buf, out=buf)
-            np.sum(buf, axis=0 if narrow else 1, out=s)
-            if grad is None:
-                continue
-            f = factor if np.ndim(factor) == 0 else factor[start:stop]
-            scale = f / s
-            at = (np.arange(stop - start), labels[start:stop])
-            if narrow:
-                buf *= scale
-                buf[at[::-1]] -= f
-                np.copyto(grad[start:stop], buf.T)
-            else:
-                buf *= scale[:, None]
-                buf[at] -= f
-                if not own:
-                    np.copyto(grad[start:stop], buf)
+            _block(
+                rows[start:stop],
+                labels[start:stop],
+                shift[start:stop],
+                total[start:stop],
+                None
+                if scratch is None
+                else scratch[:, : stop - start]
+                if narrow
+                else scratch[: stop - start],
+                factor if np.ndim(factor) == 0 else factor[start:stop],
+                None if grad is None else grad[start:stop],
+                narrow,
+            )
 
     _in_parallel(work, n, n * c * dtype.itemsize)
     return shift, total
 
 
-def _finite(m: np.ndarray, grad: np.ndarray | None) -> None:
-    """The general path's shift of 0 for rows whose max is not finite (or :class:`_Decline`)."""
-    if not np.max(m) < np.inf:
-        if grad is not None:
-            raise _Decline
-        np.copyto(m, 0, where=~np.isfinite(m))
+def _block(
+    block: np.ndarray,
+    labels: np.ndarray,
+    picked: np.ndarray,
+    total: np.ndarray,
+    buf: np.ndarray | None,
+    factor: Any,
+    grad: np.ndarray | None,
+    narrow: bool,
+) -> None:
+    """:func:`_row_pass` on one block of rows, its exponentials in ``buf`` (the transposed
+    block where ``narrow``), or in ``grad`` itself where ``buf`` is None."""
+    at = (np.arange(len(labels)), labels)
+    if narrow:
+        assert buf is not None
+        np.copyto(buf, block.T)
+        m = buf.max(axis=0)
+        buf -= m
+        at = at[::-1]
+    else:
+        if buf is None:
+            assert grad is not None
+            buf = grad
+        if block.dtype != buf.dtype:
+            np.copyto(buf, block)
+            block = buf
+        m = block.max(axis=1, keepdims=True)
+        np.subtract(block, m, out=buf)
+    picked[...] = buf[at]
+    np.exp(buf, out=buf)
+    buf.sum(axis=0 if narrow else 1, out=total)
+    if grad is None:
+        return
+    scale = factor / total
+    buf *= scale if narrow else scale[:, None]
+    buf[at] -= factor
+    if narrow:
+        np.copyto(grad, buf.T)
+    elif buf is not grad:
+        np.copyto(grad, buf)
 
 
 def _compute_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
@@ -184,36 +196,33 @@ def _label_weight(
     return None if weight is None else np.asarray(weight).astype(dtype, copy=False)[labels]
 
 
-def _count(labels: np.ndarray, label_weight: np.ndarray | None, dtype: np.dtype[Any]) -> Any:
-    """What the mean divides by: the rows, or their weights."""
-    return dtype.type(labels.size) if label_weight is None else np.sum(label_weight)
+def _count(rows: int, label_weight: np.ndarray | None) -> Any:
+    """What the mean divides by: the rows, or the sum of their weights."""
+    return rows if label_weight is None else np.sum(label_weight)
 
 
 def _loss(
-    rows: np.ndarray,
-    labels: np.ndarray,
+    out_dtype: np.dtype[Any],
     shape: tuple[int, ...],
-    shift: np.ndarray,
+    picked: np.ndarray,
     total: np.ndarray,
     label_weight: np.ndarray | None,
     reduction: str,
 ) -> Any:
-    """The reduced loss from each row's ``(shift, total)``, in the input's dtype; writes
-    ``total``."""
-    dtype = total.dtype
-    picked = rows[np.arange(rows.shape[0]), labels].astype(dtype, copy=False)
-    picked -= shift
+    """The reduced loss from :func:`_row_pass`'s ``(picked, total)``, in ``out_dtype``; None
+    where a row is NaN (its shift may differ from the general path's). Writes ``total``."""
     loss = np.log(total, out=total)
     loss -= picked
     if label_weight is not None:
         loss *= label_weight
+    out = loss.sum()
+    if np.isnan(out):
+        return None
     if reduction == "none":
         out = loss.reshape(shape)
-    else:
-        out = np.sum(loss)
-        if reduction == "mean":
-            out = out / _count(labels, label_weight, dtype)
-    return out.astype(rows.dtype, copy=False)
+    elif reduction == "mean":
+        out = out / _count(loss.size, label_weight)
+    return out.astype(out_dtype, copy=False)
 
 
 class Facts(Backend):
@@ -292,7 +301,7 @@ class Native(Backend):
     ) -> Array | None:
         # The plain loss of C-contiguous rows whose labels are all in [0, C) (one max reads
         # them): one pass of max, exp and sum, with no mask, where or gather of the general
-        # path. Anything else goes back to the core.
+        # path. Anything else, and any NaN row, goes back to the core.
         plain = _plain_rows(input, target, axis, ignore_index, label_smoothing)
         if plain is None:
             return None
@@ -300,8 +309,8 @@ class Native(Backend):
         dtype = _compute_dtype(rows.dtype)
         with self.quiet():
             label_weight = _label_weight(weight, labels, dtype)
-            shift, total = _row_pass(rows, labels, dtype, None, None)
-            return _loss(rows, labels, shape, shift, total, label_weight, reduction)
+            picked, total = _row_pass(rows, labels, dtype, None, None)
+            return _loss(rows.dtype, shape, picked, total, label_weight, reduction)
 
     def fused_index_loss_and_grad(
         self,
@@ -325,14 +334,11 @@ class Native(Backend):
             label_weight = _label_weight(weight, labels, dtype)
             factor: np.ndarray | Any = dtype.type(1) if label_weight is None else label_weight
             if reduction == "mean":
-                factor = factor / _count(labels, label_weight, dtype)
+                factor = factor / _count(labels.size, label_weight)
             grad = np.empty(rows.shape, rows.dtype)
-            try:
-                shift, total = _row_pass(rows, labels, dtype, factor, grad)
-            except _Decline:
-                return None
-            loss = _loss(rows, labels, shape, shift, total, label_weight, reduction)
-        return loss, grad.reshape(np.shape(input))
+            picked, total = _row_pass(rows, labels, dtype, factor, grad)
+            loss = _loss(rows.dtype, shape, picked, total, label_weight, reduction)
+        return None if loss is None else (loss, grad.reshape(np.shape(input)))
 
     def softmax_from_lse(
         self, x: Array, shift: Array, log_sum: Array, axis: int, scale: Array | None = None
