@@ -61,16 +61,25 @@ def _in_parallel(work: Callable[[int, int], None], n: int, nbytes: int) -> None:
 
 _FUSED_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 
-_NARROW = 64
+_NARROW = 128
 """Rows of at most this many classes are reduced in a transposed copy: NumPy reduces a short
 contiguous axis row by row at some 20 ns a row (more than the arithmetic below ~100 classes),
 while a reduction across rows runs as a few long vectorised passes."""
 
+_NARROW_GRAD = 100
+"""The same for the gradient, which copies the block back into the row layout: beyond about
+100 classes that copy costs more than the transposed reductions save."""
+
+_NARROW_BLOCK_BYTES = 2**18
+"""The transposed block: the strided copies in and out run fastest on blocks well inside L2."""
+
 
 def _plain_rows(
     input: Array, target: Array, axis: int, ignore_index: int, label_smoothing: float
-) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]] | None:
-    """``(rows, labels, per-row shape)`` where the fused paths serve the call, else None."""
+) -> tuple[np.ndarray, np.ndarray, tuple[int, ...], np.ndarray | None] | None:
+    """``(rows, labels, per-row shape, ignored)`` where the fused paths serve the call, else
+    None. ``ignored`` (None where no label is ``ignore_index``) marks the rows whose labels,
+    set to 0 in ``labels``, equal ``ignore_index``."""
     x, y = np.asarray(input), np.asarray(target)
     c = x.shape[-1] if x.ndim else 0
     if (
@@ -85,10 +94,22 @@ def _plain_rows(
     ):
         return None
     labels = y.reshape(-1)
-    # One max of the labels read as unsigned: a negative label wraps above every class.
-    if labels.view(labels.dtype.str.replace("i", "u")).max() >= c:
-        return None
-    return x.reshape(-1, c), labels, y.shape
+    ignored = None
+    if _outside(labels, c):
+        ignored = labels == ignore_index
+        labels = np.where(ignored, 0, labels).astype(labels.dtype, copy=False)
+        if not ignored.any() or _outside(labels, c):
+            return None
+    return x.reshape(-1, c), labels, y.shape, ignored
+
+
+def _outside(labels: np.ndarray, classes: int) -> bool:
+    """Whether any label lies outside ``[0, classes)``."""
+    if labels.dtype.kind == "i" and classes > 2 ** (8 * labels.itemsize - 1):
+        return bool(labels.min() < 0)  # the dtype holds no label >= classes
+    # One max of the labels read as unsigned: a negative label wraps to at least 2**(bits-1),
+    # above every class.
+    return bool(labels.view(labels.dtype.str.replace("i", "u")).max() >= classes)
 
 
 def _row_pass(
@@ -109,8 +130,8 @@ def _row_pass(
     n, c = rows.shape
     shift = np.empty(n, dtype)
     total = np.empty(n, dtype)
-    narrow = c <= _NARROW
-    step = max(1, _BLOCK_BYTES // (c * dtype.itemsize))
+    narrow = c <= (_NARROW if grad is None else _NARROW_GRAD)
+    step = max(1, (_NARROW_BLOCK_BYTES if narrow else _BLOCK_BYTES) // (c * dtype.itemsize))
     # Where the gradient has the compute dtype and the row layout, it is its own scratch.
     own = grad is not None and not narrow and grad.dtype == dtype
     if n <= step:
@@ -191,9 +212,14 @@ def _compute_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
 
 
 def _label_weight(
-    weight: Array | None, labels: np.ndarray, dtype: np.dtype[Any]
+    weight: Array | None, labels: np.ndarray, ignored: np.ndarray | None, dtype: np.dtype[Any]
 ) -> np.ndarray | None:
-    return None if weight is None else np.asarray(weight).astype(dtype, copy=False)[labels]
+    """Each row's weight in the sum: its label's class weight, 0 where ignored (None: all 1)."""
+    label_weight = None if weight is None else np.asarray(weight).astype(dtype, copy=False)[labels]
+    if ignored is not None:
+        kept = ~ignored
+        label_weight = kept.astype(dtype) if label_weight is None else label_weight * kept
+    return label_weight
 
 
 def _count(rows: int, label_weight: np.ndarray | None) -> Any:
@@ -299,16 +325,16 @@ class Native(Backend):
         label_smoothing: float,
         reduction: str,
     ) -> Array | None:
-        # The plain loss of C-contiguous rows whose labels are all in [0, C) (one max reads
-        # them): one pass of max, exp and sum, with no mask, where or gather of the general
-        # path. Anything else, and any NaN row, goes back to the core.
+        # The plain loss of C-contiguous rows whose labels are all in [0, C) or ignored (one
+        # max reads them): one pass of max, exp and sum, with no mask, where or gather of the
+        # general path. Anything else, and any NaN row, goes back to the core.
         plain = _plain_rows(input, target, axis, ignore_index, label_smoothing)
         if plain is None:
             return None
-        rows, labels, shape = plain
+        rows, labels, shape, ignored = plain
         dtype = _compute_dtype(rows.dtype)
         with self.quiet():
-            label_weight = _label_weight(weight, labels, dtype)
+            label_weight = _label_weight(weight, labels, ignored, dtype)
             picked, total = _row_pass(rows, labels, dtype, None, None)
             return _loss(rows.dtype, shape, picked, total, label_weight, reduction)
 
@@ -328,13 +354,16 @@ class Native(Backend):
         plain = _plain_rows(input, target, axis, ignore_index, label_smoothing)
         if plain is None:
             return None
-        rows, labels, shape = plain
+        rows, labels, shape, ignored = plain
         dtype = _compute_dtype(rows.dtype)
         with self.quiet():
-            label_weight = _label_weight(weight, labels, dtype)
+            label_weight = _label_weight(weight, labels, ignored, dtype)
             factor: np.ndarray | Any = dtype.type(1) if label_weight is None else label_weight
             if reduction == "mean":
                 factor = factor / _count(labels.size, label_weight)
+                if ignored is not None:
+                    # 0, not 0 / 0, where every row is ignored (as on the general path).
+                    np.copyto(factor, 0, where=ignored)
             grad = np.empty(rows.shape, rows.dtype)
             picked, total = _row_pass(rows, labels, dtype, factor, grad)
             loss = _loss(rows.dtype, shape, picked, total, label_weight, reduction)
