@@ -119,8 +119,10 @@ def _row_pass(
     factor: Any,
     grad: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(shift, total)`` per row, ``total = sum(exp(x - shift))`` with ``shift`` the row max,
-    read a cache-sized block of rows at a time; threaded by row ranges for large inputs.
+    """``(picked, total)`` per row: ``x[label] - shift`` and ``sum(exp(x - shift))`` with
+    ``shift`` the row max, so that the loss is ``log(total) - picked``; computed in ``dtype``
+    a cache-sized block of rows at a time (its max, subtract, exp and sum all find it in
+    cache), threaded by row ranges for large inputs.
 
     With ``grad`` given, the same exponentials become its rows in place:
     ``exp(x - shift) * factor / total``, less ``factor`` at the label (``factor`` per row, or
@@ -128,40 +130,40 @@ def _row_pass(
     it by 0 instead); so does a row of -inf, whose loss is NaN on either path.
     """
     n, c = rows.shape
-    shift = np.empty(n, dtype)
+    picked = np.empty(n, dtype)
     total = np.empty(n, dtype)
     narrow = c <= (_NARROW if grad is None else _NARROW_GRAD)
     step = max(1, (_NARROW_BLOCK_BYTES if narrow else _BLOCK_BYTES) // (c * dtype.itemsize))
     # Where the gradient has the compute dtype and the row layout, it is its own scratch.
     own = grad is not None and not narrow and grad.dtype == dtype
+
+    def scratch(size: int) -> np.ndarray | None:
+        return None if own else np.empty((c, size) if narrow else (size, c), dtype)
+
     if n <= step:
         # One block: no loop, no threads.
-        scratch = None if own else np.empty((c, n) if narrow else (n, c), dtype)
-        _block(rows, labels, shift, total, scratch, factor, grad, narrow)
-        return shift, total
+        _block(rows, labels, picked, total, scratch(n), factor, grad, narrow)
+        return picked, total
 
     def work(lo: int, hi: int) -> None:
-        size = min(step, hi - lo)
-        scratch = None if own else np.empty((c, size) if narrow else (size, c), dtype)
+        mine = scratch(min(step, hi - lo))
         for start in range(lo, hi, step):
-            stop = min(start + step, hi)
+            rows_here = slice(start, min(start + step, hi))
+            size = rows_here.stop - start
+            buf = None if mine is None else mine[:, :size] if narrow else mine[:size]
             _block(
-                rows[start:stop],
-                labels[start:stop],
-                shift[start:stop],
-                total[start:stop],
-                None
-                if scratch is None
-                else scratch[:, : stop - start]
-                if narrow
-                else scratch[: stop - start],
-                factor if np.ndim(factor) == 0 else factor[start:stop],
-                None if grad is None else grad[start:stop],
+                rows[rows_here],
+                labels[rows_here],
+                picked[rows_here],
+                total[rows_here],
+                buf,
+                factor if np.ndim(factor) == 0 else factor[rows_here],
+                None if grad is None else grad[rows_here],
                 narrow,
             )
 
     _in_parallel(work, n, n * c * dtype.itemsize)
-    return shift, total
+    return picked, total
 
 
 def _block(
