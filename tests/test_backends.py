@@ -349,6 +349,19 @@ class TestNumpyFusedPass:
             with pytest.raises(ValueError, match=rf"label {label} at position \(31,\)"):
                 call(x, y)
 
+    @pytest.mark.parametrize("shape", [(7,), (2, 3, 7), (3, 2, 5, 300)])
+    def test_rows_of_any_leading_shape(
+        self, xp: Any, rng: np.random.Generator, numpy_limits: bool, shape: tuple[int, ...]
+    ) -> None:
+        x = to_xp(xp, rng.normal(size=shape), dtype="float32")
+        y_np = rng.integers(0, shape[-1], size=shape[:-1])
+        y = to_xp(xp, y_np)
+        w = to_xp(xp, rng.random(shape[-1]) + 0.5, dtype="float32")
+        for options in ({}, {"weight": w, "reduction": "none"}):
+            loss, _, grad = _assert_like_general(x, y, 1e-5, **options)
+            assert grad.shape == shape
+            assert loss.shape == (y_np.shape if options else ())
+
     def test_non_finite_rows_across_limits(
         self, xp: Any, rng: np.random.Generator, numpy_limits: bool
     ) -> None:
@@ -374,6 +387,9 @@ class TestNumpyFusedPass:
             "reduction": "mean",
         }
         served = ops.fused_index_loss(x, y, **plain) is not None
+        assert served == xent.backends.native_enabled()
+        x3, y3 = xp.reshape(x, (2, 3, 5)), xp.reshape(y, (2, 3))
+        served = ops.fused_index_loss_and_grad(x3, y3, **{**plain, "axis": 2}) is not None
         assert served == xent.backends.native_enabled()
         for declined, a in (
             ({"label_smoothing": 0.1}, x),  # smoothing: the general path

@@ -85,7 +85,6 @@ def _plain_rows(
     if (
         x.dtype not in _FUSED_DTYPES
         or axis != x.ndim - 1
-        or x.ndim > 2
         or x.size == 0
         or label_smoothing
         or not x.flags.c_contiguous
