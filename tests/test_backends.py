@@ -8,6 +8,8 @@
   the inputs where a native kernel is most likely to differ: non-finite logits, logits at the
   dtype's limits, labels of other integer dtypes, an ``ignore_index`` inside ``[0, C)``, and
   invalid labels.
+- NumPy's pass on each side of its size thresholds (one block or many, rows or transposed
+  blocks, one thread or several), with float16, class weights and ignored labels.
 """
 
 from __future__ import annotations
@@ -232,3 +234,188 @@ class TestFastPaths:
         ours, generic = _both(lambda: xent.cross_entropy(x, y, validate=False, reduction="none"))
         np.testing.assert_array_equal(np.isnan(ours), [False, True, False, True])
         np.testing.assert_allclose(ours, generic, rtol=1e-5, equal_nan=True)
+
+
+# --- NumPy's fused pass across its thresholds --------------------------------------------------
+
+NUMPY = pytest.mark.only_backends(Backend.NUMPY, Backend.NUMPY_READONLY)
+
+_SHAPES = [(5, 7), (300, 7), (40, 100), (40, 128), (24, 300), (3, 5000), (300, 1000)]
+"""Narrow rows (transposed blocks; 100 and 128 classes on either side of the gradient's limit)
+and wide ones; the last spans two blocks as shipped, and with the shrunk limits of
+``numpy_limits`` each but the first spans many blocks and several threads."""
+
+
+@pytest.fixture(params=[False, True], ids=["real-limits", "small-blocks"])
+def numpy_limits(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
+    """The NumPy backend's block and thread limits, as shipped or shrunk to a few KiB so that
+    small inputs cross them."""
+    if request.param:
+        from xent.backends import _numpy
+
+        monkeypatch.setattr(_numpy, "_BLOCK_BYTES", 4096)
+        monkeypatch.setattr(_numpy, "_NARROW_BLOCK_BYTES", 1024)
+        monkeypatch.setattr(_numpy, "_PARALLEL_BYTES", 8192)
+    return bool(request.param)
+
+
+def _calls(x: Any, y: Any, **options: Any) -> list[np.ndarray]:
+    """Both public entry points of the fused pass: the loss alone, the loss and the gradient."""
+    loss, grad = xent.cross_entropy_and_grad(x, y, **options)
+    return [to_numpy(xent.cross_entropy(x, y, **options)), to_numpy(loss), to_numpy(grad)]
+
+
+def _assert_like_general(x: Any, y: Any, rtol: float, **options: Any) -> list[np.ndarray]:
+    """The calls with the native pass, then through the generic primitives: same values,
+    dtypes and shapes, the gradient C-contiguous."""
+    ours = _calls(x, y, **options)
+    previous = xent.backends.set_native(False)
+    try:
+        generic = _calls(x, y, **options)
+    finally:
+        xent.backends.set_native(previous)
+    for a, b in zip(ours, generic, strict=True):
+        assert a.dtype == b.dtype
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * 1e-2, equal_nan=True)
+    assert ours[2].flags.c_contiguous
+    return ours
+
+
+@NUMPY
+class TestNumpyFusedPass:
+    """NumPy's one-pass loss and gradient equal the general path on both sides of each limit."""
+
+    @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+    @pytest.mark.parametrize("shape", _SHAPES, ids=[f"{n}x{c}" for n, c in _SHAPES])
+    def test_matches_general_path_across_limits(
+        self,
+        xp: Any,
+        rng: np.random.Generator,
+        numpy_limits: bool,
+        shape: tuple[int, int],
+        dtype: str,
+    ) -> None:
+        n, c = shape
+        x_np = rng.normal(scale=4.0, size=shape)
+        x = to_xp(xp, x_np, dtype=dtype)
+        y = to_xp(xp, rng.integers(0, c, size=n))
+        w = to_xp(xp, rng.random(c) + 0.5, dtype=dtype)
+        rtol = 4 * float(np.finfo(dtype).eps) if dtype == "float16" else 1e-5
+        for options in ({}, {"weight": w, "reduction": "none"}):
+            ours = _assert_like_general(x, y, rtol, **options)
+            assert ours[0].dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(to_numpy(x), x_np.astype(dtype))  # never written
+
+    @pytest.mark.parametrize("label_dtype", ["int8", "uint8", "int64"])
+    @pytest.mark.parametrize("classes", [10, 300])
+    def test_ignored_labels(
+        self,
+        xp: Any,
+        rng: np.random.Generator,
+        numpy_limits: bool,
+        classes: int,
+        label_dtype: str,
+    ) -> None:
+        # int8 labels with 300 classes: a negative label read as unsigned lands inside [0, C).
+        x = to_xp(xp, rng.normal(size=(60, classes)), dtype="float32")
+        y_np = rng.integers(0, min(classes, 100), size=60)
+        ignore_index = 255 if label_dtype == "uint8" else -100
+        y_np[::3] = ignore_index
+        y = to_xp(xp, y_np, dtype=label_dtype)
+        w = to_xp(xp, rng.random(classes) + 0.5, dtype="float32")
+        for options in ({}, {"weight": w}, {"reduction": "none"}):
+            ours = _assert_like_general(x, y, 1e-5, ignore_index=ignore_index, **options)
+            np.testing.assert_array_equal(ours[2][::3], 0.0)
+        # Every row ignored: a NaN mean and a zero gradient, as PyTorch gives.
+        everything = to_xp(xp, np.full(60, ignore_index), dtype=label_dtype)
+        loss, _, grad = _assert_like_general(x, everything, 1e-5, ignore_index=ignore_index)
+        assert np.isnan(loss)
+        np.testing.assert_array_equal(grad, 0.0)
+
+    @pytest.mark.parametrize(
+        ("label_dtype", "label"), [("int8", -1), ("int16", -7), ("int64", 150), ("uint8", 200)]
+    )
+    def test_invalid_labels_raise_xents_error(
+        self, xp: Any, rng: np.random.Generator, numpy_limits: bool, label_dtype: str, label: int
+    ) -> None:
+        x = to_xp(xp, rng.normal(size=(40, 150)), dtype="float32")
+        y_np = rng.integers(0, 100, size=40)
+        if label_dtype != "uint8":
+            y_np[7] = -100  # ignored: the fast path takes it, the bad label must still raise
+        y_np[31] = label
+        y = to_xp(xp, y_np, dtype=label_dtype)
+        for call in (xent.cross_entropy, xent.cross_entropy_and_grad):
+            with pytest.raises(ValueError, match=rf"label {label} at position \(31,\)"):
+                call(x, y)
+
+    @pytest.mark.parametrize("shape", [(7,), (2, 3, 7), (3, 2, 5, 300)])
+    def test_rows_of_any_leading_shape(
+        self, xp: Any, rng: np.random.Generator, numpy_limits: bool, shape: tuple[int, ...]
+    ) -> None:
+        x = to_xp(xp, rng.normal(size=shape), dtype="float32")
+        y_np = rng.integers(0, shape[-1], size=shape[:-1])
+        y = to_xp(xp, y_np)
+        w = to_xp(xp, rng.random(shape[-1]) + 0.5, dtype="float32")
+        for options in ({}, {"weight": w, "reduction": "none"}):
+            loss, _, grad = _assert_like_general(x, y, 1e-5, **options)
+            assert grad.shape == shape
+            assert loss.shape == (y_np.shape if options else ())
+
+    def test_non_finite_rows_across_limits(
+        self, xp: Any, rng: np.random.Generator, numpy_limits: bool
+    ) -> None:
+        # NaN, +inf and all -inf rows in the middle of a many-block input.
+        for c in (7, 300):
+            x_np = rng.normal(size=(64, c)).astype(np.float32)
+            x_np[20] = -np.inf
+            x_np[33, 2] = np.inf
+            x_np[40, 1] = np.nan
+            y = to_xp(xp, rng.integers(0, c, size=64))
+            x = to_xp(xp, x_np)
+            _assert_like_general(x, y, 1e-5, reduction="none")
+
+    def test_smoothing_and_other_layouts_decline(self, xp: Any, rng: np.random.Generator) -> None:
+        ops = xent.backends.lookup(xp)
+        x = to_xp(xp, rng.normal(size=(6, 5)), dtype="float32")
+        y = to_xp(xp, rng.integers(0, 3, size=6))
+        plain: dict[str, Any] = {
+            "axis": 1,
+            "weight": None,
+            "ignore_index": -100,
+            "label_smoothing": 0.0,
+            "reduction": "mean",
+        }
+        served = ops.fused_index_loss(x, y, **plain) is not None
+        assert served == xent.backends.native_enabled()
+        x3, y3 = xp.reshape(x, (2, 3, 5)), xp.reshape(y, (2, 3))
+        served = ops.fused_index_loss_and_grad(x3, y3, **{**plain, "axis": 2}) is not None
+        assert served == xent.backends.native_enabled()
+        for declined, a in (
+            ({"label_smoothing": 0.1}, x),  # smoothing: the general path
+            ({"ignore_index": 2}, x),  # an ignore_index that is a class
+            ({"axis": 0}, xp.reshape(x, (5, 6))),  # classes not along the last axis
+            ({}, x[:, ::2]),  # not C-contiguous
+        ):
+            options = {**plain, **declined}
+            assert ops.fused_index_loss(a, y, **options) is None
+            assert ops.fused_index_loss_and_grad(a, y, **options) is None
+
+    def test_float16_gradient_rounds_as_numpys_cast(
+        self, xp: Any, rng: np.random.Generator
+    ) -> None:
+        # The gradient's float16 subnormals are written from their bits (NumPy's cast of them
+        # is slow); every one must be the value the cast gives, ties to even included.
+        from xent.backends._numpy import _store
+
+        k = np.arange(2048, dtype=np.float32)
+        wide = rng.normal(size=4000) * 10.0 ** rng.uniform(-12, 5, size=4000)
+        edges = [0.0, -0.0, np.nan, np.inf, -np.inf, 2.0**-14, 65504.0, 65520.0, 1e-45]
+        v = np.concatenate([k * 2.0**-25, -(k + 0.5) * 2.0**-25, wide, edges]).astype(np.float32)
+        rows = v[: 80 * 100].reshape(80, 100)
+        for src in (v, rows.T):
+            got = np.empty(src.shape, np.float16)
+            with np.errstate(all="ignore"):
+                _store(got, src)
+                want = src.astype(np.float16)
+            np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))

@@ -59,29 +59,216 @@ def _in_parallel(work: Callable[[int, int], None], n: int, nbytes: int) -> None:
         f.result()
 
 
-_FUSED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_FUSED_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+_NARROW = 128
+"""Rows of at most this many classes are reduced in a transposed copy: NumPy reduces a short
+contiguous axis row by row at some 20 ns a row (more than the arithmetic below ~100 classes),
+while a reduction across rows runs as a few long vectorised passes."""
+
+_NARROW_GRAD = 100
+"""The same for the gradient, which copies the block back into the row layout: beyond about
+100 classes that copy costs more than the transposed reductions save."""
+
+_NARROW_BLOCK_BYTES = 2**18
+"""The transposed block: the strided copies in and out run fastest on blocks well inside L2."""
 
 
 def _plain_rows(
     input: Array, target: Array, axis: int, ignore_index: int, label_smoothing: float
-) -> tuple[np.ndarray, np.ndarray, tuple[int, ...]] | None:
-    """``(rows, labels, per-row shape)`` where the fused paths serve the call, else None."""
+) -> tuple[np.ndarray, np.ndarray, tuple[int, ...], np.ndarray | None] | None:
+    """``(rows, labels, per-row shape, ignored)`` where the fused paths serve the call, else
+    None. ``ignored`` (None where no label is ``ignore_index``) marks the rows whose labels,
+    set to 0 in ``labels``, equal ``ignore_index``."""
     x, y = np.asarray(input), np.asarray(target)
     c = x.shape[-1] if x.ndim else 0
     if (
         x.dtype not in _FUSED_DTYPES
         or axis != x.ndim - 1
-        or x.ndim > 2
         or x.size == 0
         or label_smoothing
         or not x.flags.c_contiguous
         or 0 <= ignore_index < c
+        or y.dtype.kind not in "iu"
     ):
         return None
     labels = y.reshape(-1)
-    if labels.min() < 0 or labels.max() >= c:
+    ignored = None
+    if _outside(labels, c):
+        ignored = labels == ignore_index
+        labels = np.where(ignored, 0, labels).astype(labels.dtype, copy=False)
+        if not ignored.any() or _outside(labels, c):
+            return None
+    return x.reshape(-1, c), labels, y.shape, ignored
+
+
+def _outside(labels: np.ndarray, classes: int) -> bool:
+    """Whether any label lies outside ``[0, classes)``."""
+    if labels.dtype.kind == "i" and classes > 2 ** (8 * labels.itemsize - 1):
+        return bool(labels.min() < 0)  # the dtype holds no label >= classes
+    # One max of the labels read as unsigned: a negative label wraps to at least 2**(bits-1),
+    # above every class.
+    return bool(labels.view(labels.dtype.str.replace("i", "u")).max() >= classes)
+
+
+def _row_pass(
+    rows: np.ndarray,
+    labels: np.ndarray,
+    dtype: np.dtype[Any],
+    factor: Any,
+    grad: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(picked, total)`` per row: ``x[label] - shift`` and ``sum(exp(x - shift))`` with
+    ``shift`` the row max, so that the loss is ``log(total) - picked``; computed in ``dtype``
+    a cache-sized block of rows at a time (its max, subtract, exp and sum all find it in
+    cache), threaded by row ranges for large inputs.
+
+    With ``grad`` given, the same exponentials become its rows in place:
+    ``exp(x - shift) * factor / total``, less ``factor`` at the label (``factor`` per row, or
+    one number). A row whose max is +inf or NaN gets a NaN ``total`` (the general path shifts
+    it by 0 instead); so does a row of -inf, whose loss is NaN on either path.
+    """
+    n, c = rows.shape
+    picked = np.empty(n, dtype)
+    total = np.empty(n, dtype)
+    narrow = c <= (_NARROW if grad is None else _NARROW_GRAD)
+    step = max(1, (_NARROW_BLOCK_BYTES if narrow else _BLOCK_BYTES) // (c * dtype.itemsize))
+    # Where the gradient has the compute dtype and the row layout, it is its own scratch.
+    own = grad is not None and not narrow and grad.dtype == dtype
+
+    def scratch(size: int) -> np.ndarray | None:
+        return None if own else np.empty((c, size) if narrow else (size, c), dtype)
+
+    if n <= step:
+        # One block: no loop, no threads.
+        _block(rows, labels, picked, total, scratch(n), factor, grad, narrow)
+        return picked, total
+
+    def work(lo: int, hi: int) -> None:
+        mine = scratch(min(step, hi - lo))
+        for start in range(lo, hi, step):
+            rows_here = slice(start, min(start + step, hi))
+            size = rows_here.stop - start
+            buf = None if mine is None else mine[:, :size] if narrow else mine[:size]
+            _block(
+                rows[rows_here],
+                labels[rows_here],
+                picked[rows_here],
+                total[rows_here],
+                buf,
+                factor if np.ndim(factor) == 0 else factor[rows_here],
+                None if grad is None else grad[rows_here],
+                narrow,
+            )
+
+    _in_parallel(work, n, n * c * dtype.itemsize)
+    return picked, total
+
+
+def _block(
+    block: np.ndarray,
+    labels: np.ndarray,
+    picked: np.ndarray,
+    total: np.ndarray,
+    buf: np.ndarray | None,
+    factor: Any,
+    grad: np.ndarray | None,
+    narrow: bool,
+) -> None:
+    """:func:`_row_pass` on one block of rows, its exponentials in ``buf`` (the transposed
+    block where ``narrow``), or in ``grad`` itself where ``buf`` is None."""
+    at = (np.arange(len(labels)), labels)
+    if narrow:
+        assert buf is not None
+        np.copyto(buf, block.T)
+        m = buf.max(axis=0)
+        buf -= m
+        at = at[::-1]
+    else:
+        if buf is None:
+            assert grad is not None
+            buf = grad
+        if block.dtype != buf.dtype:
+            np.copyto(buf, block)
+            block = buf
+        m = block.max(axis=1, keepdims=True)
+        np.subtract(block, m, out=buf)
+    picked[...] = buf[at]
+    np.exp(buf, out=buf)
+    buf.sum(axis=0 if narrow else 1, out=total)
+    if grad is None:
+        return
+    scale = factor / total
+    buf *= scale if narrow else scale[:, None]
+    buf[at] -= factor
+    if narrow:
+        _store(grad, buf.T)
+    elif buf is not grad:
+        _store(grad, buf)
+
+
+def _store(dst: np.ndarray, src: np.ndarray) -> None:
+    """``dst[...] = src``, rounded to ``dst``'s dtype as NumPy's cast rounds it.
+
+    NumPy's cast of a float32 that lands among float16's subnormals (below 2**-14, as most of
+    a wide softmax does) takes some 50 ns an element (an underflow assist each): those are
+    written from their bits instead, ``round(|v| * 2**24)`` with the sign on top.
+    """
+    if dst.dtype != np.float16:
+        np.copyto(dst, src)
+        return
+    size = abs(src)
+    tiny = size < 2.0**-14
+    np.copyto(dst, np.where(tiny, 0, src))
+    size *= 2.0**24
+    bits = np.rint(size, out=size).astype(np.uint16)
+    bits |= np.signbit(src).astype(np.uint16) << 15
+    np.copyto(dst.view(np.uint16), bits, where=tiny)
+
+
+def _compute_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
+    """float16 computes in float32; float32 and float64 in their own dtype."""
+    return np.dtype(np.float32) if dtype.itemsize < 4 else dtype
+
+
+def _label_weight(
+    weight: Array | None, labels: np.ndarray, ignored: np.ndarray | None, dtype: np.dtype[Any]
+) -> np.ndarray | None:
+    """Each row's weight in the sum: its label's class weight, 0 where ignored (None: all 1)."""
+    label_weight = None if weight is None else np.asarray(weight).astype(dtype, copy=False)[labels]
+    if ignored is not None:
+        kept = ~ignored
+        label_weight = kept.astype(dtype) if label_weight is None else label_weight * kept
+    return label_weight
+
+
+def _count(rows: int, label_weight: np.ndarray | None) -> Any:
+    """What the mean divides by: the rows, or the sum of their weights."""
+    return rows if label_weight is None else np.sum(label_weight)
+
+
+def _loss(
+    out_dtype: np.dtype[Any],
+    shape: tuple[int, ...],
+    picked: np.ndarray,
+    total: np.ndarray,
+    label_weight: np.ndarray | None,
+    reduction: str,
+) -> Any:
+    """The reduced loss from :func:`_row_pass`'s ``(picked, total)``, in ``out_dtype``; None
+    where a row is NaN (its shift may differ from the general path's). Writes ``total``."""
+    loss = np.log(total, out=total)
+    loss -= picked
+    if label_weight is not None:
+        loss *= label_weight
+    out = loss.sum()
+    if np.isnan(out):
         return None
-    return x.reshape(-1, c), labels, y.shape
+    if reduction == "none":
+        out = loss.reshape(shape)
+    elif reduction == "mean":
+        out = out / _count(loss.size, label_weight)
+    return out.astype(out_dtype, copy=False)
 
 
 class Facts(Backend):
@@ -158,16 +345,18 @@ class Native(Backend):
         label_smoothing: float,
         reduction: str,
     ) -> Array | None:
-        # The plain loss of C-contiguous rows whose labels are all in [0, C) (one min and one
-        # max read them), with no mask, where and errstate of the general path: at small sizes
-        # those cost more than the arithmetic. Anything else goes back to the core.
+        # The plain loss of C-contiguous rows whose labels are all in [0, C) or ignored (one
+        # max reads them): one pass of max, exp and sum, with no mask, where or gather of the
+        # general path. Anything else, and any NaN row, goes back to the core.
         plain = _plain_rows(input, target, axis, ignore_index, label_smoothing)
         if plain is None:
             return None
-        rows, labels, shape = plain
-        picked = rows[np.arange(rows.shape[0]), labels]
+        rows, labels, shape, ignored = plain
+        dtype = _compute_dtype(rows.dtype)
         with self.quiet():
-            return self._plain_loss(rows, picked, labels, shape, weight, reduction)
+            label_weight = _label_weight(weight, labels, ignored, dtype)
+            picked, total = _row_pass(rows, labels, dtype, None, None)
+            return _loss(rows.dtype, shape, picked, total, label_weight, reduction)
 
     def fused_index_loss_and_grad(
         self,
@@ -180,68 +369,25 @@ class Native(Backend):
         label_smoothing: float,
         reduction: str,
     ) -> tuple[Array, Array] | None:
-        # Inputs that fit one scratch block with finite row maxima: the exponentials of the
-        # loss become the gradient in place (larger ones take the threaded blocked path).
+        # The same pass, its exponentials scaled in place into the gradient:
+        # d loss_n / d x = f_n (softmax_n - onehot(y_n)), f_n the row's weight in the sum.
         plain = _plain_rows(input, target, axis, ignore_index, label_smoothing)
-        if plain is None or plain[0].nbytes > _BLOCK_BYTES:
+        if plain is None:
             return None
-        rows, labels, shape = plain
-        n = rows.shape[0]
-        index = np.arange(n)
+        rows, labels, shape, ignored = plain
+        dtype = _compute_dtype(rows.dtype)
         with self.quiet():
-            shift = np.max(rows, axis=1)
-            if not np.max(shift) < np.inf:
-                return None
-            grad = rows - shift[:, None]
-            np.exp(grad, out=grad)
-            total = np.sum(grad, axis=1)
-            loss = np.log(total) - (rows[index, labels] - shift)
-            # d loss_n / d x = f_n (softmax_n - onehot(y_n)), f_n the row's weight in the sum.
-            factor = np.ones(n, dtype=rows.dtype)
-            if weight is not None:
-                factor = np.asarray(weight).astype(rows.dtype, copy=False)[labels]
-                loss *= factor
-            if reduction == "none":
-                out = loss.reshape(shape)
-            else:
-                out = np.sum(loss)
-                if reduction == "mean":
-                    count = rows.dtype.type(n) if weight is None else np.sum(factor)
-                    out = out / count
-                    factor = factor / count
-            grad *= (factor / total)[:, None]
-            grad[index, labels] -= factor
-        return out, grad.reshape(np.shape(input))
-
-    def _plain_loss(
-        self,
-        rows: np.ndarray,
-        picked: np.ndarray,
-        labels: np.ndarray,
-        shape: tuple[int, ...],
-        weight: Array | None,
-        reduction: str,
-    ) -> Array:
-        shift = np.max(rows, axis=1) if rows.nbytes <= _BLOCK_BYTES else None
-        # A row max of +inf or NaN takes the general shift of 0 (a row of -inf gives NaN
-        # either way).
-        if shift is not None and np.max(shift) < np.inf:
-            scratch = rows - shift[:, None]
-            np.exp(scratch, out=scratch)
-            log_sum = np.log(np.sum(scratch, axis=1))
-        else:
-            shift, log_sum = (a.reshape(-1) for a in self.logsumexp(rows, 1))
-        loss = log_sum - (picked - shift)
-        if weight is not None:
-            label_weight = np.asarray(weight).astype(rows.dtype, copy=False)[labels]
-            loss *= label_weight
-        if reduction == "none":
-            return loss.reshape(shape)
-        total = np.sum(loss)
-        if reduction == "sum":
-            return total
-        count = rows.dtype.type(labels.size) if weight is None else np.sum(label_weight)
-        return total / count
+            label_weight = _label_weight(weight, labels, ignored, dtype)
+            factor: np.ndarray | Any = dtype.type(1) if label_weight is None else label_weight
+            if reduction == "mean":
+                factor = factor / _count(labels.size, label_weight)
+                if ignored is not None:
+                    # 0, not 0 / 0, where every row is ignored (as on the general path).
+                    np.copyto(factor, 0, where=ignored)
+            grad = np.empty(rows.shape, rows.dtype)
+            picked, total = _row_pass(rows, labels, dtype, factor, grad)
+            loss = _loss(rows.dtype, shape, picked, total, label_weight, reduction)
+        return None if loss is None else (loss, grad.reshape(np.shape(input)))
 
     def softmax_from_lse(
         self, x: Array, shift: Array, log_sum: Array, axis: int, scale: Array | None = None
