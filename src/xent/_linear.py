@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from . import _cross_entropy, _validation
+from . import _cross_entropy, _linear_vocab, _validation
 from ._typing import Array, Namespace, Reduction
 from .backends import Backend, lookup
 
@@ -38,7 +38,8 @@ class _Plan:
     batch: tuple[int, ...]  # hidden.shape[:-1]
     dtype: Any  # compute dtype
     out_dtype: Any
-    chunk: int
+    chunk: int  # rows per block
+    vocab_chunk: int  # classes per chunk; V when the vocabulary is not split
     reduction: str
     ignore_index: int
     smoothing: float
@@ -248,6 +249,8 @@ def _run(
     need: tuple[bool, bool, bool],
 ) -> tuple[Array, _Grads]:
     with p.ops.quiet():
+        if p.vocab_chunk < p.classes:
+            return _linear_vocab._run(p, hidden, weight, bias, cotangent, need)
         return _blocks(p, hidden, weight, bias, cotangent, need)
 
 
@@ -473,12 +476,10 @@ def _plan(
     if reduction == "mean":
         denominator = xp.sum(counted if sample is None else counted * sample)
     itemsize = xp.finfo(dtype).bits // 8
-    # A power of two, so the blocks usually divide the batch and no short last block is
-    # traced (under jit) beside the scanned ones.
-    chunk = chunk_size or 2 ** max(0, (_BUDGET_BYTES // (classes * itemsize)).bit_length() - 1)
+    chunk, vocab_chunk = _linear_vocab._split(rows, classes, itemsize, chunk_size, _BUDGET_BYTES)
     return _Plan(
         xp=xp, ops=ops, rows=rows, classes=classes, batch=batch, dtype=dtype,
-        out_dtype=hidden.dtype, chunk=min(chunk, max(rows, 1)), reduction=reduction,
+        out_dtype=hidden.dtype, chunk=chunk, vocab_chunk=vocab_chunk, reduction=reduction,
         ignore_index=ignore_index, smoothing=float(label_smoothing), z_loss=float(z_loss),
         softcap=None if softcap is None else float(softcap), target=flat_target,
         class_weight=class_weight, sample=sample, denominator=denominator,
