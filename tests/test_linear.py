@@ -18,6 +18,7 @@ from _helpers import (
     current,
     is_concrete_host,
     is_lazy,
+    property_settings,
     to_numpy,
     to_xp,
     xp_assert_close,
@@ -258,6 +259,243 @@ class TestDask:
         xp_assert_close(dh, dh_w, xp=xp, dtype="float64")
         xp_assert_close(dw, dw_w, xp=xp, dtype="float64")
         xp_assert_close(db, db_w, xp=xp, dtype="float64")
+
+
+# --------------------------------------------------------------------------- vocabulary chunks
+# Every option, a few to a case: a budget of `VOCAB_BUDGET` bytes cuts the 11 classes into
+# chunks of 2 (float64, 7 rows) or 4 (3 rows), the first one short.
+VOCAB_CASES: dict[str, dict[str, Any]] = {
+    "index-all-options-mean": {"class_weight": True, "ignore": True, "sample_weight": True,
+                               "label_smoothing": 0.2, "z_loss": 0.01, "softcap": 3.0},
+    "index-no-bias-custom-ignore-none": {"bias": False, "ignore": True, "ignore_index": 3,
+                                         "reduction": "none"},
+    "probabilities-all-options-sum": {"probabilities": True, "class_weight": True,
+                                      "sample_weight": True, "label_smoothing": 0.3,
+                                      "z_loss": 0.02, "softcap": 3.0, "reduction": "sum"},
+    "probabilities-kdim-none": {"probabilities": True, "kdim": True, "reduction": "none"},
+}  # fmt: skip
+VOCAB_CHUNKS = {"index-no-bias-custom-ignore-none": 3, "probabilities-kdim-none": 3}
+VOCAB_BUDGET = 112
+
+
+@pytest.fixture
+def small_budget(monkeypatch: pytest.MonkeyPatch) -> int:
+    """A logits budget small enough that the test cases split the vocabulary."""
+    from xent import _linear
+
+    monkeypatch.setattr(_linear, "_BUDGET_BYTES", VOCAB_BUDGET)
+    return VOCAB_BUDGET
+
+
+@pytest.mark.parametrize(
+    ("rows", "classes", "itemsize", "chunk_size", "want"),
+    [
+        (4096, 32768, 4, None, (128, 32768)),  # the vocabulary fits: rows from the budget
+        (8192, 128256, 4, None, (32, 128256)),
+        (8192, 2**22, 4, None, (16, 2**18)),  # V = 4M: 16 rows, chunks of 256K classes
+        (8192, 10**6, 4, None, (16, 2**18)),
+        (5, 10**6, 4, None, (5, 2**19)),  # fewer rows than the least block: all of them
+        (8192, 2**22, 4, 1, (1, 2**22)),  # one row of 4M float32 fits exactly
+        (8192, 2**22, 8, 1, (1, 2**21)),
+        (8192, 2**20, 4, 64, (64, 2**16)),  # an explicit block keeps its rows
+        (0, 2**30, 4, None, (1, 2**30)),  # no rows: nothing to split
+    ],
+)  # fmt: skip
+def test_vocabulary_is_split_only_when_the_least_block_is_over_budget(
+    rows: int, classes: int, itemsize: int, chunk_size: int | None, want: tuple[int, int]
+) -> None:
+    from xent import _linear, _linear_vocab
+
+    got = _linear_vocab._split(rows, classes, itemsize, chunk_size, _linear._BUDGET_BYTES)
+    assert got == want
+
+
+@pytest.mark.usefixtures("small_budget")
+class TestVocabularyChunks:
+    @pytest.mark.parametrize("name", list(VOCAB_CASES))
+    def test_loss_and_all_three_gradients_match(
+        self, xp: Any, rng: np.random.Generator, name: str
+    ) -> None:
+        case = _case(rng, VOCAB_CASES[name])
+        loss_w, dh_w, dw_w, db_w = _want(case)
+        loss, (dh, dw, db) = _call(
+            xent.linear_cross_entropy_and_grad, _inputs(xp, case), case["opts"],
+            chunk_size=VOCAB_CHUNKS.get(name),
+        )  # fmt: skip
+        xp_assert_close(loss, loss_w, xp=xp, dtype="float64")
+        xp_assert_close(dh, dh_w, xp=xp, dtype="float64")
+        xp_assert_close(dw, dw_w, xp=xp, dtype="float64")
+        if db_w is None:
+            assert db is None
+        else:
+            xp_assert_close(db, db_w, xp=xp, dtype="float64")
+
+    @pytest.mark.only_backends(Backend.NUMPY, Backend.ARRAY_API_STRICT, Backend.TORCH)
+    def test_any_options_and_chunks_match_the_composition(self, xp: Any) -> None:
+        from hypothesis import given
+        from hypothesis import strategies as st
+
+        from xent import _linear
+
+        @property_settings()
+        @given(
+            spec=st.fixed_dictionaries(
+                {},
+                optional={
+                    "probabilities": st.booleans(), "class_weight": st.booleans(),
+                    "sample_weight": st.booleans(), "ignore": st.booleans(),
+                    "bias": st.booleans(), "kdim": st.booleans(),
+                    "label_smoothing": st.sampled_from([0.0, 0.25, 1.0]),
+                    "z_loss": st.sampled_from([0.0, 0.05]), "softcap": st.sampled_from([2.0, 1e3]),
+                    "reduction": st.sampled_from(["mean", "sum", "none"]),
+                },
+            ),
+            chunk=st.sampled_from([None, 1, 2, 5]),
+            budget=st.integers(8, 600),
+            seed=st.integers(0, 2**32 - 1),
+        )  # fmt: skip
+        def check(spec: dict[str, Any], chunk: int | None, budget: int, seed: int) -> None:
+            if spec.get("probabilities"):
+                spec = {**spec, "ignore": False}
+            case = _case(np.random.default_rng(seed), spec)
+            loss_w, dh_w, dw_w, db_w = _want(case)
+            _linear._BUDGET_BYTES = budget
+            loss, grads = _call(
+                xent.linear_cross_entropy_and_grad, _inputs(xp, case), case["opts"],
+                chunk_size=chunk,
+            )  # fmt: skip
+            for got, want in zip((loss, *grads), (loss_w, dh_w, dw_w, db_w), strict=True):
+                if want is not None:
+                    xp_assert_close(got, want, xp=xp, dtype="float64")
+
+        check()
+
+    def test_masked_classes_and_nan_rows_stay_in_their_rows(
+        self, xp: Any, rng: np.random.Generator
+    ) -> None:
+        case = _case(rng, {"reduction": "none"})
+        case["bias"][[2, 5, 6]] = -np.inf  # masked classes, one of them in the first chunk
+        case["target"][:] = np.where(np.isin(case["target"], [2, 5, 6]), 0, case["target"])
+        case["target"][1] = 5  # a masked target: +inf
+        case["hidden"][4] = np.nan  # a NaN row: NaN
+        logits = case["hidden"] @ case["weight"].T + case["bias"]
+        want = ref.cross_entropy(logits, case["target"], reduction="none")
+        assert np.isinf(want[1])
+        assert np.isnan(want[4])
+        assert np.isfinite(np.delete(want, [1, 4])).all()
+        loss = _call(xent.linear_cross_entropy, _inputs(xp, case), {"reduction": "none"})
+        xp_assert_close(loss, want, xp=xp, dtype="float64")
+
+    def test_gradients_skip_masked_classes_and_ignored_rows(
+        self, xp: Any, rng: np.random.Generator
+    ) -> None:
+        case = _case(rng, {"ignore": True, "class_weight": True})
+        case["bias"][[0, 7]] = -np.inf
+        case["target"][:] = np.where(np.isin(case["target"], [0, 7]), 1, case["target"])
+        loss_w, dh_w, dw_w, db_w = _want(case)
+        assert np.isfinite(loss_w)
+        loss, (dh, dw, db) = _call(xent.linear_cross_entropy_and_grad, _inputs(xp, case), {})
+        xp_assert_close(loss, loss_w, xp=xp, dtype="float64")
+        xp_assert_close(dh, dh_w, xp=xp, dtype="float64")
+        xp_assert_close(dw, dw_w, xp=xp, dtype="float64")
+        xp_assert_close(db, db_w, xp=xp, dtype="float64")
+
+    def test_bfloat16_matches_the_float32_composition_and_keeps_dtypes(
+        self, xp: Any, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        if current().backend.like(Backend.NUMPY, Backend.ARRAY_API_STRICT):
+            pytest.skip("NumPy and array-api-strict have no bfloat16")
+        from xent import _linear
+
+        # One row of 11 float32 logits is 44 bytes: chunks of 4 classes, the first one short.
+        monkeypatch.setattr(_linear, "_BUDGET_BYTES", 16)
+        case = _case(rng, VOCAB_CASES["index-all-options-mean"])
+        arrays = _inputs(xp, case, "bfloat16")
+        rounded = {k: to_numpy(arrays[k]).astype(np.float64) for k in ("hidden", "weight", "bias")}
+        loss_w, dh_w, dw_w, db_w = _want({**case, **rounded})
+        loss, (dh, dw, db) = _call(
+            xent.linear_cross_entropy_and_grad, arrays, case["opts"], chunk_size=1
+        )
+        eps = 2.0**-7
+        for got, want in ((loss, loss_w), (dh, dh_w), (dw, dw_w), (db, db_w)):
+            scale = float(np.max(np.abs(want)))
+            xp_assert_close(got, want, xp=xp, dtype="bfloat16", rtol=4 * eps, atol=4 * eps * scale)
+
+    @pytest.mark.only_backends(*TORCH_BACKENDS)
+    @pytest.mark.parametrize("name", ["index-no-bias-custom-ignore-none", "probabilities-kdim-none",
+                                      "index-all-options-mean"])  # fmt: skip
+    def test_torch_backward_with_random_cotangent(
+        self, xp: Any, rng: np.random.Generator, name: str
+    ) -> None:
+        import torch
+
+        case = _case(rng, VOCAB_CASES[name])
+        h, w, b = _torch_args(case)
+        loss = xent.linear_cross_entropy(
+            h, w, torch.tensor(case["target"]), bias=b, chunk_size=3, **_fixed(case)
+        )
+        cot = rng.normal(size=tuple(loss.shape)) * 3.0
+        loss.backward(torch.tensor(cot))
+        loss_w, dh_w, dw_w, db_w = _want(case, cot)
+        xp_assert_close(loss, loss_w, xp=xp, dtype="float64")
+        xp_assert_close(h.grad, dh_w, xp=xp, dtype="float64")
+        xp_assert_close(w.grad, dw_w, xp=xp, dtype="float64")
+        if b is not None:
+            xp_assert_close(b.grad, db_w, xp=xp, dtype="float64")
+
+    @pytest.mark.only_backends(*JAX_BACKENDS)
+    def test_jax_jit_grad_with_per_row_cotangent(self, xp: Any, rng: np.random.Generator) -> None:
+        import jax
+
+        case = _case(rng, {"ignore": True, "label_smoothing": 0.1, "class_weight": True,
+                           "softcap": 3.0, "reduction": "none"})  # fmt: skip
+        arrays = _inputs(xp, case)
+        loss_w = _want(case)[0]
+        cot = rng.normal(size=np.shape(loss_w)) * 3.0
+        _, dh_w, dw_w, db_w = _want(case, cot)
+        c = to_xp(xp, cot)
+
+        def f(h: Any, w: Any, b: Any) -> Any:
+            args = {**arrays, "hidden": h, "weight": w, "bias": b}
+            loss = _call(xent.linear_cross_entropy, args, case["opts"], chunk_size=3)
+            return xp.sum(loss * c), loss
+
+        (_, loss), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(
+            arrays["hidden"], arrays["weight"], arrays["bias"]
+        )
+        xp_assert_close(loss, loss_w, xp=xp, dtype="float64")
+        for got, want in zip(grads, (dh_w, dw_w, db_w), strict=True):
+            xp_assert_close(got, want, xp=xp, dtype="float64")
+
+    @pytest.mark.only_backends(Backend.NUMPY)
+    @pytest.mark.eager("tracemalloc measures NumPy's own allocations")
+    def test_peak_memory_is_a_chunk_of_logits_plus_the_gradients(
+        self, xp: Any, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        import tracemalloc
+
+        from xent import _linear
+
+        rows, width, classes, budget = 256, 16, 2**16, 2**16
+        monkeypatch.setattr(_linear, "_BUDGET_BYTES", budget)
+        hidden = rng.normal(size=(rows, width)).astype(np.float32)
+        weight = rng.normal(size=(classes, width)).astype(np.float32)
+        target = rng.integers(0, classes, size=rows)
+        # A first, smaller call: one-time allocations (imports, caches) stay out of the peak.
+        xent.linear_cross_entropy_and_grad(hidden[:16], weight[:4096], target[:16] % 4096)
+        tracemalloc.start()
+        try:
+            _, grads = xent.linear_cross_entropy_and_grad(
+                hidden, weight, target, label_smoothing=0.1
+            )
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        gradients = sum(g.nbytes for g in grads if g is not None)
+        logits = rows * classes * 4
+        # The full logits (64 MiB) would be 16 times the gradients (4 MiB).
+        assert peak <= 3 * gradients + 16 * budget, (peak, gradients)
+        assert peak < logits / 4
 
 
 # --------------------------------------------------------------------------- PyTorch

@@ -287,7 +287,8 @@ def _chunk_grad(
         if p.z_loss:
             scale = scale + (2.0 * p.z_loss) * r * (shift + log_sum)
         m = _mass(p, q, cw)
-        g = p.ops.softmax_from_lse(x, shift, log_sum, 1, scale=scale) - r * m
+        # Not the backend's softmax_from_lse, which may take the statistics of x's own rows.
+        g = xp.exp((x - shift) - log_sum) * scale - r * m
     if p.softcap is not None:
         t = x * (1.0 / p.softcap)  # tanh(logits / softcap)
         g = g * (1.0 - t * t)
