@@ -407,15 +407,13 @@ class TestVocabularyChunks:
             pytest.skip("NumPy and array-api-strict have no bfloat16")
         from xent import _linear
 
-        # One row of 11 float32 logits is 44 bytes: chunks of 4 classes, the first one short.
-        monkeypatch.setattr(_linear, "_BUDGET_BYTES", 16)
+        # 7 rows of 4 float32 logits take the budget: chunks of 4 classes, the first one short.
+        monkeypatch.setattr(_linear, "_BUDGET_BYTES", 7 * 4 * 4)
         case = _case(rng, VOCAB_CASES["index-all-options-mean"])
         arrays = _inputs(xp, case, "bfloat16")
         rounded = {k: to_numpy(arrays[k]).astype(np.float64) for k in ("hidden", "weight", "bias")}
         loss_w, dh_w, dw_w, db_w = _want({**case, **rounded})
-        loss, (dh, dw, db) = _call(
-            xent.linear_cross_entropy_and_grad, arrays, case["opts"], chunk_size=1
-        )
+        loss, (dh, dw, db) = _call(xent.linear_cross_entropy_and_grad, arrays, case["opts"])
         eps = 2.0**-7
         for got, want in ((loss, loss_w), (dh, dh_w), (dw, dw_w), (db, db_w)):
             scale = float(np.max(np.abs(want)))
@@ -457,7 +455,7 @@ class TestVocabularyChunks:
 
         def f(h: Any, w: Any, b: Any) -> Any:
             args = {**arrays, "hidden": h, "weight": w, "bias": b}
-            loss = _call(xent.linear_cross_entropy, args, case["opts"], chunk_size=3)
+            loss = _call(xent.linear_cross_entropy, args, case["opts"])
             return xp.sum(loss * c), loss
 
         (_, loss), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(
