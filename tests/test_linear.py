@@ -292,12 +292,14 @@ def small_budget(monkeypatch: pytest.MonkeyPatch) -> int:
     [
         (4096, 32768, 4, None, (128, 32768)),  # the vocabulary fits: rows from the budget
         (8192, 128256, 4, None, (32, 128256)),
-        (8192, 2**22, 4, None, (16, 2**18)),  # V = 4M: 16 rows, chunks of 256K classes
-        (8192, 10**6, 4, None, (16, 2**18)),
-        (5, 10**6, 4, None, (5, 2**19)),  # fewer rows than the least block: all of them
+        (8192, 2**22, 4, None, (2048, 2048)),  # V = 4M: a square block of 16 MiB
+        (8192, 2**22, 8, None, (1024, 2048)),
+        (8192, 10**6, 4, None, (2048, 2048)),
+        (300, 2**20, 4, None, (300, 2**13)),  # fewer rows than the square: all of them
+        (5, 10**6, 4, None, (5, 2**19)),  # fewer rows than the least block
         (8192, 2**22, 4, 1, (1, 2**22)),  # one row of 4M float32 fits exactly
-        (8192, 2**22, 8, 1, (1, 2**21)),
-        (8192, 2**20, 4, 64, (64, 2**16)),  # an explicit block keeps its rows
+        (8192, 2**22, 8, 1, (1, 2**21)),  # an explicit block keeps its rows
+        (8192, 2**20, 4, 64, (64, 2**16)),
         (0, 2**30, 4, None, (1, 2**30)),  # no rows: nothing to split
     ],
 )  # fmt: skip
@@ -474,7 +476,7 @@ class TestVocabularyChunks:
 
         from xent import _linear
 
-        rows, width, classes, budget = 256, 16, 2**16, 2**16
+        rows, width, classes, budget = 1024, 16, 2**15, 2**20
         monkeypatch.setattr(_linear, "_BUDGET_BYTES", budget)
         hidden = rng.normal(size=(rows, width)).astype(np.float32)
         weight = rng.normal(size=(classes, width)).astype(np.float32)
@@ -491,9 +493,10 @@ class TestVocabularyChunks:
             tracemalloc.stop()
         gradients = sum(g.nbytes for g in grads if g is not None)
         logits = rows * classes * 4
-        # The full logits (64 MiB) would be 16 times the gradients (4 MiB).
-        assert peak <= 3 * gradients + 16 * budget, (peak, gradients)
-        assert peak < logits / 4
+        # Blocks of 512 rows x 512 classes (1 MiB); the full logits (128 MiB) would be 60 times
+        # the gradients (2.1 MiB).
+        assert peak <= 3 * gradients + 8 * budget, (peak, gradients)
+        assert peak < logits / 8
 
 
 # --------------------------------------------------------------------------- PyTorch

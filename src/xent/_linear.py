@@ -5,7 +5,8 @@ target)``, computed over blocks of ``chunk`` rows: each block's logits are made,
 rows' losses by the cross-entropy core, and dropped. The gradients recompute a block's logits,
 take the core's analytic ``d loss / d logits`` for it, and fold it into ``d hidden`` (that
 block's rows), ``d weight`` and ``d bias`` (accumulated over blocks in float32 or float64), so
-extra memory is one block of logits and its gradient, plus the gradients themselves.
+extra memory is one block of logits and its gradient, plus the gradients themselves. Where even
+a block of the least rows is over the budget, :mod:`._linear_vocab` cuts the vocabulary too.
 """
 
 from __future__ import annotations
@@ -100,7 +101,10 @@ def linear_cross_entropy(
         Shape ``(V,)``, of ``hidden``'s dtype.
     chunk_size : int, optional
         Rows per block; None picks the largest power of two whose block of logits takes at
-        most 16 MiB.
+        most 16 MiB. Where the least block (``chunk_size`` rows, or 16 when None) of all ``V``
+        classes would be over 16 MiB, the classes are taken in chunks too: of the largest power
+        of two that fits beside ``chunk_size`` rows, or when None beside a square block (2048
+        rows in float32; see ``docs/linear.md``).
     class_weight : array, optional
         Class weights of shape ``(V,)`` (``weight`` of :func:`cross_entropy`).
     sample_weight : array, optional

@@ -40,16 +40,22 @@ def _split(
 
     The least block is ``chunk_size`` rows, or 16 (fewer rows: all of them) when it is None.
     While that block of all ``V`` classes fits, the vocabulary stays whole and ``chunk_size``
-    None takes the largest power of two of rows that fits; beyond, the block keeps its least
-    rows and the vocabulary is cut into chunks of the largest power of two of classes that fits
-    beside them (at least 1). Powers of two usually divide the batch and the vocabulary, so
-    under ``jax.jit`` no short first block or chunk is traced beside the scanned ones.
+    None takes the largest power of two of rows that fits. Beyond, the vocabulary is cut: a
+    block has ``chunk_size`` rows, or when None the largest power of two at most the square
+    root of the budget's element count (2048 in float32 for 16 MiB; at least 16, at most N),
+    and a chunk the largest power of two of classes that fits beside them (at least 1). Powers
+    of two usually divide the batch and the vocabulary, so under ``jax.jit`` no short first
+    block or chunk is traced beside the scanned ones.
     """
     least = chunk_size or min(_LEAST_ROWS, max(rows, 1))
     if rows == 0 or least * classes * itemsize <= budget:
         chunk = chunk_size or _power_of_two(budget // (classes * itemsize))
         return min(chunk, max(rows, 1)), classes
-    return min(least, rows), _power_of_two(budget // (least * itemsize))
+    # A square block reads each row of hidden and of weight the fewest times per element of
+    # logits, so the products are bound by arithmetic rather than by memory.
+    square = _power_of_two(math.isqrt(budget // itemsize))
+    chunk = min(chunk_size or max(least, square), rows)
+    return chunk, _power_of_two(budget // (chunk * itemsize))
 
 
 def _power_of_two(n: int) -> int:
