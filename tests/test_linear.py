@@ -443,6 +443,21 @@ class TestVocabularyChunks:
         if b is not None:
             xp_assert_close(b.grad, db_w, xp=xp, dtype="float64")
 
+    @pytest.mark.only_backends(*TORCH_BACKENDS)
+    def test_torch_gradcheck_and_gradgradcheck(self, xp: Any, rng: np.random.Generator) -> None:
+        import torch
+
+        # 5 rows of 4 classes in chunks of 2: few entries, as the numerical Jacobians perturb each.
+        case = _case(rng, VOCAB_CASES["index-all-options-mean"], rows=5, width=3, classes=4)
+        target, fixed = torch.tensor(case["target"]), _fixed(case)
+
+        def f(h: Any, w: Any, b: Any) -> Any:
+            return xent.linear_cross_entropy(h, w, target, bias=b, **fixed)
+
+        args = _torch_args(case)
+        assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-8, rtol=1e-6)
+        assert torch.autograd.gradgradcheck(f, args, eps=1e-6, atol=1e-7, rtol=1e-5)
+
     @pytest.mark.only_backends(*JAX_BACKENDS)
     def test_jax_jit_grad_with_per_row_cotangent(self, xp: Any, rng: np.random.Generator) -> None:
         import jax

@@ -143,6 +143,7 @@ def _gradients(
     dev = ops.device(h)
     total = _weight_total(p)
     q_all = rows[-1]
+    after = 1 + len(stats)  # a block: its rows of h, the statistics, the row facts, r
 
     def chunk_step(dh: Any, chunk: tuple[Any, ...]) -> tuple[Any, ...]:
         w_c, b_c, cw_c, cls_c = chunk[:4]
@@ -150,8 +151,8 @@ def _gradients(
 
         def block_step(carry: Any, block: tuple[Any, ...]) -> tuple[Any, ...]:
             dw_c, db_c = carry
-            h_b, shift, *sums = block[: 2 + len(stats) - 1]
-            facts, r_b = block[1 + len(stats) : -1], block[-1]
+            h_b, shift, sums = block[0], block[1], list(block[2:after])
+            facts, r_b = block[after:-1], block[-1]
             x = _chunk_logits(p, h_b, w_c, b_c)
             g = _chunk_grad(p, x, shift, sums, total, facts, cw_c, cls_c, r_b)
             dh_b = None
