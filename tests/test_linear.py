@@ -114,6 +114,17 @@ def _call(fn: Any, arrays: dict[str, Any], opts: dict[str, Any], **more: Any) ->
     )  # fmt: skip
 
 
+def _assert_matches(
+    xp: Any, loss: Any, grads: tuple[Any, ...], want: tuple[np.ndarray | None, ...]
+) -> None:
+    """``loss`` and ``(d_hidden, d_weight, d_bias)`` equal the composition's (`_want`)."""
+    for got, expected in zip((loss, *grads), want, strict=True):
+        if expected is None:
+            assert got is None
+        else:
+            xp_assert_close(got, expected, xp=xp, dtype="float64")
+
+
 class TestAgainstNaiveComposition:
     @pytest.mark.parametrize("chunk", CHUNKS, ids=["chunk3", "budget"])
     @pytest.mark.parametrize("name", list(CASES))
@@ -121,20 +132,14 @@ class TestAgainstNaiveComposition:
         self, xp: Any, rng: np.random.Generator, name: str, chunk: int | None
     ) -> None:
         case = _case(rng, CASES[name])
-        loss_w, dh_w, dw_w, db_w = _want(case)
+        want = _want(case)
         arrays = _inputs(xp, case)
-        loss, (dh, dw, db) = _call(
+        loss, grads = _call(
             xent.linear_cross_entropy_and_grad, arrays, case["opts"], chunk_size=chunk
         )
-        xp_assert_close(loss, loss_w, xp=xp, dtype="float64")
-        xp_assert_close(dh, dh_w, xp=xp, dtype="float64")
-        xp_assert_close(dw, dw_w, xp=xp, dtype="float64")
-        if db_w is None:
-            assert db is None
-        else:
-            xp_assert_close(db, db_w, xp=xp, dtype="float64")
+        _assert_matches(xp, loss, grads, want)
         plain = _call(xent.linear_cross_entropy, arrays, case["opts"], chunk_size=chunk)
-        xp_assert_close(plain, loss_w, xp=xp, dtype="float64")
+        xp_assert_close(plain, want[0], xp=xp, dtype="float64")
 
     def test_float32_inputs_give_float32_results(self, xp: Any, rng: np.random.Generator) -> None:
         case = _case(rng, CASES["smoothing-class-weight-ignore-none"])
@@ -319,18 +324,11 @@ class TestVocabularyChunks:
         self, xp: Any, rng: np.random.Generator, name: str
     ) -> None:
         case = _case(rng, VOCAB_CASES[name])
-        loss_w, dh_w, dw_w, db_w = _want(case)
-        loss, (dh, dw, db) = _call(
+        loss, grads = _call(
             xent.linear_cross_entropy_and_grad, _inputs(xp, case), case["opts"],
             chunk_size=VOCAB_CHUNKS.get(name),
         )  # fmt: skip
-        xp_assert_close(loss, loss_w, xp=xp, dtype="float64")
-        xp_assert_close(dh, dh_w, xp=xp, dtype="float64")
-        xp_assert_close(dw, dw_w, xp=xp, dtype="float64")
-        if db_w is None:
-            assert db is None
-        else:
-            xp_assert_close(db, db_w, xp=xp, dtype="float64")
+        _assert_matches(xp, loss, grads, _want(case))
 
     @pytest.mark.only_backends(Backend.NUMPY, Backend.ARRAY_API_STRICT, Backend.TORCH)
     def test_any_options_and_chunks_match_the_composition(self, xp: Any) -> None:
@@ -360,15 +358,12 @@ class TestVocabularyChunks:
             if spec.get("probabilities"):
                 spec = {**spec, "ignore": False}
             case = _case(np.random.default_rng(seed), spec)
-            loss_w, dh_w, dw_w, db_w = _want(case)
             _linear._BUDGET_BYTES = budget
             loss, grads = _call(
                 xent.linear_cross_entropy_and_grad, _inputs(xp, case), case["opts"],
                 chunk_size=chunk,
             )  # fmt: skip
-            for got, want in zip((loss, *grads), (loss_w, dh_w, dw_w, db_w), strict=True):
-                if want is not None:
-                    xp_assert_close(got, want, xp=xp, dtype="float64")
+            _assert_matches(xp, loss, grads, _want(case))
 
         check()
 
@@ -394,13 +389,10 @@ class TestVocabularyChunks:
         case = _case(rng, {"ignore": True, "class_weight": True})
         case["bias"][[0, 7]] = -np.inf
         case["target"][:] = np.where(np.isin(case["target"], [0, 7]), 1, case["target"])
-        loss_w, dh_w, dw_w, db_w = _want(case)
-        assert np.isfinite(loss_w)
-        loss, (dh, dw, db) = _call(xent.linear_cross_entropy_and_grad, _inputs(xp, case), {})
-        xp_assert_close(loss, loss_w, xp=xp, dtype="float64")
-        xp_assert_close(dh, dh_w, xp=xp, dtype="float64")
-        xp_assert_close(dw, dw_w, xp=xp, dtype="float64")
-        xp_assert_close(db, db_w, xp=xp, dtype="float64")
+        want = _want(case)
+        assert np.isfinite(want[0])
+        loss, grads = _call(xent.linear_cross_entropy_and_grad, _inputs(xp, case), {})
+        _assert_matches(xp, loss, grads, want)
 
     def test_bfloat16_matches_the_float32_composition_and_keeps_dtypes(
         self, xp: Any, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
@@ -427,60 +419,21 @@ class TestVocabularyChunks:
     def test_torch_backward_with_random_cotangent(
         self, xp: Any, rng: np.random.Generator, name: str
     ) -> None:
-        import torch
-
-        case = _case(rng, VOCAB_CASES[name])
-        h, w, b = _torch_args(case)
-        loss = xent.linear_cross_entropy(
-            h, w, torch.tensor(case["target"]), bias=b, chunk_size=3, **_fixed(case)
-        )
-        cot = rng.normal(size=tuple(loss.shape)) * 3.0
-        loss.backward(torch.tensor(cot))
-        loss_w, dh_w, dw_w, db_w = _want(case, cot)
-        xp_assert_close(loss, loss_w, xp=xp, dtype="float64")
-        xp_assert_close(h.grad, dh_w, xp=xp, dtype="float64")
-        xp_assert_close(w.grad, dw_w, xp=xp, dtype="float64")
-        if b is not None:
-            xp_assert_close(b.grad, db_w, xp=xp, dtype="float64")
+        _check_torch_backward(xp, rng, VOCAB_CASES[name])
 
     @pytest.mark.only_backends(*TORCH_BACKENDS)
     def test_torch_gradcheck_and_gradgradcheck(self, xp: Any, rng: np.random.Generator) -> None:
-        import torch
-
         # 5 rows of 4 classes in chunks of 2: few entries, as the numerical Jacobians perturb each.
         case = _case(rng, VOCAB_CASES["index-all-options-mean"], rows=5, width=3, classes=4)
-        target, fixed = torch.tensor(case["target"]), _fixed(case)
-
-        def f(h: Any, w: Any, b: Any) -> Any:
-            return xent.linear_cross_entropy(h, w, target, bias=b, **fixed)
-
-        args = _torch_args(case)
-        assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-8, rtol=1e-6)
-        assert torch.autograd.gradgradcheck(f, args, eps=1e-6, atol=1e-7, rtol=1e-5)
+        _check_torch_gradgrad(case, chunk=None)
 
     @pytest.mark.only_backends(*JAX_BACKENDS)
     def test_jax_jit_grad_with_per_row_cotangent(self, xp: Any, rng: np.random.Generator) -> None:
         import jax
 
-        case = _case(rng, {"ignore": True, "label_smoothing": 0.1, "class_weight": True,
-                           "softcap": 3.0, "reduction": "none"})  # fmt: skip
-        arrays = _inputs(xp, case)
-        loss_w = _want(case)[0]
-        cot = rng.normal(size=np.shape(loss_w)) * 3.0
-        _, dh_w, dw_w, db_w = _want(case, cot)
-        c = to_xp(xp, cot)
-
-        def f(h: Any, w: Any, b: Any) -> Any:
-            args = {**arrays, "hidden": h, "weight": w, "bias": b}
-            loss = _call(xent.linear_cross_entropy, args, case["opts"])
-            return xp.sum(loss * c), loss
-
-        (_, loss), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(
-            arrays["hidden"], arrays["weight"], arrays["bias"]
-        )
-        xp_assert_close(loss, loss_w, xp=xp, dtype="float64")
-        for got, want in zip(grads, (dh_w, dw_w, db_w), strict=True):
-            xp_assert_close(got, want, xp=xp, dtype="float64")
+        spec = {"ignore": True, "label_smoothing": 0.1, "class_weight": True, "softcap": 3.0,
+                "reduction": "none"}  # fmt: skip
+        _check_jax_grads(xp, rng, spec, None, (lambda g, **k: jax.jit(jax.value_and_grad(g, **k)),))
 
     @pytest.mark.only_backends(Backend.NUMPY)
     @pytest.mark.eager("tracemalloc measures NumPy's own allocations")
@@ -537,44 +490,54 @@ def _fixed(case: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _check_torch_backward(
+    xp: Any, rng: np.random.Generator, spec: dict[str, Any], chunk: int | None = 3
+) -> None:
+    """Through the autograd Function, with a random cotangent: the composition's gradients."""
+    import torch
+
+    case = _case(rng, spec)
+    h, w, b = _torch_args(case)
+    loss = xent.linear_cross_entropy(
+        h, w, torch.tensor(case["target"]), bias=b, chunk_size=chunk, **_fixed(case)
+    )
+    cot = rng.normal(size=tuple(loss.shape)) * 3.0
+    loss.backward(torch.tensor(cot))
+    loss_w, dh_w, dw_w, db_w = _want(case, cot)
+    xp_assert_close(loss, loss_w, xp=xp, dtype="float64")
+    xp_assert_close(h.grad, dh_w, xp=xp, dtype="float64")
+    xp_assert_close(w.grad, dw_w, xp=xp, dtype="float64")
+    if b is not None:
+        xp_assert_close(b.grad, db_w, xp=xp, dtype="float64")
+
+
+def _check_torch_gradgrad(case: dict[str, Any], chunk: int | None) -> None:
+    import torch
+
+    target, fixed = torch.tensor(case["target"]), _fixed(case)
+
+    def f(h: Any, w: Any, b: Any) -> Any:
+        return xent.linear_cross_entropy(h, w, target, bias=b, chunk_size=chunk, **fixed)
+
+    args = _torch_args(case)
+    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-8, rtol=1e-6)
+    assert torch.autograd.gradgradcheck(f, args, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
 @pytest.mark.only_backends(*TORCH_BACKENDS)
 class TestTorchAutograd:
     @pytest.mark.parametrize("name", list(CASES))
     def test_backward_with_random_cotangent_matches_composition(
         self, xp: Any, rng: np.random.Generator, name: str
     ) -> None:
-        import torch
-
-        case = _case(rng, CASES[name])
-        h, w, b = _torch_args(case)
-        loss = xent.linear_cross_entropy(
-            h, w, torch.tensor(case["target"]), bias=b, chunk_size=3, **_fixed(case)
-        )
-        cot = rng.normal(size=tuple(loss.shape)) * 3.0
-        loss.backward(torch.tensor(cot))
-        loss_w, dh_w, dw_w, db_w = _want(case, cot)
-        xp_assert_close(loss, loss_w, xp=xp, dtype="float64")
-        xp_assert_close(h.grad, dh_w, xp=xp, dtype="float64")
-        xp_assert_close(w.grad, dw_w, xp=xp, dtype="float64")
-        if b is not None:
-            xp_assert_close(b.grad, db_w, xp=xp, dtype="float64")
+        _check_torch_backward(xp, rng, CASES[name])
 
     @pytest.mark.parametrize("name", ["smoothing-class-weight-ignore-none", "z-loss-softcap-mean"])
     def test_gradcheck_and_gradgradcheck(
         self, xp: Any, rng: np.random.Generator, name: str
     ) -> None:
-        import torch
-
         # Few entries: the numerical Jacobians perturb each one.
-        case = _case(rng, CASES[name], rows=5, width=3, classes=4)
-        target, fixed = torch.tensor(case["target"]), _fixed(case)
-
-        def f(h: Any, w: Any, b: Any) -> Any:
-            return xent.linear_cross_entropy(h, w, target, bias=b, chunk_size=3, **fixed)
-
-        args = _torch_args(case)
-        assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-8, rtol=1e-6)
-        assert torch.autograd.gradgradcheck(f, args, eps=1e-6, atol=1e-7, rtol=1e-5)
+        _check_torch_gradgrad(_case(rng, CASES[name], rows=5, width=3, classes=4), chunk=3)
 
     def test_only_requested_gradients_are_computed(self, xp: Any, rng: np.random.Generator) -> None:
         import torch
@@ -642,6 +605,30 @@ class TestTorchAutograd:
 
 
 # --------------------------------------------------------------------------- JAX
+def _check_jax_grads(
+    xp: Any, rng: np.random.Generator, spec: dict[str, Any], chunk: int | None, transforms: Any
+) -> None:
+    """Each of ``transforms`` (``jax.value_and_grad``, maybe jitted) of ``sum(cot * loss)``
+    with a random cotangent gives the composition's loss and gradients."""
+    case = _case(rng, spec)
+    arrays = _inputs(xp, case)
+    loss_w = _want(case)[0]
+    cot = rng.normal(size=np.shape(loss_w)) * 3.0
+    _, dh_w, dw_w, db_w = _want(case, cot)
+    c = to_xp(xp, cot)
+
+    def f(h: Any, w: Any, b: Any) -> Any:
+        args = {**arrays, "hidden": h, "weight": w, "bias": b}
+        loss = _call(xent.linear_cross_entropy, args, case["opts"], chunk_size=chunk)
+        return xp.sum(loss * c), loss
+
+    for fn in transforms:
+        (_, loss), grads = fn(f, argnums=(0, 1, 2), has_aux=True)(
+            arrays["hidden"], arrays["weight"], arrays["bias"]
+        )
+        _assert_matches(xp, loss, grads, (loss_w, dh_w, dw_w, db_w))
+
+
 @pytest.mark.only_backends(*JAX_BACKENDS)
 class TestJaxAutodiff:
     @pytest.mark.parametrize("name", ["plain-mean", "none", "smoothing-class-weight-ignore-none",
@@ -652,26 +639,8 @@ class TestJaxAutodiff:
     ) -> None:
         import jax
 
-        case = _case(rng, CASES[name])
-        arrays = _inputs(xp, case)
-        loss_w = _want(case)[0]
-        cot = rng.normal(size=np.shape(loss_w)) * 3.0
-        _, dh_w, dw_w, db_w = _want(case, cot)
-        c = to_xp(xp, cot)
-
-        def f(h: Any, w: Any, b: Any) -> Any:
-            loss = _call(xent.linear_cross_entropy, {**arrays, "hidden": h, "weight": w,
-                                                     "bias": b}, case["opts"], chunk_size=3)  # fmt: skip
-            return xp.sum(loss * c), loss
-
-        for fn in (jax.value_and_grad, lambda g, **k: jax.jit(jax.value_and_grad(g, **k))):
-            (_, loss), grads = fn(f, argnums=(0, 1, 2), has_aux=True)(
-                arrays["hidden"], arrays["weight"], arrays["bias"]
-            )
-            xp_assert_close(loss, loss_w, xp=xp, dtype="float64")
-            xp_assert_close(grads[0], dh_w, xp=xp, dtype="float64")
-            xp_assert_close(grads[1], dw_w, xp=xp, dtype="float64")
-            xp_assert_close(grads[2], db_w, xp=xp, dtype="float64")
+        plain = jax.value_and_grad
+        _check_jax_grads(xp, rng, CASES[name], 3, (plain, lambda g, **k: jax.jit(plain(g, **k))))
 
     @pytest.mark.eager("the torch reference goes through xent too, on torch tensors")
     def test_grads_equal_torch_autograd(self, xp: Any, rng: np.random.Generator) -> None:
