@@ -579,11 +579,20 @@ class TestTorchAutograd:
         # array-api-compat's `lru_cache` helpers make Dynamo warn while tracing; harmless.
         "ignore:Dynamo detected a call to a `functools.lru_cache`-wrapped function:UserWarning"
     )
+    @pytest.mark.parametrize("budget", [None, VOCAB_BUDGET], ids=["rows", "vocab-chunks"])
     def test_torch_compile_fullgraph_matches_composition(
-        self, xp: Any, rng: np.random.Generator
+        self,
+        xp: Any,
+        rng: np.random.Generator,
+        monkeypatch: pytest.MonkeyPatch,
+        budget: int | None,
     ) -> None:
         import torch
 
+        from xent import _linear
+
+        if budget is not None:
+            monkeypatch.setattr(_linear, "_BUDGET_BYTES", budget)
         torch._dynamo.reset()
         case = _case(rng, CASES["class-weight-ignore-mean"])
         target, fixed = torch.tensor(case["target"]), _fixed(case)

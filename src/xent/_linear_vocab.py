@@ -238,7 +238,7 @@ def _merge(
     max is finite; the clamp keeps a row that was all ``-inf`` at 0), the sum of gaps moves by
     the weight ``seen`` so far times ``shift - old``; the rest add up.
     """
-    merged = [sums[0] * xp.exp(xp.minimum(old - shift, 0.0)) + part[0]]
+    merged = [sums[0] * xp.exp(xp.minimum(old - shift, xp.zeros_like(shift))) + part[0]]
     merged += [a + b for a, b in zip(sums[1:], part[1:], strict=True)]
     if gaps:
         merged[-1] = merged[-1] + seen * (shift - old)
