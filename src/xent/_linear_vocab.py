@@ -12,7 +12,7 @@ chunk) and its losses. The second visits the chunks again, each over every block
 logits once more, forms their gradient from the block's statistics, and folds it into
 ``d hidden`` (summed over chunks), ``d weight`` and ``d bias`` (that chunk's rows, summed over
 blocks). Extra memory: a block x chunk of logits and its gradient, ``O(N)`` statistics, plus the
-gradients.
+gradients (and for a moment one more ``d weight`` where the backend's loop stacks the chunks').
 """
 
 from __future__ import annotations
