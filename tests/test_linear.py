@@ -18,6 +18,7 @@ from _helpers import (
     current,
     is_concrete_host,
     is_lazy,
+    property_settings,
     to_numpy,
     to_xp,
     xp_assert_close,
@@ -113,6 +114,17 @@ def _call(fn: Any, arrays: dict[str, Any], opts: dict[str, Any], **more: Any) ->
     )  # fmt: skip
 
 
+def _assert_matches(
+    xp: Any, loss: Any, grads: tuple[Any, ...], want: tuple[np.ndarray | None, ...]
+) -> None:
+    """``loss`` and ``(d_hidden, d_weight, d_bias)`` equal the composition's (`_want`)."""
+    for got, expected in zip((loss, *grads), want, strict=True):
+        if expected is None:
+            assert got is None
+        else:
+            xp_assert_close(got, expected, xp=xp, dtype="float64")
+
+
 class TestAgainstNaiveComposition:
     @pytest.mark.parametrize("chunk", CHUNKS, ids=["chunk3", "budget"])
     @pytest.mark.parametrize("name", list(CASES))
@@ -120,20 +132,14 @@ class TestAgainstNaiveComposition:
         self, xp: Any, rng: np.random.Generator, name: str, chunk: int | None
     ) -> None:
         case = _case(rng, CASES[name])
-        loss_w, dh_w, dw_w, db_w = _want(case)
+        want = _want(case)
         arrays = _inputs(xp, case)
-        loss, (dh, dw, db) = _call(
+        loss, grads = _call(
             xent.linear_cross_entropy_and_grad, arrays, case["opts"], chunk_size=chunk
         )
-        xp_assert_close(loss, loss_w, xp=xp, dtype="float64")
-        xp_assert_close(dh, dh_w, xp=xp, dtype="float64")
-        xp_assert_close(dw, dw_w, xp=xp, dtype="float64")
-        if db_w is None:
-            assert db is None
-        else:
-            xp_assert_close(db, db_w, xp=xp, dtype="float64")
+        _assert_matches(xp, loss, grads, want)
         plain = _call(xent.linear_cross_entropy, arrays, case["opts"], chunk_size=chunk)
-        xp_assert_close(plain, loss_w, xp=xp, dtype="float64")
+        xp_assert_close(plain, want[0], xp=xp, dtype="float64")
 
     def test_float32_inputs_give_float32_results(self, xp: Any, rng: np.random.Generator) -> None:
         case = _case(rng, CASES["smoothing-class-weight-ignore-none"])
@@ -260,6 +266,207 @@ class TestDask:
         xp_assert_close(db, db_w, xp=xp, dtype="float64")
 
 
+# --------------------------------------------------------------------------- vocabulary chunks
+# Every option, a few to a case: a budget of `VOCAB_BUDGET` bytes cuts the 11 classes into
+# chunks of 2 (float64, 7 rows) or 4 (3 rows), the first one short.
+VOCAB_CASES: dict[str, dict[str, Any]] = {
+    "index-all-options-mean": {"class_weight": True, "ignore": True, "sample_weight": True,
+                               "label_smoothing": 0.2, "z_loss": 0.01, "softcap": 3.0},
+    "index-no-bias-custom-ignore-none": {"bias": False, "ignore": True, "ignore_index": 3,
+                                         "reduction": "none"},
+    "probabilities-all-options-sum": {"probabilities": True, "class_weight": True,
+                                      "sample_weight": True, "label_smoothing": 0.3,
+                                      "z_loss": 0.02, "softcap": 3.0, "reduction": "sum"},
+    "probabilities-kdim-none": {"probabilities": True, "kdim": True, "reduction": "none"},
+}  # fmt: skip
+VOCAB_CHUNKS = {"index-no-bias-custom-ignore-none": 3, "probabilities-kdim-none": 3}
+VOCAB_BUDGET = 112
+
+
+@pytest.fixture
+def small_budget(monkeypatch: pytest.MonkeyPatch) -> int:
+    """A logits budget small enough that the test cases split the vocabulary."""
+    from xent import _linear
+
+    monkeypatch.setattr(_linear, "_BUDGET_BYTES", VOCAB_BUDGET)
+    return VOCAB_BUDGET
+
+
+@pytest.mark.parametrize(
+    ("rows", "classes", "itemsize", "chunk_size", "want"),
+    [
+        (4096, 32768, 4, None, (128, 32768)),  # the vocabulary fits: rows from the budget
+        (8192, 128256, 4, None, (32, 128256)),
+        (8192, 2**22, 4, None, (2048, 2048)),  # V = 4M: a square block of 16 MiB
+        (8192, 2**22, 8, None, (1024, 2048)),
+        (8192, 10**6, 4, None, (2048, 2048)),
+        (300, 2**20, 4, None, (300, 2**13)),  # fewer rows than the square: all of them
+        (5, 10**6, 4, None, (5, 2**19)),  # fewer rows than the least block
+        (8192, 2**22, 4, 1, (1, 2**22)),  # one row of 4M float32 fits exactly
+        (8192, 2**22, 8, 1, (1, 2**21)),  # an explicit block keeps its rows
+        (8192, 2**20, 4, 64, (64, 2**16)),
+        (0, 2**30, 4, None, (1, 2**30)),  # no rows: nothing to split
+    ],
+)  # fmt: skip
+def test_vocabulary_is_split_only_when_the_least_block_is_over_budget(
+    rows: int, classes: int, itemsize: int, chunk_size: int | None, want: tuple[int, int]
+) -> None:
+    from xent import _linear, _linear_vocab
+
+    got = _linear_vocab._split(rows, classes, itemsize, chunk_size, _linear._BUDGET_BYTES)
+    assert got == want
+
+
+@pytest.mark.usefixtures("small_budget")
+class TestVocabularyChunks:
+    @pytest.mark.parametrize("name", list(VOCAB_CASES))
+    def test_loss_and_all_three_gradients_match(
+        self, xp: Any, rng: np.random.Generator, name: str
+    ) -> None:
+        case = _case(rng, VOCAB_CASES[name])
+        loss, grads = _call(
+            xent.linear_cross_entropy_and_grad, _inputs(xp, case), case["opts"],
+            chunk_size=VOCAB_CHUNKS.get(name),
+        )  # fmt: skip
+        _assert_matches(xp, loss, grads, _want(case))
+
+    @pytest.mark.only_backends(Backend.NUMPY, Backend.ARRAY_API_STRICT, Backend.TORCH)
+    def test_any_options_and_chunks_match_the_composition(self, xp: Any) -> None:
+        from hypothesis import given
+        from hypothesis import strategies as st
+
+        from xent import _linear
+
+        @property_settings()
+        @given(
+            spec=st.fixed_dictionaries(
+                {},
+                optional={
+                    "probabilities": st.booleans(), "class_weight": st.booleans(),
+                    "sample_weight": st.booleans(), "ignore": st.booleans(),
+                    "bias": st.booleans(), "kdim": st.booleans(),
+                    "label_smoothing": st.sampled_from([0.0, 0.25, 1.0]),
+                    "z_loss": st.sampled_from([0.0, 0.05]), "softcap": st.sampled_from([2.0, 1e3]),
+                    "reduction": st.sampled_from(["mean", "sum", "none"]),
+                },
+            ),
+            chunk=st.sampled_from([None, 1, 2, 5]),
+            budget=st.integers(8, 600),
+            seed=st.integers(0, 2**32 - 1),
+        )  # fmt: skip
+        def check(spec: dict[str, Any], chunk: int | None, budget: int, seed: int) -> None:
+            if spec.get("probabilities"):
+                spec = {**spec, "ignore": False}
+            case = _case(np.random.default_rng(seed), spec)
+            _linear._BUDGET_BYTES = budget
+            loss, grads = _call(
+                xent.linear_cross_entropy_and_grad, _inputs(xp, case), case["opts"],
+                chunk_size=chunk,
+            )  # fmt: skip
+            _assert_matches(xp, loss, grads, _want(case))
+
+        check()
+
+    def test_masked_classes_and_nan_rows_stay_in_their_rows(
+        self, xp: Any, rng: np.random.Generator
+    ) -> None:
+        case = _case(rng, {"reduction": "none"})
+        case["bias"][[2, 5, 6]] = -np.inf  # masked classes, one of them in the first chunk
+        case["target"][:] = np.where(np.isin(case["target"], [2, 5, 6]), 0, case["target"])
+        case["target"][1] = 5  # a masked target: +inf
+        case["hidden"][4] = np.nan  # a NaN row: NaN
+        logits = case["hidden"] @ case["weight"].T + case["bias"]
+        want = ref.cross_entropy(logits, case["target"], reduction="none")
+        assert np.isinf(want[1])
+        assert np.isnan(want[4])
+        assert np.isfinite(np.delete(want, [1, 4])).all()
+        loss = _call(xent.linear_cross_entropy, _inputs(xp, case), {"reduction": "none"})
+        xp_assert_close(loss, want, xp=xp, dtype="float64")
+
+    def test_gradients_skip_masked_classes_and_ignored_rows(
+        self, xp: Any, rng: np.random.Generator
+    ) -> None:
+        case = _case(rng, {"ignore": True, "class_weight": True})
+        case["bias"][[0, 7]] = -np.inf
+        case["target"][:] = np.where(np.isin(case["target"], [0, 7]), 1, case["target"])
+        want = _want(case)
+        assert np.isfinite(want[0])
+        loss, grads = _call(xent.linear_cross_entropy_and_grad, _inputs(xp, case), {})
+        _assert_matches(xp, loss, grads, want)
+
+    def test_bfloat16_matches_the_float32_composition_and_keeps_dtypes(
+        self, xp: Any, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        if current().backend.like(Backend.NUMPY, Backend.ARRAY_API_STRICT):
+            pytest.skip("NumPy and array-api-strict have no bfloat16")
+        from xent import _linear
+
+        # 7 rows of 4 float32 logits take the budget: chunks of 4 classes, the first one short.
+        monkeypatch.setattr(_linear, "_BUDGET_BYTES", 7 * 4 * 4)
+        case = _case(rng, VOCAB_CASES["index-all-options-mean"])
+        arrays = _inputs(xp, case, "bfloat16")
+        rounded = {k: to_numpy(arrays[k]).astype(np.float64) for k in ("hidden", "weight", "bias")}
+        loss_w, dh_w, dw_w, db_w = _want({**case, **rounded})
+        loss, (dh, dw, db) = _call(xent.linear_cross_entropy_and_grad, arrays, case["opts"])
+        eps = 2.0**-7
+        for got, want in ((loss, loss_w), (dh, dh_w), (dw, dw_w), (db, db_w)):
+            scale = float(np.max(np.abs(want)))
+            xp_assert_close(got, want, xp=xp, dtype="bfloat16", rtol=4 * eps, atol=4 * eps * scale)
+
+    @pytest.mark.only_backends(*TORCH_BACKENDS)
+    @pytest.mark.parametrize("name", ["index-no-bias-custom-ignore-none", "probabilities-kdim-none",
+                                      "index-all-options-mean"])  # fmt: skip
+    def test_torch_backward_with_random_cotangent(
+        self, xp: Any, rng: np.random.Generator, name: str
+    ) -> None:
+        _check_torch_backward(xp, rng, VOCAB_CASES[name])
+
+    @pytest.mark.only_backends(*TORCH_BACKENDS)
+    def test_torch_gradcheck_and_gradgradcheck(self, xp: Any, rng: np.random.Generator) -> None:
+        # 5 rows of 4 classes in chunks of 2: few entries, as the numerical Jacobians perturb each.
+        case = _case(rng, VOCAB_CASES["index-all-options-mean"], rows=5, width=3, classes=4)
+        _check_torch_gradgrad(case, chunk=None)
+
+    @pytest.mark.only_backends(*JAX_BACKENDS)
+    def test_jax_jit_grad_with_per_row_cotangent(self, xp: Any, rng: np.random.Generator) -> None:
+        import jax
+
+        spec = {"ignore": True, "label_smoothing": 0.1, "class_weight": True, "softcap": 3.0,
+                "reduction": "none"}  # fmt: skip
+        _check_jax_grads(xp, rng, spec, None, (lambda g, **k: jax.jit(jax.value_and_grad(g, **k)),))
+
+    @pytest.mark.only_backends(Backend.NUMPY)
+    @pytest.mark.eager("tracemalloc measures NumPy's own allocations")
+    def test_peak_memory_is_a_chunk_of_logits_plus_the_gradients(
+        self, xp: Any, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        import tracemalloc
+
+        from xent import _linear
+
+        rows, width, classes, budget = 1024, 16, 2**15, 2**20
+        monkeypatch.setattr(_linear, "_BUDGET_BYTES", budget)
+        hidden = rng.normal(size=(rows, width)).astype(np.float32)
+        weight = rng.normal(size=(classes, width)).astype(np.float32)
+        target = rng.integers(0, classes, size=rows)
+        # A first, smaller call: one-time allocations (imports, caches) stay out of the peak.
+        xent.linear_cross_entropy_and_grad(hidden[:16], weight[:4096], target[:16] % 4096)
+        tracemalloc.start()
+        try:
+            _, grads = xent.linear_cross_entropy_and_grad(
+                hidden, weight, target, label_smoothing=0.1
+            )
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        gradients = sum(g.nbytes for g in grads if g is not None)
+        logits = rows * classes * 4
+        # Blocks of 512 rows x 512 classes (1 MiB); the full logits (128 MiB) would be 60 times
+        # the gradients (2.1 MiB).
+        assert peak <= 3 * gradients + 8 * budget, (peak, gradients)
+        assert peak < logits / 8
+
+
 # --------------------------------------------------------------------------- PyTorch
 def _torch_args(case: dict[str, Any]) -> tuple[Any, ...]:
     import torch
@@ -283,44 +490,54 @@ def _fixed(case: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _check_torch_backward(
+    xp: Any, rng: np.random.Generator, spec: dict[str, Any], chunk: int | None = 3
+) -> None:
+    """Through the autograd Function, with a random cotangent: the composition's gradients."""
+    import torch
+
+    case = _case(rng, spec)
+    h, w, b = _torch_args(case)
+    loss = xent.linear_cross_entropy(
+        h, w, torch.tensor(case["target"]), bias=b, chunk_size=chunk, **_fixed(case)
+    )
+    cot = rng.normal(size=tuple(loss.shape)) * 3.0
+    loss.backward(torch.tensor(cot))
+    loss_w, dh_w, dw_w, db_w = _want(case, cot)
+    xp_assert_close(loss, loss_w, xp=xp, dtype="float64")
+    xp_assert_close(h.grad, dh_w, xp=xp, dtype="float64")
+    xp_assert_close(w.grad, dw_w, xp=xp, dtype="float64")
+    if b is not None:
+        xp_assert_close(b.grad, db_w, xp=xp, dtype="float64")
+
+
+def _check_torch_gradgrad(case: dict[str, Any], chunk: int | None) -> None:
+    import torch
+
+    target, fixed = torch.tensor(case["target"]), _fixed(case)
+
+    def f(h: Any, w: Any, b: Any) -> Any:
+        return xent.linear_cross_entropy(h, w, target, bias=b, chunk_size=chunk, **fixed)
+
+    args = _torch_args(case)
+    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-8, rtol=1e-6)
+    assert torch.autograd.gradgradcheck(f, args, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
 @pytest.mark.only_backends(*TORCH_BACKENDS)
 class TestTorchAutograd:
     @pytest.mark.parametrize("name", list(CASES))
     def test_backward_with_random_cotangent_matches_composition(
         self, xp: Any, rng: np.random.Generator, name: str
     ) -> None:
-        import torch
-
-        case = _case(rng, CASES[name])
-        h, w, b = _torch_args(case)
-        loss = xent.linear_cross_entropy(
-            h, w, torch.tensor(case["target"]), bias=b, chunk_size=3, **_fixed(case)
-        )
-        cot = rng.normal(size=tuple(loss.shape)) * 3.0
-        loss.backward(torch.tensor(cot))
-        loss_w, dh_w, dw_w, db_w = _want(case, cot)
-        xp_assert_close(loss, loss_w, xp=xp, dtype="float64")
-        xp_assert_close(h.grad, dh_w, xp=xp, dtype="float64")
-        xp_assert_close(w.grad, dw_w, xp=xp, dtype="float64")
-        if b is not None:
-            xp_assert_close(b.grad, db_w, xp=xp, dtype="float64")
+        _check_torch_backward(xp, rng, CASES[name])
 
     @pytest.mark.parametrize("name", ["smoothing-class-weight-ignore-none", "z-loss-softcap-mean"])
     def test_gradcheck_and_gradgradcheck(
         self, xp: Any, rng: np.random.Generator, name: str
     ) -> None:
-        import torch
-
         # Few entries: the numerical Jacobians perturb each one.
-        case = _case(rng, CASES[name], rows=5, width=3, classes=4)
-        target, fixed = torch.tensor(case["target"]), _fixed(case)
-
-        def f(h: Any, w: Any, b: Any) -> Any:
-            return xent.linear_cross_entropy(h, w, target, bias=b, chunk_size=3, **fixed)
-
-        args = _torch_args(case)
-        assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-8, rtol=1e-6)
-        assert torch.autograd.gradgradcheck(f, args, eps=1e-6, atol=1e-7, rtol=1e-5)
+        _check_torch_gradgrad(_case(rng, CASES[name], rows=5, width=3, classes=4), chunk=3)
 
     def test_only_requested_gradients_are_computed(self, xp: Any, rng: np.random.Generator) -> None:
         import torch
@@ -362,11 +579,20 @@ class TestTorchAutograd:
         # array-api-compat's `lru_cache` helpers make Dynamo warn while tracing; harmless.
         "ignore:Dynamo detected a call to a `functools.lru_cache`-wrapped function:UserWarning"
     )
+    @pytest.mark.parametrize("budget", [None, VOCAB_BUDGET], ids=["rows", "vocab-chunks"])
     def test_torch_compile_fullgraph_matches_composition(
-        self, xp: Any, rng: np.random.Generator
+        self,
+        xp: Any,
+        rng: np.random.Generator,
+        monkeypatch: pytest.MonkeyPatch,
+        budget: int | None,
     ) -> None:
         import torch
 
+        from xent import _linear
+
+        if budget is not None:
+            monkeypatch.setattr(_linear, "_BUDGET_BYTES", budget)
         torch._dynamo.reset()
         case = _case(rng, CASES["class-weight-ignore-mean"])
         target, fixed = torch.tensor(case["target"]), _fixed(case)
@@ -388,6 +614,30 @@ class TestTorchAutograd:
 
 
 # --------------------------------------------------------------------------- JAX
+def _check_jax_grads(
+    xp: Any, rng: np.random.Generator, spec: dict[str, Any], chunk: int | None, transforms: Any
+) -> None:
+    """Each of ``transforms`` (``jax.value_and_grad``, maybe jitted) of ``sum(cot * loss)``
+    with a random cotangent gives the composition's loss and gradients."""
+    case = _case(rng, spec)
+    arrays = _inputs(xp, case)
+    loss_w = _want(case)[0]
+    cot = rng.normal(size=np.shape(loss_w)) * 3.0
+    _, dh_w, dw_w, db_w = _want(case, cot)
+    c = to_xp(xp, cot)
+
+    def f(h: Any, w: Any, b: Any) -> Any:
+        args = {**arrays, "hidden": h, "weight": w, "bias": b}
+        loss = _call(xent.linear_cross_entropy, args, case["opts"], chunk_size=chunk)
+        return xp.sum(loss * c), loss
+
+    for fn in transforms:
+        (_, loss), grads = fn(f, argnums=(0, 1, 2), has_aux=True)(
+            arrays["hidden"], arrays["weight"], arrays["bias"]
+        )
+        _assert_matches(xp, loss, grads, (loss_w, dh_w, dw_w, db_w))
+
+
 @pytest.mark.only_backends(*JAX_BACKENDS)
 class TestJaxAutodiff:
     @pytest.mark.parametrize("name", ["plain-mean", "none", "smoothing-class-weight-ignore-none",
@@ -398,26 +648,8 @@ class TestJaxAutodiff:
     ) -> None:
         import jax
 
-        case = _case(rng, CASES[name])
-        arrays = _inputs(xp, case)
-        loss_w = _want(case)[0]
-        cot = rng.normal(size=np.shape(loss_w)) * 3.0
-        _, dh_w, dw_w, db_w = _want(case, cot)
-        c = to_xp(xp, cot)
-
-        def f(h: Any, w: Any, b: Any) -> Any:
-            loss = _call(xent.linear_cross_entropy, {**arrays, "hidden": h, "weight": w,
-                                                     "bias": b}, case["opts"], chunk_size=3)  # fmt: skip
-            return xp.sum(loss * c), loss
-
-        for fn in (jax.value_and_grad, lambda g, **k: jax.jit(jax.value_and_grad(g, **k))):
-            (_, loss), grads = fn(f, argnums=(0, 1, 2), has_aux=True)(
-                arrays["hidden"], arrays["weight"], arrays["bias"]
-            )
-            xp_assert_close(loss, loss_w, xp=xp, dtype="float64")
-            xp_assert_close(grads[0], dh_w, xp=xp, dtype="float64")
-            xp_assert_close(grads[1], dw_w, xp=xp, dtype="float64")
-            xp_assert_close(grads[2], db_w, xp=xp, dtype="float64")
+        plain = jax.value_and_grad
+        _check_jax_grads(xp, rng, CASES[name], 3, (plain, lambda g, **k: jax.jit(plain(g, **k))))
 
     @pytest.mark.eager("the torch reference goes through xent too, on torch tensors")
     def test_grads_equal_torch_autograd(self, xp: Any, rng: np.random.Generator) -> None:

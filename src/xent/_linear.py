@@ -5,7 +5,8 @@ target)``, computed over blocks of ``chunk`` rows: each block's logits are made,
 rows' losses by the cross-entropy core, and dropped. The gradients recompute a block's logits,
 take the core's analytic ``d loss / d logits`` for it, and fold it into ``d hidden`` (that
 block's rows), ``d weight`` and ``d bias`` (accumulated over blocks in float32 or float64), so
-extra memory is one block of logits and its gradient, plus the gradients themselves.
+extra memory is one block of logits and its gradient, plus the gradients themselves. Where even
+a block of the least rows is over the budget, :mod:`._linear_vocab` cuts the vocabulary too.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from . import _cross_entropy, _validation
+from . import _cross_entropy, _linear_vocab, _validation
 from ._typing import Array, Namespace, Reduction
 from .backends import Backend, lookup
 
@@ -38,7 +39,8 @@ class _Plan:
     batch: tuple[int, ...]  # hidden.shape[:-1]
     dtype: Any  # compute dtype
     out_dtype: Any
-    chunk: int
+    chunk: int  # rows per block
+    vocab_chunk: int  # classes per chunk; V when the vocabulary is not split
     reduction: str
     ignore_index: int
     smoothing: float
@@ -99,7 +101,10 @@ def linear_cross_entropy(
         Shape ``(V,)``, of ``hidden``'s dtype.
     chunk_size : int, optional
         Rows per block; None picks the largest power of two whose block of logits takes at
-        most 16 MiB.
+        most 16 MiB. Where the least block (``chunk_size`` rows, or 16 when None) of all ``V``
+        classes would be over 16 MiB, the classes are taken in chunks too: of the largest power
+        of two that fits beside ``chunk_size`` rows, or when None beside a square block (2048
+        rows in float32; see ``docs/linear.md``).
     class_weight : array, optional
         Class weights of shape ``(V,)`` (``weight`` of :func:`cross_entropy`).
     sample_weight : array, optional
@@ -248,6 +253,8 @@ def _run(
     need: tuple[bool, bool, bool],
 ) -> tuple[Array, _Grads]:
     with p.ops.quiet():
+        if p.vocab_chunk < p.classes:
+            return _linear_vocab._run(p, hidden, weight, bias, cotangent, need)
         return _blocks(p, hidden, weight, bias, cotangent, need)
 
 
@@ -473,12 +480,10 @@ def _plan(
     if reduction == "mean":
         denominator = xp.sum(counted if sample is None else counted * sample)
     itemsize = xp.finfo(dtype).bits // 8
-    # A power of two, so the blocks usually divide the batch and no short last block is
-    # traced (under jit) beside the scanned ones.
-    chunk = chunk_size or 2 ** max(0, (_BUDGET_BYTES // (classes * itemsize)).bit_length() - 1)
+    chunk, vocab_chunk = _linear_vocab._split(rows, classes, itemsize, chunk_size, _BUDGET_BYTES)
     return _Plan(
         xp=xp, ops=ops, rows=rows, classes=classes, batch=batch, dtype=dtype,
-        out_dtype=hidden.dtype, chunk=min(chunk, max(rows, 1)), reduction=reduction,
+        out_dtype=hidden.dtype, chunk=chunk, vocab_chunk=vocab_chunk, reduction=reduction,
         ignore_index=ignore_index, smoothing=float(label_smoothing), z_loss=float(z_loss),
         softcap=None if softcap is None else float(softcap), target=flat_target,
         class_weight=class_weight, sample=sample, denominator=denominator,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from . import _validation
@@ -315,9 +315,18 @@ def _local_labels(
     if _readable(ops, target, bad, force=False):
         _validation.raise_on_bad_labels(xp, target, bad, classes, ignore_index)
     start = class_start if isinstance(class_start, int) else xp.astype(class_start, index_dtype)
-    shifted = y - start
+    local_label, mine = _in_slice(xp, y, valid, start, local)
+    return local_label, mine, ignored, bad
+
+
+def _in_slice(
+    xp: Namespace, labels: Array, valid: Array, start: int | Array, local: int
+) -> tuple[Array, Array]:
+    """The labels within the slice of ``local`` classes from ``start`` (0 where they are not
+    there), and whether the slice holds them (only ``valid`` ones count)."""
+    shifted = labels - start
     mine = valid & (shifted >= 0) & (shifted < local)
-    return xp.where(mine, shifted, xp.zeros_like(shifted)), mine, ignored, bad
+    return xp.where(mine, shifted, xp.zeros_like(shifted)), mine
 
 
 # --------------------------------------------------------------------------- forward
@@ -335,22 +344,9 @@ class _Stats:
 
 
 def _stats(p: _Problem, x: Array) -> _Stats:
-    xp, ops, group = p.xp, p.ops, p.group
-    peak = group.all_reduce_max(xp.max(x, axis=p.axis, keepdims=True))
-    shift = xp.where(xp.isfinite(peak), peak, xp.zeros_like(peak))
-    zero = xp.zeros_like(shift)
-    parts = [
-        xp.sum(xp.exp(x - shift), axis=p.axis, keepdims=True),
-        xp.where(p.mine, ops.take_along_axis(x, p.local_label, p.axis), zero),
-    ]
-    if p.weight is not None:
-        at_label = ops.take(xp.reshape(p.weight, (-1,)), p.local_label)
-        parts.append(xp.where(p.mine, at_label, zero))
-    if p.smoothing:
-        gap = shift - x
-        parts.append(
-            xp.sum(gap if p.weight is None else gap * p.weight, axis=p.axis, keepdims=True)
-        )
+    xp, group = p.xp, p.group
+    shift = _shift(xp, group.all_reduce_max(xp.max(x, axis=p.axis, keepdims=True)))
+    parts = _sums(p, x, shift)
     scalars = 0
     if p.smoothing and p.weight is not None:
         parts.append(xp.reshape(xp.sum(p.weight), (1,)))
@@ -364,16 +360,44 @@ def _stats(p: _Problem, x: Array) -> _Stats:
         for i in range(len(parts) - scalars)
     ]
     weight_total: Array | float = total[-1] if scalars else float(p.classes)
-    label_weight = split[2] if p.weight is not None else None
-    spread = split[-1] if p.smoothing else None
-    denominator = None
+    s = _from_sums(p, shift, split, weight_total)
     if p.reduction == "mean":
         counted = xp.astype(~p.ignored, p.dtype)
-        base = counted if label_weight is None else counted * label_weight
-        denominator = xp.sum(base if p.sample is None else base * p.sample)
+        base = counted if s.label_weight is None else counted * s.label_weight
+        s = replace(s, denominator=xp.sum(base if p.sample is None else base * p.sample))
+    return s
+
+
+def _shift(xp: Namespace, peak: Array) -> Array:
+    """The row max where it is finite, else 0: the shift of the exponentials."""
+    return xp.where(xp.isfinite(peak), peak, xp.zeros_like(peak))
+
+
+def _sums(p: _Problem, x: Array, shift: Array) -> list[Array]:
+    """This slice's per-row sums, to be added over all slices: of ``exp(x - shift)``, the logit
+    at the label and (with ``weight``) its class weight (both 0 where the slice lacks the
+    label), and (with label smoothing) the weighted gaps ``shift - x``, in that order."""
+    xp, ops = p.xp, p.ops
+    zero = xp.zeros_like(shift)
+    sums = [
+        xp.sum(xp.exp(x - shift), axis=p.axis, keepdims=True),
+        xp.where(p.mine, ops.take_along_axis(x, p.local_label, p.axis), zero),
+    ]
+    if p.weight is not None:
+        at_label = ops.take(xp.reshape(p.weight, (-1,)), p.local_label)
+        sums.append(xp.where(p.mine, at_label, zero))
+    if p.smoothing:
+        gap = shift - x
+        sums.append(xp.sum(gap if p.weight is None else gap * p.weight, axis=p.axis, keepdims=True))
+    return sums
+
+
+def _from_sums(p: _Problem, shift: Array, sums: list[Array], weight_total: Array | float) -> _Stats:
+    """The statistics from the sums of :func:`_sums` over all classes (no denominator)."""
     return _Stats(
-        shift=shift, log_sum=xp.log(split[0]), target=split[1], label_weight=label_weight,
-        spread=spread, weight_total=weight_total, denominator=denominator,
+        shift=shift, log_sum=p.xp.log(sums[0]), target=sums[1],
+        label_weight=sums[2] if p.weight is not None else None,
+        spread=sums[-1] if p.smoothing else None, weight_total=weight_total, denominator=None,
     )  # fmt: skip
 
 
@@ -382,19 +406,7 @@ def _forward(p: _Problem, input: Array) -> tuple[Array, tuple[Array, _Stats]]:
     with p.ops.quiet():
         x = xp.astype(input, p.dtype, copy=False)
         s = _stats(p, x)
-        rows = s.log_sum - (s.target - s.shift)
-        if s.label_weight is not None:
-            rows = rows * s.label_weight
-        if s.spread is not None:
-            spread = s.spread + s.weight_total * s.log_sum
-            rows = (1.0 - p.smoothing) * rows + (p.smoothing / p.classes) * spread
-        if p.z_loss:
-            lse = s.shift + s.log_sum
-            rows = rows + p.z_loss * lse * lse
-        rows = xp.where(p.ignored, xp.zeros_like(rows), rows)
-        rows = xp.where(p.bad, xp.full_like(rows, math.nan), rows)
-        if p.sample is not None:
-            rows = rows * p.sample
+        rows = _rows(p, s)
         if p.reduction == "none":
             loss = xp.squeeze(rows, axis=p.axis)
         else:
@@ -402,6 +414,23 @@ def _forward(p: _Problem, input: Array) -> tuple[Array, tuple[Array, _Stats]]:
             if s.denominator is not None:
                 loss = loss / s.denominator
     return xp.astype(loss, p.out_dtype, copy=False), (x, s)
+
+
+def _rows(p: _Problem, s: _Stats) -> Array:
+    """Each row's loss (class axis of size 1, times its sample weight) from the statistics."""
+    xp = p.xp
+    rows = s.log_sum - (s.target - s.shift)
+    if s.label_weight is not None:
+        rows = rows * s.label_weight
+    if s.spread is not None:
+        spread = s.spread + s.weight_total * s.log_sum
+        rows = (1.0 - p.smoothing) * rows + (p.smoothing / p.classes) * spread
+    if p.z_loss:
+        lse = s.shift + s.log_sum
+        rows = rows + p.z_loss * lse * lse
+    rows = xp.where(p.ignored, xp.zeros_like(rows), rows)
+    rows = xp.where(p.bad, xp.full_like(rows, math.nan), rows)
+    return rows if p.sample is None else rows * p.sample
 
 
 # --------------------------------------------------------------------------- backward
