@@ -80,7 +80,8 @@ def _plain_loss(
             total = jnp.sum(rows)
         else:
             # One reduction for both sums: the losses and the rows counted.
-            total, count = jnp.sum(jnp.stack([rows, (y != ignore).astype(dtype)]), axis=-1)
+            both = jnp.stack([jnp.ravel(rows), jnp.ravel(y != ignore).astype(dtype)])
+            total, count = jnp.sum(both, axis=1)
         if reduction == "mean":
             total = total / count
         return total.astype(input.dtype), count
