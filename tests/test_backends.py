@@ -253,7 +253,9 @@ class TestJaxFusedLoss:
             )
             # The exponentials are summed inside the reduction that reads the logits: no
             # shifted copy of them (256 KiB here) is ever stored.
-            temp = compiled.memory_analysis().temp_size_in_bytes
+            stats = compiled.memory_analysis()
+            assert stats is not None
+            temp = stats.temp_size_in_bytes
             assert temp < x.nbytes // 16, f"{reduction}: {temp} bytes of temporaries"
 
     @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
