@@ -101,15 +101,21 @@ def _plain_loss(
         e = jnp.exp(x.astype(dtype) - shift[..., None])
         total = jnp.sum(e, axis=-1)
         out, count = reduce(jnp.log(total) - picked, y)
-        # The tangent is ``sum((softmax - onehot) * dx)`` per row, the one-hot term a select
-        # (not a gather), so reverse mode transposes the whole into one elementwise pass,
-        # ``e * (row scale) - (scale at the label)``, with no scatter. A row's factor is 1
-        # when counted, 0 when ignored and NaN for an invalid label (a product, so that the
-        # NaN reaches the gradient).
+        # The tangent is ``sum(e * dx) / total - dx[label]`` per row. Reverse mode transposes
+        # the gather into Optax's gradient: one multiply per element (``e`` times a row's
+        # scale), then one value per row scattered into that buffer in place. Where the
+        # gradient is cast back to a narrower input dtype, the scatter would need a pass of
+        # its own before the cast, so the label's term is a one-hot select there, which the
+        # transpose fuses with the multiply and the cast into one pass.
         dx = dx.astype(dtype)
-        onehot = jnp.arange(classes, dtype=y.dtype) == y[..., None]
-        at_label = jnp.sum(jnp.where(onehot, dx, 0), axis=-1)
+        if jnp.dtype(input.dtype) == jnp.dtype(dtype):
+            at_label = jnp.take_along_axis(dx, y[..., None], axis=-1, mode="clip")[..., 0]
+        else:
+            onehot = jnp.arange(classes, dtype=y.dtype) == y[..., None]
+            at_label = jnp.sum(jnp.where(onehot, dx, 0), axis=-1)
         rows = jnp.sum(e * dx, axis=-1) * (1.0 / total) - at_label
+        # A row's factor is 1 when counted, 0 when ignored and NaN for an invalid label (a
+        # product, so that the NaN reaches the gradient).
         factor = jnp.where((y >= 0) & (y < classes), 1.0, jnp.nan)
         if ignore is not None:
             factor = jnp.where(y == ignore, 0.0, factor)
