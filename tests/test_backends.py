@@ -419,3 +419,74 @@ class TestNumpyFusedPass:
                 _store(got, src)
                 want = src.astype(np.float16)
             np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+
+
+@pytest.mark.only_backends(Backend.JAX)
+class TestJaxFusedLoss:
+    """The plain loss under ``jax.jit``: XLA's graph stays as lean as Optax's, with xent's rules."""
+
+    def test_forward_stores_no_logit_sized_temporary(
+        self, xp: Any, rng: np.random.Generator
+    ) -> None:
+        import jax
+
+        x = to_xp(xp, rng.normal(size=(64, 1024)), dtype="float32")
+        y = to_xp(xp, rng.integers(0, 1024, size=64))
+        for reduction in ("mean", "sum", "none"):
+            compiled = (
+                jax.jit(lambda a, b, r=reduction: xent.cross_entropy(a, b, reduction=r))
+                .lower(x, y)
+                .compile()
+            )
+            # The exponentials are summed inside the reduction that reads the logits: no
+            # shifted copy of them (256 KiB here) is ever stored.
+            stats = compiled.memory_analysis()
+            assert stats is not None
+            temp = stats.temp_size_in_bytes
+            assert temp < x.nbytes // 16, f"{reduction}: {temp} bytes of temporaries"
+
+    @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+    def test_gradient_matches_general_path(
+        self, xp: Any, rng: np.random.Generator, reduction: Literal["mean", "sum", "none"]
+    ) -> None:
+        import jax
+
+        x_np = rng.normal(size=(3, 4, 6)) * 3
+        x_np[0, 1, 2] = -np.inf  # a masked class, off-target
+        y_np = rng.integers(0, 6, size=(3, 4))
+        y_np[0, 1] = 0
+        y_np[1, :2] = 2  # ignored: ignore_index is a class here
+        y_np[2, 3] = 7  # invalid, unchecked: a NaN row and NaN gradient
+        x, y = to_xp(xp, x_np, dtype="float32"), to_xp(xp, y_np, dtype="int32")
+        cot = to_xp(xp, rng.normal(size=(3, 4)), dtype="float32")
+
+        def call() -> Any:
+            def f(a: Any) -> Any:
+                loss = xent.cross_entropy(a, y, ignore_index=2, reduction=reduction, validate=False)
+                return jax.numpy.sum(loss * cot) if reduction == "none" else loss
+
+            value, grad = jax.jit(jax.value_and_grad(f))(x)
+            return jax.numpy.concatenate([jax.numpy.ravel(value), jax.numpy.ravel(grad)])
+
+        ours, generic = _both(call)
+        np.testing.assert_allclose(ours, generic, rtol=1e-5, atol=1e-7, equal_nan=True)
+        grad = ours[-x_np.size :].reshape(x_np.shape)
+        assert np.isnan(grad[2, 3]).all()
+        assert np.isfinite(np.delete(grad.reshape(12, 6), 11, axis=0)).all()
+        np.testing.assert_array_equal(grad[1, :2], 0.0)
+        # The invalid row's NaN reaches the loss through every reduction.
+        assert np.isnan(ours[: ours.size - x_np.size]).any()
+
+    def test_mean_counts_rows_along_every_batch_axis(
+        self, xp: Any, rng: np.random.Generator
+    ) -> None:
+        x_np = rng.normal(size=(3, 4, 5))
+        y_np = rng.integers(0, 5, size=(3, 4))
+        y_np[0, :3] = -100
+        y_np[2, 1] = -100
+        x, y = to_xp(xp, x_np, dtype="float32"), to_xp(xp, y_np)
+        rows = ref.cross_entropy(x_np, y_np, reduction="none")
+        want = rows.sum() / 8
+        np.testing.assert_allclose(to_numpy(xent.cross_entropy(x, y)), want, rtol=1e-5)
+        ours, generic = _both(lambda: xent.cross_entropy(x, y))
+        np.testing.assert_allclose(ours, generic, rtol=1e-5)

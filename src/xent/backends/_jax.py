@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -45,61 +46,85 @@ def _widens_exactly(dtype: Any, index_dtype: Any) -> bool:
 def _plain_loss(
     input: Array, target: Array, ignore: int | None, reduction: str, dtype: Any
 ) -> Array:
-    """The plain cross-entropy as a ``jax.custom_jvp`` whose tangent is one fused pass."""
+    """The plain cross-entropy as a ``jax.custom_jvp`` whose rule XLA fuses as it fuses Optax's.
+
+    The row max and the logit at the label are read from ``input`` itself, so the shifted
+    logits are never stored: the forward sums the exponentials inside the reduction that reads
+    ``input``. Every per-row mask is a select on a vector of rows, and the mean's row count is
+    summed with the losses in one reduction.
+    """
     classes = input.shape[-1]
 
-    def masks(y: Array) -> tuple[Array, Array]:
-        valid = (y >= 0) & (y < classes)
-        ignored = (y == ignore) if ignore is not None else jnp.zeros_like(valid)
-        # 1 for a counted row, 0 for an ignored one, NaN for an invalid label (carried into
-        # the gradient by the product).
-        factor = jnp.where(valid & ~ignored, 1.0, jnp.where(ignored, 0.0, jnp.nan)).astype(dtype)
-        return factor, ignored
-
-    def shifted(x: Array) -> Array:
-        x = x.astype(dtype)
-        shift = jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
-        return x - jnp.where(jnp.isfinite(shift), shift, 0)
-
-    def reduce(z: Array, log_sum: Array, y: Array, factor: Array, ignored: Array) -> Array:
+    def stats(x: Array, y: Array) -> tuple[Array, Array]:
+        """``(shift, x_y - shift)`` per row, in ``dtype``."""
+        # The max converts exactly (the conversion is monotone), so float16/bfloat16 rows
+        # are reduced at their own width and shifted in ``dtype``.
+        m = jnp.max(x, axis=-1)
+        shift = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0).astype(dtype))
+        picked = jnp.take_along_axis(x, y[..., None], axis=-1, mode="clip")[..., 0]
         # ``log_sum - (x_y - shift)``, not ``logsumexp - x_y``: a confident row's small loss
         # does not come from the cancellation of two large numbers.
-        picked = jnp.take_along_axis(z, y[..., None], axis=-1, mode="clip")
-        # An ignored row is 0 whatever its logits (NaN, infinities) hold: a select, not a
-        # product.
-        rows = jnp.where(ignored, 0.0, (log_sum - picked)[..., 0]) * factor
+        return shift, picked.astype(dtype) - shift
+
+    def reduce(rows: Array, y: Array) -> tuple[Array, Array | float]:
+        """The loss from the raw row losses, and the mean's row count."""
+        # NaN for an invalid label; 0 for an ignored row whatever its logits (NaN,
+        # infinities) hold.
+        rows = jnp.where((y >= 0) & (y < classes), rows, jnp.nan)
+        if ignore is not None:
+            rows = jnp.where(y == ignore, 0.0, rows)
         if reduction == "none":
-            return rows.astype(input.dtype)
-        total = jnp.sum(rows)
+            return rows.astype(input.dtype), 1.0
+        if reduction == "sum" or ignore is None:
+            count = float(math.prod(y.shape))
+            total = jnp.sum(rows)
+        else:
+            # One reduction for both sums: the losses and the rows counted.
+            both = jnp.stack([jnp.ravel(rows), jnp.ravel(y != ignore).astype(dtype)])
+            total, count = jnp.sum(both, axis=1)
         if reduction == "mean":
-            total = total / jnp.sum((~ignored).astype(dtype))
-        return total.astype(input.dtype)
+            total = total / count
+        return total.astype(input.dtype), count
 
     @jax.custom_jvp
     def loss(x: Array, y: Array) -> Array:
         # Forward only: the exponentials are summed where they are made, never stored.
-        z = shifted(x)
-        return reduce(z, jnp.log(jnp.sum(jnp.exp(z), axis=-1, keepdims=True)), y, *masks(y))
+        shift, picked = stats(x, y)
+        total = jnp.sum(jnp.exp(x.astype(dtype) - shift[..., None]), axis=-1)
+        return reduce(jnp.log(total) - picked, y)[0]
 
     def loss_jvp(primals: Any, tangents: Any) -> tuple[Array, Array]:
         x, y = primals
         dx, _ = tangents
-        # With a gradient the exponentials are stored once and reused: the gradient is
-        # ``softmax - onehot`` (a select at the label, not a gather, so reverse mode
-        # transposes it into one elementwise pass), scaled per row.
-        factor, ignored = masks(y)
-        z = shifted(x)
-        e = jnp.exp(z)
-        total = jnp.sum(e, axis=-1, keepdims=True)
-        out = reduce(z, jnp.log(total), y, factor, ignored)
-        onehot = jnp.arange(classes, dtype=y.dtype) == y[..., None]
-        grad = e * (1.0 / total) - onehot.astype(dtype)
-        rows = jnp.sum(grad * dx.astype(dtype), axis=-1) * factor
+        # With a gradient the exponentials are stored once and reused.
+        shift, picked = stats(x, y)
+        e = jnp.exp(x.astype(dtype) - shift[..., None])
+        total = jnp.sum(e, axis=-1)
+        out, count = reduce(jnp.log(total) - picked, y)
+        # The tangent is ``sum(e * dx) / total - dx[label]`` per row. Reverse mode transposes
+        # the gather into Optax's gradient: one multiply per element (``e`` times a row's
+        # scale), then one value per row scattered into that buffer in place. Where the
+        # gradient is cast back to a narrower input dtype, the scatter would need a pass of
+        # its own before the cast, so the label's term is a one-hot select there, which the
+        # transpose fuses with the multiply and the cast into one pass.
+        dx = dx.astype(dtype)
+        if jnp.dtype(input.dtype) == jnp.dtype(dtype):
+            at_label = jnp.take_along_axis(dx, y[..., None], axis=-1, mode="clip")[..., 0]
+        else:
+            onehot = jnp.arange(classes, dtype=y.dtype) == y[..., None]
+            at_label = jnp.sum(jnp.where(onehot, dx, 0), axis=-1)
+        rows = jnp.sum(e * dx, axis=-1) * (1.0 / total) - at_label
+        # A row's factor is 1 when counted, 0 when ignored and NaN for an invalid label (a
+        # product, so that the NaN reaches the gradient).
+        factor = jnp.where((y >= 0) & (y < classes), 1.0, jnp.nan)
+        if ignore is not None:
+            factor = jnp.where(y == ignore, 0.0, factor)
+        rows = rows * factor.astype(dtype)
         if reduction == "none":
             return out, rows.astype(input.dtype)
         tangent = jnp.sum(rows)
         if reduction == "mean":
-            tangent = tangent / jnp.sum((~ignored).astype(dtype))
+            tangent = tangent / count
         return out, tangent.astype(input.dtype)
 
     loss.defjvp(loss_jvp)
