@@ -317,6 +317,28 @@ class TestSpecialValues:
         mean = xent.cross_entropy(to_xp(xp, x), to_xp(xp, t))
         xp_assert_close(mean, np.inf, xp=xp, dtype="float64")
 
+    @pytest.mark.parametrize("smoothing", [1.0, 0.5])
+    def test_target_at_minus_inf_gives_inf_with_any_smoothing(
+        self, xp: Any, smoothing: float
+    ) -> None:
+        """With ``label_smoothing=1`` the label's term has weight 0: it is left out, not
+        ``0 * inf`` (PyTorch gives NaN there), so the loss is the spread's ``inf``."""
+        x = np.array([[0.0, -np.inf, 1.0], [0.5, 0.2, 0.1]])
+        t = np.array([1, 0])
+        w = np.array([0.5, 2.0, 1.0])
+        for options in ({}, {"weight": to_xp(xp, w)}):
+            loss, grad = xent.cross_entropy_and_grad(
+                to_xp(xp, x), to_xp(xp, t), label_smoothing=smoothing, reduction="none",
+                **options,
+            )  # fmt: skip
+            want = ref.cross_entropy(
+                x, t, label_smoothing=smoothing, reduction="none",
+                weight=None if not options else w,
+            )  # fmt: skip
+            assert want[0] == np.inf
+            xp_assert_close(loss, want, xp=xp, dtype="float64")
+            assert np.isfinite(to_numpy(grad)).all()
+
     def test_row_of_only_minus_inf_gives_nan_for_that_row(self, xp: Any) -> None:
         x = np.array([[-np.inf, -np.inf, -np.inf], [0.5, 0.2, 0.1], [1.0, -np.inf, 0.0]])
         t = np.array([1, 0, 2])
@@ -876,8 +898,10 @@ def adversarial_cases(draw: Any, *, probabilities: bool) -> dict[str, Any]:
     # Huge logits: 1/256 of the dtype's max, so that no sum of at most 27 weighted terms
     # overflows where the float64 reference does not.
     top = float(np.finfo(np.float32 if dtype == "bfloat16" else dtype).max)
-    x = np.empty(shape)
-    rows = np.moveaxis(x, axis, -1).reshape(-1, n_classes)  # a view of x: rows are written in place
+    # The rows are written into a contiguous array with the class axis last (its reshape is a
+    # view), which is then moved to `axis`.
+    moved = np.empty((*(n for i, n in enumerate(shape) if i != axis % len(shape)), n_classes))
+    rows = moved.reshape(-1, n_classes)
     for row in rows:
         if from_logits:
             row[:] = rng.normal(size=n_classes) * draw(st.sampled_from([1.0, 30.0]))
@@ -898,6 +922,7 @@ def adversarial_cases(draw: Any, *, probabilities: bool) -> dict[str, Any]:
             row[:] = -np.inf
         else:
             row[:] = 0.0  # renormalising an all-zero row is 0 / 0: NaN
+    x = np.ascontiguousarray(np.moveaxis(moved, -1, axis))
     opts: dict[str, Any] = {
         "axis": axis,
         "from_logits": from_logits,

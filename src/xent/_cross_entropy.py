@@ -325,6 +325,15 @@ def _lse(stats: _Stats) -> Array:
     return shift + log_sum
 
 
+def _smoothed(at_label: Array, spread: Array, smoothing: float, classes: int) -> Array:
+    """``(1 - e) * at_label + (e / C) * spread``; with ``e == 1`` the label's term is left
+    out rather than multiplied by 0, so an infinite ``-lp[y]`` (a target logit at ``-inf``)
+    gives the ``inf`` of the spread, not ``0 * inf``."""
+    if smoothing == 1.0:
+        return spread / classes
+    return (1.0 - smoothing) * at_label + (smoothing / classes) * spread
+
+
 def _index_rows(p: _Problem, x: Array, stats: _Stats | None) -> Array:
     xp = p.xp
     rows = _neg_logprob(p.ops.take_along_axis(x, p.labels, p.axis), stats)
@@ -335,7 +344,7 @@ def _index_rows(p: _Problem, x: Array, stats: _Stats | None) -> Array:
         if p.weight is not None:
             neg = neg * p.weight
         spread = xp.sum(neg, axis=p.axis, keepdims=True)
-        rows = (1.0 - p.smoothing) * rows + (p.smoothing / p.classes) * spread
+        rows = _smoothed(rows, spread, p.smoothing, p.classes)
     rows = _with_z_loss(p, rows, stats)
     rows = xp.where(p.ignored, xp.zeros_like(rows), rows)
     # Invalid labels: NaN by a product, not a select, so autodiff carries the NaN into the

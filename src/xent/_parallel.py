@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from . import _validation
-from ._cross_entropy import _readable
+from ._cross_entropy import _readable, _smoothed
 from ._typing import Array, Namespace, Reduction
 from .backends import Backend, lookup
 
@@ -424,7 +424,7 @@ def _rows(p: _Problem, s: _Stats) -> Array:
         rows = rows * s.label_weight
     if s.spread is not None:
         spread = s.spread + s.weight_total * s.log_sum
-        rows = (1.0 - p.smoothing) * rows + (p.smoothing / p.classes) * spread
+        rows = _smoothed(rows, spread, p.smoothing, p.classes)
     if p.z_loss:
         lse = s.shift + s.log_sum
         rows = rows + p.z_loss * lse * lse
