@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import _validation
 from ._typing import Array, Namespace, Reduction
@@ -485,9 +485,9 @@ _RULE = GradRule(forward=_forward, backward=_backward, tangent=_tangent)
 
 
 # --------------------------------------------------------------------------- preparation
-@dataclass(frozen=True)
-class _Checked:
-    """Arguments that passed every check, scalar options as Python numbers."""
+class _Checked(NamedTuple):
+    """Arguments that passed every check, scalar options as Python numbers (a named tuple:
+    built on every call, it costs a fraction of a frozen dataclass)."""
 
     xp: Namespace
     ops: Backend
@@ -533,26 +533,25 @@ def _check(
     ops = lookup(xp)
     _validation.same_device(ops, arrays)
     _validation.floating_input(xp, "input", input)
-    ax = _validation.axis(axis, input.ndim)
-    _validation.reduction(reduction)
-    label_smoothing, eps, z_loss, softcap = _validation.options(
-        label_smoothing=label_smoothing, eps=eps, from_logits=from_logits, z_loss=z_loss,
-        softcap=softcap, validate=validate,
+    ax, label_smoothing, eps, z_loss, softcap, ignore_index = _validation.scalars(
+        axis=axis, ndim=input.ndim, reduction=reduction, label_smoothing=label_smoothing,
+        eps=eps, from_logits=from_logits, z_loss=z_loss, softcap=softcap, validate=validate,
+        ignore_index=ignore_index,
     )  # fmt: skip
-    ignore_index = _validation.ignore_index(ignore_index)
     kind = _validation.target_kind(xp, input, target, ax)
     if kind == "prob":
         _validation.probability_target_options(ignore_index, _IGNORE_INDEX)
     classes = _validation.class_count(input.shape, ax)
-    _validation.class_weight(weight, classes)
-    per_row = tuple(input.shape[:ax] + input.shape[ax + 1 :])
-    _validation.broadcastable("sample_weight", sample_weight, per_row, "the per-example shape")
+    if weight is not None:
+        _validation.class_weight(weight, classes)
+    if sample_weight is not None:
+        per_row = tuple(input.shape[:ax] + input.shape[ax + 1 :])
+        _validation.broadcastable("sample_weight", sample_weight, per_row, "the per-example shape")
     _validation.real_weights(xp, "weight", weight)
     _validation.real_weights(xp, "sample_weight", sample_weight)
     return _Checked(
-        xp=xp, ops=ops, axis=ax, kind=kind, from_logits=from_logits, smoothing=label_smoothing,
-        eps=eps, z_loss=z_loss, softcap=softcap, ignore_index=ignore_index, reduction=reduction,
-        validate=validate,
+        xp, ops, ax, kind, from_logits, label_smoothing, eps, z_loss, softcap, ignore_index,
+        reduction, validate,
     )  # fmt: skip
 
 
