@@ -80,12 +80,16 @@ def _checked(present: dict[str, Array], xp: Namespace | None, found: Namespace) 
             f"`xp` must be the namespace of the arrays ({getattr(found, '__name__', found)}) or "
             f"its library module, got {getattr(xp, '__name__', None) or repr(xp)}"
         )
-    ops = lookup(found)
+    dense(lookup(found), present)
+    return found
+
+
+def dense(ops: Any, present: dict[str, Array]) -> None:
+    """Raise TypeError for an array that is not a plain dense one (masked, sparse)."""
     for name, a in present.items():
         why = ops.unsupported(a)
         if why is not None:
             raise TypeError(f"`{name}` must be a plain dense array, got {why}")
-    return found
 
 
 def same_device(ops: Any, arrays: dict[str, Array | None]) -> None:
@@ -255,6 +259,12 @@ _SCALARS_MAX = 256
 """Remembered combinations at most (a loop over changing options cannot grow it further)."""
 
 
+def plain_scalars(types: tuple[type, ...]) -> bool:
+    """Whether every type in ``types`` is a plain Python scalar's, whose checks may be
+    remembered by value."""
+    return _PLAIN.issuperset(types)
+
+
 def scalars(
     *,
     axis: Any,
@@ -277,7 +287,7 @@ def scalars(
     """
     values = (axis, ndim, reduction, label_smoothing, eps, from_logits, z_loss, softcap)
     key = (*values, validate, ignore_index, *map(type, values), type(validate), type(ignore_index))
-    plain = _PLAIN.issuperset(key[10:])
+    plain = plain_scalars(key[10:])
     if plain:
         found = _SCALARS.get(key)
         if found is not None:
