@@ -127,8 +127,9 @@ block cast to float32 in cache; smaller ones are cast whole and call ``F.cross_e
 (fewer kernel launches, which dominate there)."""
 
 _FUSED_BLOCK_ELEMENTS = 2**20
-"""Rows are taken in blocks of about this many elements (4 MiB in float32): few enough blocks
-that the kernels' parallel regions stay long, small enough to stay in the last-level cache."""
+"""Rows are taken in blocks of about this many elements (4 MiB in float32) per float32 scratch
+buffer beyond the first: few enough blocks that the kernels' parallel regions stay long, small
+enough that the scratch stays in the last-level cache."""
 
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -192,9 +193,15 @@ def _fused_rows(
         on_label = r * (1.0 - smoothing) if label_w is None else r * label_w * (1.0 - smoothing)
         spread = r.mul_(-smoothing / c).unsqueeze(1) if smoothing else None
         mass = (torch.where(ignored, 0, target).unsqueeze(1), on_label.neg_().unsqueeze(1), spread)
-    step = max(1, _FUSED_BLOCK_ELEMENTS // c)
-    cast = x.new_empty((min(step, n), c), dtype=f32) if x.dtype != f32 else None
+    # The scratch blocks: float32 log-probabilities, written over the float32 copy of a
+    # float16/bfloat16 block (ATen's row kernel reads each row before it writes it); the
+    # gradient needs the copy apart. Without a gradient, one buffer: twice the rows.
+    buffers = 1 if x.dtype == f32 else 1 + with_grad
+    step = max(1, _FUSED_BLOCK_ELEMENTS * 2 // (buffers * c))
     lp = x.new_empty((min(step, n), c), dtype=f32)
+    cast = None
+    if x.dtype != f32:
+        cast = lp if not with_grad else x.new_empty((min(step, n), c), dtype=f32)
     grad = torch.empty_like(x) if with_grad else None
     if step >= n:
         # One block: the arrays themselves, no slicing (a fixed cost on small inputs).
