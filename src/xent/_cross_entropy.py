@@ -539,8 +539,9 @@ def _check(
     The checks' answer depends on the arrays' types, dtypes and shapes and on the options, which
     a training loop repeats call after call: for two arrays of a registered class (whose
     namespace is known without array-api-compat), concrete, and options of plain Python
-    scalars, a passing answer is remembered under those; a call that finds it still checks
-    what the key does not hold (dense layout, one device).
+    scalars, a passing answer is remembered under those and the backend that serves them (native
+    overrides on or off); a call that finds it still checks what the key does not hold (dense
+    layout, one device).
     """
     arrays = {"input": input, "target": target, "weight": weight, "sample_weight": sample_weight}
     key = None
@@ -554,7 +555,7 @@ def _check(
                 key = (
                     *options, ignore_index, validate, *map(type, options), type(ignore_index),
                     type(validate), type(input), type(target), input.dtype, target.dtype,
-                    tuple(input.shape), tuple(target.shape), found,
+                    tuple(input.shape), tuple(target.shape), ops,
                 )  # fmt: skip
                 checked = _CHECKED.get(key)
                 if checked is not None:
