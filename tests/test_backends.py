@@ -490,3 +490,142 @@ class TestJaxFusedLoss:
         np.testing.assert_allclose(to_numpy(xent.cross_entropy(x, y)), want, rtol=1e-5)
         ours, generic = _both(lambda: xent.cross_entropy(x, y))
         np.testing.assert_allclose(ours, generic, rtol=1e-5)
+
+
+# --- PyTorch CPU: the loss by blocks of rows ----------------------------------------------------
+
+TORCH = pytest.mark.only_backends(Backend.TORCH)
+
+
+@pytest.fixture
+def torch_rows(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """PyTorch's blocked fused loss on small inputs: every 2-D float32/float16/bfloat16 input of
+    more than 16 elements takes it, 64 elements to a block; the list counts its calls."""
+    pytest.importorskip("torch")
+    from xent.backends import _torch
+
+    calls: list[int] = []
+    rows = _torch._fused_rows
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return rows(*args, **kwargs)
+
+    monkeypatch.setattr(_torch, "_fused_rows", counted)
+    monkeypatch.setattr(_torch, "_FUSED_BYTES", 64)
+    monkeypatch.setattr(_torch, "_HALF_ROWS_ELEMENTS", 16)
+    monkeypatch.setattr(_torch, "_FUSED_BLOCK_ELEMENTS", 64)
+    return calls
+
+
+def _torch_generic(fn: Callable[[], Any]) -> Any:
+    previous = xent.backends.set_native(False)
+    try:
+        return fn()
+    finally:
+        xent.backends.set_native(previous)
+
+
+@TORCH
+class TestTorchRows:
+    """The blocked fused loss (several blocks of rows, float16/bfloat16 cast per block) gives
+    the generic path's loss and gradient, declines what it cannot serve, and raises xent's
+    errors."""
+
+    @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+    @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+    def test_blocks_match_general_path(
+        self, torch_rows: list[int], rng: np.random.Generator, dtype: str, reduction: str
+    ) -> None:
+        import torch
+
+        x_np = rng.normal(size=(13, 11)) * 4
+        y_np = rng.integers(0, 11, size=13)
+        y_np[[2, 9]] = 4  # ignored below
+        x = torch.tensor(x_np, dtype=getattr(torch, dtype))
+        y = torch.tensor(y_np)
+        w = torch.tensor(rng.random(11) + 0.5, dtype=torch.float32)
+        cot = None if reduction != "none" else torch.tensor(rng.random(13) + 0.5).to(x.dtype)
+        tol = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 2e-3}[dtype]
+        for options in ({}, {"weight": w, "label_smoothing": 0.2, "ignore_index": 4}):
+
+            def run(options: dict[str, Any] = options) -> tuple[Any, Any, Any]:
+                xg = x.clone().requires_grad_(True)
+                loss = xent.cross_entropy(xg, y, reduction=reduction, **options)
+                (loss if cot is None else loss * cot).sum().backward()
+                with torch.no_grad():
+                    plain = xent.cross_entropy(x, y, reduction=reduction, **options)
+                return loss.detach(), xg.grad, plain
+
+            before = len(torch_rows)
+            ours = run()
+            assert len(torch_rows) >= before + 2  # with the gradient, then without
+            generic = _torch_generic(run)
+            for a, b in zip(ours, generic, strict=True):
+                assert a.dtype == x.dtype
+                np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=tol, atol=tol)
+
+    def test_switching_native_off_reaches_the_generic_path(
+        self, torch_rows: list[int], rng: np.random.Generator
+    ) -> None:
+        import torch
+
+        x = torch.tensor(rng.normal(size=(6, 5)), dtype=torch.float32)
+        y = torch.tensor(rng.integers(0, 5, size=6))
+        native = xent.cross_entropy(x, y)
+        assert len(torch_rows) == 1
+        generic = _torch_generic(lambda: xent.cross_entropy(x, y))
+        assert len(torch_rows) == 1  # the remembered checks carry the backend they were made for
+        np.testing.assert_allclose(to_numpy(native), to_numpy(generic), rtol=1e-6)
+
+    def test_cotangent_and_double_backward(
+        self, torch_rows: list[int], rng: np.random.Generator
+    ) -> None:
+        import torch
+
+        x = torch.tensor(rng.normal(size=(9, 10)), dtype=torch.float32)
+        y = torch.tensor(rng.integers(0, 10, size=9))
+        v = torch.tensor(rng.normal(size=(9, 10)), dtype=torch.float32)
+
+        def run() -> tuple[Any, Any]:
+            xg = x.clone().requires_grad_(True)
+            (g,) = torch.autograd.grad(3.0 * xent.cross_entropy(xg, y), xg, create_graph=True)
+            (h,) = torch.autograd.grad((g * v).sum(), xg)
+            return g.detach(), h
+
+        ours = run()
+        assert torch_rows
+        generic = _torch_generic(run)
+        for a, b in zip(ours, generic, strict=True):
+            np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=1e-5, atol=1e-7)
+
+    def test_bad_labels_raise_xent_errors_from_any_block(
+        self, torch_rows: list[int], rng: np.random.Generator
+    ) -> None:
+        import torch
+
+        x = torch.tensor(rng.normal(size=(12, 8)), dtype=torch.bfloat16)
+        y = torch.tensor(rng.integers(0, 8, size=12))
+        y[10] = 8  # in the second block of rows
+        with pytest.raises(ValueError, match=r"label 8 at position \(10,\)"):
+            xent.cross_entropy(x, y)
+        loss = xent.cross_entropy(x, y, reduction="none", validate=False)
+        assert torch_rows
+        np.testing.assert_array_equal(np.isnan(to_numpy(loss)), np.arange(12) == 10)
+
+    def test_non_finite_rows_decline_to_general_path(
+        self, torch_rows: list[int], rng: np.random.Generator
+    ) -> None:
+        import torch
+
+        x_np = _logits(rng, 12, 9)
+        y_np = rng.integers(0, 9, size=12)
+        y_np[4] = 0
+        x, y = torch.tensor(x_np).to(torch.bfloat16), torch.tensor(y_np)
+        for reduction in ("none", "mean"):
+            ours = to_numpy(xent.cross_entropy(x, y, reduction=reduction))
+            generic = to_numpy(
+                _torch_generic(lambda r=reduction: xent.cross_entropy(x, y, reduction=r))
+            )
+            np.testing.assert_allclose(ours, generic, rtol=1e-2, equal_nan=True)
+        assert torch_rows

@@ -429,6 +429,36 @@ class TestScalarOptions:
             xent.binary_cross_entropy(to_xp(xp, np.zeros(2)), to_xp(xp, np.ones(2)), eps=True)
 
 
+class TestRememberedChecks:
+    """A passing answer of the checks is remembered per array types, dtypes and shapes and per
+    option values and types: a call that differs in an option, or in an option's type alone
+    (``True`` for ``1``), or in a layout the key does not hold, is checked again."""
+
+    def test_options_are_checked_after_a_passing_call(self, xp: Any) -> None:
+        x = to_xp(xp, np.zeros((2, 3)), dtype="float32")
+        t = to_xp(xp, np.asarray([0, 1]))
+        for _ in range(2):
+            xent.cross_entropy(x, t, ignore_index=1, label_smoothing=0.5, from_logits=True)
+        with pytest.raises(TypeError, match=r"`ignore_index` must be .*, got the bool True"):
+            xent.cross_entropy(x, t, ignore_index=True, label_smoothing=0.5)
+        with pytest.raises(ValueError, match=r"`label_smoothing` must be a number in \[0.0, 1.0\]"):
+            xent.cross_entropy(x, t, ignore_index=1, label_smoothing=1.5)
+        with pytest.raises(TypeError, match="`from_logits` must be True or False, got 1"):
+            xent.cross_entropy(x, t, ignore_index=1, label_smoothing=0.5, from_logits=1)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="`reduction` must be one of"):
+            xent.cross_entropy(x, t, reduction="avg")  # type: ignore[arg-type]
+
+    @pytest.mark.only_backends(Backend.TORCH)
+    def test_torch_sparse_input_after_a_dense_one_is_rejected(self, xp: Any) -> None:
+        import torch
+
+        x = torch.eye(3, dtype=torch.float64)
+        t = torch.tensor([0, 1, 2])
+        xent.cross_entropy(x, t)
+        with pytest.raises(TypeError, match=r"`input` must be a plain dense array.*sparse"):
+            xent.cross_entropy(x.to_sparse(), t)
+
+
 class TestXpArgument:
     """`xp=` takes the arrays' namespace or their plain library module; anything else (a
     string, another library) is a TypeError naming `xp`."""

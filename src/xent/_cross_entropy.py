@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import _validation
 from ._typing import Array, Namespace, Reduction
-from .backends import Backend, GradRule, lookup
+from .backends import Backend, GradRule, lookup, namespace_of
 
 __all__ = ["cross_entropy", "cross_entropy_and_grad"]
 
@@ -494,9 +494,9 @@ _RULE = GradRule(forward=_forward, backward=_backward, tangent=_tangent)
 
 
 # --------------------------------------------------------------------------- preparation
-@dataclass(frozen=True)
-class _Checked:
-    """Arguments that passed every check, scalar options as Python numbers."""
+class _Checked(NamedTuple):
+    """Arguments that passed every check, scalar options as Python numbers (a named tuple:
+    built on every call, it costs a fraction of a frozen dataclass)."""
 
     xp: Namespace
     ops: Backend
@@ -519,6 +519,13 @@ class _Checked:
         )
 
 
+_CHECKED: dict[tuple[Any, ...], _Checked] = {}
+"""Answers of :func:`_check` that passed, by everything they depend on (see there)."""
+
+_CHECKED_MAX = 256
+"""Remembered answers at most (a loop over changing shapes cannot grow it further)."""
+
+
 def _check(
     input: Array,
     target: Array,
@@ -536,33 +543,66 @@ def _check(
     validate: bool | None,
     xp: Namespace | None,
 ) -> _Checked:
-    """Every check that reads no label values; ``kind`` is ``"index"`` or ``"prob"``."""
+    """Every check that reads no label values; ``kind`` is ``"index"`` or ``"prob"``.
+
+    The checks' answer depends on the arrays' types, dtypes and shapes and on the options, which
+    a training loop repeats call after call: for two arrays of a registered class (whose
+    namespace is known without array-api-compat), concrete, and options of plain Python
+    scalars, a passing answer is remembered under those and the backend that serves them (native
+    overrides on or off); a call that finds it still checks what the key does not hold (dense
+    layout, one device).
+    """
     arrays = {"input": input, "target": target, "weight": weight, "sample_weight": sample_weight}
+    key = None
+    if weight is None and sample_weight is None and xp is None:
+        found = namespace_of(input)
+        if found is not None and namespace_of(target) is found:
+            ops = lookup(found)
+            # Traced arrays (a compiler's symbolic shapes) are checked each time.
+            if not ops.is_traced(input):
+                options = (axis, from_logits, label_smoothing, reduction, z_loss, softcap, eps)
+                key = (
+                    *options, ignore_index, validate, *map(type, options), type(ignore_index),
+                    type(validate), type(input), type(target), input.dtype, target.dtype,
+                    tuple(input.shape), tuple(target.shape), ops,
+                )  # fmt: skip
+                checked = _CHECKED.get(key)
+                if checked is not None:
+                    pair = {"input": input, "target": target}
+                    _validation.dense(ops, pair)
+                    _validation.same_device(ops, pair)
+                    return checked
+                if not _validation.plain_scalars(key[9:18]):
+                    key = None
     xp = _validation.namespace(arrays, xp)
     ops = lookup(xp)
     _validation.same_device(ops, arrays)
     _validation.floating_input(xp, "input", input)
-    ax = _validation.axis(axis, input.ndim)
-    _validation.reduction(reduction)
-    label_smoothing, eps, z_loss, softcap = _validation.options(
-        label_smoothing=label_smoothing, eps=eps, from_logits=from_logits, z_loss=z_loss,
-        softcap=softcap, validate=validate,
+    ax, label_smoothing, eps, z_loss, softcap, ignore_index = _validation.scalars(
+        axis=axis, ndim=input.ndim, reduction=reduction, label_smoothing=label_smoothing,
+        eps=eps, from_logits=from_logits, z_loss=z_loss, softcap=softcap, validate=validate,
+        ignore_index=ignore_index,
     )  # fmt: skip
-    ignore_index = _validation.ignore_index(ignore_index)
     kind = _validation.target_kind(xp, input, target, ax)
     if kind == "prob":
         _validation.probability_target_options(ignore_index, _IGNORE_INDEX)
     classes = _validation.class_count(input.shape, ax)
-    _validation.class_weight(weight, classes)
-    per_row = tuple(input.shape[:ax] + input.shape[ax + 1 :])
-    _validation.broadcastable("sample_weight", sample_weight, per_row, "the per-example shape")
+    if weight is not None:
+        _validation.class_weight(weight, classes)
+    if sample_weight is not None:
+        per_row = tuple(input.shape[:ax] + input.shape[ax + 1 :])
+        _validation.broadcastable("sample_weight", sample_weight, per_row, "the per-example shape")
     _validation.real_weights(xp, "weight", weight)
     _validation.real_weights(xp, "sample_weight", sample_weight)
-    return _Checked(
-        xp=xp, ops=ops, axis=ax, kind=kind, from_logits=from_logits, smoothing=label_smoothing,
-        eps=eps, z_loss=z_loss, softcap=softcap, ignore_index=ignore_index, reduction=reduction,
-        validate=validate,
+    checked = _Checked(
+        xp, ops, ax, kind, from_logits, label_smoothing, eps, z_loss, softcap, ignore_index,
+        reduction, validate,
     )  # fmt: skip
+    if key is not None:
+        if len(_CHECKED) >= _CHECKED_MAX:
+            _CHECKED.clear()
+        _CHECKED[key] = checked
+    return checked
 
 
 def _problem(

@@ -41,9 +41,14 @@ def namespace(arrays: dict[str, Array | None], xp: Namespace | None) -> Namespac
     ``jax.numpy``, ...): either resolves to the namespace the arrays have.
     """
     present = {name: a for name, a in arrays.items() if a is not None}
-    registered = [namespace_of(a) for a in present.values()]
-    first = registered[0]
-    if first is not None and all(ns is first for ns in registered):
+    first = None
+    for a in present.values():
+        found = namespace_of(a)
+        if found is None or (first is not None and found is not first):
+            first = None
+            break
+        first = found
+    if first is not None:
         return _checked(present, xp, first)
     for name, a in present.items():
         known = _ARRAY_TYPES.get(type(a))
@@ -75,23 +80,31 @@ def _checked(present: dict[str, Array], xp: Namespace | None, found: Namespace) 
             f"`xp` must be the namespace of the arrays ({getattr(found, '__name__', found)}) or "
             f"its library module, got {getattr(xp, '__name__', None) or repr(xp)}"
         )
-    ops = lookup(found)
+    dense(lookup(found), present)
+    return found
+
+
+def dense(ops: Any, present: dict[str, Array]) -> None:
+    """Raise TypeError for an array that is not a plain dense one (masked, sparse)."""
     for name, a in present.items():
         why = ops.unsupported(a)
         if why is not None:
             raise TypeError(f"`{name}` must be a plain dense array, got {why}")
-    return found
 
 
 def same_device(ops: Any, arrays: dict[str, Array | None]) -> None:
     """Raise TypeError if the arrays live on different devices."""
-    found = [(name, ops.placement(a)) for name, a in arrays.items() if a is not None]
-    known = [(name, d) for name, d in found if d is not None]
-    for name, d in known[1:]:
-        if d != known[0][1]:
+    first_name, first = "", None
+    for name, a in arrays.items():
+        d = None if a is None else ops.placement(a)
+        if d is None:
+            continue
+        if first is None:
+            first_name, first = name, d
+        elif d != first:
             raise TypeError(
-                f"all arrays must be on one device, expected `{name}` on {known[0][1]} "
-                f"(the device of `{known[0][0]}`), got {d}"
+                f"all arrays must be on one device, expected `{name}` on {first} "
+                f"(the device of `{first_name}`), got {d}"
             )
 
 
@@ -233,6 +246,66 @@ def options(
     return smoothing, clip, z, cap
 
 
+_axis, _reduction, _ignore_index = axis, reduction, ignore_index
+"""The checks under other names, for :func:`scalars`, whose keywords shadow them."""
+
+_PLAIN = frozenset((int, float, bool, str, type(None)))
+"""Types of scalar options whose checks are remembered by value (immutable, hashable, exact)."""
+
+_SCALARS: dict[tuple[Any, ...], tuple[int, float, float, float, float | None, int]] = {}
+"""Results of :func:`scalars` that passed, by the options' values and types."""
+
+_SCALARS_MAX = 256
+"""Remembered combinations at most (a loop over changing options cannot grow it further)."""
+
+
+def plain_scalars(types: tuple[type, ...]) -> bool:
+    """Whether every type in ``types`` is a plain Python scalar's, whose checks may be
+    remembered by value."""
+    return _PLAIN.issuperset(types)
+
+
+def scalars(
+    *,
+    axis: Any,
+    ndim: int,
+    reduction: Any,
+    label_smoothing: Any,
+    eps: Any,
+    from_logits: Any,
+    z_loss: Any,
+    softcap: Any,
+    validate: Any,
+    ignore_index: Any,
+) -> tuple[int, float, float, float, float | None, int]:
+    """Check the cross-entropy's scalar options in order (axis, reduction, the numeric options,
+    ``ignore_index``); return ``(axis, label_smoothing, eps, z_loss, softcap, ignore_index)``.
+
+    The checks depend on the values alone, so combinations of plain Python scalars that passed
+    are remembered (keyed by type as well: ``True``, ``1`` and ``1.0`` are told apart); only a
+    call that passes is stored, so every error is raised by the checks themselves.
+    """
+    values = (axis, ndim, reduction, label_smoothing, eps, from_logits, z_loss, softcap)
+    key = (*values, validate, ignore_index, *map(type, values), type(validate), type(ignore_index))
+    plain = plain_scalars(key[10:])
+    if plain:
+        found = _SCALARS.get(key)
+        if found is not None:
+            return found
+    ax = _axis(axis, ndim)
+    _reduction(reduction)
+    smoothing, clip, z, cap = options(
+        label_smoothing=label_smoothing, eps=eps, from_logits=from_logits, z_loss=z_loss,
+        softcap=softcap, validate=validate,
+    )  # fmt: skip
+    result = (ax, smoothing, clip, z, cap, _ignore_index(ignore_index))
+    if plain:
+        if len(_SCALARS) >= _SCALARS_MAX:
+            _SCALARS.clear()
+        _SCALARS[key] = result
+    return result
+
+
 def real_weights(xp: Namespace, name: str, value: Array | None) -> None:
     """Raise TypeError unless the weight ``value`` holds real numbers (a complex weight would
     be cut to its real part)."""
@@ -252,9 +325,10 @@ def probability_target_options(ignore_index: int, default: int) -> None:
 
 def target_kind(xp: Namespace, input: Array, target: Array, ax: int) -> str:
     """``"index"`` for class indices, ``"prob"`` for class probabilities."""
-    per_row = input.shape[:ax] + input.shape[ax + 1 :]
+    shape = tuple(input.shape)
+    per_row = shape[:ax] + shape[ax + 1 :]
     if isdtype(xp, target.dtype, "integral"):
-        if not same_shape(target.shape, per_row):
+        if tuple(target.shape) != per_row and not same_shape(target.shape, per_row):
             raise ValueError(
                 f"`target` holds class indices (dtype {target.dtype}) and has shape {_shape(target.shape)}, "
                 f"expected {_shape(per_row)} (input shape {_shape(input.shape)} without axis {ax}); "
@@ -262,7 +336,7 @@ def target_kind(xp: Namespace, input: Array, target: Array, ax: int) -> str:
             )
         return "index"
     if isdtype(xp, target.dtype, "real floating"):
-        if not same_shape(target.shape, input.shape):
+        if tuple(target.shape) != shape and not same_shape(target.shape, shape):
             raise ValueError(
                 f"`target` holds class probabilities (dtype {target.dtype}) and has shape "
                 f"{_shape(target.shape)}, expected the input's shape {_shape(input.shape)}; "

@@ -92,18 +92,25 @@ _ARRAY_CLASSES: dict[tuple[str, str], Callable[[], ModuleType]] = {
     ("torch", "Tensor"): _load_torch,
 }
 _by_namespace: dict[int, ModuleType] = {}
+_by_class: dict[type, Namespace | None] = {}
+"""The answer of :func:`namespace_of` per class (the walk over the class's bases, once)."""
 
 
 def namespace_of(x: object) -> Namespace | None:
     """The namespace of ``x`` where its class is one of the registered array classes."""
-    for cls in type(x).__mro__:
+    kind = type(x)
+    if kind in _by_class:
+        return _by_class[kind]
+    found: Namespace | None = None
+    for cls in kind.__mro__:
         load = _ARRAY_CLASSES.get((cls.__module__, cls.__qualname__))
         if load is not None:
             module = load()
-            found: Namespace = module.NAMESPACE
+            found = module.NAMESPACE
             _by_namespace[id(found)] = module
-            return found
-    return None
+            break
+    _by_class[kind] = found
+    return found
 
 
 def set_native(enabled: bool) -> bool:

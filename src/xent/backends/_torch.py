@@ -72,8 +72,10 @@ class _AnalyticGrad(torch.autograd.Function):
         return ctx.rule.backward(ctx.state, x, saved, cotangent), None, None
 
 
-_BLOCK_BYTES = 2**20
-"""Rows are taken in blocks of about this many bytes, so each block's temporary stays in cache."""
+_BLOCK_BYTES = 4 * 2**20
+"""Rows are taken in blocks of about this many bytes: each block's temporary stays in the
+last-level cache, and the blocks are few, so the kernels' parallel regions (each waiting for
+every thread, a stall when another process holds a core) stay few and long."""
 
 _ONE_BLOCK_BYTES = 8 * 2**20
 """Inputs up to this size are taken in one block (fewer kernel launches)."""
@@ -111,16 +113,195 @@ def _chunked_logsumexp(x: Array) -> tuple[Array, Array]:
     return shift.reshape(keep), log_sum.reshape(keep)
 
 
-_OWN_DTYPES = (torch.float32, torch.float64)
-_FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
+_FUSED_DTYPES = (torch.float32, torch.float64, *_HALF_DTYPES)
 
 _FUSED_BYTES = 16 * 2**20
-"""Inputs up to this size take ``F.cross_entropy``; larger ones the blocked log-sum-exp, which
-never writes a full-size temporary."""
+"""float32 and float64 inputs up to this size call ``F.cross_entropy`` once; larger float32 ones
+take the loss by blocks of rows (:func:`_fused_rows`), which never writes a full-size
+log-softmax (whose page faults make ``F.cross_entropy`` slow there)."""
+
+_HALF_ROWS_ELEMENTS = 2**21
+"""float16/bfloat16 inputs of this many elements or more take the loss by blocks of rows, each
+block cast to float32 in cache; smaller ones are cast whole and call ``F.cross_entropy`` once
+(fewer kernel launches, which dominate there)."""
+
+_FUSED_BLOCK_ELEMENTS = 2**20
+"""Rows are taken in blocks of about this many elements (4 MiB in float32) per float32 scratch
+buffer beyond the first: few enough blocks that the kernels' parallel regions stay long, small
+enough that the scratch stays in the last-level cache."""
 
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 """The range of ``ignore_index`` that ATen's kernel takes."""
+
+_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+"""ATen's reduction codes, which its entries below take (their stubs say strings)."""
+
+_cross_entropy_loss: Any = torch._C._nn.cross_entropy_loss
+_nll_loss: Any = torch._C._nn.nll_loss_nd
+
+_Mass = tuple[Array, Array, Array | None]
+"""The gradient's target mass: safe labels, minus the mass at the label, minus the smoothing
+spread per row (None without smoothing); all per row, with a class axis of size 1."""
+
+
+def _fused_rows(
+    x: Array,
+    target: Array,
+    weight: Array | None,
+    ignore_index: int,
+    smoothing: float,
+    reduction: str,
+    *,
+    with_grad: bool,
+    cotangent: Array | None = None,
+) -> tuple[Array, Array | None]:
+    """The cross-entropy of a 2-D ``x`` (float32, 0-d or per row) and, with ``with_grad``, the
+    gradient of ``sum(loss * cotangent)`` (``cotangent`` 1 when None) in ``x``'s dtype.
+
+    Blocks of rows go through ATen's kernels in float32 while they sit in cache: the copy of
+    a float16/bfloat16 block into a reused float32 scratch, ``log_softmax``, ``nll_loss`` (which
+    raises on a label outside ``[0, C)`` that is not ``ignore_index``), and for the gradient
+    ATen's log-softmax backward of the same log-probabilities, whose fast exp is that of the
+    forward kernel. Nothing of ``x``'s size is written but the gradient, and a reduced-precision input
+    is read once, in its own width.
+    """
+    n, c = x.shape
+    f32 = torch.float32
+    ignored = target == ignore_index
+    w = label_w = None
+    if weight is None:
+        denominator = n - ignored.sum()
+    else:
+        w = weight.to(f32)
+        label_w = torch.where(ignored, 0.0, w[target.clamp(0, c - 1)])
+        denominator = label_w.sum()
+    mass = None
+    if with_grad:
+        # The gradient's target mass per row: the cotangent, over the mean's denominator, 0 on
+        # ignored rows; `on_label` of it at the label, `spread` (times the class weight) on
+        # every class.
+        if cotangent is None or cotangent.ndim == 0:
+            r = (~ignored).to(f32)
+            if cotangent is not None:
+                r = r.mul_(cotangent.to(f32))
+        else:
+            r = torch.where(ignored, 0.0, cotangent.to(f32))
+        if reduction == "mean":
+            r = r.div_(denominator)
+        on_label = r * (1.0 - smoothing) if label_w is None else r * label_w * (1.0 - smoothing)
+        spread = r.mul_(-smoothing / c).unsqueeze(1) if smoothing else None
+        mass = (torch.where(ignored, 0, target).unsqueeze(1), on_label.neg_().unsqueeze(1), spread)
+    # The scratch blocks: float32 log-probabilities, written over the float32 copy of a
+    # float16/bfloat16 block (ATen's row kernel reads each row before it writes it); the
+    # gradient needs the copy apart. Without a gradient, one buffer: twice the rows.
+    buffers = 1 if x.dtype == f32 else 1 + with_grad
+    step = max(1, _FUSED_BLOCK_ELEMENTS * 2 // (buffers * c))
+    lp = x.new_empty((min(step, n), c), dtype=f32)
+    cast = None
+    if x.dtype != f32:
+        cast = lp if not with_grad else x.new_empty((min(step, n), c), dtype=f32)
+    grad = torch.empty_like(x) if with_grad else None
+    if step >= n:
+        # One block: the arrays themselves, no slicing (a fixed cost on small inputs).
+        rows = _fused_block(x, target, ignored, w, ignore_index, smoothing, cast, lp, grad, mass)
+    else:
+        rows = x.new_empty((n,), dtype=f32)
+        for start in range(0, n, step):
+            part = slice(start, start + step)
+            b = min(step, n - start)
+            rows[part] = _fused_block(
+                x[part], target[part], ignored[part], w, ignore_index, smoothing,
+                None if cast is None else cast[:b], lp[:b], None if grad is None else grad[part],
+                None if mass is None else _block_mass(mass, part),
+            )  # fmt: skip
+    if reduction == "none":
+        return rows, grad
+    loss = rows.sum()
+    return (loss / denominator if reduction == "mean" else loss), grad
+
+
+def _block_mass(mass: _Mass, part: slice) -> _Mass:
+    labels, neg_on_label, neg_spread = mass
+    return labels[part], neg_on_label[part], None if neg_spread is None else neg_spread[part]
+
+
+def _fused_block(
+    x: Array,
+    target: Array,
+    ignored: Array,
+    w: Array | None,
+    ignore_index: int,
+    smoothing: float,
+    cast: Array | None,
+    lp: Array,
+    grad: Array | None,
+    mass: _Mass | None,
+) -> Array:
+    """One block of :func:`_fused_rows`: its losses, and its gradient written into ``grad``."""
+    c = x.shape[1]
+    xb = x if cast is None else cast.copy_(x)
+    lb = torch.log_softmax(xb, 1, out=lp)
+    loss = _nll_loss(lb, target, w, 0, ignore_index)
+    if smoothing:
+        spread = lb.sum(1) if w is None else lb @ w
+        spread.masked_fill_(ignored, 0.0)
+        loss = loss.mul_(1.0 - smoothing).sub_(spread, alpha=smoothing / c)
+    if grad is not None and mass is not None:
+        # ATen's log-softmax backward, ``go - exp(lp) * sum(go)`` per row, with ``go`` the
+        # negated target mass (whose row sum is ``-total``), written over ``go`` itself.
+        labels, neg_on_label, neg_spread = mass
+        go = grad if cast is None else xb
+        if neg_spread is None:
+            go.zero_()
+        elif w is None:
+            go.copy_(neg_spread.expand(-1, c))
+        else:
+            torch.mul(neg_spread, w, out=go)
+        go.scatter_add_(1, labels, neg_on_label)
+        torch._log_softmax_backward_data(go, lb, 1, torch.float32, out=go)
+        if cast is not None:
+            grad.copy_(go)
+    return loss
+
+
+class _FusedRows(torch.autograd.Function):
+    """:func:`_fused_rows` under autograd: the gradient comes with the loss, once for the
+    cotangent 1 (what ``loss.backward()`` passes), else again from ``x`` for the cotangent given;
+    under ``create_graph`` it is rebuilt with differentiable ops."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Array, target: Array, weight: Array | None, options: Any) -> Array:
+        ignore_index, smoothing, reduction = options
+        loss, grad = _fused_rows(
+            x, target, weight, ignore_index, smoothing, reduction, with_grad=True
+        )
+        ctx.save_for_backward(x, target, weight)
+        ctx.options = options
+        ctx.grad = grad
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, cotangent: Array) -> tuple[Array, None, None, None]:
+        x, target, weight = ctx.saved_tensors
+        ignore_index, smoothing, reduction = ctx.options
+        if torch.is_grad_enabled():
+            with torch.enable_grad():
+                loss = torch.nn.functional.cross_entropy(
+                    x.float(), target, weight, ignore_index=ignore_index, reduction=reduction,
+                    label_smoothing=smoothing,
+                )  # fmt: skip
+                (g,) = torch.autograd.grad(loss, x, cotangent, create_graph=True)
+            return g, None, None, None
+        grad = ctx.grad
+        ctx.grad = None
+        if grad is None or not bool((cotangent == 1).all()):
+            _, grad = _fused_rows(
+                x, target, weight, ignore_index, smoothing, reduction, with_grad=True,
+                cotangent=cotangent,
+            )  # fmt: skip
+        return grad, None, None, None
 
 
 class Native(Backend):
@@ -185,37 +366,63 @@ class Native(Backend):
         label_smoothing: float,
         reduction: str,
     ) -> Array | None:
-        # On the CPU, in (N, C, ...) layout, ``F.cross_entropy`` has xent's
-        # semantics (weighted mean over rows not ignored, smoothing spread over every class)
-        # and checks every label that is not ``ignore_index`` itself. Its error on a bad label
-        # sends the call back to the core, which raises xent's error (or gives the NaN of
-        # validate=False). Traced arrays, other devices (a bad label is a device-side assert
-        # there), and inputs large enough that its full-size log_softmax output costs more
-        # than the blocked log-sum-exp stay on xent's own path.
+        # On the CPU, in (N, C, ...) layout, ATen's kernels have xent's semantics (weighted
+        # mean over rows not ignored, smoothing spread over every class) and check every label
+        # that is not ``ignore_index`` itself. Their error on a bad label sends the call back to
+        # the core, which raises xent's error (or gives the NaN of validate=False). Traced
+        # arrays, other devices (a bad label is a device-side assert there), and inputs large
+        # enough that the blocked log-sum-exp wins stay on xent's own path.
+        ndim, dtype, size = input.ndim, input.dtype, input.numel()
         if (
-            input.device.type != "cpu"
-            or input.dtype not in _FUSED_DTYPES
-            or axis != min(1, input.ndim - 1)
-            or not 0 < input.numel() * 4 <= _FUSED_BYTES
-            or type(ignore_index) is not int
+            not input.is_cpu
+            or dtype not in _FUSED_DTYPES
+            or axis != (1 if ndim > 1 else 0)
+            or size == 0
             or not _INT64_MIN <= ignore_index <= _INT64_MAX
             # `.long()` would wrap uint64's upper half onto negative labels (-100 included).
             or target.dtype == torch.uint64
-            or self.is_traced(input)
-            or self.is_traced(target)
+            or torch.compiler.is_compiling()
+            or _functorch_wrapped(input)
+            or _functorch_wrapped(target)
+            or isinstance(input, torch._subclasses.FakeTensor)
         ):
             return None
-        # float16/bfloat16 compute in float32 and cast back, as on xent's own path.
-        logits = input if input.dtype in _OWN_DTYPES else input.float()
+        half = dtype in _HALF_DTYPES
+        rows = ndim == 2 and (
+            size >= _HALF_ROWS_ELEMENTS
+            if half
+            else dtype == torch.float32 and size * 4 > _FUSED_BYTES
+        )
+        if not rows and size * 4 > _FUSED_BYTES:
+            return None
         if weight is not None:
             if weight.requires_grad and torch.is_grad_enabled():
                 return None  # ATen's kernel has no derivative for the class weights
-            weight = weight.to(logits.dtype)
+            weight = weight.to(torch.float64 if dtype == torch.float64 else torch.float32)
+        labels = target if target.dtype == torch.int64 else target.long()
         try:
-            loss = torch.nn.functional.cross_entropy(
-                logits, target.long(), weight, ignore_index=ignore_index, reduction=reduction,
-                label_smoothing=label_smoothing,
-            )  # fmt: skip
+            if not rows:
+                # float16/bfloat16 compute in float32 and cast back, as on xent's own path.
+                logits = input.float() if half else input
+                if type(input) is torch.Tensor and type(target) is torch.Tensor:
+                    # ATen's entry itself: no tensor subclass can override it here.
+                    loss = _cross_entropy_loss(
+                        logits, labels, weight, _REDUCTIONS[reduction], ignore_index,
+                        label_smoothing,
+                    )  # fmt: skip
+                else:
+                    loss = torch.nn.functional.cross_entropy(
+                        logits, labels, weight, ignore_index=ignore_index, reduction=reduction,
+                        label_smoothing=label_smoothing,
+                    )  # fmt: skip
+            elif input.requires_grad and torch.is_grad_enabled():
+                options = (ignore_index, label_smoothing, reduction)
+                loss = _FusedRows.apply(input, labels, weight, options)
+            else:
+                loss, _ = _fused_rows(
+                    input, labels, weight, ignore_index, label_smoothing, reduction,
+                    with_grad=False,
+                )  # fmt: skip
         except (IndexError, RuntimeError):
             return None
         # Non-finite logits (a +inf, a row of -inf, NaN) or an empty mean: ATen's kernel and
