@@ -10,6 +10,7 @@ extra memory is one block of logits and its gradient, plus the gradients themsel
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -265,12 +266,16 @@ def _blocks(
     dev = ops.device(p.target)
     r_all = _row_cotangent(p, cotangent) if any(need) else None
     per_row = r_all is not None and r_all.ndim == 1
+    # One buffer for every block's logits, which the gradient then overwrites (where the
+    # backend writes in place): no block-sized allocation per block.
+    scratch = ops.scratch((min(p.chunk, p.rows), p.classes), p.dtype, hidden)
 
     def step(carry: tuple[Any, ...], block: tuple[Any, ...]) -> tuple[Any, ...]:
         """One block of rows: its losses, its rows of ``d hidden``, the sums carried over."""
         total, dw, db = carry
         h, target, sample, r = block
-        logits = _logits(xp, p.dtype, h, weight, bias)
+        out = None if scratch is None else scratch[: int(h.shape[0]), ...]
+        logits = ops.linear_logits(h, weight, bias, p.dtype, out)
         cp = _block_problem(p, target, sample, logits)
         loss, saved = _cross_entropy._forward(cp, logits)
         total = total + xp.sum(loss)
@@ -337,23 +342,24 @@ def _scan_blocks(
 
 
 def _logits(xp: Namespace, dtype: Any, h: Array, weight: Array, bias: Array | None) -> Array:
-    """One block's logits in the compute dtype (the product in the inputs' dtype, whose
-    matrix kernels accumulate in float32 for float16/bfloat16)."""
-    z = xp.astype(h @ xp.matrix_transpose(weight), dtype, copy=False)
-    return z if bias is None else z + xp.astype(bias, dtype, copy=False)
+    """One block's logits in the compute dtype, in a new array."""
+    return lookup(xp).linear_logits(h, weight, bias, dtype, None)
 
 
 def _block_problem(p: _Plan, target: Array, sample: Array | None, logits: Array) -> Any:
-    """The cross-entropy problem of one block (labels were checked once, for all rows)."""
+    """The cross-entropy problem of one block (labels were checked once, for all rows). The
+    logits are the block's own, so the gradient may overwrite them, except under a softcap
+    (whose derivative reads the capped logits after the softmax)."""
     kind = "prob" if target.ndim == logits.ndim else "index"
     checked = _cross_entropy._Checked(
         xp=p.xp, ops=p.ops, axis=logits.ndim - 1, kind=kind, from_logits=True,
         smoothing=p.smoothing, eps=1e-7, z_loss=p.z_loss, softcap=p.softcap,
         ignore_index=p.ignore_index, reduction="none", validate=False,
     )  # fmt: skip
-    return _cross_entropy._problem(
+    problem = _cross_entropy._problem(
         logits, target, checked, weight=p.class_weight, sample_weight=sample
     )
+    return dataclasses.replace(problem, overwrite=p.softcap is None)
 
 
 def _row_cotangent(p: _Plan, cotangent: Array | None) -> Array:
