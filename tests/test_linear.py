@@ -305,6 +305,26 @@ class TestTorchAutograd:
         if b is not None:
             xp_assert_close(b.grad, db_w, xp=xp, dtype="float64")
 
+    @pytest.mark.parametrize("scale", [2.5, 0.0])
+    def test_uniform_cotangent_of_per_row_loss_scales_forward_gradients(
+        self, xp: Any, rng: np.random.Generator, scale: float
+    ) -> None:
+        import torch
+
+        # The forward's gradients of sum(loss) serve any cotangent equal on every row (the
+        # `.sum()` or `.mean()` of the rows); the zero cotangent too.
+        case = _case(rng, CASES["smoothing-class-weight-ignore-none"])
+        h, w, b = _torch_args(case)
+        loss = xent.linear_cross_entropy(
+            h, w, torch.tensor(case["target"]), bias=b, chunk_size=3, **_fixed(case)
+        )
+        cot = np.full(tuple(loss.shape), scale)
+        (loss * torch.tensor(cot)).sum().backward()
+        _, dh_w, dw_w, db_w = _want(case, cot)
+        xp_assert_close(h.grad, dh_w, xp=xp, dtype="float64")
+        xp_assert_close(w.grad, dw_w, xp=xp, dtype="float64")
+        xp_assert_close(b.grad, db_w, xp=xp, dtype="float64")
+
     @pytest.mark.parametrize("name", ["smoothing-class-weight-ignore-none", "z-loss-softcap-mean"])
     def test_gradcheck_and_gradgradcheck(
         self, xp: Any, rng: np.random.Generator, name: str

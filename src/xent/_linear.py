@@ -25,6 +25,11 @@ _BUDGET_BYTES = 16 * 2**20
 """Bytes of one block of logits in the compute dtype when ``chunk_size`` is None: the forward
 holds about one such block, the backward about two (logits and their gradient)."""
 
+_SHARE = 32
+"""Where all the logits take more than ``_SHARE`` blocks of ``_BUDGET_BYTES``, a block may
+take ``1 / _SHARE`` of them instead: each block costs a read and a write of the whole weight
+gradient, and the composition this replaces holds all the logits and their gradient."""
+
 _Grads = tuple[Array | None, Array | None, Array | None]
 
 
@@ -100,7 +105,7 @@ def linear_cross_entropy(
         Shape ``(V,)``, of ``hidden``'s dtype.
     chunk_size : int, optional
         Rows per block; None picks the largest power of two whose block of logits takes at
-        most 16 MiB.
+        most 16 MiB, or 1/32 of all the logits where that is more.
     class_weight : array, optional
         Class weights of shape ``(V,)`` (``weight`` of :func:`cross_entropy`).
     sample_weight : array, optional
@@ -479,9 +484,10 @@ def _plan(
     if reduction == "mean":
         denominator = xp.sum(counted if sample is None else counted * sample)
     itemsize = xp.finfo(dtype).bits // 8
+    budget = max(_BUDGET_BYTES, rows * classes * itemsize // _SHARE)
     # A power of two, so the blocks usually divide the batch and no short last block is
     # traced (under jit) beside the scanned ones.
-    chunk = chunk_size or 2 ** max(0, (_BUDGET_BYTES // (classes * itemsize)).bit_length() - 1)
+    chunk = chunk_size or 2 ** max(0, (budget // (classes * itemsize)).bit_length() - 1)
     return _Plan(
         xp=xp, ops=ops, rows=rows, classes=classes, batch=batch, dtype=dtype,
         out_dtype=hidden.dtype, chunk=min(chunk, max(rows, 1)), reduction=reduction,
