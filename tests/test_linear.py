@@ -439,6 +439,27 @@ class TestJaxAutodiff:
             xp_assert_close(grads[1], dw_w, xp=xp, dtype="float64")
             xp_assert_close(grads[2], db_w, xp=xp, dtype="float64")
 
+    def test_uniform_cotangent_of_per_row_loss_scales_forward_gradients(
+        self, xp: Any, rng: np.random.Generator
+    ) -> None:
+        import jax
+
+        # A `.sum()` of the rows: the backward takes the forward's gradients, scaled.
+        case = _case(rng, CASES["smoothing-class-weight-ignore-none"])
+        arrays = _inputs(xp, case)
+        cot = np.full(np.shape(_want(case)[0]), 2.5)
+        _, dh_w, dw_w, db_w = _want(case, cot)
+
+        def f(h: Any, w: Any, b: Any) -> Any:
+            args = {**arrays, "hidden": h, "weight": w, "bias": b}
+            return 2.5 * xp.sum(_call(xent.linear_cross_entropy, args, case["opts"], chunk_size=3))
+
+        grads = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(
+            arrays["hidden"], arrays["weight"], arrays["bias"]
+        )
+        for got, want in zip(grads, (dh_w, dw_w, db_w), strict=True):
+            xp_assert_close(got, want, xp=xp, dtype="float64")
+
     @pytest.mark.eager("the torch reference goes through xent too, on torch tensors")
     def test_grads_equal_torch_autograd(self, xp: Any, rng: np.random.Generator) -> None:
         import jax
