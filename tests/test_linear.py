@@ -135,6 +135,19 @@ class TestAgainstNaiveComposition:
         plain = _call(xent.linear_cross_entropy, arrays, case["opts"], chunk_size=chunk)
         xp_assert_close(plain, loss_w, xp=xp, dtype="float64")
 
+    def test_vocabulary_of_many_weight_rows_matches(
+        self, xp: Any, rng: np.random.Generator
+    ) -> None:
+        # 2100 classes: backends that accumulate `d_weight` a slab of rows at a time (JAX on
+        # the CPU, 1024 rows) take two whole slabs and a short one.
+        case = _case(rng, CASES["smoothing-class-weight-ignore-none"], rows=6, width=3,
+                     classes=2100)  # fmt: skip
+        loss_w, dh_w, dw_w, db_w = _want(case)
+        arrays = _inputs(xp, case)
+        loss, grads = _call(xent.linear_cross_entropy_and_grad, arrays, case["opts"], chunk_size=4)
+        for got, want in zip((loss, *grads), (loss_w, dh_w, dw_w, db_w), strict=True):
+            xp_assert_close(got, want, xp=xp, dtype="float64")
+
     def test_float32_inputs_give_float32_results(self, xp: Any, rng: np.random.Generator) -> None:
         case = _case(rng, CASES["smoothing-class-weight-ignore-none"])
         loss_w, dh_w, dw_w, db_w = _want(case)
