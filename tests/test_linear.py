@@ -338,6 +338,18 @@ class TestTorchAutograd:
         xp_assert_close(w.grad, dw_w, xp=xp, dtype="float64")
         xp_assert_close(b.grad, db_w, xp=xp, dtype="float64")
 
+    def test_empty_per_row_loss_backward_gives_zero_gradients(self, xp: Any) -> None:
+        import torch
+
+        if not current().native:
+            pytest.skip("autograd of the chunked forward: no block links an empty loss to inputs")
+        h = torch.zeros((0, WIDTH), dtype=torch.float64, requires_grad=True)
+        w = torch.ones((CLASSES, WIDTH), dtype=torch.float64, requires_grad=True)
+        target = torch.zeros(0, dtype=torch.int64)
+        xent.linear_cross_entropy(h, w, target, reduction="none").sum().backward()
+        xp_assert_close(h.grad, np.zeros((0, WIDTH)), xp=xp, dtype="float64")
+        xp_assert_close(w.grad, np.zeros((CLASSES, WIDTH)), xp=xp, dtype="float64")
+
     @pytest.mark.parametrize("name", ["smoothing-class-weight-ignore-none", "z-loss-softcap-mean"])
     def test_gradcheck_and_gradgradcheck(
         self, xp: Any, rng: np.random.Generator, name: str
@@ -472,6 +484,20 @@ class TestJaxAutodiff:
         )
         for got, want in zip(grads, (dh_w, dw_w, db_w), strict=True):
             xp_assert_close(got, want, xp=xp, dtype="float64")
+
+    def test_empty_per_row_loss_gives_zero_gradients(self, xp: Any) -> None:
+        import jax
+
+        target = xp.zeros((0,), dtype=xp.int32)
+
+        def f(h: Any, w: Any) -> Any:
+            return xp.sum(xent.linear_cross_entropy(h, w, target, reduction="none"))
+
+        dh, dw = jax.jit(jax.grad(f, argnums=(0, 1)))(
+            xp.zeros((0, WIDTH), dtype=xp.float64), xp.ones((CLASSES, WIDTH), dtype=xp.float64)
+        )
+        xp_assert_close(dh, np.zeros((0, WIDTH)), xp=xp, dtype="float64")
+        xp_assert_close(dw, np.zeros((CLASSES, WIDTH)), xp=xp, dtype="float64")
 
     @pytest.mark.eager("the torch reference goes through xent too, on torch tensors")
     def test_grads_equal_torch_autograd(self, xp: Any, rng: np.random.Generator) -> None:

@@ -52,8 +52,10 @@ def linear_custom_grad(
 
     def backward(saved: Any, cotangent: Array) -> tuple[Any, ...]:
         kept, inputs, arrays = saved
-        if scalar or cotangent.size == 0:
+        if scalar:
             grads = _scaled(kept, cotangent)
+        elif cotangent.size == 0:
+            grads = kept  # no rows: the gradients are zeros whatever the cotangent
         else:
             first = jnp.reshape(cotangent, (-1,))[0]
 

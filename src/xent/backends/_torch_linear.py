@@ -41,9 +41,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if grads is None or torch.is_grad_enabled():
             _, grads = ctx.rule.loss_and_grad(ctx.state, hidden, weight, bias, cotangent, need)
             return (*grads, None, None)
+        if cotangent.numel() == 0:
+            return (*grads, None, None)  # no rows: zero gradients whatever the cotangent
         # The forward's gradients are for a unit cotangent and owned by no one else.
-        scale = cotangent.reshape(-1)[:1].reshape(())
-        if cotangent.ndim and cotangent.numel() and not bool((cotangent == scale).all()):
+        scale = cotangent.reshape(-1)[0]
+        if cotangent.ndim and not bool((cotangent == scale).all()):
             dh, _, _ = grads
             if dh is not None:
                 dh = dh.mul_(cotangent.unsqueeze(-1).to(dh.dtype))
@@ -51,8 +53,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 ctx.state, hidden, weight, bias, cotangent, (False, *need[1:])
             )
             return (dh, dw, db, None, None)
-        if cotangent.numel():
-            grads = tuple(None if g is None else g.mul_(scale.to(g.dtype)) for g in grads)
+        grads = tuple(None if g is None else g.mul_(scale.to(g.dtype)) for g in grads)
         return (*grads, None, None)
 
 
