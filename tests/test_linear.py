@@ -141,6 +141,19 @@ class TestAgainstNaiveComposition:
         plain = _call(xent.linear_cross_entropy, arrays, case["opts"], chunk_size=chunk)
         xp_assert_close(plain, want[0], xp=xp, dtype="float64")
 
+    def test_vocabulary_of_many_weight_rows_matches(
+        self, xp: Any, rng: np.random.Generator
+    ) -> None:
+        # 2100 classes: backends that accumulate `d_weight` a slab of rows at a time (JAX on
+        # the CPU, 1024 rows) take two whole slabs and a short one.
+        case = _case(rng, CASES["smoothing-class-weight-ignore-none"], rows=6, width=3,
+                     classes=2100)  # fmt: skip
+        loss_w, dh_w, dw_w, db_w = _want(case)
+        arrays = _inputs(xp, case)
+        loss, grads = _call(xent.linear_cross_entropy_and_grad, arrays, case["opts"], chunk_size=4)
+        for got, want in zip((loss, *grads), (loss_w, dh_w, dw_w, db_w), strict=True):
+            xp_assert_close(got, want, xp=xp, dtype="float64")
+
     def test_float32_inputs_give_float32_results(self, xp: Any, rng: np.random.Generator) -> None:
         case = _case(rng, CASES["smoothing-class-weight-ignore-none"])
         loss_w, dh_w, dw_w, db_w = _want(case)
@@ -532,6 +545,38 @@ class TestTorchAutograd:
     ) -> None:
         _check_torch_backward(xp, rng, CASES[name])
 
+    @pytest.mark.parametrize("scale", [2.5, 0.0])
+    def test_uniform_cotangent_of_per_row_loss_scales_forward_gradients(
+        self, xp: Any, rng: np.random.Generator, scale: float
+    ) -> None:
+        import torch
+
+        # The forward's gradients of sum(loss) serve any cotangent equal on every row (the
+        # `.sum()` or `.mean()` of the rows); the zero cotangent too.
+        case = _case(rng, CASES["smoothing-class-weight-ignore-none"])
+        h, w, b = _torch_args(case)
+        loss = xent.linear_cross_entropy(
+            h, w, torch.tensor(case["target"]), bias=b, chunk_size=3, **_fixed(case)
+        )
+        cot = np.full(tuple(loss.shape), scale)
+        (loss * torch.tensor(cot)).sum().backward()
+        _, dh_w, dw_w, db_w = _want(case, cot)
+        xp_assert_close(h.grad, dh_w, xp=xp, dtype="float64")
+        xp_assert_close(w.grad, dw_w, xp=xp, dtype="float64")
+        xp_assert_close(b.grad, db_w, xp=xp, dtype="float64")
+
+    def test_empty_per_row_loss_backward_gives_zero_gradients(self, xp: Any) -> None:
+        import torch
+
+        if not current().native:
+            pytest.skip("autograd of the chunked forward: no block links an empty loss to inputs")
+        h = torch.zeros((0, WIDTH), dtype=torch.float64, requires_grad=True)
+        w = torch.ones((CLASSES, WIDTH), dtype=torch.float64, requires_grad=True)
+        target = torch.zeros(0, dtype=torch.int64)
+        xent.linear_cross_entropy(h, w, target, reduction="none").sum().backward()
+        xp_assert_close(h.grad, np.zeros((0, WIDTH)), xp=xp, dtype="float64")
+        xp_assert_close(w.grad, np.zeros((CLASSES, WIDTH)), xp=xp, dtype="float64")
+
     @pytest.mark.parametrize("name", ["smoothing-class-weight-ignore-none", "z-loss-softcap-mean"])
     def test_gradcheck_and_gradgradcheck(
         self, xp: Any, rng: np.random.Generator, name: str
@@ -650,6 +695,41 @@ class TestJaxAutodiff:
 
         plain = jax.value_and_grad
         _check_jax_grads(xp, rng, CASES[name], 3, (plain, lambda g, **k: jax.jit(plain(g, **k))))
+
+    def test_uniform_cotangent_of_per_row_loss_scales_forward_gradients(
+        self, xp: Any, rng: np.random.Generator
+    ) -> None:
+        import jax
+
+        # A `.sum()` of the rows: the backward takes the forward's gradients, scaled.
+        case = _case(rng, CASES["smoothing-class-weight-ignore-none"])
+        arrays = _inputs(xp, case)
+        cot = np.full(np.shape(_want(case)[0]), 2.5)
+        _, dh_w, dw_w, db_w = _want(case, cot)
+
+        def f(h: Any, w: Any, b: Any) -> Any:
+            args = {**arrays, "hidden": h, "weight": w, "bias": b}
+            return 2.5 * xp.sum(_call(xent.linear_cross_entropy, args, case["opts"], chunk_size=3))
+
+        grads = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(
+            arrays["hidden"], arrays["weight"], arrays["bias"]
+        )
+        for got, want in zip(grads, (dh_w, dw_w, db_w), strict=True):
+            xp_assert_close(got, want, xp=xp, dtype="float64")
+
+    def test_empty_per_row_loss_gives_zero_gradients(self, xp: Any) -> None:
+        import jax
+
+        target = xp.zeros((0,), dtype=xp.int32)
+
+        def f(h: Any, w: Any) -> Any:
+            return xp.sum(xent.linear_cross_entropy(h, w, target, reduction="none"))
+
+        dh, dw = jax.jit(jax.grad(f, argnums=(0, 1)))(
+            xp.zeros((0, WIDTH), dtype=xp.float64), xp.ones((CLASSES, WIDTH), dtype=xp.float64)
+        )
+        xp_assert_close(dh, np.zeros((0, WIDTH)), xp=xp, dtype="float64")
+        xp_assert_close(dw, np.zeros((CLASSES, WIDTH)), xp=xp, dtype="float64")
 
     @pytest.mark.eager("the torch reference goes through xent too, on torch tensors")
     def test_grads_equal_torch_autograd(self, xp: Any, rng: np.random.Generator) -> None:

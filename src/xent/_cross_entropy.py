@@ -48,6 +48,7 @@ class _Problem:
     ignored: Array | None
     bad: Array | None
     probs: Array | None  # probability targets in the compute dtype
+    overwrite: bool = False  # the input is xent's own temporary: the gradient may replace it
 
 
 def cross_entropy(
@@ -454,7 +455,7 @@ def _logit_grad(p: _Problem, x: Array, stats: _Stats, r: Array) -> Array:
     dense, at_label, total = _target_mass(p, r)
     if p.z_loss:
         total = total + (2.0 * p.z_loss) * r * _lse(stats)
-    g = p.ops.softmax_from_lse(x, *stats, p.axis, scale=total)
+    g = p.ops.softmax_from_lse(x, *stats, p.axis, scale=total, overwrite=p.overwrite)
     if at_label is not None:
         g = p.ops.subtract_at(g, p.labels, at_label, p.axis)
     if dense is not None:

@@ -11,6 +11,7 @@ a block of the least rows is over the budget, :mod:`._linear_vocab` cuts the voc
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,20 @@ __all__ = ["linear_cross_entropy", "linear_cross_entropy_and_grad"]
 _BUDGET_BYTES = 16 * 2**20
 """Bytes of one block of logits in the compute dtype when ``chunk_size`` is None: the forward
 holds about one such block, the backward about two (logits and their gradient)."""
+
+_SHARE = 32
+"""Where all the logits take more than ``_SHARE`` blocks of ``_BUDGET_BYTES``, a block may
+take ``1 / _SHARE`` of them instead: each block costs a read and a write of the whole weight
+gradient, and the composition this replaces holds all the logits and their gradient."""
+
+_MAX_BUDGET_BYTES = 256 * 2**20
+"""The most one block of logits may take when ``chunk_size`` is None, whatever ``_SHARE`` and
+``_MIN_ROWS`` would allow: beyond it the vocabulary is cut into chunks (``_linear_vocab``)."""
+
+_MIN_ROWS = 128
+"""Blocks of fewer rows make the weight gradient's product (whose inner dimension is the
+block's rows) inefficient: a batch of at least ``_SHARE / 2`` such blocks takes them, whatever
+the byte budget says (64 rows took 1.17x the time of 128 at N 2048, H 1024, V 50257 on JAX)."""
 
 _Grads = tuple[Array | None, Array | None, Array | None]
 
@@ -101,10 +116,12 @@ def linear_cross_entropy(
         Shape ``(V,)``, of ``hidden``'s dtype.
     chunk_size : int, optional
         Rows per block; None picks the largest power of two whose block of logits takes at
-        most 16 MiB. Where the least block (``chunk_size`` rows, or 16 when None) of all ``V``
-        classes would be over 16 MiB, the classes are taken in chunks too: of the largest power
-        of two that fits beside ``chunk_size`` rows, or when None beside a square block (2048
-        rows in float32; see ``docs/linear.md``).
+        most 16 MiB, or 1/32 of all the logits where that is more (at most 256 MiB; at least
+        128 rows for batches of 2048 rows or more, within those 256 MiB). Where the least block
+        (``chunk_size`` rows, or 16 when None) of all ``V`` classes would be over that budget,
+        the classes are taken in chunks too: of the largest power of two that fits beside
+        ``chunk_size`` rows, or when None beside a square block (2048 rows in float32 at
+        16 MiB; see ``docs/linear.md``).
     class_weight : array, optional
         Class weights of shape ``(V,)`` (``weight`` of :func:`cross_entropy`).
     sample_weight : array, optional
@@ -272,12 +289,16 @@ def _blocks(
     dev = ops.device(p.target)
     r_all = _row_cotangent(p, cotangent) if any(need) else None
     per_row = r_all is not None and r_all.ndim == 1
+    # One buffer for every block's logits, which the gradient then overwrites (where the
+    # backend writes in place): no block-sized allocation per block.
+    scratch = ops.scratch((min(p.chunk, p.rows), p.classes), p.dtype, hidden)
 
     def step(carry: tuple[Any, ...], block: tuple[Any, ...]) -> tuple[Any, ...]:
         """One block of rows: its losses, its rows of ``d hidden``, the sums carried over."""
         total, dw, db = carry
         h, target, sample, r = block
-        logits = _logits(xp, p.dtype, h, weight, bias)
+        out = None if scratch is None else scratch[: int(h.shape[0]), ...]
+        logits = ops.linear_logits(h, weight, bias, p.dtype, out)
         cp = _block_problem(p, target, sample, logits)
         loss, saved = _cross_entropy._forward(cp, logits)
         total = total + xp.sum(loss)
@@ -344,23 +365,24 @@ def _scan_blocks(
 
 
 def _logits(xp: Namespace, dtype: Any, h: Array, weight: Array, bias: Array | None) -> Array:
-    """One block's logits in the compute dtype (the product in the inputs' dtype, whose
-    matrix kernels accumulate in float32 for float16/bfloat16)."""
-    z = xp.astype(h @ xp.matrix_transpose(weight), dtype, copy=False)
-    return z if bias is None else z + xp.astype(bias, dtype, copy=False)
+    """One block's logits in the compute dtype, in a new array."""
+    return lookup(xp).linear_logits(h, weight, bias, dtype, None)
 
 
 def _block_problem(p: _Plan, target: Array, sample: Array | None, logits: Array) -> Any:
-    """The cross-entropy problem of one block (labels were checked once, for all rows)."""
+    """The cross-entropy problem of one block (labels were checked once, for all rows). The
+    logits are the block's own, so the gradient may overwrite them, except under a softcap
+    (whose derivative reads the capped logits after the softmax)."""
     kind = "prob" if target.ndim == logits.ndim else "index"
     checked = _cross_entropy._Checked(
         xp=p.xp, ops=p.ops, axis=logits.ndim - 1, kind=kind, from_logits=True,
         smoothing=p.smoothing, eps=1e-7, z_loss=p.z_loss, softcap=p.softcap,
         ignore_index=p.ignore_index, reduction="none", validate=False,
     )  # fmt: skip
-    return _cross_entropy._problem(
+    problem = _cross_entropy._problem(
         logits, target, checked, weight=p.class_weight, sample_weight=sample
     )
+    return dataclasses.replace(problem, overwrite=p.softcap is None)
 
 
 def _row_cotangent(p: _Plan, cotangent: Array | None) -> Array:
@@ -480,7 +502,16 @@ def _plan(
     if reduction == "mean":
         denominator = xp.sum(counted if sample is None else counted * sample)
     itemsize = xp.finfo(dtype).bits // 8
-    chunk, vocab_chunk = _linear_vocab._split(rows, classes, itemsize, chunk_size, _BUDGET_BYTES)
+    total = rows * classes * itemsize
+    budget = max(_BUDGET_BYTES, min(total // _SHARE, _MAX_BUDGET_BYTES))
+    chunk, vocab_chunk = _linear_vocab._split(rows, classes, itemsize, chunk_size, budget)
+    if (
+        chunk_size is None
+        and vocab_chunk == classes
+        and rows >= _MIN_ROWS * _SHARE // 2
+        and _MIN_ROWS * classes * itemsize <= _MAX_BUDGET_BYTES
+    ):
+        chunk = min(max(chunk, _MIN_ROWS), rows)
     return _Plan(
         xp=xp, ops=ops, rows=rows, classes=classes, batch=batch, dtype=dtype,
         out_dtype=hidden.dtype, chunk=chunk, vocab_chunk=vocab_chunk, reduction=reduction,

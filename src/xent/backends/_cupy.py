@@ -50,7 +50,14 @@ class Native(Backend):
         return shift, _log_sum_kernel(x, shift, axis=axis, keepdims=True)
 
     def softmax_from_lse(
-        self, x: Array, shift: Array, log_sum: Array, axis: int, scale: Array | None = None
+        self,
+        x: Array,
+        shift: Array,
+        log_sum: Array,
+        axis: int,
+        scale: Array | None = None,
+        *,
+        overwrite: bool = False,
     ) -> Array:
         k = cp.ones((), dtype=x.dtype) if scale is None else scale.astype(x.dtype, copy=False)
         return _softmax_kernel(x, shift, log_sum, k)

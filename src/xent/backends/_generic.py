@@ -117,10 +117,20 @@ class Backend:
         return m, xp.log(xp.sum(xp.exp(x - m), axis=axis, keepdims=True))
 
     def softmax_from_lse(
-        self, x: Array, shift: Array, log_sum: Array, axis: int, scale: Array | None = None
+        self,
+        x: Array,
+        shift: Array,
+        log_sum: Array,
+        axis: int,
+        scale: Array | None = None,
+        *,
+        overwrite: bool = False,
     ) -> Array:
         """``exp(x - shift - log_sum) * scale``: the softmax once the row's log-sum-exp is
-        known, times a per-row ``scale`` (``keepdims``) when one is given."""
+        known, times a per-row ``scale`` (``keepdims``) when one is given.
+
+        ``overwrite``: ``x`` is xent's own temporary, read by nothing after this call, so a
+        backend may write the result into it."""
         p = self.xp.exp((x - shift) - log_sum)
         return p if scale is None else p * scale
 
@@ -201,6 +211,22 @@ class Backend:
         way, when one of them needs a gradient.
         """
         return rule.forward(state, x)[0]
+
+    def scratch(self, shape: tuple[int, ...], dtype: Any, like: Array) -> Array | None:
+        """A buffer of ``shape`` that xent may overwrite block after block (the logits of a
+        linear head), on ``like``'s device; None where arrays cannot be written in place or
+        autodiff is recording ``like``. The generic backend makes new arrays instead."""
+        return None
+
+    def linear_logits(
+        self, h: Array, weight: Array, bias: Array | None, dtype: Any, out: Array | None
+    ) -> Array:
+        """``h @ weight.T + bias`` in ``dtype`` (the product in the inputs' dtype, whose matrix
+        kernels accumulate in float32 for float16/bfloat16); ``out`` is None or a
+        :meth:`scratch` buffer of the result's shape that a backend may write it into."""
+        xp = self.xp
+        z = xp.astype(h @ xp.matrix_transpose(weight), dtype, copy=False)
+        return z if bias is None else z + xp.astype(bias, dtype, copy=False)
 
     def matmul_add(self, acc: Array, a: Array, b: Array) -> Array:
         """``acc + a.T @ b``; ``acc`` is xent's own accumulator, so a backend may write it."""

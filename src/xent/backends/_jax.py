@@ -14,6 +14,9 @@ from .._typing import Array
 from ._generic import Backend, GradRule
 from ._jax_linear import linear_custom_grad as _linear_custom_grad
 
+_SLAB_ROWS = 1024
+"""Rows of the accumulator :meth:`Native.matmul_add` updates per step on the CPU."""
+
 
 def _explicit_mesh(*arrays: Array) -> bool:
     """Whether an array is sharded over a mesh with Explicit axes (JAX's sharding in types).
@@ -218,7 +221,14 @@ class Native(Backend):
         return shift, jnp.log(jnp.sum(jnp.exp(x - shift), axis=axis, keepdims=True))
 
     def softmax_from_lse(
-        self, x: Array, shift: Array, log_sum: Array, axis: int, scale: Array | None = None
+        self,
+        x: Array,
+        shift: Array,
+        log_sum: Array,
+        axis: int,
+        scale: Array | None = None,
+        *,
+        overwrite: bool = False,
     ) -> Array:
         # exp(x - shift) is the very expression logsumexp summed: XLA computes it once (CSE)
         # and the gradient costs a multiply, not a second exponential.
@@ -290,6 +300,29 @@ class Native(Backend):
 
     def scan(self, step: Any, carry: Any, blocks: tuple[Any, ...]) -> Any:
         return jax.lax.scan(step, carry, blocks)
+
+    def matmul_add(self, acc: Array, a: Array, b: Array) -> Array:
+        # XLA:CPU runs ``a.T @ b`` (a contraction over a's leading axis) as a generic dot
+        # about half as fast as the library kernel of the logits' product, into a temporary
+        # of acc's size that a second pass adds. Taken a slab of acc's rows at a time, each
+        # slab of ``a`` is a compact copy, the product runs at full speed and the sum is
+        # written in place. Accelerators fuse the one large product and its sum instead.
+        rows = int(acc.shape[0])
+        count = rows // _SLAB_ROWS
+        if count < 2 or jax.default_backend() != "cpu":
+            return acc + jnp.matmul(a.T, b)
+
+        def slab(i: Array, acc: Array) -> Array:
+            start = i * _SLAB_ROWS
+            part = jax.lax.dynamic_slice_in_dim(a, start, _SLAB_ROWS, axis=1)
+            here = jax.lax.dynamic_slice_in_dim(acc, start, _SLAB_ROWS, axis=0)
+            return jax.lax.dynamic_update_slice_in_dim(acc, here + part.T @ b, start, axis=0)
+
+        acc = jax.lax.fori_loop(0, count, slab, acc)
+        done = count * _SLAB_ROWS
+        if done == rows:
+            return acc
+        return acc.at[done:].add(a[:, done:].T @ b)
 
     def linear_custom_grad(
         self,

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from .._typing import Array
 
@@ -15,10 +16,13 @@ def linear_custom_grad(
 ) -> Array:
     """The loss as a ``jax.custom_vjp`` of ``hidden``, ``weight`` and ``bias``.
 
-    For a 0-d loss the forward rule computes the gradients in the same pass over each block of
-    logits and keeps them as residuals (the cotangent only scales them); for ``"none"`` the
-    residuals are the inputs and the backward makes each block's logits again with the
-    per-row cotangent. The arrays of ``state`` (derived from the target and the weights) are
+    The forward rule computes the gradients in the same pass over each block of logits and
+    keeps them as residuals: for a 0-d loss the cotangent only scales them. For ``"none"``
+    they are those of ``sum(loss)``: a cotangent equal on every row (a ``.sum()`` or
+    ``.mean()`` of the rows, the usual case) scales them too; any other scales ``d hidden``
+    row by row (each row's gradient is linear in its own cotangent) and the backward makes
+    each block's logits again for ``d weight`` and ``d bias`` (``lax.cond`` picks the branch
+    at run time). The arrays of ``state`` (derived from the target and the weights) are
     explicit inputs, so the rule works under ``jit`` and on sharded arrays; they get no
     gradient.
     """
@@ -43,23 +47,36 @@ def linear_custom_grad(
     def forward(h: Array, w: Array, b: Array | None, arrays: list[Array]) -> tuple[Array, Any]:
         here = rebuild(arrays)
         axes[:] = [frozenset() if x is None else _varying(x) for x in (h, w, b)]
-        if scalar:
-            out, grads = rule.loss_and_grad(here, h, w, b, None)
-            return out, (grads, arrays)
-        return rule.loss(here, h, w, b), ((h, w, b), arrays)
+        out, grads = rule.loss_and_grad(here, h, w, b, None)
+        return out, (grads, None if scalar else (h, w, b), arrays)
 
     def backward(saved: Any, cotangent: Array) -> tuple[Any, ...]:
-        kept, arrays = saved
+        kept, inputs, arrays = saved
         if scalar:
-            grads = tuple(None if g is None else g * cotangent.astype(g.dtype) for g in kept)
+            grads = _scaled(kept, cotangent)
+        elif cotangent.size == 0:
+            grads = kept  # no rows: the gradients are zeros whatever the cotangent
         else:
-            h, w, b = kept
-            _, grads = rule.loss_and_grad(rebuild(arrays), h, w, b, cotangent)
+            first = jnp.reshape(cotangent, (-1,))[0]
+
+            def again() -> Any:
+                h, w, b = inputs
+                dh = kept[0] * cotangent[..., None].astype(kept[0].dtype)
+                need = (False, True, b is not None)
+                _, (_, dw, db) = rule.loss_and_grad(rebuild(arrays), h, w, b, cotangent, need)
+                return dh, dw, db
+
+            uniform = jnp.all(cotangent == first)
+            grads = jax.lax.cond(uniform, lambda: _scaled(kept, first), again)
         return (*_typed(grads, axes), [None] * len(arrays))
 
     loss.defvjp(forward, backward)
     out: Array = loss(hidden, weight, bias, values)
     return out
+
+
+def _scaled(grads: Any, factor: Array) -> tuple[Any, ...]:
+    return tuple(None if g is None else g * factor.astype(g.dtype) for g in grads)
 
 
 def _typed(grads: Any, axes: list[frozenset[str]]) -> tuple[Any, ...]:

@@ -390,12 +390,22 @@ class Native(Backend):
         return None if loss is None else (loss, grad.reshape(np.shape(input)))
 
     def softmax_from_lse(
-        self, x: Array, shift: Array, log_sum: Array, axis: int, scale: Array | None = None
+        self,
+        x: Array,
+        shift: Array,
+        log_sum: Array,
+        axis: int,
+        scale: Array | None = None,
+        *,
+        overwrite: bool = False,
     ) -> Array:
-        # One full-size allocation (the result), filled a cache-sized block of rows at a time:
-        # the subtracts, the exp and the scale all find the block in cache.
+        # One full-size allocation (the result; none where x may be overwritten), filled a
+        # cache-sized block of rows at a time: the subtracts, the exp and the scale all find
+        # the block in cache.
         x = np.asarray(x)
-        out = np.empty(np.broadcast_shapes(x.shape, shift.shape), dtype=x.dtype)
+        shape = np.broadcast_shapes(x.shape, shift.shape)
+        writable = overwrite and shape == x.shape and x.flags.writeable
+        out = x if writable else np.empty(shape, dtype=x.dtype)
         if axis % x.ndim != x.ndim - 1 or x.size == 0 or out.shape != x.shape:
             np.subtract(x, shift, out=out)
             out -= log_sum
@@ -434,6 +444,21 @@ class Native(Backend):
         picked = np.take_along_axis(g, index, axis=axis)
         np.put_along_axis(g, index, picked - values, axis=axis)
         return g
+
+    def scratch(self, shape: tuple[int, ...], dtype: Any, like: Array) -> Array | None:
+        return np.empty(shape, dtype=dtype)
+
+    def linear_logits(
+        self, h: Array, weight: Array, bias: Array | None, dtype: Any, out: Array | None
+    ) -> Array:
+        # The product straight into the reused buffer and the bias added in place: no new
+        # block-sized array (and its page faults) per block.
+        if out is None or h.dtype != dtype or weight.dtype != dtype:
+            return super().linear_logits(h, weight, bias, dtype, out)
+        np.matmul(h, weight.T, out=out)
+        if bias is not None:
+            np.add(out, bias.astype(dtype, copy=False), out=out)
+        return out
 
     def matmul_add(self, acc: Array, a: Array, b: Array) -> Array:
         # In place, a slab of acc's rows at a time: no temporary of acc's full size.

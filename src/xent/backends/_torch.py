@@ -113,6 +113,25 @@ def _chunked_logsumexp(x: Array) -> tuple[Array, Array]:
     return shift.reshape(keep), log_sum.reshape(keep)
 
 
+def _softmax_in_place(x: Array, shift: Array, log_sum: Array, scale: Array | None) -> Array:
+    """``exp((x - shift) - log_sum) * scale`` written over ``x`` (last axis), a cache-sized
+    block of rows at a time so the subtracts, the exp and the scale find the block in cache.
+    The generic formula, so rows holding infinities come out as on every backend."""
+    c = x.shape[-1]
+    rows = x.reshape(-1, c)
+    keep = (*x.shape[:-1], 1)
+    m, ls = (torch.broadcast_to(a, keep).reshape(-1, 1) for a in (shift, log_sum))
+    factor = None if scale is None else torch.broadcast_to(scale, keep).reshape(-1, 1)
+    step = max(1, _BLOCK_BYTES // max(1, c * rows.element_size()))
+    for start in range(0, rows.shape[0], step):
+        block = rows[start : start + step]
+        block.sub_(m[start : start + step]).sub_(ls[start : start + step]).exp_()
+        if factor is not None:
+            block.mul_(factor[start : start + step])
+    return x
+
+
+_OWN_DTYPES = (torch.float32, torch.float64)
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
 _FUSED_DTYPES = (torch.float32, torch.float64, *_HALF_DTYPES)
 
@@ -325,8 +344,25 @@ class Native(Backend):
         return _chunked_logsumexp(x)
 
     def softmax_from_lse(
-        self, x: Array, shift: Array, log_sum: Array, axis: int, scale: Array | None = None
+        self,
+        x: Array,
+        shift: Array,
+        log_sum: Array,
+        axis: int,
+        scale: Array | None = None,
+        *,
+        overwrite: bool = False,
     ) -> Array:
+        if (
+            overwrite
+            and _owned(x)
+            and not self.is_traced(x)
+            and x.device.type == "cpu"
+            and axis % x.ndim == x.ndim - 1
+            and x.is_contiguous()
+            and x.shape == torch.broadcast_shapes(x.shape, shift.shape)
+        ):
+            return _softmax_in_place(x, shift, log_sum, scale)
         # torch.softmax fuses max, exp, sum and divide in one pass per row; the scale then
         # goes in place unless autograd (double backward) or a tracer needs the graph.
         p = torch.softmax(x, dim=axis)
@@ -440,6 +476,25 @@ class Native(Backend):
         if not (x.requires_grad and torch.is_grad_enabled()) or needs_other or self.is_traced(x):
             return rule.forward(state, x)[0]
         return _AnalyticGrad.apply(x, rule, state)
+
+    def scratch(self, shape: tuple[int, ...], dtype: Any, like: Array) -> Array | None:
+        if self.is_traced(like):
+            return None  # compilers and vmap make their own buffers
+        return torch.empty(shape, dtype=dtype, device=like.device)
+
+    def linear_logits(
+        self, h: Array, weight: Array, bias: Array | None, dtype: Any, out: Array | None
+    ) -> Array:
+        # One GEMM into the reused buffer, the bias as its beta=1 addend; where autograd
+        # records the product, a new tensor (``out=`` has no derivative).
+        recorded = torch.is_grad_enabled() and any(
+            a is not None and a.requires_grad for a in (h, weight, bias)
+        )
+        if out is None or recorded or h.dtype != dtype or weight.dtype != dtype:
+            return super().linear_logits(h, weight, bias, dtype, out)
+        if bias is None:
+            return torch.matmul(h, weight.mT, out=out)
+        return torch.addmm(bias.to(dtype), h, weight.mT, out=out)
 
     def matmul_add(self, acc: Array, a: Array, b: Array) -> Array:
         if _owned(acc) and not self.is_traced(acc):

@@ -10,13 +10,16 @@ from .._typing import Array
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Loss of a linear head; its backward recomputes the logits one block of rows at a time.
+    """Loss of a linear head whose gradients come from the chunked pass over the logits.
 
-    For a 0-d loss (``"mean"``, ``"sum"``) the forward computes the gradients in the same pass
-    over each block (the cotangent only scales them), as Liger-Kernel does, so the logits are
-    made once. For ``"none"`` the per-row cotangent is needed first, and the backward makes
-    them again. Under ``create_graph`` the backward is rebuilt from differentiable ops, so
-    double backward works.
+    The forward computes the gradients in the same pass over each block, as Liger-Kernel
+    does, so the logits are made once: for a 0-d loss (``"mean"``, ``"sum"``) the cotangent
+    only scales them. For ``"none"`` they are those of ``sum(loss)``: a uniform per-row
+    cotangent (a ``.sum()`` or ``.mean()`` of the rows, the usual case) scales them too;
+    any other scales ``d hidden`` row by row (each row's gradient is linear in its own
+    cotangent), and the backward makes the logits again for ``d weight`` and ``d bias``.
+    Under ``create_graph`` the backward is rebuilt from differentiable ops, so double
+    backward works.
     """
 
     @staticmethod
@@ -26,9 +29,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need = tuple(ctx.needs_input_grad[:3])
         ctx.rule, ctx.state, ctx.grads = rule, state, None
         ctx.save_for_backward(hidden, weight, bias)
-        if state.reduction == "none":
-            loss: Array = rule.loss(state, hidden, weight, bias)
-            return loss
+        loss: Array
         loss, ctx.grads = rule.loss_and_grad(state, hidden, weight, bias, None, need)
         return loss
 
@@ -39,9 +40,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grads, ctx.grads = ctx.grads, None
         if grads is None or torch.is_grad_enabled():
             _, grads = ctx.rule.loss_and_grad(ctx.state, hidden, weight, bias, cotangent, need)
-        else:
-            # The forward's gradients are for a unit cotangent and owned by no one else.
-            grads = tuple(None if g is None else g.mul_(cotangent.to(g.dtype)) for g in grads)
+            return (*grads, None, None)
+        if cotangent.numel() == 0:
+            return (*grads, None, None)  # no rows: zero gradients whatever the cotangent
+        # The forward's gradients are for a unit cotangent and owned by no one else.
+        scale = cotangent.reshape(-1)[0]
+        if cotangent.ndim and not bool((cotangent == scale).all()):
+            dh, _, _ = grads
+            if dh is not None:
+                dh = dh.mul_(cotangent.unsqueeze(-1).to(dh.dtype))
+            _, (_, dw, db) = ctx.rule.loss_and_grad(
+                ctx.state, hidden, weight, bias, cotangent, (False, *need[1:])
+            )
+            return (dh, dw, db, None, None)
+        grads = tuple(None if g is None else g.mul_(scale.to(g.dtype)) for g in grads)
         return (*grads, None, None)
 
 
