@@ -459,6 +459,7 @@ class TestVocabularyChunks:
 
         rows, width, classes, budget = 1024, 16, 2**15, 2**20
         monkeypatch.setattr(_linear, "_BUDGET_BYTES", budget)
+        monkeypatch.setattr(_linear, "_MAX_BUDGET_BYTES", budget)  # no 1/32 share above it
         hidden = rng.normal(size=(rows, width)).astype(np.float32)
         weight = rng.normal(size=(classes, width)).astype(np.float32)
         target = rng.integers(0, classes, size=rows)
@@ -568,8 +569,6 @@ class TestTorchAutograd:
     def test_empty_per_row_loss_backward_gives_zero_gradients(self, xp: Any) -> None:
         import torch
 
-        if not current().native:
-            pytest.skip("autograd of the chunked forward: no block links an empty loss to inputs")
         h = torch.zeros((0, WIDTH), dtype=torch.float64, requires_grad=True)
         w = torch.ones((CLASSES, WIDTH), dtype=torch.float64, requires_grad=True)
         target = torch.zeros(0, dtype=torch.int64)

@@ -348,7 +348,9 @@ def _scan_blocks(
     xp = ops.xp
     first = count % chunk or min(chunk, count)
     parts: list[tuple[Array | None, ...]] = []
-    if first:
+    # No rows: one empty block, so the results still come from the inputs (autograd of the
+    # blocks then gives zero gradients rather than none).
+    if first or not count:
         carry, out = step(carry, tuple(None if a is None else a[:first, ...] for a in rows))
         parts.append(out)
     rest = count - first
