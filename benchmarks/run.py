@@ -273,6 +273,7 @@ def build(size: str, backends: list[str], compile_: bool) -> list[Case]:
     logits = 4 * n * c
     limit = min(MEMORY_CAP, int(0.8 * _available_memory()))
     cases: list[Case] = []
+    used = 0.0
     makers: dict[str, tuple[tuple[str, ...], Callable[[], list[Case]]]] = {
         "numpy": ((), lambda: numpy_cases(n, c, rng, big)),
         "torch": (("torch",), lambda: torch_cases(n, c, rng, big, compile_)),
@@ -285,16 +286,19 @@ def build(size: str, backends: list[str], compile_: bool) -> list[Case]:
         if not _installed(*needs):
             print(f"# {size} {name}: skipped, {' and '.join(needs)} not installed")
             continue
-        need = _FOOTPRINT[name] * logits
+        # The cases of every backend of a shape hold their arrays at once: their needs add up.
+        need = used + _FOOTPRINT[name] * logits
         if need > limit:
             print(
-                f"# {size} {name}: skipped, needs about {need / GiB:.1f} GiB, "
-                f"{limit / GiB:.1f} GiB usable (MemAvailable, capped at {MEMORY_CAP / GiB:.0f})"
+                f"# {size} {name}: skipped, needs about {need / GiB:.1f} GiB with the backends "
+                f"before it, {limit / GiB:.1f} GiB usable (MemAvailable, capped at "
+                f"{MEMORY_CAP / GiB:.0f})"
             )
             continue
         if big and name in ("dask", "strict"):
             print(f"# {size} {name}: skipped above {BIG} elements (time budget)")
             continue
+        used = need
         cases += make()
     return cases
 
