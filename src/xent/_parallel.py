@@ -261,20 +261,16 @@ def _problem(
     ops = lookup(xp)
     _validation.same_device(ops, arrays)
     _validation.floating_input(xp, "local_input", input)
-    _validation.parallel_group(group, Collectives)
+    ignore_index = _validation.parallel_options(
+        group, Collectives, reduction, label_smoothing, z_loss, ignore_index
+    )
     ax = _validation.axis(axis, input.ndim, "local_input")
-    _validation.reduction(reduction)
-    # Logits only: the probability clip `eps` does not apply, so its default passes.
-    _validation.options(label_smoothing=label_smoothing, eps=1e-7, from_logits=True, z_loss=z_loss)
     _validation.parallel_index_target(xp, input, target, ax)
-    ignore_index = _validation.ignore_index(ignore_index)
     local = int(input.shape[ax])
     _validation.parallel_local_classes(local, ax, tuple(input.shape))
     classes = group.class_count(local, input)
-    _validation.class_start(xp, class_start, local, classes)
-    _validation.class_weight(weight, local)
     per_row = tuple(input.shape[:ax] + input.shape[ax + 1 :])
-    _validation.broadcastable("sample_weight", sample_weight, per_row, "the per-example shape")
+    _validation.parallel_slice(xp, class_start, local, classes, weight, sample_weight, per_row)
 
     dtype = ops.compute_dtype(input.dtype)
     class_shape = tuple(local if i == ax else 1 for i in range(input.ndim))

@@ -366,19 +366,16 @@ def _plan(
     xp = _validation.namespace(arrays, xp)
     ops = lookup(xp)
     _validation.same_device(ops, arrays)
-    _validation.parallel_group(group, Collectives)
+    ignore_index = _validation.parallel_options(
+        group, Collectives, reduction, label_smoothing, z_loss, ignore_index
+    )
     _validation.linear_inputs(xp, hidden, weight, bias)
-    _validation.reduction(reduction)
-    _validation.options(label_smoothing=label_smoothing, eps=1e-7, from_logits=True, z_loss=z_loss)
     _validation.chunk_size(chunk_size)
-    ignore_index = _validation.ignore_index(ignore_index)
     local = int(weight.shape[0])
     batch = tuple(int(n) for n in hidden.shape[:-1])
     _validation.parallel_index_target(xp, _linear._Logits((*batch, local)), target, len(batch))
     classes = group.class_count(local, hidden)
-    _validation.class_start(xp, class_start, local, classes)
-    _validation.class_weight(class_weight, local)
-    _validation.broadcastable("sample_weight", sample_weight, batch, "the per-example shape")
+    _validation.parallel_slice(xp, class_start, local, classes, class_weight, sample_weight, batch)
 
     rows = 1
     for n in batch:

@@ -458,6 +458,34 @@ def parallel_group(group: Any, base: type) -> None:
         )
 
 
+def parallel_options(
+    group: Any, base: type, how: str, label_smoothing: Any, z_loss: Any, ignore: Any
+) -> int:
+    """Check the options every vocab-parallel loss takes (``group``, ``reduction``, logits-only
+    ``label_smoothing`` and ``z_loss``, ``ignore_index``); return ``ignore_index`` as an int."""
+    parallel_group(group, base)
+    reduction(how)
+    # Logits only: the probability clip `eps` does not apply, so its default passes.
+    options(label_smoothing=label_smoothing, eps=1e-7, from_logits=True, z_loss=z_loss)
+    return ignore_index(ignore)
+
+
+def parallel_slice(
+    xp: Namespace,
+    start: Any,
+    local: int,
+    classes: int,
+    weight: Array | None,
+    sample_weight: Array | None,
+    per_row: tuple[int, ...],
+) -> None:
+    """Check the local slice of ``classes``: where it starts, its class weights, and the
+    per-example weights against the per-row shape."""
+    class_start(xp, start, local, classes)
+    class_weight(weight, local)
+    broadcastable("sample_weight", sample_weight, per_row, "the per-example shape")
+
+
 def parallel_index_target(xp: Namespace, input: Array, target: Array, ax: int) -> None:
     """Check the vocab-parallel target: integer class indices of the per-row shape."""
     if not xp.isdtype(target.dtype, "integral"):
