@@ -8,7 +8,7 @@ from typing import Any
 
 from . import _validation
 from ._typing import Array, Namespace, Reduction
-from .backends import Backend, GradRule, lookup
+from .backends import Backend, GradRule
 
 __all__ = ["binary_cross_entropy", "binary_cross_entropy_and_grad"]
 
@@ -161,9 +161,7 @@ def _problem(
     xp: Namespace | None,
 ) -> _Problem:
     arrays = {"input": input, "target": target, "weight": weight, "pos_weight": pos_weight}
-    xp = _validation.namespace(arrays, xp)
-    ops = lookup(xp)
-    _validation.same_device(ops, arrays)
+    xp, ops = _validation.backend(arrays, xp)
     _validation.floating_input(xp, "input", input)
     _validation.reduction(reduction)
     label_smoothing, eps, _, _ = _validation.options(

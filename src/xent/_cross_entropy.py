@@ -575,9 +575,7 @@ def _check(
                     return checked
                 if not _validation.plain_scalars(key[9:18]):
                     key = None
-    xp = _validation.namespace(arrays, xp)
-    ops = lookup(xp)
-    _validation.same_device(ops, arrays)
+    xp, ops = _validation.backend(arrays, xp)
     _validation.floating_input(xp, "input", input)
     ax, label_smoothing, eps, z_loss, softcap, ignore_index = _validation.scalars(
         axis=axis, ndim=input.ndim, reduction=reduction, label_smoothing=label_smoothing,

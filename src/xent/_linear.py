@@ -229,15 +229,23 @@ def linear_cross_entropy_and_grad(
         sample_weight=sample_weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
         reduction=reduction, z_loss=z_loss, softcap=softcap, validate=validate, xp=xp,
     )  # fmt: skip
-    loss, (dh, dw, db) = _loss_and_grad(plan, hidden, weight, bias, None)
+    loss, grads = _loss_and_grad(plan, hidden, weight, bias, None)
+    inputs = (hidden, weight, bias, target, class_weight, sample_weight)
+    return _finished(plan.ops, loss, grads, inputs)
+
+
+def _finished(
+    ops: Backend, loss: Array, grads: _Grads, inputs: tuple[Array | None, ...]
+) -> tuple[Array, tuple[Array, Array, Array | None]]:
+    """What a ``*_and_grad`` of a linear head returns: the loss and ``(d_hidden, d_weight,
+    d_bias)``, each through :meth:`Backend.finish` with the call's ``inputs``."""
+    dh, dw, db = grads
     assert dh is not None
     assert dw is not None
-    inputs = (hidden, weight, bias, target, class_weight, sample_weight)
-    finish = plan.ops.finish
-    return finish(loss, *inputs), (
-        finish(dh, *inputs),
-        finish(dw, *inputs),
-        None if db is None else finish(db, *inputs),
+    return ops.finish(loss, *inputs), (
+        ops.finish(dh, *inputs),
+        ops.finish(dw, *inputs),
+        None if db is None else ops.finish(db, *inputs),
     )
 
 
@@ -466,9 +474,7 @@ def _plan(
         "hidden": hidden, "weight": weight, "target": target, "bias": bias,
         "class_weight": class_weight, "sample_weight": sample_weight,
     }  # fmt: skip
-    xp = _validation.namespace(arrays, xp)
-    ops = lookup(xp)
-    _validation.same_device(ops, arrays)
+    xp, ops = _validation.backend(arrays, xp)
     _validation.linear_inputs(xp, hidden, weight, bias)
     _validation.reduction(reduction)
     _validation.options(

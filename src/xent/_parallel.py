@@ -18,7 +18,7 @@ from typing import Any
 from . import _validation
 from ._cross_entropy import _readable, _smoothed
 from ._typing import Array, Namespace, Reduction
-from .backends import Backend, lookup
+from .backends import Backend
 
 __all__ = ["Collectives", "cross_entropy", "cross_entropy_and_grad"]
 
@@ -257,9 +257,7 @@ def _problem(
     arrays = {
         "local_input": input, "target": target, "weight": weight, "sample_weight": sample_weight,
     }  # fmt: skip
-    xp = _validation.namespace(arrays, xp)
-    ops = lookup(xp)
-    _validation.same_device(ops, arrays)
+    xp, ops = _validation.backend(arrays, xp)
     _validation.floating_input(xp, "local_input", input)
     ignore_index = _validation.parallel_options(
         group, Collectives, reduction, label_smoothing, z_loss, ignore_index

@@ -16,7 +16,7 @@ from typing import Any
 from . import _linear, _parallel, _validation
 from ._parallel import Collectives
 from ._typing import Array, Namespace, Reduction
-from .backends import Backend, lookup
+from .backends import Backend
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_and_grad"]
 
@@ -207,16 +207,9 @@ def linear_cross_entropy_and_grad(
         ignore_index=ignore_index, label_smoothing=label_smoothing, reduction=reduction,
         z_loss=z_loss, xp=xp,
     )  # fmt: skip
-    loss, (dh, dw, db) = _loss_and_grad(plan, hidden, local_weight, bias, None)
-    assert dh is not None
-    assert dw is not None
+    loss, grads = _loss_and_grad(plan, hidden, local_weight, bias, None)
     inputs = (hidden, local_weight, bias, target, class_weight, sample_weight)
-    finish = plan.ops.finish
-    return finish(loss, *inputs), (
-        finish(dh, *inputs),
-        finish(dw, *inputs),
-        None if db is None else finish(db, *inputs),
-    )
+    return _linear._finished(plan.ops, loss, grads, inputs)
 
 
 # --------------------------------------------------------------------------- the passes
@@ -363,9 +356,7 @@ def _plan(
         "hidden": hidden, "local_weight": weight, "target": target, "bias": bias,
         "class_weight": class_weight, "sample_weight": sample_weight,
     }  # fmt: skip
-    xp = _validation.namespace(arrays, xp)
-    ops = lookup(xp)
-    _validation.same_device(ops, arrays)
+    xp, ops = _validation.backend(arrays, xp)
     ignore_index = _validation.parallel_options(
         group, Collectives, reduction, label_smoothing, z_loss, ignore_index
     )

@@ -11,7 +11,7 @@ from typing import Any
 
 from ._compat import array_namespace, is_array_api_obj
 from ._typing import Array, Namespace
-from .backends import lookup, namespace_of, same_library
+from .backends import Backend, lookup, namespace_of, same_library
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -32,6 +32,15 @@ def isdtype(xp: Namespace, dtype: Any, kind: str) -> bool:
     if found is None:
         found = _KINDS[key] = bool(xp.isdtype(dtype, kind))
     return found
+
+
+def backend(arrays: dict[str, Array | None], xp: Namespace | None) -> tuple[Namespace, Backend]:
+    """The namespace of ``arrays`` (or ``xp``), its backend, once ``arrays`` are checked to
+    share one library and one device."""
+    xp = namespace(arrays, xp)
+    ops = lookup(xp)
+    same_device(ops, arrays)
+    return xp, ops
 
 
 def namespace(arrays: dict[str, Array | None], xp: Namespace | None) -> Namespace:
