@@ -9,6 +9,7 @@ where the framework has autodiff, attaches :func:`_backward` as the analytic gra
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -158,7 +159,12 @@ def cross_entropy(
         sample_weight=sample_weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
         reduction=reduction, z_loss=z_loss, softcap=softcap, eps=eps, validate=validate, xp=xp,
     )  # fmt: skip
-    if c.plain and sample_weight is None:
+    if c.fused is not None:
+        # The backend's plan for arrays and options like these, remembered with the checks.
+        loss = c.fused(input, target)
+        if loss is not None:
+            return loss
+    elif c.plain and sample_weight is None:
         # A backend may hand the plain case to a fused kernel of the same semantics; it
         # declines (None) wherever a label is invalid, so errors and NaNs come from below.
         loss = c.ops.fused_index_loss(
@@ -511,6 +517,9 @@ class _Checked(NamedTuple):
     ignore_index: int
     reduction: str
     validate: bool | None
+    fused: Callable[[Array, Array], Array | None] | None = None
+    """The backend's :meth:`~xent.backends.Backend.fused_index_plan` for the plain case without
+    weights, set on remembered answers only (it depends on what their key holds)."""
 
     @property
     def plain(self) -> bool:
@@ -550,8 +559,8 @@ def _check(
     a training loop repeats call after call: for two arrays of a registered class (whose
     namespace is known without array-api-compat), concrete, and options of plain Python
     scalars, a passing answer is remembered under those and the backend that serves them (native
-    overrides on or off); a call that finds it still checks what the key does not hold (dense
-    layout, one device).
+    overrides on or off), with the backend's plan for the plain case; a call that finds it
+    still checks what the key does not hold (dense layout, one device).
     """
     arrays = {"input": input, "target": target, "weight": weight, "sample_weight": sample_weight}
     key = None
@@ -561,17 +570,19 @@ def _check(
             ops = lookup(found)
             # Traced arrays (a compiler's symbolic shapes) are checked each time.
             if not ops.is_traced(input):
-                options = (axis, from_logits, label_smoothing, reduction, z_loss, softcap, eps)
                 key = (
-                    *options, ignore_index, validate, *map(type, options), type(ignore_index),
+                    axis, from_logits, label_smoothing, reduction, z_loss, softcap, eps,
+                    ignore_index, validate, type(axis), type(from_logits), type(label_smoothing),
+                    type(reduction), type(z_loss), type(softcap), type(eps), type(ignore_index),
                     type(validate), type(input), type(target), input.dtype, target.dtype,
-                    tuple(input.shape), tuple(target.shape), ops,
+                    input.shape, target.shape, ops,
                 )  # fmt: skip
                 checked = _CHECKED.get(key)
                 if checked is not None:
-                    pair = {"input": input, "target": target}
-                    _validation.dense(ops, pair)
-                    _validation.same_device(ops, pair)
+                    if not ops.dense_together(input, target):
+                        pair = {"input": input, "target": target}
+                        _validation.dense(ops, pair)
+                        _validation.same_device(ops, pair)
                     return checked
                 if not _validation.plain_scalars(key[9:18]):
                     key = None
@@ -598,6 +609,12 @@ def _check(
         reduction, validate,
     )  # fmt: skip
     if key is not None:
+        if checked.plain:
+            fused = ops.fused_index_plan(
+                input, target, axis=ax, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                reduction=reduction,
+            )  # fmt: skip
+            checked = checked._replace(fused=fused)
         if len(_CHECKED) >= _CHECKED_MAX:
             _CHECKED.clear()
         _CHECKED[key] = checked

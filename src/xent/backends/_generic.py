@@ -81,6 +81,16 @@ class Backend:
         container, whose extra structure some primitives would ignore); None otherwise."""
         return None
 
+    def dense_together(self, a: Array, b: Array) -> bool:
+        """True where ``a`` and ``b`` are plain dense arrays on one device: a quick answer for
+        a caller whose other checks are remembered; False sends it to the full checks, which
+        raise where something is wrong."""
+        return (
+            self.unsupported(a) is None
+            and self.unsupported(b) is None
+            and self.placement(a) == self.placement(b)
+        )
+
     def index_dtype(self) -> Any:
         """The signed integer dtype labels are cast to before they index."""
         return self.xp.int64
@@ -181,6 +191,27 @@ class Backend:
         any label lies outside ``[0, C)`` and is not ``ignore_index``, so that the core's own
         path raises xent's error or gives the NaN of ``validate=False``. The generic backend
         has no such kernel.
+        """
+        return None
+
+    def fused_index_plan(
+        self,
+        input: Array,
+        target: Array,
+        *,
+        axis: int,
+        ignore_index: int,
+        label_smoothing: float,
+        reduction: str,
+    ) -> Callable[[Array, Array], Array | None] | None:
+        """A callable ``plan(input, target)`` that gives :meth:`fused_index_loss` (no class
+        weights) for arrays of these arrays' types, dtypes and shapes and these options, or None.
+
+        The core remembers the plan with its checks' answer and calls it instead of
+        :meth:`fused_index_loss` on later calls alike (where :meth:`is_traced` says False of
+        ``input``), so its decisions may depend on nothing else: it checks the device, the
+        autodiff state and the tracing of ``target`` of each call itself, and declines (None)
+        on the same terms. The generic backend has none.
         """
         return None
 

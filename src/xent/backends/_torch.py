@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -21,8 +22,9 @@ def _owned(g: Array) -> bool:
     return not (g.requires_grad and torch.is_grad_enabled())
 
 
-def _functorch_wrapped(x: Array) -> bool:
-    return bool(torch._C._functorch.is_functorch_wrapped_tensor(x))
+_functorch_wrapped: Callable[[Array], bool] = torch._C._functorch.is_functorch_wrapped_tensor
+_is_compiling = torch.compiler.is_compiling
+_FakeTensor = torch._subclasses.FakeTensor
 
 
 class Facts(Backend):
@@ -31,11 +33,7 @@ class Facts(Backend):
     name = "torch"
 
     def is_traced(self, x: Array) -> bool:
-        return bool(
-            torch.compiler.is_compiling()
-            or _functorch_wrapped(x)
-            or isinstance(x, torch._subclasses.FakeTensor)
-        )
+        return _is_compiling() or _functorch_wrapped(x) or isinstance(x, _FakeTensor)
 
     def is_lazy(self, x: Array) -> bool:
         return False
@@ -50,6 +48,13 @@ class Facts(Backend):
 
     def device(self, x: Array) -> Any:
         return x.device
+
+    def dense_together(self, a: Array, b: Array) -> bool:
+        return bool(
+            a.layout == torch.strided
+            and b.layout == torch.strided
+            and ((a.is_cpu and b.is_cpu) or a.device == b.device)
+        )
 
 
 class _AnalyticGrad(torch.autograd.Function):
@@ -323,6 +328,87 @@ class _FusedRows(torch.autograd.Function):
         return grad, None, None, None
 
 
+def _route(dtype: Any, ndim: int, size: int, grad: bool) -> str | None:
+    """How :meth:`Native.fused_index_loss` computes an input: ``"kernel"`` (ATen's
+    ``cross_entropy_loss`` once, float16/bfloat16 cast to float32 whole), ``"rows"``
+    (:func:`_fused_rows`) or None (xent's own path); ``grad``: autograd records the call."""
+    if dtype in _HALF_DTYPES:
+        if ndim == 2 and size >= _HALF_ROWS_ELEMENTS:
+            return "rows"
+    elif ndim == 2 and dtype == torch.float32 and size * 4 > _FUSED_BYTES:
+        return "rows"
+    return "kernel" if size * 4 <= _FUSED_BYTES else None
+
+
+_BACK = {torch.bfloat16: torch.Tensor.bfloat16, torch.float16: torch.Tensor.half}
+"""The cast of a float32 loss back to each reduced-precision dtype (its bound method: the
+cheapest call)."""
+
+
+def _plan(
+    dtype: Any,
+    ndim: int,
+    size: int,
+    weight: Array | None,
+    ignore_index: int,
+    smoothing: float,
+    reduction: str,
+    *,
+    exact: bool,
+    widen: bool,
+) -> Callable[[Array, Array], Array | None] | None:
+    """:meth:`Native.fused_index_loss` for inputs of ``dtype``, ``ndim`` and ``size`` and these
+    options (``weight`` already in the compute dtype), or None where neither route serves them.
+    ``exact``: both arrays are plain tensors (ATen's entry is called directly); ``widen``:
+    labels of another dtype than int64."""
+    routes = (_route(dtype, ndim, size, False), _route(dtype, ndim, size, True))
+    if routes == (None, None):
+        return None
+    back = _BACK.get(dtype)
+    code = _REDUCTIONS[reduction]
+    reduced = reduction != "none"
+    options = (ignore_index, smoothing, reduction)
+
+    def plan(input: Array, target: Array) -> Array | None:
+        if not input.is_cpu or _functorch_wrapped(target):
+            return None
+        grad = input.requires_grad and torch.is_grad_enabled()
+        route = routes[grad]
+        labels = target.long() if widen else target
+        try:
+            if route == "kernel":
+                # float16/bfloat16 compute in float32 and cast back, as on xent's own path.
+                logits = input if back is None else input.float()
+                if exact:
+                    # ATen's entry itself: no tensor subclass can override it here.
+                    loss = _cross_entropy_loss(
+                        logits, labels, weight, code, ignore_index, smoothing
+                    )
+                else:
+                    loss = torch.nn.functional.cross_entropy(
+                        logits, labels, weight, ignore_index=ignore_index, reduction=reduction,
+                        label_smoothing=smoothing,
+                    )  # fmt: skip
+            elif route is None:
+                return None
+            elif grad:
+                loss = _FusedRows.apply(input, labels, weight, options)
+            else:
+                loss, _ = _fused_rows(
+                    input, labels, weight, ignore_index, smoothing, reduction, with_grad=False
+                )
+        except (IndexError, RuntimeError):
+            return None
+        # Non-finite logits (a +inf, a row of -inf, NaN) or an empty mean: ATen's kernel and
+        # xent's row-max shift may disagree between inf and NaN, so such rare calls take the
+        # general path. The check reads a scalar (or one row per label) on the host.
+        if not (math.isfinite(loss.item()) if reduced else bool(torch.isfinite(loss).all())):
+            return None
+        return loss if back is None else back(loss)
+
+    return plan
+
+
 class Native(Backend):
     """torch.logsumexp, torch.softmax, in-place scatter, and the analytic autograd.Function."""
 
@@ -423,51 +509,43 @@ class Native(Backend):
             or isinstance(input, torch._subclasses.FakeTensor)
         ):
             return None
-        half = dtype in _HALF_DTYPES
-        rows = ndim == 2 and (
-            size >= _HALF_ROWS_ELEMENTS
-            if half
-            else dtype == torch.float32 and size * 4 > _FUSED_BYTES
-        )
-        if not rows and size * 4 > _FUSED_BYTES:
-            return None
         if weight is not None:
             if weight.requires_grad and torch.is_grad_enabled():
                 return None  # ATen's kernel has no derivative for the class weights
             weight = weight.to(torch.float64 if dtype == torch.float64 else torch.float32)
-        labels = target if target.dtype == torch.int64 else target.long()
-        try:
-            if not rows:
-                # float16/bfloat16 compute in float32 and cast back, as on xent's own path.
-                logits = input.float() if half else input
-                if type(input) is torch.Tensor and type(target) is torch.Tensor:
-                    # ATen's entry itself: no tensor subclass can override it here.
-                    loss = _cross_entropy_loss(
-                        logits, labels, weight, _REDUCTIONS[reduction], ignore_index,
-                        label_smoothing,
-                    )  # fmt: skip
-                else:
-                    loss = torch.nn.functional.cross_entropy(
-                        logits, labels, weight, ignore_index=ignore_index, reduction=reduction,
-                        label_smoothing=label_smoothing,
-                    )  # fmt: skip
-            elif input.requires_grad and torch.is_grad_enabled():
-                options = (ignore_index, label_smoothing, reduction)
-                loss = _FusedRows.apply(input, labels, weight, options)
-            else:
-                loss, _ = _fused_rows(
-                    input, labels, weight, ignore_index, label_smoothing, reduction,
-                    with_grad=False,
-                )  # fmt: skip
-        except (IndexError, RuntimeError):
+        plan = _plan(
+            dtype, ndim, size, weight, ignore_index, label_smoothing, reduction,
+            exact=type(input) is torch.Tensor and type(target) is torch.Tensor,
+            widen=target.dtype != torch.int64,
+        )  # fmt: skip
+        return None if plan is None else plan(input, target)
+
+    def fused_index_plan(
+        self,
+        input: Array,
+        target: Array,
+        *,
+        axis: int,
+        ignore_index: int,
+        label_smoothing: float,
+        reduction: str,
+    ) -> Callable[[Array, Array], Array | None] | None:
+        # What fused_index_loss decides from dtypes, shapes and options, decided once; the
+        # plan checks the device, functorch and autograd state of each call.
+        ndim, dtype, size = input.ndim, input.dtype, input.numel()
+        if (
+            dtype not in _FUSED_DTYPES
+            or axis != (1 if ndim > 1 else 0)
+            or size == 0
+            or not _INT64_MIN <= ignore_index <= _INT64_MAX
+            or target.dtype == torch.uint64
+        ):
             return None
-        # Non-finite logits (a +inf, a row of -inf, NaN) or an empty mean: ATen's kernel and
-        # xent's row-max shift may disagree between inf and NaN, so such rare calls take the
-        # general path. The check reads a scalar (or one row per label) on the host.
-        finite = math.isfinite(loss.item()) if loss.ndim == 0 else bool(torch.isfinite(loss).all())
-        if not finite:
-            return None
-        return loss if loss.dtype == input.dtype else loss.to(input.dtype)
+        return _plan(
+            dtype, ndim, size, None, ignore_index, label_smoothing, reduction,
+            exact=type(input) is torch.Tensor and type(target) is torch.Tensor,
+            widen=target.dtype != torch.int64,
+        )  # fmt: skip
 
     def custom_grad(
         self, rule: GradRule, state: Any, x: Array, *, others: tuple[Array | None, ...] = ()
