@@ -191,6 +191,8 @@ def _fused_rows(
     forward kernel. Nothing of ``x``'s size is written but the gradient, and a reduced-precision input
     is read once, in its own width.
     """
+    if not smoothing:
+        return _plain_rows(x, target, weight, ignore_index, reduction, with_grad, cotangent)
     n, c = x.shape
     f32 = torch.float32
     ignored = target == ignore_index
@@ -244,6 +246,91 @@ def _fused_rows(
         return rows, grad
     loss = rows.sum()
     return (loss / denominator if reduction == "mean" else loss), grad
+
+
+_nll_forward: Any = torch.ops.aten.nll_loss_forward.default
+_nll_backward: Any = torch.ops.aten.nll_loss_backward.grad_input
+_ONE = torch.ones(())
+"""The cotangent of ``loss.backward()``, as ATen's backward kernels take it."""
+
+
+def _plain_rows(
+    x: Array,
+    target: Array,
+    weight: Array | None,
+    ignore_index: int,
+    reduction: str,
+    with_grad: bool,
+    cotangent: Array | None,
+) -> tuple[Array, Array | None]:
+    """:func:`_fused_rows` without smoothing: per block, ATen's ``nll_loss`` forward and, for
+    the gradient, its backward into the block's scratch, then the log-softmax backward over it
+    (the very kernels autograd runs after ``F.cross_entropy`` in float32, so a one-block input
+    gets their results, rounded once to a float16/bfloat16 ``x``'s dtype)."""
+    n, c = x.shape
+    f32 = torch.float32
+    code = _REDUCTIONS[reduction]
+    w = None if weight is None else weight.to(f32)
+    buffers = 1 if x.dtype == f32 else 1 + with_grad
+    step = max(1, _FUSED_BLOCK_ELEMENTS * 2 // (buffers * c))
+    lp = x.new_empty((min(step, n), c), dtype=f32)
+    cast = None
+    if x.dtype != f32:
+        cast = lp if not with_grad else x.new_empty((min(step, n), c), dtype=f32)
+    grad = torch.empty_like(x) if with_grad else None
+    g = _ONE if cotangent is None else cotangent.to(f32)
+    if g is _ONE and reduction == "none":
+        g = _ONE.expand(n)
+    if step >= n:
+        # One block: the arrays themselves, no slicing (a fixed cost on small inputs).
+        xb = x if cast is None else cast.copy_(x)
+        lb = torch.log_softmax(xb, 1, out=lp)
+        loss, total = _nll_forward(lb, target, w, code, ignore_index)
+        if grad is not None:
+            go = grad if cast is None else xb
+            _plain_grad(g, lb, target, w, code, ignore_index, total, go, grad)
+        return loss, grad
+    # Several blocks: the mean's denominator first, for every block's gradient.
+    if w is None:
+        total = (n - (target == ignore_index).sum()).to(f32)
+    else:
+        total = torch.where(target == ignore_index, 0.0, w[target.clamp(0, c - 1)]).sum()
+    part_code = 0 if reduction == "none" else 2
+    losses = x.new_empty((n if reduction == "none" else -(-n // step),), dtype=f32)
+    for i, start in enumerate(range(0, n, step)):
+        part = slice(start, start + step)
+        b = min(step, n - start)
+        xb = x[part] if cast is None else cast[:b].copy_(x[part])
+        lb = torch.log_softmax(xb, 1, out=lp[:b])
+        block_loss, _ = _nll_forward(lb, target[part], w, part_code, ignore_index)
+        losses[part if part_code == 0 else i] = block_loss
+        if grad is not None:
+            go = grad[part] if cast is None else xb
+            gb = g if g.ndim == 0 else g[part]
+            _plain_grad(gb, lb, target[part], w, code, ignore_index, total, go, grad[part])
+    if reduction == "none":
+        return losses, grad
+    loss = losses.sum()
+    return (loss / total if reduction == "mean" else loss), grad
+
+
+def _plain_grad(
+    g: Array,
+    lp: Array,
+    target: Array,
+    w: Array | None,
+    code: int,
+    ignore_index: int,
+    total: Array,
+    go: Array,
+    grad: Array,
+) -> None:
+    """One block's gradient: ATen's ``nll_loss`` backward written into ``go`` (a float32
+    block), the log-softmax backward over it, and ``go`` copied into ``grad`` unless it is."""
+    _nll_backward(g, lp, target, w, code, ignore_index, total, grad_input=go)
+    torch._log_softmax_backward_data(go, lp, 1, torch.float32, out=go)
+    if go is not grad:
+        grad.copy_(go)
 
 
 def _block_mass(mass: _Mass, part: slice) -> _Mass:
@@ -304,7 +391,8 @@ class _FusedRows(torch.autograd.Function):
         ctx.save_for_backward(x, target, weight)
         ctx.options = options
         ctx.grad = grad
-        return loss
+        # Cast back here: one node less for autograd to run.
+        return loss if loss.dtype == x.dtype else loss.to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, cotangent: Array) -> tuple[Array, None, None, None]:
@@ -316,11 +404,12 @@ class _FusedRows(torch.autograd.Function):
                     x.float(), target, weight, ignore_index=ignore_index, reduction=reduction,
                     label_smoothing=smoothing,
                 )  # fmt: skip
-                (g,) = torch.autograd.grad(loss, x, cotangent, create_graph=True)
+                (g,) = torch.autograd.grad(loss, x, cotangent.to(loss.dtype), create_graph=True)
             return g, None, None, None
         grad = ctx.grad
         ctx.grad = None
-        if grad is None or not bool((cotangent == 1).all()):
+        one = cotangent.item() == 1 if cotangent.ndim == 0 else bool((cotangent == 1).all())
+        if grad is None or not one:
             _, grad = _fused_rows(
                 x, target, weight, ignore_index, smoothing, reduction, with_grad=True,
                 cotangent=cotangent,
@@ -404,7 +493,7 @@ def _plan(
         # general path. The check reads a scalar (or one row per label) on the host.
         if not (math.isfinite(loss.item()) if reduced else bool(torch.isfinite(loss).all())):
             return None
-        return loss if back is None else back(loss)
+        return loss if back is None or loss.dtype == dtype else back(loss)
 
     return plan
 
