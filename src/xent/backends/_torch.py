@@ -145,10 +145,12 @@ _FUSED_BYTES = 16 * 2**20
 take the loss by blocks of rows (:func:`_fused_rows`), which never writes a full-size
 log-softmax (whose page faults make ``F.cross_entropy`` slow there)."""
 
-_HALF_ROWS_ELEMENTS = 2**21
+_HALF_ROWS_ELEMENTS = 2**18
 """float16/bfloat16 inputs of this many elements or more take the loss by blocks of rows, each
-block cast to float32 in cache; smaller ones are cast whole and call ``F.cross_entropy`` once
-(fewer kernel launches, which dominate there)."""
+block cast to float32 in cache, the gradient made with the loss; smaller ones are cast whole
+and call ``F.cross_entropy`` once (fewer kernel launches, which dominate there). Measured on
+two cores, by CPU time of one thread: the two ways cross between 2^17 and 2^18 elements, forward
+and forward+backward alike."""
 
 _FUSED_BLOCK_ELEMENTS = 2**20
 """Rows are taken in blocks of about this many elements (4 MiB in float32) per float32 scratch
@@ -417,10 +419,10 @@ class _FusedRows(torch.autograd.Function):
         return grad, None, None, None
 
 
-def _route(dtype: Any, ndim: int, size: int, grad: bool) -> str | None:
+def _route(dtype: Any, ndim: int, size: int) -> str | None:
     """How :meth:`Native.fused_index_loss` computes an input: ``"kernel"`` (ATen's
     ``cross_entropy_loss`` once, float16/bfloat16 cast to float32 whole), ``"rows"``
-    (:func:`_fused_rows`) or None (xent's own path); ``grad``: autograd records the call."""
+    (:func:`_fused_rows`) or None (xent's own path)."""
     if dtype in _HALF_DTYPES:
         if ndim == 2 and size >= _HALF_ROWS_ELEMENTS:
             return "rows"
@@ -447,11 +449,11 @@ def _plan(
     widen: bool,
 ) -> Callable[[Array, Array], Array | None] | None:
     """:meth:`Native.fused_index_loss` for inputs of ``dtype``, ``ndim`` and ``size`` and these
-    options (``weight`` already in the compute dtype), or None where neither route serves them.
+    options (``weight`` already in the compute dtype), or None where no route serves them.
     ``exact``: both arrays are plain tensors (ATen's entry is called directly); ``widen``:
     labels of another dtype than int64."""
-    routes = (_route(dtype, ndim, size, False), _route(dtype, ndim, size, True))
-    if routes == (None, None):
+    route = _route(dtype, ndim, size)
+    if route is None:
         return None
     back = _BACK.get(dtype)
     code = _REDUCTIONS[reduction]
@@ -461,8 +463,6 @@ def _plan(
     def plan(input: Array, target: Array) -> Array | None:
         if not input.is_cpu or _functorch_wrapped(target):
             return None
-        grad = input.requires_grad and torch.is_grad_enabled()
-        route = routes[grad]
         labels = target.long() if widen else target
         try:
             if route == "kernel":
@@ -478,9 +478,7 @@ def _plan(
                         logits, labels, weight, ignore_index=ignore_index, reduction=reduction,
                         label_smoothing=smoothing,
                     )  # fmt: skip
-            elif route is None:
-                return None
-            elif grad:
+            elif input.requires_grad and torch.is_grad_enabled():
                 loss = _FusedRows.apply(input, labels, weight, options)
             else:
                 loss, _ = _fused_rows(
