@@ -512,6 +512,8 @@ def torch_rows(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         return rows(*args, **kwargs)
 
     monkeypatch.setattr(_torch, "_fused_rows", counted)
+    # Plans remembered under other thresholds would not reach the blocked loss.
+    monkeypatch.setattr(xent._cross_entropy, "_CHECKED", {})
     monkeypatch.setattr(_torch, "_FUSED_BYTES", 64)
     monkeypatch.setattr(_torch, "_HALF_ROWS_ELEMENTS", 16)
     monkeypatch.setattr(_torch, "_FUSED_BLOCK_ELEMENTS", 64)
@@ -629,3 +631,108 @@ class TestTorchRows:
             )
             np.testing.assert_allclose(ours, generic, rtol=1e-2, equal_nan=True)
         assert torch_rows
+
+
+def _plan_of(x: Any, y: Any, **options: Any) -> Any:
+    """The fused plan remembered for a call like ``cross_entropy(x, y, **options)``."""
+    xent.cross_entropy(x, y, **options)
+    defaults: dict[str, Any] = {
+        "axis": -1, "from_logits": True, "weight": None, "sample_weight": None,
+        "ignore_index": -100, "label_smoothing": 0.0, "reduction": "mean", "z_loss": 0.0,
+        "softcap": None, "eps": 1e-7, "validate": None, "xp": None,
+    }  # fmt: skip
+    return xent._cross_entropy._check(x, y, **{**defaults, **options}).fused
+
+
+@TORCH
+class TestTorchPlan:
+    """The fused loss's decisions, remembered with the checks: taken where they apply, declined
+    elsewhere, and every later call still checked where the key cannot vouch for it."""
+
+    def test_taken_and_declined(self, rng: np.random.Generator) -> None:
+        import torch
+
+        x = torch.tensor(rng.normal(size=(6, 5)), dtype=torch.float32)
+        y = torch.tensor(rng.integers(0, 5, size=6))
+        assert _plan_of(x, y) is not None
+        assert _plan_of(x, y, label_smoothing=0.1, reduction="sum") is not None
+        assert _plan_of(x, y.to(torch.uint8)) is not None
+        assert _plan_of(x.T.contiguous(), y, axis=0) is None  # classes along axis 0
+        assert _plan_of(x, y.to(torch.uint64)) is None
+        assert _plan_of(x, y, z_loss=1e-3) is None
+        assert _torch_generic(lambda: _plan_of(x, y)) is None
+
+    def test_later_calls_still_raise_and_check(self, rng: np.random.Generator) -> None:
+        import torch
+
+        x = torch.tensor(rng.normal(size=(8, 5)), dtype=torch.float32)
+        y = torch.tensor(rng.integers(0, 5, size=8))
+        assert _plan_of(x, y) is not None
+        bad = y.clone()
+        bad[3] = 5
+        with pytest.raises(ValueError, match=r"label 5 at position \(3,\)"):
+            xent.cross_entropy(x, bad)
+        assert np.isnan(to_numpy(xent.cross_entropy(x, bad, validate=False)))
+        with pytest.raises(TypeError, match="all arrays must be on one device"):
+            xent.cross_entropy(x, y.to("meta"))
+        with pytest.raises(TypeError, match=r"`input` must be a plain dense array.*sparse"):
+            xent.cross_entropy(x.to_sparse(), y)
+
+    def test_subclass_and_vmapped_target_give_the_generic_loss(
+        self, rng: np.random.Generator
+    ) -> None:
+        import torch
+
+        class Logits(torch.Tensor):
+            pass
+
+        x = torch.tensor(rng.normal(size=(8, 5)), dtype=torch.float32)
+        ys = torch.tensor(rng.integers(0, 5, size=(3, 8)))
+        want = torch.stack([_torch_generic(lambda t=t: xent.cross_entropy(x, t)) for t in ys])
+        xent.cross_entropy(x, ys[0])  # the plain call's plan is remembered
+        got = torch.func.vmap(lambda t: xent.cross_entropy(x, t))(ys)
+        np.testing.assert_allclose(to_numpy(got), to_numpy(want), rtol=1e-6)
+        sub = x.as_subclass(Logits)
+        for _ in range(2):
+            loss = xent.cross_entropy(sub, ys[1])
+            np.testing.assert_allclose(float(loss), float(want[1]), rtol=1e-6)
+
+    @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+    @pytest.mark.parametrize("block", [2**20, 512])
+    def test_half_equals_float32_cast_back(
+        self, monkeypatch: pytest.MonkeyPatch, rng: np.random.Generator, dtype: str, block: int
+    ) -> None:
+        # Below and above the threshold (one block, several), each reduction: the loss and the
+        # gradient are PyTorch's float32 ones rounded once, to the bit; the input is unchanged.
+        import torch
+        import torch.nn.functional as F
+
+        from xent.backends import _torch
+
+        monkeypatch.setattr(_torch, "_FUSED_BLOCK_ELEMENTS", block)
+        half = getattr(torch, dtype)
+        y = torch.tensor(rng.integers(0, 300, size=40))
+        y[5] = -100
+        for shape in ((40, 300), (40, 7)):
+            x = torch.tensor(rng.normal(size=shape) * 4).to(half)
+            y = y.clamp(max=shape[1] - 1) if shape[1] < 300 else y
+            kept = x.clone()
+            for limit in (2**18, 0):
+                monkeypatch.setattr(_torch, "_HALF_ROWS_ELEMENTS", limit)
+                monkeypatch.setattr(xent._cross_entropy, "_CHECKED", {})
+                for reduction in ("mean", "sum", "none"):
+                    xg = x.clone().requires_grad_(True)
+                    loss = xent.cross_entropy(xg, y, reduction=reduction)
+                    loss.sum().backward()
+                    xf = x.float().requires_grad_(True)
+                    want = F.cross_entropy(xf, y, reduction=reduction)
+                    want.sum().backward()
+                    assert loss.dtype == half
+                    assert torch.equal(loss.detach(), want.detach().to(half))
+                    assert xg.grad is not None
+                    assert xf.grad is not None
+                    assert torch.equal(xg.grad, xf.grad.to(half))
+                    with torch.no_grad():
+                        plain = xent.cross_entropy(x, y, reduction=reduction)
+                    assert torch.equal(plain, want.detach().to(half))
+            assert torch.equal(x, kept)
