@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import _reference as ref
@@ -498,7 +498,15 @@ TORCH = pytest.mark.only_backends(Backend.TORCH)
 
 
 @pytest.fixture
-def torch_rows(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+def torch_native() -> Iterator[None]:
+    """Native overrides on (these tests are about them), whatever ``XENT_NATIVE`` says."""
+    previous = xent.backends.set_native(True)
+    yield
+    xent.backends.set_native(previous)
+
+
+@pytest.fixture
+def torch_rows(monkeypatch: pytest.MonkeyPatch, torch_native: None) -> list[int]:
     """PyTorch's blocked fused loss on small inputs: every 2-D float32/float16/bfloat16 input of
     more than 16 elements takes it, 64 elements to a block; the list counts its calls."""
     pytest.importorskip("torch")
@@ -645,6 +653,7 @@ def _plan_of(x: Any, y: Any, **options: Any) -> Any:
 
 
 @TORCH
+@pytest.mark.usefixtures("torch_native")
 class TestTorchPlan:
     """The fused loss's decisions, remembered with the checks: taken where they apply, declined
     elsewhere, and every later call still checked where the key cannot vouch for it."""

@@ -562,7 +562,6 @@ def _check(
     overrides on or off), with the backend's plan for the plain case; a call that finds it
     still checks what the key does not hold (dense layout, one device).
     """
-    arrays = {"input": input, "target": target, "weight": weight, "sample_weight": sample_weight}
     key = None
     if weight is None and sample_weight is None and xp is None:
         found = namespace_of(input)
@@ -586,6 +585,7 @@ def _check(
                     return checked
                 if not _validation.plain_scalars(key[9:18]):
                     key = None
+    arrays = {"input": input, "target": target, "weight": weight, "sample_weight": sample_weight}
     xp, ops = _validation.backend(arrays, xp)
     _validation.floating_input(xp, "input", input)
     ax, label_smoothing, eps, z_loss, softcap, ignore_index = _validation.scalars(

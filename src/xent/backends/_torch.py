@@ -25,6 +25,7 @@ def _owned(g: Array) -> bool:
 _functorch_wrapped: Callable[[Array], bool] = torch._C._functorch.is_functorch_wrapped_tensor
 _is_compiling = torch.compiler.is_compiling
 _FakeTensor = torch._subclasses.FakeTensor
+_STRIDED = torch.strided
 
 
 class Facts(Backend):
@@ -50,10 +51,10 @@ class Facts(Backend):
         return x.device
 
     def dense_together(self, a: Array, b: Array) -> bool:
-        return bool(
-            a.layout == torch.strided
-            and b.layout == torch.strided
-            and ((a.is_cpu and b.is_cpu) or a.device == b.device)
+        return (
+            a.layout is _STRIDED
+            and b.layout is _STRIDED
+            and ((a.is_cpu and b.is_cpu) or bool(a.device == b.device))
         )
 
 
