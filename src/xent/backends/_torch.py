@@ -231,7 +231,8 @@ def _fused_rows(
     cast = None
     if x.dtype != f32:
         cast = lp if not with_grad else x.new_empty((min(step, n), c), dtype=f32)
-    grad = torch.empty_like(x) if with_grad else None
+    # Row-major whatever the layout of x: the kernels write each block of rows in place.
+    grad = torch.empty_like(x, memory_format=torch.contiguous_format) if with_grad else None
     if step >= n:
         # One block: the arrays themselves, no slicing (a fixed cost on small inputs).
         rows = _fused_block(x, target, ignored, w, ignore_index, smoothing, cast, lp, grad, mass)
@@ -280,7 +281,8 @@ def _plain_rows(
     cast = None
     if x.dtype != f32:
         cast = lp if not with_grad else x.new_empty((min(step, n), c), dtype=f32)
-    grad = torch.empty_like(x) if with_grad else None
+    # Row-major whatever the layout of x: the kernels write each block of rows in place.
+    grad = torch.empty_like(x, memory_format=torch.contiguous_format) if with_grad else None
     g = _ONE if cotangent is None else cotangent.to(f32)
     if g is _ONE and reduction == "none":
         g = _ONE.expand(n)
