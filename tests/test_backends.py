@@ -256,6 +256,7 @@ def numpy_limits(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
         monkeypatch.setattr(_numpy, "_BLOCK_BYTES", 4096)
         monkeypatch.setattr(_numpy, "_NARROW_BLOCK_BYTES", 1024)
         monkeypatch.setattr(_numpy, "_PARALLEL_BYTES", 8192)
+        monkeypatch.setattr(_numpy, "_UNSHIFTED_ELEMENTS", 256)
     return bool(request.param)
 
 
@@ -374,6 +375,36 @@ class TestNumpyFusedPass:
             y = to_xp(xp, rng.integers(0, c, size=64))
             x = to_xp(xp, x_np)
             _assert_like_general(x, y, 1e-5, reduction="none")
+
+    @pytest.mark.parametrize("dtype", ["float32", "float64"])
+    def test_unshifted_sums_as_exact_as_shifted_ones(
+        self, xp: Any, rng: np.random.Generator, numpy_limits: bool, dtype: str
+    ) -> None:
+        # Large blocks try exp(x) with no row max: confident rows (losses far below the size of
+        # the logits, lost to cancellation in log(sum) - x[label]), label terms that underflow,
+        # masked classes. Rows near the overflow of the sum or far below zero send their block
+        # back to the shifted pass. Every row as exact as the shifted pass, against float64.
+        eps = float(np.finfo(dtype).eps)
+        big = 80.0 if dtype == "float32" else 700.0  # exp(big) is beyond the safe sums
+        n, c = 96, 300
+        x_np = rng.normal(size=(n, c))
+        y_np = rng.integers(0, c, size=n)
+        rows = np.arange(n)
+        x_np[rows[::3], y_np[::3]] = rng.uniform(17, 18, size=32)  # confident: losses ~1e-5
+        x_np[rows[1::12], y_np[1::12]] = -big * 0.75  # the label's exp below the threshold
+        x_np[2, :50] = -np.inf
+        y_np[2] = 60
+        unsafe = x_np.copy()
+        unsafe[5] += big
+        unsafe[70] -= 2 * big
+        for logits in (x_np.astype(dtype), unsafe.astype(dtype)):
+            x, y = to_xp(xp, logits), to_xp(xp, y_np)
+            want = ref.cross_entropy(logits, y_np, reduction="none")
+            want_grad = ref.cross_entropy_grad(logits, y_np, reduction="none")
+            loss, grad = xent.cross_entropy_and_grad(x, y, reduction="none")
+            for got in (to_numpy(xent.cross_entropy(x, y, reduction="none")), to_numpy(loss)):
+                np.testing.assert_allclose(got, want, rtol=4 * eps, atol=4 * eps)
+            np.testing.assert_allclose(to_numpy(grad), want_grad, rtol=8 * eps, atol=4 * eps)
 
     def test_smoothing_and_other_layouts_decline(self, xp: Any, rng: np.random.Generator) -> None:
         ops = xent.backends.lookup(xp)

@@ -59,7 +59,7 @@ def _in_parallel(work: Callable[[int, int], None], n: int, nbytes: int) -> None:
         f.result()
 
 
-_FUSED_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+_FUSED_DTYPES = frozenset(map(np.dtype, (np.float16, np.float32, np.float64)))
 
 _NARROW = 128
 """Rows of at most this many classes are reduced in a transposed copy: NumPy reduces a short
@@ -70,8 +70,33 @@ _NARROW_GRAD = 100
 """The same for the gradient, which copies the block back into the row layout: beyond about
 100 classes that copy costs more than the transposed reductions save."""
 
+_NARROW_ROWS = 64
+"""Fewer rows than this stay in the row layout whatever their width: the transposed copy costs
+more than the per-row reductions it saves."""
+
 _NARROW_BLOCK_BYTES = 2**18
 """The transposed block: the strided copies in and out run fastest on blocks well inside L2."""
+
+_UNSHIFTED_ELEMENTS = 2**13
+"""Blocks of at least this many elements first try the exponentials of the logits themselves,
+with no row max and no subtraction (two of the four passes over the block); smaller ones
+subtract the row max at once (the checks of the unshifted sums cost more than they save)."""
+
+_SAFE_SUMS = {
+    np.dtype(np.float32): (2.0**-20, 2.0**64, 2.0**-60),
+    np.dtype(np.float64): (2.0**-100, 2.0**600, 2.0**-400),
+}
+"""Per compute dtype, ``(low, high, tiny)``: a row's unshifted ``sum(exp(x))`` within
+``[low, high]`` neither overflowed nor lost a term that matters (every ``exp`` below the
+smallest normal number is under ``2**-100`` of such a sum), so it is the row's sum; and a label
+term of at least ``tiny`` divides it with no overflow (``high / tiny`` fits the dtype). Any
+other sum (a logit near the dtype's max, a row far below zero, inf or NaN) sends the block to
+the shifted pass."""
+
+_UNSIGNED = {np.dtype(t): np.dtype(t.replace("i", "u")) for t in ("i1", "i2", "i4", "i8")}
+
+_FEW_LABELS = 16
+"""At most this many labels are checked in Python: cheaper than a NumPy reduction."""
 
 
 def _plain_rows(
@@ -104,11 +129,15 @@ def _plain_rows(
 
 def _outside(labels: np.ndarray, classes: int) -> bool:
     """Whether any label lies outside ``[0, classes)``."""
+    if labels.size <= _FEW_LABELS:
+        few = labels.tolist()
+        return min(few) < 0 or max(few) >= classes
     if labels.dtype.kind == "i" and classes > 2 ** (8 * labels.itemsize - 1):
         return bool(labels.min() < 0)  # the dtype holds no label >= classes
     # One max of the labels read as unsigned: a negative label wraps to at least 2**(bits-1),
     # above every class.
-    return bool(labels.view(labels.dtype.str.replace("i", "u")).max() >= classes)
+    unsigned = _UNSIGNED.get(labels.dtype, labels.dtype)
+    return bool(labels.view(unsigned).max() >= classes)
 
 
 def _row_pass(
@@ -118,9 +147,10 @@ def _row_pass(
     factor: Any,
     grad: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(picked, total)`` per row: ``x[label] - shift`` and ``sum(exp(x - shift))`` with
-    ``shift`` the row max, so that the loss is ``log(total) - picked``; computed in ``dtype``
-    a cache-sized block of rows at a time (its max, subtract, exp and sum all find it in
+    """``(picked, total)`` per row with the loss ``log(total) - picked``: either
+    ``x[label] - shift`` and ``sum(exp(x - shift))`` with ``shift`` the row max, or (the
+    unshifted sums of :data:`_UNSHIFTED_ELEMENTS`) 0 and ``sum(exp(x)) / exp(x[label])``;
+    computed in ``dtype`` a cache-sized block of rows at a time (its passes all find it in
     cache), threaded by row ranges for large inputs.
 
     With ``grad`` given, the same exponentials become its rows in place:
@@ -129,9 +159,7 @@ def _row_pass(
     it by 0 instead); so does a row of -inf, whose loss is NaN on either path.
     """
     n, c = rows.shape
-    picked = np.empty(n, dtype)
-    total = np.empty(n, dtype)
-    narrow = c <= (_NARROW if grad is None else _NARROW_GRAD)
+    narrow = c <= (_NARROW if grad is None else _NARROW_GRAD) and n >= _NARROW_ROWS
     step = max(1, (_NARROW_BLOCK_BYTES if narrow else _BLOCK_BYTES) // (c * dtype.itemsize))
     # Where the gradient has the compute dtype and the row layout, it is its own scratch.
     own = grad is not None and not narrow and grad.dtype == dtype
@@ -139,6 +167,10 @@ def _row_pass(
     def scratch(size: int) -> np.ndarray | None:
         return None if own else np.empty((c, size) if narrow else (size, c), dtype)
 
+    if n <= step and not narrow and rows.size < _UNSHIFTED_ELEMENTS:
+        return _small(rows, labels, dtype, factor, grad)
+    picked = np.empty(n, dtype)
+    total = np.empty(n, dtype)
     if n <= step:
         # One block: no loop, no threads.
         _block(rows, labels, picked, total, scratch(n), factor, grad, narrow)
@@ -165,6 +197,30 @@ def _row_pass(
     return picked, total
 
 
+def _small(
+    rows: np.ndarray,
+    labels: np.ndarray,
+    dtype: np.dtype[Any],
+    factor: Any,
+    grad: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_row_pass` on a small input in one block, shifted, in as few NumPy calls as it
+    takes (each costs about a microsecond here, more than the arithmetic)."""
+    x = rows if rows.dtype == dtype else rows.astype(dtype)
+    own = grad if grad is not None and grad.dtype == dtype else None
+    buf = np.subtract(x, x.max(axis=1, keepdims=True), out=own)
+    at = (np.arange(len(labels)), labels)
+    picked = buf[at]
+    np.exp(buf, out=buf)
+    total = buf.sum(axis=1)
+    if grad is not None:
+        buf *= (factor / total)[:, None]
+        buf[at] -= factor
+        if own is None:
+            _store(grad, buf)
+    return picked, total
+
+
 def _block(
     block: np.ndarray,
     labels: np.ndarray,
@@ -178,21 +234,29 @@ def _block(
     """:func:`_row_pass` on one block of rows, its exponentials in ``buf`` (the transposed
     block where ``narrow``), or in ``grad`` itself where ``buf`` is None."""
     at = (np.arange(len(labels)), labels)
+    source = block
     if narrow:
         assert buf is not None
-        np.copyto(buf, block.T)
-        m = buf.max(axis=0)
-        buf -= m
+        source = block.T
+        np.copyto(buf, source)
+        block = buf
         at = at[::-1]
-    else:
-        if buf is None:
-            assert grad is not None
-            buf = grad
-        if block.dtype != buf.dtype:
-            np.copyto(buf, block)
-            block = buf
-        m = block.max(axis=1, keepdims=True)
-        np.subtract(block, m, out=buf)
+    elif buf is None:
+        assert grad is not None
+        buf = grad
+    elif block.dtype != buf.dtype:
+        np.copyto(buf, block)
+        block = buf
+    if buf.size >= _UNSHIFTED_ELEMENTS and _unshifted(
+        block, buf, at, picked, total, factor, 0 if narrow else 1
+    ):
+        if grad is not None and buf is not grad:
+            _store(grad, buf.T if narrow else buf)
+        return
+    if block is buf:
+        np.copyto(buf, source)  # the exponentials above overwrote the copy
+    m = block.max(axis=0 if narrow else 1, keepdims=True)
+    np.subtract(block, m, out=buf)
     picked[...] = buf[at]
     np.exp(buf, out=buf)
     buf.sum(axis=0 if narrow else 1, out=total)
@@ -201,10 +265,43 @@ def _block(
     scale = factor / total
     buf *= scale if narrow else scale[:, None]
     buf[at] -= factor
-    if narrow:
-        _store(grad, buf.T)
-    elif buf is not grad:
-        _store(grad, buf)
+    if buf is not grad:
+        _store(grad, buf.T if narrow else buf)
+
+
+def _unshifted(
+    block: np.ndarray,
+    buf: np.ndarray,
+    at: tuple[np.ndarray, np.ndarray],
+    picked: np.ndarray,
+    total: np.ndarray,
+    factor: Any,
+    axis: int,
+) -> bool:
+    """:func:`_block`'s pass with no shift: ``exp(block)`` into ``buf`` (it may be ``block``),
+    summed along ``axis``; True where every sum is safe (:data:`_SAFE_SUMS`), its results and
+    the gradient's rows (``factor`` not None) then in ``picked``, ``total`` and ``buf``; False
+    where the caller must start the block again, ``buf`` overwritten.
+
+    The loss is ``log(sum / exp(x[label]))``, as exact as the shifted pass's where the label's
+    logit dominates its row; where its exponential is below ``tiny`` (a loss of tens or more)
+    it is ``log(sum) - x[label]`` instead.
+    """
+    low, high, tiny = _SAFE_SUMS[buf.dtype]
+    np.copyto(picked, block[at])
+    np.exp(block, out=buf)
+    buf.sum(axis=axis, out=total)
+    if not (low <= total.min() and total.max() <= high):  # NaN fails both
+        return False
+    label_term = buf[at]
+    if factor is not None:
+        scale = factor / total
+        buf *= scale if axis == 0 else scale[:, None]
+        buf[at] -= factor
+    kept = label_term >= tiny
+    np.divide(total, label_term, out=total, where=kept)
+    np.copyto(picked, 0, where=kept)
+    return True
 
 
 def _store(dst: np.ndarray, src: np.ndarray) -> None:
@@ -262,13 +359,13 @@ def _loss(
     if label_weight is not None:
         loss *= label_weight
     out = loss.sum()
-    if np.isnan(out):
+    if out != out:  # NaN
         return None
     if reduction == "none":
         out = loss.reshape(shape)
     elif reduction == "mean":
         out = out / _count(loss.size, label_weight)
-    return out.astype(out_dtype, copy=False)
+    return out if out.dtype == out_dtype else out.astype(out_dtype)
 
 
 class Facts(Backend):
@@ -278,6 +375,12 @@ class Facts(Backend):
 
     def is_lazy(self, x: Array) -> bool:
         return False
+
+    def device(self, x: Array) -> Any:
+        return "cpu"  # array-api-compat's answer for every NumPy array, without its look-ups
+
+    def placement(self, x: Array) -> Any:
+        return "cpu"
 
     def unsupported(self, x: Array) -> str | None:
         if isinstance(x, np.ma.MaskedArray):
