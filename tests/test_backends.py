@@ -240,10 +240,13 @@ class TestFastPaths:
 
 NUMPY = pytest.mark.only_backends(Backend.NUMPY, Backend.NUMPY_READONLY)
 
-_SHAPES = [(5, 7), (300, 7), (40, 100), (40, 128), (24, 300), (3, 5000), (300, 1000)]
-"""Narrow rows (transposed blocks; 100 and 128 classes on either side of the gradient's limit)
-and wide ones; the last spans two blocks as shipped, and with the shrunk limits of
-``numpy_limits`` each but the first spans many blocks and several threads."""
+_SHAPES = [
+    (5, 7), (300, 7), (300, 10), (300, 16), (300, 20), (40, 100), (24, 300), (3, 5000), (300, 1000)
+]  # fmt: skip
+"""Narrow rows (transposed blocks; 10, 16 and 20 classes on either side of the forward's and the
+gradient's limits in float32 and float64) and wide ones; the last spans two blocks as shipped,
+and with the shrunk limits of ``numpy_limits`` each but the first spans many blocks and several
+threads."""
 
 
 @pytest.fixture(params=[False, True], ids=["real-limits", "small-blocks"])

@@ -61,14 +61,14 @@ def _in_parallel(work: Callable[[int, int], None], n: int, nbytes: int) -> None:
 
 _FUSED_DTYPES = frozenset(map(np.dtype, (np.float16, np.float32, np.float64)))
 
-_NARROW = 128
-"""Rows of at most this many classes are reduced in a transposed copy: NumPy reduces a short
-contiguous axis row by row at some 20 ns a row (more than the arithmetic below ~100 classes),
-while a reduction across rows runs as a few long vectorised passes."""
+_NARROW_BYTES = 80
+"""Rows of at most this many bytes (20 float32 classes) are reduced in a transposed copy: NumPy
+reduces a short contiguous axis row by row at some 20 ns a row (more than the arithmetic of a
+few dozen classes), while a reduction across rows runs as a few long vectorised passes. Wider
+rows pay more for the strided copy than the one row reduction of the unshifted pass costs."""
 
-_NARROW_GRAD = 100
-"""The same for the gradient, which copies the block back into the row layout: beyond about
-100 classes that copy costs more than the transposed reductions save."""
+_NARROW_GRAD_BYTES = 64
+"""The same for the gradient, which copies the block back into the row layout."""
 
 _NARROW_ROWS = 64
 """Fewer rows than this stay in the row layout whatever their width: the transposed copy costs
@@ -159,16 +159,19 @@ def _row_pass(
     it by 0 instead); so does a row of -inf, whose loss is NaN on either path.
     """
     n, c = rows.shape
-    narrow = c <= (_NARROW if grad is None else _NARROW_GRAD) and n >= _NARROW_ROWS
-    step = max(1, (_NARROW_BLOCK_BYTES if narrow else _BLOCK_BYTES) // (c * dtype.itemsize))
+    row_bytes = c * dtype.itemsize
+    narrow = n >= _NARROW_ROWS and row_bytes <= (
+        _NARROW_BYTES if grad is None else _NARROW_GRAD_BYTES
+    )
+    if not narrow and rows.size < _UNSHIFTED_ELEMENTS and n * row_bytes <= _BLOCK_BYTES:
+        return _small(rows, labels, dtype, factor, grad)
+    step = max(1, (_NARROW_BLOCK_BYTES if narrow else _BLOCK_BYTES) // row_bytes)
     # Where the gradient has the compute dtype and the row layout, it is its own scratch.
     own = grad is not None and not narrow and grad.dtype == dtype
 
     def scratch(size: int) -> np.ndarray | None:
         return None if own else np.empty((c, size) if narrow else (size, c), dtype)
 
-    if n <= step and not narrow and rows.size < _UNSHIFTED_ELEMENTS:
-        return _small(rows, labels, dtype, factor, grad)
     picked = np.empty(n, dtype)
     total = np.empty(n, dtype)
     if n <= step:
@@ -304,14 +307,19 @@ def _unshifted(
     return True
 
 
+_CAST_ELEMENTS = 1024
+"""Blocks of fewer elements are rounded to float16 by NumPy's cast, whatever its speed."""
+
+
 def _store(dst: np.ndarray, src: np.ndarray) -> None:
     """``dst[...] = src``, rounded to ``dst``'s dtype as NumPy's cast rounds it.
 
     NumPy's cast of a float32 that lands among float16's subnormals (below 2**-14, as most of
     a wide softmax does) takes some 50 ns an element (an underflow assist each): those are
-    written from their bits instead, ``round(|v| * 2**24)`` with the sign on top.
+    written from their bits instead, ``round(|v| * 2**24)`` with the sign on top (a dozen NumPy
+    calls: small blocks take the cast).
     """
-    if dst.dtype != np.float16:
+    if dst.dtype != np.float16 or src.size < _CAST_ELEMENTS:
         np.copyto(dst, src)
         return
     size = abs(src)
