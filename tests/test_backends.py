@@ -366,18 +366,22 @@ class TestNumpyFusedPass:
             assert grad.shape == shape
             assert loss.shape == (y_np.shape if options else ())
 
+    @pytest.mark.parametrize("dtype", ["float16", "float32"])
     def test_non_finite_rows_across_limits(
-        self, xp: Any, rng: np.random.Generator, numpy_limits: bool
+        self, xp: Any, rng: np.random.Generator, numpy_limits: bool, dtype: str
     ) -> None:
         # NaN, +inf and all -inf rows in the middle of a many-block input.
+        rtol = 4 * float(np.finfo(dtype).eps) if dtype == "float16" else 1e-5
         for c in (7, 300):
-            x_np = rng.normal(size=(64, c)).astype(np.float32)
+            x_np = rng.normal(size=(64, c)).astype(dtype)
             x_np[20] = -np.inf
             x_np[33, 2] = np.inf
             x_np[40, 1] = np.nan
-            y = to_xp(xp, rng.integers(0, c, size=64))
-            x = to_xp(xp, x_np)
-            _assert_like_general(x, y, 1e-5, reduction="none")
+            x_np[50, 3] = -np.inf  # masked class: the row stays finite
+            y_np = rng.integers(0, c, size=64)
+            y_np[50] = 3  # the label on it: +inf
+            x, y = to_xp(xp, x_np), to_xp(xp, y_np)
+            _assert_like_general(x, y, rtol, reduction="none")
 
     @pytest.mark.parametrize("dtype", ["float32", "float64"])
     def test_unshifted_sums_as_exact_as_shifted_ones(
@@ -434,6 +438,21 @@ class TestNumpyFusedPass:
             options = {**plain, **declined}
             assert ops.fused_index_loss(a, y, **options) is None
             assert ops.fused_index_loss_and_grad(a, y, **options) is None
+
+    def test_float16_logits_widen_exactly(self, xp: Any) -> None:
+        # Float16 blocks are widened to float32 from their bits: every one of the 65536 values
+        # (subnormals, signed zeros, infs and NaNs included) as NumPy's cast gives it, read in
+        # the row layout or transposed.
+        from xent.backends._numpy import _load
+
+        every = np.arange(2**16, dtype=np.uint16).view(np.float16)
+        finite = every[np.isfinite(every)]
+        for values in (every, finite):
+            for src in (values, values[: 2**15].reshape(128, 256).T):
+                got = np.empty(src.shape, np.float32)
+                _load(got, src)
+                want = src.astype(np.float32)
+                np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
 
     def test_float16_gradient_rounds_as_numpys_cast(
         self, xp: Any, rng: np.random.Generator
