@@ -336,7 +336,6 @@ def _load(dst: np.ndarray, src: np.ndarray) -> None:
         np.copyto(dst, src)
 
 
-
 def _store(dst: np.ndarray, src: np.ndarray) -> None:
     """``dst[...] = src``, rounded to ``dst``'s dtype as NumPy's cast rounds it.
 
