@@ -413,6 +413,37 @@ class TestNumpyFusedPass:
                 np.testing.assert_allclose(got, want, rtol=4 * eps, atol=4 * eps)
             np.testing.assert_allclose(to_numpy(grad), want_grad, rtol=8 * eps, atol=4 * eps)
 
+    def test_remembered_plan_gives_the_fused_loss(
+        self, xp: Any, rng: np.random.Generator, numpy_limits: bool
+    ) -> None:
+        # The plan a caller may remember for arrays of these dtypes and shapes and these options
+        # gives fused_index_loss's answer, and still refuses each call's bad layout or labels.
+        from xent.backends._numpy import NativeBackend
+
+        ops = NativeBackend(xp)
+        plain: dict[str, Any] = {"axis": 1, "ignore_index": -100, "label_smoothing": 0.0}
+        x_np = rng.normal(size=(40, 300)).astype(np.float32)
+        y_np = rng.integers(0, 300, size=40)
+        ignored, invalid = y_np.copy(), y_np.copy()
+        ignored[::4] = -100
+        invalid[7] = 300
+        x, y = to_xp(xp, x_np), to_xp(xp, y_np)
+        for reduction in ("mean", "sum", "none"):
+            plan = ops.fused_index_plan(x, y, **plain, reduction=reduction)
+            assert plan is not None
+            for labels in (y_np, ignored):
+                t = to_xp(xp, labels)
+                got = plan(x, t)
+                want = ops.fused_index_loss(x, t, weight=None, **plain, reduction=reduction)
+                np.testing.assert_array_equal(to_numpy(got), to_numpy(want))
+            np.testing.assert_allclose(
+                to_numpy(plan(x, y)), ref.cross_entropy(x_np, y_np, reduction=reduction), rtol=1e-5
+            )
+            assert plan(x, to_xp(xp, invalid)) is None
+            assert plan(to_xp(xp, np.asfortranarray(x_np)), y) is None
+        for declined in ({"label_smoothing": 0.1}, {"ignore_index": 2}, {"axis": 0}):
+            assert ops.fused_index_plan(x, y, **{**plain, **declined}, reduction="mean") is None
+
     def test_smoothing_and_other_layouts_decline(self, xp: Any, rng: np.random.Generator) -> None:
         ops = xent.backends.lookup(xp)
         x = to_xp(xp, rng.normal(size=(6, 5)), dtype="float32")

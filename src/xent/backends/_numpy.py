@@ -99,24 +99,34 @@ _FEW_LABELS = 16
 """At most this many labels are checked in Python: cheaper than a NumPy reduction."""
 
 
-def _plain_rows(
-    input: Array, target: Array, axis: int, ignore_index: int, label_smoothing: float
-) -> tuple[np.ndarray, np.ndarray, tuple[int, ...], np.ndarray | None] | None:
-    """``(rows, labels, per-row shape, ignored)`` where the fused paths serve the call, else
-    None. ``ignored`` (None where no label is ``ignore_index``) marks the rows whose labels,
-    set to 0 in ``labels``, equal ``ignore_index``."""
-    x, y = np.asarray(input), np.asarray(target)
+_Rows = tuple[np.ndarray, np.ndarray, tuple[int, ...], np.ndarray | None]
+"""``(rows, labels, per-row shape, ignored)``: the logits as 2-D rows, the labels as a vector,
+``ignored`` (None where no label is ``ignore_index``) marking the rows whose labels, set to 0
+in ``labels``, equal ``ignore_index``."""
+
+
+def _plain_case(
+    x: np.ndarray, y: np.ndarray, axis: int, ignore_index: int, label_smoothing: float
+) -> bool:
+    """Whether the fused paths serve arrays of these dtypes and shapes with these options (the
+    layout and the label values aside)."""
     c = x.shape[-1] if x.ndim else 0
-    if (
-        x.dtype not in _FUSED_DTYPES
-        or axis != x.ndim - 1
-        or x.size == 0
-        or label_smoothing
-        or not x.flags.c_contiguous
-        or 0 <= ignore_index < c
-        or y.dtype.kind not in "iu"
-    ):
+    return (
+        x.dtype in _FUSED_DTYPES
+        and axis == x.ndim - 1
+        and x.size != 0
+        and not label_smoothing
+        and not 0 <= ignore_index < c
+        and y.dtype.kind in "iu"
+    )
+
+
+def _plain_rows(x: np.ndarray, y: np.ndarray, ignore_index: int) -> _Rows | None:
+    """The rows and labels of a :func:`_plain_case` where its layout and labels let the fused
+    paths serve it (C-contiguous, every label a class or ``ignore_index``), else None."""
+    if not x.flags.c_contiguous:
         return None
+    c = x.shape[-1]
     labels = y.reshape(-1)
     ignored = None
     if _outside(labels, c):
@@ -484,9 +494,36 @@ class Native(Backend):
         # The plain loss of C-contiguous rows whose labels are all in [0, C) or ignored (one
         # max reads them): one pass of max, exp and sum, with no mask, where or gather of the
         # general path. Anything else, and any NaN row, goes back to the core.
-        plain = _plain_rows(input, target, axis, ignore_index, label_smoothing)
-        if plain is None:
+        x, y = np.asarray(input), np.asarray(target)
+        if not _plain_case(x, y, axis, ignore_index, label_smoothing):
             return None
+        plain = _plain_rows(x, y, ignore_index)
+        return None if plain is None else self._fused_loss(plain, weight, reduction)
+
+    def fused_index_plan(
+        self,
+        input: Array,
+        target: Array,
+        *,
+        axis: int,
+        ignore_index: int,
+        label_smoothing: float,
+        reduction: str,
+    ) -> Callable[[Array, Array], Array | None] | None:
+        # What fused_index_loss decides from dtypes, shapes and options, decided once for a
+        # caller that remembers it with its checks; each call still checks layout and labels.
+        if not _plain_case(
+            np.asarray(input), np.asarray(target), axis, ignore_index, label_smoothing
+        ):
+            return None
+
+        def plan(input: Array, target: Array) -> Array | None:
+            plain = _plain_rows(np.asarray(input), np.asarray(target), ignore_index)
+            return None if plain is None else self._fused_loss(plain, None, reduction)
+
+        return plan
+
+    def _fused_loss(self, plain: _Rows, weight: Array | None, reduction: str) -> Array | None:
         rows, labels, shape, ignored = plain
         dtype = _compute_dtype(rows.dtype)
         with self.quiet():
@@ -507,7 +544,10 @@ class Native(Backend):
     ) -> tuple[Array, Array] | None:
         # The same pass, its exponentials scaled in place into the gradient:
         # d loss_n / d x = f_n (softmax_n - onehot(y_n)), f_n the row's weight in the sum.
-        plain = _plain_rows(input, target, axis, ignore_index, label_smoothing)
+        x, y = np.asarray(input), np.asarray(target)
+        if not _plain_case(x, y, axis, ignore_index, label_smoothing):
+            return None
+        plain = _plain_rows(x, y, ignore_index)
         if plain is None:
             return None
         rows, labels, shape, ignored = plain
@@ -523,7 +563,7 @@ class Native(Backend):
             grad = np.empty(rows.shape, rows.dtype)
             picked, total = _row_pass(rows, labels, dtype, factor, grad)
             loss = _loss(rows.dtype, shape, picked, total, label_weight, reduction)
-        return None if loss is None else (loss, grad.reshape(np.shape(input)))
+        return None if loss is None else (loss, grad.reshape(x.shape))
 
     def softmax_from_lse(
         self,
