@@ -11,8 +11,12 @@ from typing import Any
 
 import numpy as np
 
+from .._compat import array_namespace
 from .._typing import Array
 from ._generic import Backend
+
+NAMESPACE = array_namespace(np.empty(0))
+"""array-api-compat's namespace for NumPy arrays."""
 
 _BLOCK_BYTES = 2**20
 """Size of the scratch block of rows: small enough to stay in cache between the subtract, the
