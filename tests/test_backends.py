@@ -353,6 +353,22 @@ class TestNumpyFusedPass:
             with pytest.raises(ValueError, match=rf"label {label} at position \(31,\)"):
                 call(x, y)
 
+    def test_labels_in_either_byte_order(
+        self, xp: Any, rng: np.random.Generator, numpy_limits: bool
+    ) -> None:
+        # The check of the labels reads them as unsigned in their own byte order.
+        x = to_xp(xp, rng.normal(size=(40, 150)), dtype="float32")
+        y_np = rng.integers(0, 150, size=40)
+        want = _calls(x, to_xp(xp, y_np))
+        for order in ("<", ">"):
+            labels = y_np.astype(f"{order}i8")
+            for a, b in zip(_calls(x, labels), want, strict=True):
+                np.testing.assert_array_equal(a, b)
+            labels[31] = -7
+            for call in (xent.cross_entropy, xent.cross_entropy_and_grad):
+                with pytest.raises(ValueError, match=r"label -7 at position \(31,\)"):
+                    call(x, labels)
+
     @pytest.mark.parametrize("shape", [(7,), (2, 3, 7), (3, 2, 5, 300)])
     def test_rows_of_any_leading_shape(
         self, xp: Any, rng: np.random.Generator, numpy_limits: bool, shape: tuple[int, ...]

@@ -150,7 +150,9 @@ def _outside(labels: np.ndarray, classes: int) -> bool:
         return bool(labels.min() < 0)  # the dtype holds no label >= classes
     # One max of the labels read as unsigned: a negative label wraps to at least 2**(bits-1),
     # above every class.
-    unsigned = _UNSIGNED.get(labels.dtype, labels.dtype)
+    unsigned = _UNSIGNED.get(labels.dtype)
+    if unsigned is None:  # unsigned already, or not in the native byte order
+        unsigned = np.dtype(labels.dtype.str.replace("i", "u"))
     return bool(labels.view(unsigned).max() >= classes)
 
 
