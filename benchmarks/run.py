@@ -1,8 +1,10 @@
 """Time xent against each backend's native cross-entropy over a grid of shapes, side by side.
 
     python benchmarks/run.py                     # the standard grid, table + scaling plot
+    python benchmarks/run.py --heldout           # the held-out grid: other shapes, same range
     python benchmarks/run.py --quick             # four shapes, three rounds (about a minute)
     python benchmarks/run.py --sizes 256x10 4096x32768 --backends torch numpy
+    python benchmarks/run.py --dry-run           # what would run or be skipped, and why
 
 For every shape N x C (float32 logits of shape (N, C), int labels of shape (N,), mean reduction)
 and every installed backend it times xent and that backend's own loss on the same data in the
@@ -14,11 +16,13 @@ expression on the same row chunks). Forward, and forward+backward where the libr
 differentiates (NumPy's forward+backward reference is the hand-written softmax-minus-one-hot
 gradient, against ``xent.cross_entropy_and_grad``).
 
-Timing: all candidates of a shape run in turn within each round (load on a shared machine hits
-them alike); each sample repeats a candidate until it lasts about 30 ms; the figure is the
-median of the rounds. The run prints the load average (``/proc/loadavg``) before and after, and
-writes the Markdown table (``--markdown``) and a log-log plot of time per call against N x C
-(``--plot``). Shapes whose arrays would not fit in memory are skipped with the reason printed.
+Timing: a shape's backends run one after another, each with its own arrays, freed before the
+next; the candidates of a backend (xent and its reference, every pass and dtype) run in turn
+within each round (load on a shared machine hits them alike); each sample repeats a candidate
+until it lasts about 30 ms; the figure is the median of the rounds. The run prints the load
+average (``/proc/loadavg``) before and after, and writes the Markdown table (``--markdown``) and
+a log-log plot of time per call against N x C (``--plot``). A backend whose arrays would not fit
+in memory on their own is skipped at that shape, with the reason printed.
 """
 
 from __future__ import annotations
@@ -47,9 +51,17 @@ GRID = (
     "256x10", "32x1000", "4096x10", "512x1000", "16384x100", "64x50257", "2048x8192",
     "4096x32768", "1024x128256", "8192x131072",
 )  # fmt: skip
+HELDOUT = (
+    "128x128", "1000x30", "8x32000", "8192x32", "100000x10", "2000x5000", "1024x50257",
+    "16384x8192", "4096x65536",
+)  # fmt: skip
+"""The held-out grid: shapes not in ``GRID`` over the same range of sizes and shapes (narrow,
+square, wide; 16 thousand to 268 million elements), for checking that a speed-up holds beyond
+the shapes it was tuned on."""
 QUICK = ("256x10", "4096x10", "512x1000", "2048x8192")
-COMPILED = ("256x10", "512x1000", "2048x8192")
-"""``torch.compile`` recompiles per shape (tens of seconds each on two cores): a few shapes."""
+COMPILED = ("256x10", "512x1000", "2048x8192", "128x128", "1000x30", "2000x5000")
+"""``torch.compile`` recompiles per shape (tens of seconds each on two cores): three shapes of
+each grid."""
 
 BIG = 2**26
 """Above this many elements only the float32 rows of NumPy, PyTorch eager and JAX are timed
@@ -182,7 +194,7 @@ def torch_cases(n: int, c: int, rng: np.random.Generator, big: bool, compile_: b
     cases = []
     for backend, dtype, ref, ours in variants:
         x = x32.to(dtype)
-        xg = x.detach().clone().requires_grad_(True)
+        xg = x.detach().requires_grad_(True)  # the same storage: no second copy of the logits
 
         def fwd(fn: Callable[..., Any], x: Any = x) -> Callable[[], Any]:
             def run() -> Any:
@@ -262,45 +274,52 @@ def _load() -> str:
 
 
 # Peak working set per backend, in multiples of the float32 logits (inputs, the reference's
-# full-size temporaries, gradients), with a margin.
-_FOOTPRINT = {"numpy": 4.0, "torch": 4.0, "jax": 5.0, "dask": 3.0, "strict": 4.0}
+# full-size temporaries, gradients; measured by peak RSS at 2048 x 65536 and 4096 x 65536: NumPy
+# 3.0, PyTorch 4.1, JAX 3.0), with a margin. A shape's backends run one at a time, so each needs
+# its own share only.
+_FOOTPRINT = {"numpy": 3.5, "torch": 4.5, "jax": 3.5, "dask": 3.0, "strict": 4.0}
+_MARGIN = 1.5 * GiB
+"""Memory left to the rest of the machine, beyond a backend's share."""
+_NEEDS = {"torch": ("torch",), "jax": ("jax", "optax"), "dask": ("dask",), "strict": ("array_api_strict",)}  # fmt: skip
 
 
-def build(size: str, backends: list[str], compile_: bool) -> list[Case]:
+def _shape(size: str) -> tuple[int, int]:
     n, c = (int(v) for v in size.lower().split("x"))
+    return n, c
+
+
+def plan(size: str, name: str) -> str | None:
+    """Why backend ``name`` is skipped at ``size`` (not installed, too big, time budget), or
+    None where it runs."""
+    n, c = _shape(size)
+    needs = _NEEDS.get(name, ())
+    if not _installed(*needs):
+        return f"{' and '.join(needs)} not installed"
+    if n * c > BIG and name in ("dask", "strict"):
+        return f"above {BIG} elements (time budget)"
+    need = _FOOTPRINT[name] * 4 * n * c
+    limit = min(MEMORY_CAP, _available_memory() - _MARGIN)
+    if need > limit:
+        return (
+            f"needs about {need / GiB:.1f} GiB, {limit / GiB:.1f} GiB usable (MemAvailable less "
+            f"{_MARGIN / GiB:.1f}, at most {MEMORY_CAP / GiB:.0f})"
+        )
+    return None
+
+
+def build(size: str, name: str, compile_: bool) -> list[Case]:
+    """The cases of backend ``name`` at ``size``, their arrays made afresh."""
+    n, c = _shape(size)
     big = n * c > BIG
     rng = np.random.default_rng(0)
-    logits = 4 * n * c
-    limit = min(MEMORY_CAP, int(0.8 * _available_memory()))
-    cases: list[Case] = []
-    used = 0.0
-    makers: dict[str, tuple[tuple[str, ...], Callable[[], list[Case]]]] = {
-        "numpy": ((), lambda: numpy_cases(n, c, rng, big)),
-        "torch": (("torch",), lambda: torch_cases(n, c, rng, big, compile_)),
-        "jax": (("jax", "optax"), lambda: jax_cases(n, c, rng, big)),
-        "dask": (("dask",), lambda: dask_cases(n, c, rng, big)),
-        "strict": (("array_api_strict",), lambda: strict_cases(n, c, rng, big)),
+    makers: dict[str, Callable[[], list[Case]]] = {
+        "numpy": lambda: numpy_cases(n, c, rng, big),
+        "torch": lambda: torch_cases(n, c, rng, big, compile_),
+        "jax": lambda: jax_cases(n, c, rng, big),
+        "dask": lambda: dask_cases(n, c, rng, big),
+        "strict": lambda: strict_cases(n, c, rng, big),
     }
-    for name in backends:
-        needs, make = makers[name]
-        if not _installed(*needs):
-            print(f"# {size} {name}: skipped, {' and '.join(needs)} not installed")
-            continue
-        # The cases of every backend of a shape hold their arrays at once: their needs add up.
-        need = used + _FOOTPRINT[name] * logits
-        if need > limit:
-            print(
-                f"# {size} {name}: skipped, needs about {need / GiB:.1f} GiB with the backends "
-                f"before it, {limit / GiB:.1f} GiB usable (MemAvailable, capped at "
-                f"{MEMORY_CAP / GiB:.0f})"
-            )
-            continue
-        if big and name in ("dask", "strict"):
-            print(f"# {size} {name}: skipped above {BIG} elements (time budget)")
-            continue
-        used = need
-        cases += make()
-    return cases
+    return makers[name]()
 
 
 def measure(cases: list[Case], rounds: int) -> None:
@@ -391,6 +410,10 @@ def main(argv: list[str] | None = None) -> int:
     here = Path(__file__).resolve().parent
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="four shapes, three rounds")
+    parser.add_argument("--heldout", action="store_true", help="the held-out grid of shapes")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print what would run or be skipped, time nothing"
+    )
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5)")
     parser.add_argument("--sizes", nargs="+", default=None, help="NxC, e.g. 4096x32768")
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
@@ -400,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table here")
     args = parser.parse_args(argv)
 
-    sizes = args.sizes or (QUICK if args.quick else GRID)
+    sizes = args.sizes or (HELDOUT if args.heldout else QUICK if args.quick else GRID)
     rounds = args.rounds or (3 if args.quick else 5)
     compile_ = not (args.quick or args.no_compile)
     if args.generic:
@@ -411,16 +434,29 @@ def main(argv: list[str] | None = None) -> int:
         f"rounds={rounds}; command: python benchmarks/run.py {' '.join(argv or sys.argv[1:])}"
     )
     print(f"# {header}\n# load average before: {_load()}", flush=True)
+    if args.dry_run:
+        for size in sizes:
+            for name in args.backends:
+                why = plan(size, name)
+                print(f"# {size} {name}: " + ("runs" if why is None else f"skipped, {why}"))
+        return 0
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
     for size in sizes:
-        cases = build(size, args.backends, compile_)
-        measure(cases, rounds if int(np.prod([int(v) for v in size.split("x")])) <= BIG else 3)
-        new = results(cases)
-        rows += new
-        del cases
-        gc.collect()
-        print(table(new).split("\n", 2)[-1], flush=True)
+        n, c = _shape(size)
+        for name in args.backends:
+            why = plan(size, name)
+            if why is not None:
+                print(f"# {size} {name}: skipped, {why}", flush=True)
+                continue
+            cases = build(size, name, compile_)
+            measure(cases, rounds if n * c <= BIG else 3)
+            new = results(cases)
+            rows += new
+            del cases
+            gc.collect()  # this backend's arrays go before the next one's are made
+            if new:
+                print(table(new).split("\n", 2)[-1], flush=True)
     load = _load()
     took = time.perf_counter() - start
     print(f"# load average after: {load}; {took:.0f} s\n")

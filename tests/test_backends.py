@@ -240,10 +240,13 @@ class TestFastPaths:
 
 NUMPY = pytest.mark.only_backends(Backend.NUMPY, Backend.NUMPY_READONLY)
 
-_SHAPES = [(5, 7), (300, 7), (40, 100), (40, 128), (24, 300), (3, 5000), (300, 1000)]
-"""Narrow rows (transposed blocks; 100 and 128 classes on either side of the gradient's limit)
-and wide ones; the last spans two blocks as shipped, and with the shrunk limits of
-``numpy_limits`` each but the first spans many blocks and several threads."""
+_SHAPES = [
+    (5, 7), (300, 7), (300, 10), (300, 16), (300, 20), (40, 100), (24, 300), (3, 5000), (300, 1000)
+]  # fmt: skip
+"""Narrow rows (transposed blocks; 10, 16 and 20 classes on either side of the forward's and the
+gradient's limits in float32 and float64) and wide ones; the last spans two blocks as shipped,
+and with the shrunk limits of ``numpy_limits`` each but the first spans many blocks and several
+threads."""
 
 
 @pytest.fixture(params=[False, True], ids=["real-limits", "small-blocks"])
@@ -256,6 +259,7 @@ def numpy_limits(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
         monkeypatch.setattr(_numpy, "_BLOCK_BYTES", 4096)
         monkeypatch.setattr(_numpy, "_NARROW_BLOCK_BYTES", 1024)
         monkeypatch.setattr(_numpy, "_PARALLEL_BYTES", 8192)
+        monkeypatch.setattr(_numpy, "_UNSHIFTED_ELEMENTS", 256)
     return bool(request.param)
 
 
@@ -349,6 +353,22 @@ class TestNumpyFusedPass:
             with pytest.raises(ValueError, match=rf"label {label} at position \(31,\)"):
                 call(x, y)
 
+    def test_labels_in_either_byte_order(
+        self, xp: Any, rng: np.random.Generator, numpy_limits: bool
+    ) -> None:
+        # The check of the labels reads them as unsigned in their own byte order.
+        x = to_xp(xp, rng.normal(size=(40, 150)), dtype="float32")
+        y_np = rng.integers(0, 150, size=40)
+        want = _calls(x, to_xp(xp, y_np))
+        for order in ("<", ">"):
+            labels = y_np.astype(f"{order}i8")
+            for a, b in zip(_calls(x, labels), want, strict=True):
+                np.testing.assert_array_equal(a, b)
+            labels[31] = -7
+            for call in (xent.cross_entropy, xent.cross_entropy_and_grad):
+                with pytest.raises(ValueError, match=r"label -7 at position \(31,\)"):
+                    call(x, labels)
+
     @pytest.mark.parametrize("shape", [(7,), (2, 3, 7), (3, 2, 5, 300)])
     def test_rows_of_any_leading_shape(
         self, xp: Any, rng: np.random.Generator, numpy_limits: bool, shape: tuple[int, ...]
@@ -362,18 +382,83 @@ class TestNumpyFusedPass:
             assert grad.shape == shape
             assert loss.shape == (y_np.shape if options else ())
 
+    @pytest.mark.parametrize("dtype", ["float16", "float32"])
     def test_non_finite_rows_across_limits(
-        self, xp: Any, rng: np.random.Generator, numpy_limits: bool
+        self, xp: Any, rng: np.random.Generator, numpy_limits: bool, dtype: str
     ) -> None:
         # NaN, +inf and all -inf rows in the middle of a many-block input.
+        rtol = 4 * float(np.finfo(dtype).eps) if dtype == "float16" else 1e-5
         for c in (7, 300):
-            x_np = rng.normal(size=(64, c)).astype(np.float32)
+            x_np = rng.normal(size=(64, c)).astype(dtype)
             x_np[20] = -np.inf
             x_np[33, 2] = np.inf
             x_np[40, 1] = np.nan
-            y = to_xp(xp, rng.integers(0, c, size=64))
-            x = to_xp(xp, x_np)
-            _assert_like_general(x, y, 1e-5, reduction="none")
+            x_np[50, 3] = -np.inf  # masked class: the row stays finite
+            y_np = rng.integers(0, c, size=64)
+            y_np[50] = 3  # the label on it: +inf
+            x, y = to_xp(xp, x_np), to_xp(xp, y_np)
+            _assert_like_general(x, y, rtol, reduction="none")
+
+    @pytest.mark.parametrize("dtype", ["float32", "float64"])
+    def test_unshifted_sums_as_exact_as_shifted_ones(
+        self, xp: Any, rng: np.random.Generator, numpy_limits: bool, dtype: str
+    ) -> None:
+        # Large blocks try exp(x) with no row max: confident rows (losses far below the size of
+        # the logits, lost to cancellation in log(sum) - x[label]), label terms that underflow,
+        # masked classes. Rows near the overflow of the sum or far below zero send their block
+        # back to the shifted pass. Every row as exact as the shifted pass, against float64.
+        eps = float(np.finfo(dtype).eps)
+        big = 80.0 if dtype == "float32" else 700.0  # exp(big) is beyond the safe sums
+        n, c = 96, 300
+        x_np = rng.normal(size=(n, c))
+        y_np = rng.integers(0, c, size=n)
+        rows = np.arange(n)
+        x_np[rows[::3], y_np[::3]] = rng.uniform(17, 18, size=32)  # confident: losses ~1e-5
+        x_np[rows[1::12], y_np[1::12]] = -big * 0.75  # the label's exp below the threshold
+        x_np[2, :50] = -np.inf
+        y_np[2] = 60
+        unsafe = x_np.copy()
+        unsafe[5] += big
+        unsafe[70] -= 2 * big
+        for logits in (x_np.astype(dtype), unsafe.astype(dtype)):
+            x, y = to_xp(xp, logits), to_xp(xp, y_np)
+            want = ref.cross_entropy(logits, y_np, reduction="none")
+            want_grad = ref.cross_entropy_grad(logits, y_np, reduction="none")
+            loss, grad = xent.cross_entropy_and_grad(x, y, reduction="none")
+            for got in (to_numpy(xent.cross_entropy(x, y, reduction="none")), to_numpy(loss)):
+                np.testing.assert_allclose(got, want, rtol=4 * eps, atol=4 * eps)
+            np.testing.assert_allclose(to_numpy(grad), want_grad, rtol=8 * eps, atol=4 * eps)
+
+    def test_remembered_plan_gives_the_fused_loss(
+        self, xp: Any, rng: np.random.Generator, numpy_limits: bool
+    ) -> None:
+        # The plan a caller may remember for arrays of these dtypes and shapes and these options
+        # gives fused_index_loss's answer, and still refuses each call's bad layout or labels.
+        from xent.backends._numpy import NativeBackend
+
+        ops = NativeBackend(xp)
+        plain: dict[str, Any] = {"axis": 1, "ignore_index": -100, "label_smoothing": 0.0}
+        x_np = rng.normal(size=(40, 300)).astype(np.float32)
+        y_np = rng.integers(0, 300, size=40)
+        ignored, invalid = y_np.copy(), y_np.copy()
+        ignored[::4] = -100
+        invalid[7] = 300
+        x, y = to_xp(xp, x_np), to_xp(xp, y_np)
+        for reduction in ("mean", "sum", "none"):
+            plan = ops.fused_index_plan(x, y, **plain, reduction=reduction)
+            assert plan is not None
+            for labels in (y_np, ignored):
+                t = to_xp(xp, labels)
+                got = plan(x, t)
+                want = ops.fused_index_loss(x, t, weight=None, **plain, reduction=reduction)
+                np.testing.assert_array_equal(to_numpy(got), to_numpy(want))
+            np.testing.assert_allclose(
+                to_numpy(plan(x, y)), ref.cross_entropy(x_np, y_np, reduction=reduction), rtol=1e-5
+            )
+            assert plan(x, to_xp(xp, invalid)) is None
+            assert plan(to_xp(xp, np.asfortranarray(x_np)), y) is None
+        for declined in ({"label_smoothing": 0.1}, {"ignore_index": 2}, {"axis": 0}):
+            assert ops.fused_index_plan(x, y, **{**plain, **declined}, reduction="mean") is None
 
     def test_smoothing_and_other_layouts_decline(self, xp: Any, rng: np.random.Generator) -> None:
         ops = xent.backends.lookup(xp)
@@ -400,6 +485,21 @@ class TestNumpyFusedPass:
             options = {**plain, **declined}
             assert ops.fused_index_loss(a, y, **options) is None
             assert ops.fused_index_loss_and_grad(a, y, **options) is None
+
+    def test_float16_logits_widen_exactly(self, xp: Any) -> None:
+        # Float16 blocks are widened to float32 from their bits: every one of the 65536 values
+        # (subnormals, signed zeros, infs and NaNs included) as NumPy's cast gives it, read in
+        # the row layout or transposed.
+        from xent.backends._numpy import _load
+
+        every = np.arange(2**16, dtype=np.uint16).view(np.float16)
+        finite = every[np.isfinite(every)]
+        for values in (every, finite):
+            for src in (values, values[: 2**15].reshape(128, 256).T):
+                got = np.empty(src.shape, np.float32)
+                _load(got, src)
+                want = src.astype(np.float32)
+                np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
 
     def test_float16_gradient_rounds_as_numpys_cast(
         self, xp: Any, rng: np.random.Generator

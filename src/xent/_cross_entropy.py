@@ -576,7 +576,8 @@ def _check(
                     type(validate), type(input), type(target), input.dtype, target.dtype,
                     input.shape, target.shape, ops,
                 )  # fmt: skip
-                checked = _CHECKED.get(key)
+                # (An option given as an array is no plain scalar, nor always hashable.)
+                checked = _CHECKED.get(key) if _validation.plain_scalars(key[9:18]) else None
                 if checked is not None:
                     if not ops.dense_together(input, target):
                         pair = {"input": input, "target": target}

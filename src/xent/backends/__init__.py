@@ -87,9 +87,11 @@ _TABLE: tuple[tuple[Callable[[Namespace], bool], Callable[[], ModuleType]], ...]
 
 # Array classes recognised by name, for the libraries whose compilers trace xent's calls
 # (torch.compile warns about array-api-compat's `functools.lru_cache` type tests, which a
-# cold trace would reach). The module gives the namespace (``NAMESPACE``).
+# cold trace would reach), and for NumPy, whose calls then find their checks remembered. The
+# module gives the namespace (``NAMESPACE``).
 _ARRAY_CLASSES: dict[tuple[str, str], Callable[[], ModuleType]] = {
     ("torch", "Tensor"): _load_torch,
+    ("numpy", "ndarray"): _load_numpy,
 }
 _by_namespace: dict[int, ModuleType] = {}
 _by_class: dict[type, Namespace | None] = {}

@@ -11,8 +11,12 @@ from typing import Any
 
 import numpy as np
 
+from .._compat import array_namespace
 from .._typing import Array
 from ._generic import Backend
+
+NAMESPACE = array_namespace(np.empty(0))
+"""array-api-compat's namespace for NumPy arrays."""
 
 _BLOCK_BYTES = 2**20
 """Size of the scratch block of rows: small enough to stay in cache between the subtract, the
@@ -59,39 +63,74 @@ def _in_parallel(work: Callable[[int, int], None], n: int, nbytes: int) -> None:
         f.result()
 
 
-_FUSED_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+_FUSED_DTYPES = frozenset(map(np.dtype, (np.float16, np.float32, np.float64)))
 
-_NARROW = 128
-"""Rows of at most this many classes are reduced in a transposed copy: NumPy reduces a short
-contiguous axis row by row at some 20 ns a row (more than the arithmetic below ~100 classes),
-while a reduction across rows runs as a few long vectorised passes."""
+_NARROW_BYTES = 80
+"""Rows of at most this many bytes (20 float32 classes) are reduced in a transposed copy: NumPy
+reduces a short contiguous axis row by row at some 20 ns a row (more than the arithmetic of a
+few dozen classes), while a reduction across rows runs as a few long vectorised passes. Wider
+rows pay more for the strided copy than the one row reduction of the unshifted pass costs."""
 
-_NARROW_GRAD = 100
-"""The same for the gradient, which copies the block back into the row layout: beyond about
-100 classes that copy costs more than the transposed reductions save."""
+_NARROW_GRAD_BYTES = 64
+"""The same for the gradient, which copies the block back into the row layout."""
+
+_NARROW_ROWS = 64
+"""Fewer rows than this stay in the row layout whatever their width: the transposed copy costs
+more than the per-row reductions it saves."""
 
 _NARROW_BLOCK_BYTES = 2**18
 """The transposed block: the strided copies in and out run fastest on blocks well inside L2."""
 
+_UNSHIFTED_ELEMENTS = 2**13
+"""Blocks of at least this many elements first try the exponentials of the logits themselves,
+with no row max and no subtraction (two of the four passes over the block); smaller ones
+subtract the row max at once (the checks of the unshifted sums cost more than they save)."""
 
-def _plain_rows(
-    input: Array, target: Array, axis: int, ignore_index: int, label_smoothing: float
-) -> tuple[np.ndarray, np.ndarray, tuple[int, ...], np.ndarray | None] | None:
-    """``(rows, labels, per-row shape, ignored)`` where the fused paths serve the call, else
-    None. ``ignored`` (None where no label is ``ignore_index``) marks the rows whose labels,
-    set to 0 in ``labels``, equal ``ignore_index``."""
-    x, y = np.asarray(input), np.asarray(target)
+_SAFE_SUMS = {
+    np.dtype(np.float32): (2.0**-20, 2.0**64, 2.0**-60),
+    np.dtype(np.float64): (2.0**-100, 2.0**600, 2.0**-400),
+}
+"""Per compute dtype, ``(low, high, tiny)``: a row's unshifted ``sum(exp(x))`` within
+``[low, high]`` neither overflowed nor lost a term that matters (every ``exp`` below the
+smallest normal number is under ``2**-100`` of such a sum), so it is the row's sum; and a label
+term of at least ``tiny`` divides it with no overflow (``high / tiny`` fits the dtype). Any
+other sum (a logit near the dtype's max, a row far below zero, inf or NaN) sends the block to
+the shifted pass."""
+
+_UNSIGNED = {np.dtype(t): np.dtype(t.replace("i", "u")) for t in ("i1", "i2", "i4", "i8")}
+
+_FEW_LABELS = 16
+"""At most this many labels are checked in Python: cheaper than a NumPy reduction."""
+
+
+_Rows = tuple[np.ndarray, np.ndarray, tuple[int, ...], np.ndarray | None]
+"""``(rows, labels, per-row shape, ignored)``: the logits as 2-D rows, the labels as a vector,
+``ignored`` (None where no label is ``ignore_index``) marking the rows whose labels, set to 0
+in ``labels``, equal ``ignore_index``."""
+
+
+def _plain_case(
+    x: np.ndarray, y: np.ndarray, axis: int, ignore_index: int, label_smoothing: float
+) -> bool:
+    """Whether the fused paths serve arrays of these dtypes and shapes with these options (the
+    layout and the label values aside)."""
     c = x.shape[-1] if x.ndim else 0
-    if (
-        x.dtype not in _FUSED_DTYPES
-        or axis != x.ndim - 1
-        or x.size == 0
-        or label_smoothing
-        or not x.flags.c_contiguous
-        or 0 <= ignore_index < c
-        or y.dtype.kind not in "iu"
-    ):
+    return (
+        x.dtype in _FUSED_DTYPES
+        and axis == x.ndim - 1
+        and x.size != 0
+        and not label_smoothing
+        and not 0 <= ignore_index < c
+        and y.dtype.kind in "iu"
+    )
+
+
+def _plain_rows(x: np.ndarray, y: np.ndarray, ignore_index: int) -> _Rows | None:
+    """The rows and labels of a :func:`_plain_case` where its layout and labels let the fused
+    paths serve it (C-contiguous, every label a class or ``ignore_index``), else None."""
+    if not x.flags.c_contiguous:
         return None
+    c = x.shape[-1]
     labels = y.reshape(-1)
     ignored = None
     if _outside(labels, c):
@@ -104,11 +143,17 @@ def _plain_rows(
 
 def _outside(labels: np.ndarray, classes: int) -> bool:
     """Whether any label lies outside ``[0, classes)``."""
+    if labels.size <= _FEW_LABELS:
+        few = labels.tolist()
+        return min(few) < 0 or max(few) >= classes
     if labels.dtype.kind == "i" and classes > 2 ** (8 * labels.itemsize - 1):
         return bool(labels.min() < 0)  # the dtype holds no label >= classes
     # One max of the labels read as unsigned: a negative label wraps to at least 2**(bits-1),
     # above every class.
-    return bool(labels.view(labels.dtype.str.replace("i", "u")).max() >= classes)
+    unsigned = _UNSIGNED.get(labels.dtype)
+    if unsigned is None:  # unsigned already, or not in the native byte order
+        unsigned = np.dtype(labels.dtype.str.replace("i", "u"))
+    return bool(labels.view(unsigned).max() >= classes)
 
 
 def _row_pass(
@@ -118,9 +163,10 @@ def _row_pass(
     factor: Any,
     grad: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(picked, total)`` per row: ``x[label] - shift`` and ``sum(exp(x - shift))`` with
-    ``shift`` the row max, so that the loss is ``log(total) - picked``; computed in ``dtype``
-    a cache-sized block of rows at a time (its max, subtract, exp and sum all find it in
+    """``(picked, total)`` per row with the loss ``log(total) - picked``: either
+    ``x[label] - shift`` and ``sum(exp(x - shift))`` with ``shift`` the row max, or (the
+    unshifted sums of :data:`_UNSHIFTED_ELEMENTS`) 0 and ``sum(exp(x)) / exp(x[label])``;
+    computed in ``dtype`` a cache-sized block of rows at a time (its passes all find it in
     cache), threaded by row ranges for large inputs.
 
     With ``grad`` given, the same exponentials become its rows in place:
@@ -129,16 +175,21 @@ def _row_pass(
     it by 0 instead); so does a row of -inf, whose loss is NaN on either path.
     """
     n, c = rows.shape
-    picked = np.empty(n, dtype)
-    total = np.empty(n, dtype)
-    narrow = c <= (_NARROW if grad is None else _NARROW_GRAD)
-    step = max(1, (_NARROW_BLOCK_BYTES if narrow else _BLOCK_BYTES) // (c * dtype.itemsize))
+    row_bytes = c * dtype.itemsize
+    narrow = n >= _NARROW_ROWS and row_bytes <= (
+        _NARROW_BYTES if grad is None else _NARROW_GRAD_BYTES
+    )
+    if not narrow and rows.size < _UNSHIFTED_ELEMENTS and n * row_bytes <= _BLOCK_BYTES:
+        return _small(rows, labels, dtype, factor, grad)
+    step = max(1, (_NARROW_BLOCK_BYTES if narrow else _BLOCK_BYTES) // row_bytes)
     # Where the gradient has the compute dtype and the row layout, it is its own scratch.
     own = grad is not None and not narrow and grad.dtype == dtype
 
     def scratch(size: int) -> np.ndarray | None:
         return None if own else np.empty((c, size) if narrow else (size, c), dtype)
 
+    picked = np.empty(n, dtype)
+    total = np.empty(n, dtype)
     if n <= step:
         # One block: no loop, no threads.
         _block(rows, labels, picked, total, scratch(n), factor, grad, narrow)
@@ -165,6 +216,33 @@ def _row_pass(
     return picked, total
 
 
+def _small(
+    rows: np.ndarray,
+    labels: np.ndarray,
+    dtype: np.dtype[Any],
+    factor: Any,
+    grad: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_row_pass` on a small input in one block, shifted, in as few NumPy calls as it
+    takes (each costs about a microsecond here, more than the arithmetic)."""
+    x = rows
+    if rows.dtype != dtype:
+        x = np.empty(rows.shape, dtype)
+        _load(x, rows)
+    own = grad if grad is not None and grad.dtype == dtype else None
+    buf = np.subtract(x, x.max(axis=1, keepdims=True), out=own)
+    at = (np.arange(len(labels)), labels)
+    picked = buf[at]
+    np.exp(buf, out=buf)
+    total = buf.sum(axis=1)
+    if grad is not None:
+        buf *= (factor / total)[:, None]
+        buf[at] -= factor
+        if own is None:
+            _store(grad, buf)
+    return picked, total
+
+
 def _block(
     block: np.ndarray,
     labels: np.ndarray,
@@ -178,21 +256,29 @@ def _block(
     """:func:`_row_pass` on one block of rows, its exponentials in ``buf`` (the transposed
     block where ``narrow``), or in ``grad`` itself where ``buf`` is None."""
     at = (np.arange(len(labels)), labels)
+    source = block
     if narrow:
         assert buf is not None
-        np.copyto(buf, block.T)
-        m = buf.max(axis=0)
-        buf -= m
+        source = block.T
+        _load(buf, source)
+        block = buf
         at = at[::-1]
-    else:
-        if buf is None:
-            assert grad is not None
-            buf = grad
-        if block.dtype != buf.dtype:
-            np.copyto(buf, block)
-            block = buf
-        m = block.max(axis=1, keepdims=True)
-        np.subtract(block, m, out=buf)
+    elif buf is None:
+        assert grad is not None
+        buf = grad
+    elif block.dtype != buf.dtype:
+        _load(buf, block)
+        block = buf
+    if buf.size >= _UNSHIFTED_ELEMENTS and _unshifted(
+        block, buf, at, picked, total, factor, 0 if narrow else 1
+    ):
+        if grad is not None and buf is not grad:
+            _store(grad, buf.T if narrow else buf)
+        return
+    if block is buf:
+        _load(buf, source)  # the exponentials above overwrote the copy
+    m = block.max(axis=0 if narrow else 1, keepdims=True)
+    np.subtract(block, m, out=buf)
     picked[...] = buf[at]
     np.exp(buf, out=buf)
     buf.sum(axis=0 if narrow else 1, out=total)
@@ -201,10 +287,69 @@ def _block(
     scale = factor / total
     buf *= scale if narrow else scale[:, None]
     buf[at] -= factor
-    if narrow:
-        _store(grad, buf.T)
-    elif buf is not grad:
-        _store(grad, buf)
+    if buf is not grad:
+        _store(grad, buf.T if narrow else buf)
+
+
+def _unshifted(
+    block: np.ndarray,
+    buf: np.ndarray,
+    at: tuple[np.ndarray, np.ndarray],
+    picked: np.ndarray,
+    total: np.ndarray,
+    factor: Any,
+    axis: int,
+) -> bool:
+    """:func:`_block`'s pass with no shift: ``exp(block)`` into ``buf`` (it may be ``block``),
+    summed along ``axis``; True where every sum is safe (:data:`_SAFE_SUMS`), its results and
+    the gradient's rows (``factor`` not None) then in ``picked``, ``total`` and ``buf``; False
+    where the caller must start the block again, ``buf`` overwritten.
+
+    The loss is ``log(sum / exp(x[label]))``, as exact as the shifted pass's where the label's
+    logit dominates its row; where its exponential is below ``tiny`` (a loss of tens or more)
+    it is ``log(sum) - x[label]`` instead.
+    """
+    low, high, tiny = _SAFE_SUMS[buf.dtype]
+    np.copyto(picked, block[at])
+    np.exp(block, out=buf)
+    buf.sum(axis=axis, out=total)
+    if not (low <= total.min() and total.max() <= high):  # NaN fails both
+        return False
+    label_term = buf[at]
+    if factor is not None:
+        scale = factor / total
+        buf *= scale if axis == 0 else scale[:, None]
+        buf[at] -= factor
+    kept = label_term >= tiny
+    np.divide(total, label_term, out=total, where=kept)
+    np.copyto(picked, 0, where=kept)
+    return True
+
+
+_CAST_ELEMENTS = 1024
+"""Blocks of fewer elements are cast to and from float16 by NumPy, whatever its speed."""
+
+_HALF_BITS = np.array(0x8FFFE000, np.uint32).view(np.int32)
+"""Where a float16's sign, exponent and mantissa land in a float32 after a shift by 13."""
+
+
+def _load(dst: np.ndarray, src: np.ndarray) -> None:
+    """``dst[...] = src``, exactly; float16 into float32 from the bits.
+
+    NumPy's cast of float16 runs at some 2 ns an element; a shift of the bits (sign-extended,
+    the extra copies of the sign cleared) and a multiply by ``2**112`` (float32's exponent bias
+    less float16's; exact, subnormals included) take a tenth of that. An inf or NaN comes out
+    of it as a finite value of at least ``2**16``, which no float16 reaches: then NumPy's cast.
+    """
+    if src.dtype != np.float16 or dst.dtype != np.float32 or dst.size < _CAST_ELEMENTS:
+        np.copyto(dst, src)
+        return
+    bits = dst.view(np.int32)
+    np.left_shift(src.view(np.int16), 13, out=bits, dtype=np.int32)
+    bits &= _HALF_BITS
+    dst *= 2.0**112
+    if not (dst.min() > -(2.0**16) and dst.max() < 2.0**16):
+        np.copyto(dst, src)
 
 
 def _store(dst: np.ndarray, src: np.ndarray) -> None:
@@ -212,9 +357,10 @@ def _store(dst: np.ndarray, src: np.ndarray) -> None:
 
     NumPy's cast of a float32 that lands among float16's subnormals (below 2**-14, as most of
     a wide softmax does) takes some 50 ns an element (an underflow assist each): those are
-    written from their bits instead, ``round(|v| * 2**24)`` with the sign on top.
+    written from their bits instead, ``round(|v| * 2**24)`` with the sign on top (a dozen NumPy
+    calls: small blocks take the cast).
     """
-    if dst.dtype != np.float16:
+    if dst.dtype != np.float16 or src.size < _CAST_ELEMENTS:
         np.copyto(dst, src)
         return
     size = abs(src)
@@ -262,13 +408,13 @@ def _loss(
     if label_weight is not None:
         loss *= label_weight
     out = loss.sum()
-    if np.isnan(out):
+    if out != out:  # NaN
         return None
     if reduction == "none":
         out = loss.reshape(shape)
     elif reduction == "mean":
         out = out / _count(loss.size, label_weight)
-    return out.astype(out_dtype, copy=False)
+    return out if out.dtype == out_dtype else out.astype(out_dtype)
 
 
 class Facts(Backend):
@@ -278,6 +424,12 @@ class Facts(Backend):
 
     def is_lazy(self, x: Array) -> bool:
         return False
+
+    def device(self, x: Array) -> Any:
+        return "cpu"  # array-api-compat's answer for every NumPy array, without its look-ups
+
+    def placement(self, x: Array) -> Any:
+        return "cpu"
 
     def unsupported(self, x: Array) -> str | None:
         if isinstance(x, np.ma.MaskedArray):
@@ -348,9 +500,36 @@ class Native(Backend):
         # The plain loss of C-contiguous rows whose labels are all in [0, C) or ignored (one
         # max reads them): one pass of max, exp and sum, with no mask, where or gather of the
         # general path. Anything else, and any NaN row, goes back to the core.
-        plain = _plain_rows(input, target, axis, ignore_index, label_smoothing)
-        if plain is None:
+        x, y = np.asarray(input), np.asarray(target)
+        if not _plain_case(x, y, axis, ignore_index, label_smoothing):
             return None
+        plain = _plain_rows(x, y, ignore_index)
+        return None if plain is None else self._fused_loss(plain, weight, reduction)
+
+    def fused_index_plan(
+        self,
+        input: Array,
+        target: Array,
+        *,
+        axis: int,
+        ignore_index: int,
+        label_smoothing: float,
+        reduction: str,
+    ) -> Callable[[Array, Array], Array | None] | None:
+        # What fused_index_loss decides from dtypes, shapes and options, decided once for a
+        # caller that remembers it with its checks; each call still checks layout and labels.
+        if not _plain_case(
+            np.asarray(input), np.asarray(target), axis, ignore_index, label_smoothing
+        ):
+            return None
+
+        def plan(input: Array, target: Array) -> Array | None:
+            plain = _plain_rows(np.asarray(input), np.asarray(target), ignore_index)
+            return None if plain is None else self._fused_loss(plain, None, reduction)
+
+        return plan
+
+    def _fused_loss(self, plain: _Rows, weight: Array | None, reduction: str) -> Array | None:
         rows, labels, shape, ignored = plain
         dtype = _compute_dtype(rows.dtype)
         with self.quiet():
@@ -371,7 +550,10 @@ class Native(Backend):
     ) -> tuple[Array, Array] | None:
         # The same pass, its exponentials scaled in place into the gradient:
         # d loss_n / d x = f_n (softmax_n - onehot(y_n)), f_n the row's weight in the sum.
-        plain = _plain_rows(input, target, axis, ignore_index, label_smoothing)
+        x, y = np.asarray(input), np.asarray(target)
+        if not _plain_case(x, y, axis, ignore_index, label_smoothing):
+            return None
+        plain = _plain_rows(x, y, ignore_index)
         if plain is None:
             return None
         rows, labels, shape, ignored = plain
@@ -387,7 +569,7 @@ class Native(Backend):
             grad = np.empty(rows.shape, rows.dtype)
             picked, total = _row_pass(rows, labels, dtype, factor, grad)
             loss = _loss(rows.dtype, shape, picked, total, label_weight, reduction)
-        return None if loss is None else (loss, grad.reshape(np.shape(input)))
+        return None if loss is None else (loss, grad.reshape(x.shape))
 
     def softmax_from_lse(
         self,
