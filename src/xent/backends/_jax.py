@@ -64,7 +64,13 @@ def _plain_loss(
         # are reduced at their own width and shifted in ``dtype``.
         m = jnp.max(x, axis=-1)
         shift = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0).astype(dtype))
-        picked = jnp.take_along_axis(x, y[..., None], axis=-1, mode="clip")[..., 0]
+        # A float16/bfloat16 label logit is gathered at its own width and then widened. XLA
+        # would otherwise move the widening ahead of the gather, onto the whole input, and
+        # share that widened copy with the sum of exponentials: a float32 copy of the logits
+        # written and read again (Optax's graph stores one). Behind the barrier the sum
+        # widens each logit as it reads it.
+        source = x if jnp.dtype(x.dtype) == jnp.dtype(dtype) else jax.lax.optimization_barrier(x)
+        picked = jnp.take_along_axis(source, y[..., None], axis=-1, mode="clip")[..., 0]
         # ``log_sum - (x_y - shift)``, not ``logsumexp - x_y``: a confident row's small loss
         # does not come from the cancellation of two large numbers.
         return shift, picked.astype(dtype) - shift
