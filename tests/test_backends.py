@@ -486,6 +486,46 @@ class TestJaxFusedLoss:
         # The invalid row's NaN reaches the loss through every reduction.
         assert np.isnan(ours[: ours.size - x_np.size]).any()
 
+    @pytest.mark.parametrize(
+        ("row", "dtype"),
+        [
+            ("finite", "float32"),
+            ("masked-target", "float32"),
+            ("spread-over-88", "float32"),
+            ("spread-over-88", "bfloat16"),
+        ],
+    )
+    def test_forward_shifted_by_the_label_falls_back_where_it_must(
+        self, xp: Any, rng: np.random.Generator, row: str, dtype: str
+    ) -> None:
+        # The forward shifts each row by its label's logit; a row whose sum of exponentials
+        # is then infinite (a masked target, or a logit 100 above the label's) sends every
+        # row to the shift by the row max. Ignored rows and invalid labels (NaN, infinite
+        # logits) never do, and their losses stay 0 and NaN either way.
+        import jax
+
+        x_np = rng.normal(size=(6, 5)) * 3
+        y_np = rng.integers(0, 5, size=6)
+        x_np[4, 0] = np.nan
+        y_np[4] = -100  # ignored, with a NaN logit
+        x_np[5, 2] = np.inf
+        y_np[5] = 9  # invalid, unchecked, with a +inf logit
+        if row == "masked-target":
+            x_np[0, y_np[0]] = -np.inf
+        elif row == "spread-over-88":
+            x_np[0] = 0.0
+            x_np[0, (y_np[0] + 1) % 5] = 100.0
+        x = to_xp(xp, x_np, dtype=dtype)
+        y = to_xp(xp, y_np, dtype="int32")
+        loss = jax.jit(lambda a, b: xent.cross_entropy(a, b, reduction="none", validate=False))
+        got = to_numpy(loss(x, y))
+        want = ref.cross_entropy(to_numpy(x), y_np, reduction="none")
+        want[4] = 0.0
+        tol = 1e-2 if dtype == "bfloat16" else 1e-6
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol, equal_nan=True)
+        assert np.isnan(got[5])
+        assert np.isfinite(got[1:4]).all()
+
     def test_mean_counts_rows_along_every_batch_axis(
         self, xp: Any, rng: np.random.Generator
     ) -> None:
