@@ -526,6 +526,22 @@ class TestJaxFusedLoss:
         assert np.isnan(got[5])
         assert np.isfinite(got[1:4]).all()
 
+    def test_forward_under_vmap_falls_back_for_every_instance(
+        self, xp: Any, rng: np.random.Generator
+    ) -> None:
+        # Under vmap the choice of shift is one for all instances (a branch, not a select
+        # that computes both): an instance with a masked target sends all to the row max.
+        import jax
+
+        x_np = rng.normal(size=(3, 6, 5)) * 3
+        y_np = rng.integers(0, 5, size=(3, 6))
+        x_np[1, 2, y_np[1, 2]] = -np.inf
+        x, y = to_xp(xp, x_np, dtype="float32"), to_xp(xp, y_np, dtype="int32")
+        loss = jax.jit(jax.vmap(lambda a, b: xent.cross_entropy(a, b, reduction="none")))
+        want = ref.cross_entropy(x_np, y_np, reduction="none")
+        np.testing.assert_allclose(to_numpy(loss(x, y)), want, rtol=1e-5)
+        np.testing.assert_allclose(to_numpy(loss(x[::2], y[::2])), want[::2], rtol=1e-5)
+
     def test_mean_counts_rows_along_every_batch_axis(
         self, xp: Any, rng: np.random.Generator
     ) -> None:

@@ -46,6 +46,19 @@ def _widens_exactly(dtype: Any, index_dtype: Any) -> bool:
     return bool(bits <= index_bits)
 
 
+@jax.custom_batching.custom_vmap
+def _every(ok: Array) -> Array:
+    """Whether every entry of a boolean array is true: one answer for a whole ``vmap`` batch."""
+    return jnp.all(ok)
+
+
+@_every.def_vmap
+def _every_batched(axis_size: int, in_batched: list[bool], ok: Array) -> tuple[Array, bool]:
+    # Unbatched, so that a ``lax.cond`` on it stays a branch under ``vmap`` instead of a
+    # select that computes both sides.
+    return jnp.all(ok), False
+
+
 def _plain_loss(
     input: Array, target: Array, ignore: int | None, reduction: str, dtype: Any
 ) -> Array:
@@ -121,7 +134,8 @@ def _plain_loss(
         masked = (y < 0) | (y >= classes)
         if ignore is not None:
             masked = masked | (y == ignore)
-        fast = jnp.all(jnp.isfinite(total) | masked)
+        # One answer for all rows (of every instance of a ``vmap``): either side is exact.
+        fast = _every(jnp.isfinite(total) | masked)
         rows = jax.lax.cond(fast, lambda: jnp.log(total), lambda: exact_rows(x, y))
         return reduce(rows, y)[0]
 
