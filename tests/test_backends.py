@@ -525,21 +525,30 @@ class TestNumpyFusedPass:
 class TestJaxFusedLoss:
     """The plain loss under ``jax.jit``: XLA's graph stays as lean as Optax's, with xent's rules."""
 
+    @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
     def test_forward_stores_no_logit_sized_temporary(
-        self, xp: Any, rng: np.random.Generator
+        self, xp: Any, rng: np.random.Generator, dtype: str
     ) -> None:
         import jax
 
-        x = to_xp(xp, rng.normal(size=(64, 1024)), dtype="float32")
+        x = to_xp(xp, rng.normal(size=(64, 1024)), dtype=dtype)
         y = to_xp(xp, rng.integers(0, 1024, size=64))
-        for reduction in ("mean", "sum", "none"):
-            compiled = (
+        # The native override's graph, whichever setting the fixture chose.
+        previous = xent.backends.set_native(True)
+        try:
+            graphs = [
                 jax.jit(lambda a, b, r=reduction: xent.cross_entropy(a, b, reduction=r))
                 .lower(x, y)
                 .compile()
-            )
+                for reduction in ("mean", "sum", "none")
+            ]
+        finally:
+            xent.backends.set_native(previous)
+        for reduction, compiled in zip(("mean", "sum", "none"), graphs, strict=True):
             # The exponentials are summed inside the reduction that reads the logits: no
-            # shifted copy of them (256 KiB here) is ever stored.
+            # shifted copy of them (256 KiB here) is ever stored, nor a float32 copy of
+            # bfloat16 logits (which Optax's graph stores). float16 is not asked: XLA:CPU's
+            # fused reductions take no float16, so its widened copy is stored either way.
             stats = compiled.memory_analysis()
             assert stats is not None
             temp = stats.temp_size_in_bytes
@@ -576,6 +585,62 @@ class TestJaxFusedLoss:
         np.testing.assert_array_equal(grad[1, :2], 0.0)
         # The invalid row's NaN reaches the loss through every reduction.
         assert np.isnan(ours[: ours.size - x_np.size]).any()
+
+    @pytest.mark.parametrize(
+        ("row", "dtype"),
+        [
+            ("finite", "float32"),
+            ("masked-target", "float32"),
+            ("spread-over-88", "float32"),
+            ("spread-over-88", "bfloat16"),
+        ],
+    )
+    def test_forward_shifted_by_the_label_falls_back_where_it_must(
+        self, xp: Any, rng: np.random.Generator, row: str, dtype: str
+    ) -> None:
+        # The forward shifts each row by its label's logit; a row whose sum of exponentials
+        # is then infinite (a masked target, or a logit 100 above the label's) sends every
+        # row to the shift by the row max. Ignored rows and invalid labels (NaN, infinite
+        # logits) never do, and their losses stay 0 and NaN either way.
+        import jax
+
+        x_np = rng.normal(size=(6, 5)) * 3
+        y_np = rng.integers(0, 5, size=6)
+        x_np[4, 0] = np.nan
+        y_np[4] = -100  # ignored, with a NaN logit
+        x_np[5, 2] = np.inf
+        y_np[5] = 9  # invalid, unchecked, with a +inf logit
+        if row == "masked-target":
+            x_np[0, y_np[0]] = -np.inf
+        elif row == "spread-over-88":
+            x_np[0] = 0.0
+            x_np[0, (y_np[0] + 1) % 5] = 100.0
+        x = to_xp(xp, x_np, dtype=dtype)
+        y = to_xp(xp, y_np, dtype="int32")
+        loss = jax.jit(lambda a, b: xent.cross_entropy(a, b, reduction="none", validate=False))
+        got = to_numpy(loss(x, y))
+        want = ref.cross_entropy(to_numpy(x), y_np, reduction="none")
+        want[4] = 0.0
+        tol = 1e-2 if dtype == "bfloat16" else 1e-6
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol, equal_nan=True)
+        assert np.isnan(got[5])
+        assert np.isfinite(got[1:4]).all()
+
+    def test_forward_under_vmap_falls_back_for_every_instance(
+        self, xp: Any, rng: np.random.Generator
+    ) -> None:
+        # Under vmap the choice of shift is one for all instances (a branch, not a select
+        # that computes both): an instance with a masked target sends all to the row max.
+        import jax
+
+        x_np = rng.normal(size=(3, 6, 5)) * 3
+        y_np = rng.integers(0, 5, size=(3, 6))
+        x_np[1, 2, y_np[1, 2]] = -np.inf
+        x, y = to_xp(xp, x_np, dtype="float32"), to_xp(xp, y_np, dtype="int32")
+        loss = jax.jit(jax.vmap(lambda a, b: xent.cross_entropy(a, b, reduction="none")))
+        want = ref.cross_entropy(x_np, y_np, reduction="none")
+        np.testing.assert_allclose(to_numpy(loss(x, y)), want, rtol=1e-5)
+        np.testing.assert_allclose(to_numpy(loss(x[::2], y[::2])), want[::2], rtol=1e-5)
 
     def test_mean_counts_rows_along_every_batch_axis(
         self, xp: Any, rng: np.random.Generator

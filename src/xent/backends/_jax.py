@@ -46,17 +46,42 @@ def _widens_exactly(dtype: Any, index_dtype: Any) -> bool:
     return bool(bits <= index_bits)
 
 
+@jax.custom_batching.custom_vmap
+def _every(ok: Array) -> Array:
+    """Whether every entry of a boolean array is true: one answer for a whole ``vmap`` batch."""
+    return jnp.all(ok)
+
+
+@_every.def_vmap
+def _every_batched(axis_size: int, in_batched: list[bool], ok: Array) -> tuple[Array, bool]:
+    # Unbatched, so that a ``lax.cond`` on it stays a branch under ``vmap`` instead of a
+    # select that computes both sides.
+    return jnp.all(ok), False
+
+
 def _plain_loss(
     input: Array, target: Array, ignore: int | None, reduction: str, dtype: Any
 ) -> Array:
     """The plain cross-entropy as a ``jax.custom_jvp`` whose rule XLA fuses as it fuses Optax's.
 
-    The row max and the logit at the label are read from ``input`` itself, so the shifted
+    The shift and the logit at the label are read from ``input`` itself, so the shifted
     logits are never stored: the forward sums the exponentials inside the reduction that reads
-    ``input``. Every per-row mask is a select on a vector of rows, and the mean's row count is
-    summed with the losses in one reduction.
+    ``input``, shifted by the label's logit where that is safe, so that it reads the logits
+    once (Optax's reads them twice, for the row max first). Every per-row mask is a select on
+    a vector of rows, and the mean's row count is summed with the losses in one reduction.
     """
     classes = input.shape[-1]
+
+    def label_logit(x: Array, y: Array) -> Array:
+        """``x_y`` per row, in ``dtype`` (a clipped label's logit for an invalid one)."""
+        # A float16/bfloat16 label logit is gathered at its own width and then widened. XLA
+        # would otherwise move the widening ahead of the gather, onto the whole input, and
+        # share that widened copy with the sum of exponentials: a float32 copy of the logits
+        # written and read again (Optax's graph stores one). Behind the barrier the sum
+        # widens each logit as it reads it.
+        source = x if jnp.dtype(x.dtype) == jnp.dtype(dtype) else jax.lax.optimization_barrier(x)
+        picked = jnp.take_along_axis(source, y[..., None], axis=-1, mode="clip")[..., 0]
+        return picked.astype(dtype)
 
     def stats(x: Array, y: Array) -> tuple[Array, Array]:
         """``(shift, x_y - shift)`` per row, in ``dtype``."""
@@ -64,10 +89,9 @@ def _plain_loss(
         # are reduced at their own width and shifted in ``dtype``.
         m = jnp.max(x, axis=-1)
         shift = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0).astype(dtype))
-        picked = jnp.take_along_axis(x, y[..., None], axis=-1, mode="clip")[..., 0]
         # ``log_sum - (x_y - shift)``, not ``logsumexp - x_y``: a confident row's small loss
         # does not come from the cancellation of two large numbers.
-        return shift, picked.astype(dtype) - shift
+        return shift, label_logit(x, y) - shift
 
     def reduce(rows: Array, y: Array) -> tuple[Array, Array | float]:
         """The loss from the raw row losses, and the mean's row count."""
@@ -89,12 +113,31 @@ def _plain_loss(
             total = total / count
         return total.astype(input.dtype), count
 
-    @jax.custom_jvp
-    def loss(x: Array, y: Array) -> Array:
-        # Forward only: the exponentials are summed where they are made, never stored.
+    def exact_rows(x: Array, y: Array) -> Array:
+        """The row losses shifted by the row max: every row, whatever its logits hold."""
         shift, picked = stats(x, y)
         total = jnp.sum(jnp.exp(x.astype(dtype) - shift[..., None]), axis=-1)
-        return reduce(jnp.log(total) - picked, y)[0]
+        return jnp.log(total) - picked
+
+    @jax.custom_jvp
+    def loss(x: Array, y: Array) -> Array:
+        # Forward only: one pass over the logits where it can be. Shifted by the label's
+        # logit, a row's sum of exponentials holds the label's own term, 1, so its log is
+        # the loss itself (no cancellation) and needs no row max: the exponentials are
+        # summed in the reduction that reads the logits, the only pass over them. A sum
+        # that overflowed, or a label logit that is not finite (NaN or infinite logits,
+        # masked classes), gives an infinite or NaN sum; then the loss of every row comes
+        # from the pass that finds the row max first, and that pass alone runs. Rows that
+        # are ignored, or whose label is invalid, are masked whatever their sum holds.
+        at_label = label_logit(x, y)
+        total = jnp.sum(jnp.exp(x.astype(dtype) - at_label[..., None]), axis=-1)
+        masked = (y < 0) | (y >= classes)
+        if ignore is not None:
+            masked = masked | (y == ignore)
+        # One answer for all rows (of every instance of a ``vmap``): either side is exact.
+        fast = _every(jnp.isfinite(total) | masked)
+        rows = jax.lax.cond(fast, lambda: jnp.log(total), lambda: exact_rows(x, y))
+        return reduce(rows, y)[0]
 
     def loss_jvp(primals: Any, tangents: Any) -> tuple[Array, Array]:
         x, y = primals
