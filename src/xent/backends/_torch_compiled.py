@@ -47,6 +47,10 @@ def index_loss(
         return None
     info = torch.iinfo(target.dtype)
     ignore = ignore_index if info.min <= ignore_index <= info.max else None
+    if input.shape[axis] >= _INT32_MAX or (
+        ignore is not None and not _INT32_MIN < ignore < _INT32_MAX
+    ):
+        return None  # labels are coded in int32 (see _label_code)
     options = (axis, ignore, float(label_smoothing), reduction)
     loss: Array = _IndexLoss.apply(input, target, weight, options)
     return loss
@@ -65,62 +69,59 @@ class _IndexLoss(torch.autograd.Function):
         dtype = _compute_dtype(input.dtype)
         x = input.to(dtype)
         classes = x.shape[axis]
-        y = target.to(torch.int64).unsqueeze(axis)
-        valid = (y >= 0) & (y < classes)
-        labels = torch.where(valid, y, 0)
+        code = _label_code(target, axis, classes, ignore)
+        labels = code.clamp(min=0).to(torch.int64)
         w = None if weight is None else weight.to(dtype)
         label_w = None if w is None else w[labels]
-        # The shift is the row max of the logits capped at the dtype's max: a row holding +inf
-        # then has log_sum = +inf and gives +inf (NaN at a +inf label, 0 and NaN in the
-        # softmax), and a row of -inf or NaN gives NaN, exactly as xent's log-sum-exp (shifted by
-        # 0 where the max is not finite) gives them everywhere, where ATen's makes a +inf row
-        # NaN. Being the reduction's own output, it is saved for the backward without a
-        # pointwise pass of its own between the two reductions, which Inductor would not fuse.
-        shift = torch.amax(x.clamp(max=torch.finfo(dtype).max), dim=axis, keepdim=True)
-        z = x - shift
+        # Shifted by the raw row max, as ATen's kernel is: the max and the sum of exponentials
+        # share one loop per row, and the max is saved as the reduction wrote it. Rows whose max
+        # is not finite are fixed per row below.
+        peak = torch.amax(x, dim=axis, keepdim=True)
+        z = x - peak
         log_sum = torch.log(torch.sum(torch.exp(z), dim=axis, keepdim=True))
-        rows = log_sum - torch.gather(z, axis, labels)
+        picked = torch.gather(x, axis, labels)
+        rows = log_sum - (picked - peak)
+        # A row holding +inf: xent's log-sum-exp is +inf there, so the label's term is +inf, or
+        # NaN at a +inf label (ATen's shift makes the whole row NaN). A row of -inf or NaN is
+        # NaN either way, and so is the smoothing sum of any of these rows.
+        overflow = torch.isposinf(peak)
+        rows = torch.where(overflow, torch.where(torch.isposinf(picked), math.nan, math.inf), rows)
         if label_w is not None:
             rows = rows * label_w
         if smoothing:
             # ``sum_c w_c * (log_sum - z_c)`` without a third pass over the row: both terms are
-            # non-negative for non-negative weights, so nothing cancels. Every entry of a +inf
-            # row's sum is NaN-free but one (``inf - inf``), so the row is NaN.
+            # non-negative for non-negative weights, so nothing cancels.
             if w is None:
                 spread = log_sum * classes - torch.sum(z, dim=axis, keepdim=True)
             else:
-                class_shape = [1] * x.ndim
-                class_shape[axis] = classes
-                wc = w.reshape(class_shape)
-                spread = log_sum * torch.sum(w) - torch.sum(z * wc, dim=axis, keepdim=True)
-            spread = torch.where(torch.isposinf(log_sum), math.nan, spread)
+                spread = log_sum * torch.sum(w) - torch.sum(
+                    z * _along(w, axis, x.ndim), dim=axis, keepdim=True
+                )
             if smoothing == 1.0:
                 # The label's term has weight 0 and is left out, not multiplied by 0.
                 rows = spread / classes
             else:
                 rows = (1.0 - smoothing) * rows + (smoothing / classes) * spread
-        # Per row: 0 where ignored (whatever the logits hold), NaN for an invalid label.
-        counted = valid if ignore is None else valid | (y == ignore)
-        factor = torch.where(counted, 1.0, math.nan).to(dtype)
-        if ignore is not None:
-            factor = torch.where(y == ignore, 0.0, factor)
-        rows = torch.where(factor == 0.0, 0.0, rows * factor)
+        # 0 where ignored (whatever the logits hold), NaN for an invalid label.
+        rows = torch.where(code == _IGNORED, 0.0, rows * _nan_factor(code, dtype))
         denominator = None
         if reduction == "none":
             loss = rows.squeeze(axis)
         else:
             loss = torch.sum(rows)
             if reduction == "mean":
-                kept = torch.ones_like(rows) if ignore is None else (y != ignore).to(dtype)
+                kept = (code != _IGNORED).to(dtype)
                 denominator = torch.sum(kept if label_w is None else kept * label_w)
                 loss = loss / denominator
-        ctx.save_for_backward(input, labels, w, label_w, shift, log_sum, factor, denominator)
+        # Per row only what the backward cannot recompute from the input: the max and the log
+        # of the sum, as the reductions wrote them, and the label code.
+        ctx.save_for_backward(input, code, w, label_w, peak, log_sum, denominator)
         ctx.options = options
         return loss.to(input.dtype)
 
     @staticmethod
     def backward(ctx: Any, cotangent: Array) -> tuple[Array, None, None, None]:
-        input, labels, w, label_w, shift, log_sum, factor, denominator = ctx.saved_tensors
+        input, code, w, label_w, peak, log_sum, denominator = ctx.saved_tensors
         axis, _, smoothing, reduction = ctx.options
         dtype = _compute_dtype(input.dtype)
         x = input.to(dtype)
@@ -133,7 +134,7 @@ class _IndexLoss(torch.autograd.Function):
         # 0 on ignored rows (even where the mean divides by 0), NaN on an invalid label's row
         # (a product, so the NaN spreads over the row's gradient); an ignored row's gradient is
         # then 0 times its softmax.
-        r = torch.where(factor == 0.0, 0.0, r * factor)
+        r = torch.where(code == _IGNORED, 0.0, r * _nan_factor(code, dtype))
         at_label = r * (1.0 - smoothing) if label_w is None else r * label_w * (1.0 - smoothing)
         total = at_label
         dense = None
@@ -143,17 +144,55 @@ class _IndexLoss(torch.autograd.Function):
                 total = total + r * smoothing
                 dense = r * spread
             else:
-                class_shape = [1] * x.ndim
-                class_shape[axis] = classes
                 total = total + r * (spread * torch.sum(w))
-                dense = r * (spread * w.reshape(class_shape))
-        # exp(x - lse) entry by entry: 0 at the finite logits and NaN at the +inf ones of a
-        # +inf row, NaN over a row of -inf, as xent's softmax gives them.
-        g = torch.exp(x - shift - log_sum) * total
-        index_shape = [1] * x.ndim
-        index_shape[axis] = classes
-        index = torch.arange(classes, device=x.device).reshape(index_shape)
-        g = g - torch.where(index == labels, at_label, 0.0)
+                dense = r * (spread * _along(w, axis, x.ndim))
+        # xent's softmax, exp(x - logsumexp) entry by entry: a +inf row is shifted by 0 and
+        # its log-sum-exp is +inf, so it is 0 at the finite logits and NaN at the +inf ones; a
+        # row of -inf or NaN is NaN.
+        overflow = torch.isposinf(peak)
+        shift = torch.where(overflow, 0.0, peak)
+        log_sum = torch.where(overflow, math.inf, log_sum)
+        g = torch.exp((x - shift) - log_sum) * total
+        # The label's term as a compare against the class index (never equal to the negative
+        # codes of ignored and invalid labels): fused into the same pass, no scatter.
+        index = _along(torch.arange(classes, device=x.device), axis, x.ndim)
+        g = g - torch.where(index == code, at_label, 0.0)
         if dense is not None:
             g = g - dense
         return g.to(input.dtype), None, None, None
+
+
+_IGNORED, _INVALID = -1, -2
+"""Label codes of ignored rows and of invalid labels (class indices are the others)."""
+
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+
+
+def _label_code(target: Array, axis: int, classes: int, ignore: int | None) -> Array:
+    """The int32 label per row, class axis kept with size 1, or ``_IGNORED`` / ``_INVALID``.
+
+    One int32 per row carries both masks, recomputed from it where they are used: masks of
+    int64 labels would be saved for the backward as booleans (AOT autograd's partitioner
+    never recomputes an op whose output is 4x smaller than its input), and storing those costs
+    more than the loss's own row loop at narrow rows. Labels saturate to int32 first, which
+    keeps every invalid label invalid (the caller takes ``classes`` and ``ignore`` strictly
+    inside int32's range).
+    """
+    y = target
+    if target.dtype == torch.int64:
+        y = target.clamp(_INT32_MIN, _INT32_MAX)
+    y = y.to(torch.int32).unsqueeze(axis)
+    code = torch.where((y >= 0) & (y < classes), y, _INVALID)
+    return code if ignore is None else torch.where(y == ignore, _IGNORED, code)
+
+
+def _nan_factor(code: Array, dtype: torch.dtype) -> Array:
+    """NaN for an invalid label, 1 elsewhere."""
+    return torch.where(code == _INVALID, math.nan, 1.0).to(dtype)
+
+
+def _along(v: Array, axis: int, ndim: int) -> Array:
+    """A vector over the classes, shaped to broadcast along ``axis`` of an ``ndim``-d array."""
+    shape = [1] * ndim
+    shape[axis] = v.shape[0]
+    return v.reshape(shape)
