@@ -1,20 +1,20 @@
 """PyTorch under ``torch.compile``: the plain cross-entropy as a graph Inductor fuses as tightly as
 it fuses ``F.cross_entropy``'s, with xent's semantics.
 
-Dynamo traces this module's ``torch.autograd.Function`` (forward and backward) into the graph it
-hands Inductor. The forward reads the logits twice per row, in one kernel: the row max, then the
-sum of the exponentials (and, with label smoothing, the sum of the logits) in the same loop; the
-label's logit is one indexed load per row. The backward is the analytic rule, one pass that reads
-the logits and writes the gradient (``exp`` of the shifted logits times a per-row factor, minus the
-label's term as a compare against the class index), where autograd of xent's general path
-scatters into a zeroed buffer and adds it in passes of their own. Every per-row mask (ignored,
-invalid, ``+inf`` rows) is a select on a vector of rows, which Inductor folds into those kernels.
+The forward reads the logits twice per row, in one kernel: the row max, then the sum of the
+exponentials, the logit at the label (a compare against the class index, summed) and, with label
+smoothing, the sum of the logits, all in one loop. The backward is what AOT autograd derives from
+it, one pass that reads the logits and writes the gradient (``exp`` of the shifted logits times a
+per-row factor, minus the label's term as a compare against the class index), where autograd of
+xent's general path (a gather) scatters into a zeroed buffer and adds it in passes of their own.
+Every per-row mask (ignored and invalid labels) is a select on a vector of rows, which Inductor
+folds into those kernels. (No ``torch.autograd.Function``: Dynamo instantiates one while tracing,
+which warns, and a warning is an error in many test suites.)
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 
@@ -24,6 +24,11 @@ _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _LABEL_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 """Label dtypes that widen to int64 exactly and that Inductor's kernels take (torch's wider
 unsigned dtypes have few kernels; uint64's upper half would wrap onto negative labels)."""
+
+_IGNORED, _INVALID = -1, -2
+"""Label codes of ignored rows and of invalid labels (class indices are the others)."""
+
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
 
 def index_loss(
@@ -47,125 +52,68 @@ def index_loss(
         return None
     info = torch.iinfo(target.dtype)
     ignore = ignore_index if info.min <= ignore_index <= info.max else None
-    if input.shape[axis] >= _INT32_MAX or (
-        ignore is not None and not _INT32_MIN < ignore < _INT32_MAX
-    ):
+    classes = input.shape[axis]
+    if classes >= _INT32_MAX or (ignore is not None and not _INT32_MIN < ignore < _INT32_MAX):
         return None  # labels are coded in int32 (see _label_code)
-    options = (axis, ignore, float(label_smoothing), reduction)
-    loss: Array = _IndexLoss.apply(input, target, weight, options)
-    return loss
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
-
-
-class _IndexLoss(torch.autograd.Function):
-    """Forward as xent's general path computes it; backward by the analytic rule."""
-
-    @staticmethod
-    def forward(ctx: Any, input: Array, target: Array, weight: Array | None, options: Any) -> Array:
-        axis, ignore, smoothing, reduction = options
-        dtype = _compute_dtype(input.dtype)
-        x = input.to(dtype)
-        classes = x.shape[axis]
-        code = _label_code(target, axis, classes, ignore)
-        labels = code.clamp(min=0).to(torch.int64)
-        w = None if weight is None else weight.to(dtype)
-        label_w = None if w is None else w[labels]
-        # Shifted by the raw row max, as ATen's kernel is: the max and the sum of exponentials
-        # share one loop per row, and the max is saved as the reduction wrote it. Rows whose max
-        # is not finite are fixed per row below.
-        peak = torch.amax(x, dim=axis, keepdim=True)
-        z = x - peak
-        log_sum = torch.log(torch.sum(torch.exp(z), dim=axis, keepdim=True))
-        picked = torch.gather(x, axis, labels)
-        rows = log_sum - (picked - peak)
-        # A row holding +inf: xent's log-sum-exp is +inf there, so the label's term is +inf, or
-        # NaN at a +inf label (ATen's shift makes the whole row NaN). A row of -inf or NaN is
-        # NaN either way, and so is the smoothing sum of any of these rows.
-        overflow = torch.isposinf(peak)
-        rows = torch.where(overflow, torch.where(torch.isposinf(picked), math.nan, math.inf), rows)
-        if label_w is not None:
-            rows = rows * label_w
-        if smoothing:
-            # ``sum_c w_c * (log_sum - z_c)`` without a third pass over the row: both terms are
-            # non-negative for non-negative weights, so nothing cancels.
-            if w is None:
-                spread = log_sum * classes - torch.sum(z, dim=axis, keepdim=True)
-            else:
-                spread = log_sum * torch.sum(w) - torch.sum(
-                    z * _along(w, axis, x.ndim), dim=axis, keepdim=True
-                )
-            if smoothing == 1.0:
-                # The label's term has weight 0 and is left out, not multiplied by 0.
-                rows = spread / classes
-            else:
-                rows = (1.0 - smoothing) * rows + (smoothing / classes) * spread
-        # 0 where ignored (whatever the logits hold), NaN for an invalid label.
-        rows = torch.where(code == _IGNORED, 0.0, rows * _nan_factor(code, dtype))
-        denominator = None
-        if reduction == "none":
-            loss = rows.squeeze(axis)
-        else:
-            loss = torch.sum(rows)
-            if reduction == "mean":
-                kept = (code != _IGNORED).to(dtype)
-                denominator = torch.sum(kept if label_w is None else kept * label_w)
-                loss = loss / denominator
-        # Per row only what the backward cannot recompute from the input: the max and the log
-        # of the sum, as the reductions wrote them, and the label code.
-        ctx.save_for_backward(input, code, w, label_w, peak, log_sum, denominator)
-        ctx.options = options
-        return loss.to(input.dtype)
-
-    @staticmethod
-    def backward(ctx: Any, cotangent: Array) -> tuple[Array, None, None, None]:
-        input, code, w, label_w, peak, log_sum, denominator = ctx.saved_tensors
-        axis, _, smoothing, reduction = ctx.options
-        dtype = _compute_dtype(input.dtype)
-        x = input.to(dtype)
-        classes = x.shape[axis]
-        r = cotangent.to(dtype)
-        if reduction == "none":
-            r = r.unsqueeze(axis)
-        elif reduction == "mean":
-            r = r / denominator
-        # 0 on ignored rows (even where the mean divides by 0), NaN on an invalid label's row
-        # (a product, so the NaN spreads over the row's gradient); an ignored row's gradient is
-        # then 0 times its softmax.
-        r = torch.where(code == _IGNORED, 0.0, r * _nan_factor(code, dtype))
-        at_label = r * (1.0 - smoothing) if label_w is None else r * label_w * (1.0 - smoothing)
-        total = at_label
-        dense = None
-        if smoothing:
-            spread = smoothing / classes
-            if w is None:
-                total = total + r * smoothing
-                dense = r * spread
-            else:
-                total = total + r * (spread * torch.sum(w))
-                dense = r * (spread * _along(w, axis, x.ndim))
-        # xent's softmax, exp(x - logsumexp) entry by entry: a +inf row is shifted by 0 and
-        # its log-sum-exp is +inf, so it is 0 at the finite logits and NaN at the +inf ones; a
-        # row of -inf or NaN is NaN.
-        overflow = torch.isposinf(peak)
-        shift = torch.where(overflow, 0.0, peak)
-        log_sum = torch.where(overflow, math.inf, log_sum)
-        g = torch.exp((x - shift) - log_sum) * total
-        # The label's term as a compare against the class index (never equal to the negative
-        # codes of ignored and invalid labels): fused into the same pass, no scatter.
+    dtype = torch.float32 if input.dtype in (torch.bfloat16, torch.float16) else input.dtype
+    x = input.to(dtype)
+    code = _label_code(target, axis, classes, ignore)
+    w = None if weight is None else weight.to(dtype)
+    # The shift is the row max of the logits capped at the dtype's max, the reduction's own
+    # output (a pointwise pass over the max would be saved for the backward as a buffer of its
+    # own, between the two reductions, and Inductor would split them into two passes over the
+    # logits). A row holding +inf then has a log-sum-exp of +inf, gives +inf (NaN at a +inf
+    # label) and a softmax of 0 at the finite logits and NaN at the +inf ones; a row of -inf or
+    # NaN gives NaN: exactly what xent's log-sum-exp (shifted by 0 where the max is not finite)
+    # gives everywhere, where ATen's makes a +inf row NaN.
+    shift = torch.amax(x.detach().clamp(max=torch.finfo(dtype).max), dim=axis, keepdim=True)
+    z = x - shift
+    log_sum = torch.log(torch.sum(torch.exp(z), dim=axis, keepdim=True))
+    if input.requires_grad and torch.is_grad_enabled():
+        # The label's logit by a compare against the class index rather than a gather: its
+        # derivative is then the same compare, fused into the gradient's pass (a gather's is a
+        # scatter into a zeroed buffer, two more passes). The labels as given (an invalid one
+        # matches no class; an ignored row is zeroed below), not their int32 code: the code is
+        # saved for the backward, and a saved buffer that the max's loop read would be
+        # computed in a loop of its own first, splitting the max and the sum into two passes.
         index = _along(torch.arange(classes, device=x.device), axis, x.ndim)
-        g = g - torch.where(index == code, at_label, 0.0)
-        if dense is not None:
-            g = g - dense
-        return g.to(input.dtype), None, None, None
-
-
-_IGNORED, _INVALID = -1, -2
-"""Label codes of ignored rows and of invalid labels (class indices are the others)."""
-
-_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+        at_label = index == target.to(torch.int64).unsqueeze(axis)
+        picked = torch.sum(torch.where(at_label, x, 0.0), dim=axis, keepdim=True)
+    else:
+        # Without a gradient, one load per row.
+        picked = torch.gather(x, axis, code.clamp(min=0).to(torch.int64))
+    rows = log_sum - (picked - shift)
+    label_w = None
+    if w is not None:
+        label_w = w[code.clamp(min=0).to(torch.int64)]
+        rows = rows * label_w
+    if label_smoothing:
+        # ``sum_c w_c * (log_sum - z_c)`` without a third pass over the row: both terms are
+        # non-negative for non-negative weights, so nothing cancels. A +inf row's sum holds
+        # ``inf - inf``: NaN, as every entry of xent's is at the +inf class.
+        if w is None:
+            spread = log_sum * classes - torch.sum(z, dim=axis, keepdim=True)
+        else:
+            spread = log_sum * torch.sum(w) - torch.sum(
+                z * _along(w, axis, x.ndim), dim=axis, keepdim=True
+            )
+        if label_smoothing == 1.0:
+            # The label's term has weight 0 and is left out, not multiplied by 0.
+            rows = spread / classes
+        else:
+            rows = (1.0 - label_smoothing) * rows + (label_smoothing / classes) * spread
+    # 0 where ignored, whatever the logits hold (the gradient is then 0 times the row's
+    # softmax); NaN for an invalid label, by a product, so that the NaN reaches the gradient.
+    nan_factor = torch.where(code == _INVALID, math.nan, 1.0).to(dtype)
+    rows = torch.where(code == _IGNORED, 0.0, rows * nan_factor)
+    if reduction == "none":
+        loss = rows.squeeze(axis)
+    else:
+        loss = torch.sum(rows)
+        if reduction == "mean":
+            kept = (code != _IGNORED).to(dtype)
+            loss = loss / torch.sum(kept if label_w is None else kept * label_w)
+    return loss.to(input.dtype)
 
 
 def _label_code(target: Array, axis: int, classes: int, ignore: int | None) -> Array:
@@ -184,11 +132,6 @@ def _label_code(target: Array, axis: int, classes: int, ignore: int | None) -> A
     y = y.to(torch.int32).unsqueeze(axis)
     code = torch.where((y >= 0) & (y < classes), y, _INVALID)
     return code if ignore is None else torch.where(y == ignore, _IGNORED, code)
-
-
-def _nan_factor(code: Array, dtype: torch.dtype) -> Array:
-    """NaN for an invalid label, 1 elsewhere."""
-    return torch.where(code == _INVALID, math.nan, 1.0).to(dtype)
 
 
 def _along(v: Array, axis: int, ndim: int) -> Array:
