@@ -66,10 +66,16 @@ def index_loss(
     # label) and a softmax of 0 at the finite logits and NaN at the +inf ones; a row of -inf or
     # NaN gives NaN: exactly what xent's log-sum-exp (shifted by 0 where the max is not finite)
     # gives everywhere, where ATen's makes a +inf row NaN.
-    shift = torch.amax(x.detach().clamp(max=torch.finfo(dtype).max), dim=axis, keepdim=True)
+    grad = input.requires_grad and torch.is_grad_enabled()
+    if grad:
+        shift = torch.amax(x.detach().clamp(max=torch.finfo(dtype).max), dim=axis, keepdim=True)
+    else:
+        # Nothing is saved: xent's own shift, computed per row inside the sum's loop.
+        peak = torch.amax(x, dim=axis, keepdim=True)
+        shift = torch.where(torch.isfinite(peak), peak, 0.0)
     z = x - shift
     log_sum = torch.log(torch.sum(torch.exp(z), dim=axis, keepdim=True))
-    if input.requires_grad and torch.is_grad_enabled():
+    if grad:
         # The label's logit by a compare against the class index rather than a gather: its
         # derivative is then the same compare, fused into the gradient's pass (a gather's is a
         # scatter into a zeroed buffer, two more passes). The labels as given (an invalid one
