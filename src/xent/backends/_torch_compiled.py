@@ -79,9 +79,9 @@ def index_loss(
         # The label's logit by a compare against the class index rather than a gather: its
         # derivative is then the same compare, fused into the gradient's pass (a gather's is a
         # scatter into a zeroed buffer, two more passes). The labels as given (an invalid one
-        # matches no class; an ignored row is zeroed below), not their int32 code: the code is
-        # saved for the backward, and a saved buffer that the max's loop read would be
-        # computed in a loop of its own first, splitting the max and the sum into two passes.
+        # matches no class; an ignored row is zeroed below), not their int32 code: AOT autograd
+        # may save the code for the backward, and a saved buffer that the max's loop read would
+        # be computed in a loop of its own first, splitting the max and the sum into two passes.
         index = _along(torch.arange(classes, device=x.device), axis, x.ndim)
         at_label = index == target.to(torch.int64).unsqueeze(axis)
         picked = torch.sum(torch.where(at_label, x, 0.0), dim=axis, keepdim=True)
