@@ -929,3 +929,131 @@ class TestTorchPlan:
                         plain = xent.cross_entropy(x, y, reduction=reduction)
                     assert torch.equal(plain, want.detach().to(half))
             assert torch.equal(x, kept)
+
+
+# --- PyTorch under torch.compile: the plain loss as one fused graph -----------------------------
+
+_NO_JIT_DEPRECATION = pytest.mark.filterwarnings(
+    # inductor's import of torch.utils.mkldnn decorates with the deprecated torch.jit.script_method
+    r"ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"
+)
+
+
+@pytest.fixture
+def dynamo_reset() -> Iterator[None]:
+    import torch
+
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _compiled_problem(rng: np.random.Generator, dtype: Any, adversarial: bool) -> tuple[Any, ...]:
+    """Logits (9 x 6), labels and class weights; adversarial: every non-finite row kind, a
+    label on a -inf logit, an invalid label, and an ignored row of NaN."""
+    import torch
+
+    x_np = _logits(rng, 9, 6) if adversarial else rng.normal(size=(9, 6)).astype(np.float32) * 3
+    y_np = rng.integers(0, 6, size=9)
+    y_np[[6, 7]] = 2  # ignored: ignore_index is a class here
+    if adversarial:
+        y_np[4] = 0  # the label sits on a -inf logit: +inf
+        y_np[8] = 6  # invalid, unchecked: a NaN row and a NaN gradient row
+        x_np[7] = np.nan  # ignored: loss 0, gradient NaN (0 times its softmax)
+    w = torch.tensor(rng.random(6) + 0.5, dtype=torch.float32)
+    return torch.tensor(x_np).to(dtype), torch.tensor(y_np), w
+
+
+def _reductions(axis: int, smoothing: tuple[float, float, float]) -> Callable[..., Any]:
+    """The loss under each reduction (``none``, ``mean``, ``sum``), smoothed as given."""
+
+    def losses(x: Any, y: Any, w: Any) -> Any:
+        return tuple(
+            xent.cross_entropy(
+                x,
+                y,
+                axis=axis,
+                weight=w,
+                reduction=r,
+                label_smoothing=e,
+                ignore_index=2,
+                validate=False,
+            )
+            for r, e in zip(("none", "mean", "sum"), smoothing, strict=True)
+        )
+
+    return losses
+
+
+def _with_grad(f: Callable[..., Any], x: Any, y: Any, w: Any, cot: Any) -> list[Any]:
+    """``f``'s losses and the gradient of their cotangent-weighted sum."""
+    import torch
+
+    xg = x.detach().clone().requires_grad_(True)
+    none, mean, total = f(xg, y, w)
+    (grad,) = torch.autograd.grad((none * cot).sum() + 0.5 * mean - 2.0 * total, xg)
+    return [none, mean, total, grad]
+
+
+@TORCH
+@_NO_JIT_DEPRECATION
+class TestTorchCompiledLoss:
+    """Under ``torch.compile`` the plain loss is a graph of its own (``_torch_compiled``), which
+    Inductor fuses into one pass for the loss and one for the gradient: values and gradients
+    are the eager generic path's on every non-finite row kind, ignored and invalid labels."""
+
+    def test_inductor_graph_matches_eager_generic_path(
+        self, rng: np.random.Generator, dynamo_reset: None
+    ) -> None:
+        import torch
+        from torch._inductor.utils import run_and_get_code
+
+        losses = _reductions(axis=-1, smoothing=(0.1, 0.1, 0.0))
+        compiled = torch.compile(losses, fullgraph=True, dynamic=False)
+        cot = torch.tensor(rng.random(9) + 0.5, dtype=torch.float32)
+        for adversarial in (False, True):
+            x, y, w = _compiled_problem(rng, torch.float32, adversarial)
+            if adversarial:
+                got = _with_grad(compiled, x, y, w, cot)
+            else:
+                got, code = run_and_get_code(_with_grad, compiled, x, y, w, cot)
+                # A graph for the losses and one for the gradient, one C++ kernel each (its
+                # definition and its call), and no scatter into a zeroed buffer.
+                assert [c.count("cpp_fused_") for c in code] == [2, 2]
+                assert not any("scatter" in c for c in code)
+            want = _torch_generic(lambda x=x, y=y, w=w: _with_grad(losses, x, y, w, cot))
+            for a, b in zip(got, want, strict=True):
+                np.testing.assert_allclose(
+                    to_numpy(a), to_numpy(b), rtol=1e-5, atol=1e-6, equal_nan=True
+                )
+        # Without a gradient the graph takes the label's logit by a gather.
+        with torch.no_grad():
+            got = compiled(x, y, w)
+        for a, b in zip(got, want, strict=False):
+            np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=1e-5, equal_nan=True)
+
+    @pytest.mark.parametrize("dtype", ["bfloat16", "float64"])
+    def test_traced_graph_in_other_dtypes_and_layouts(
+        self, rng: np.random.Generator, dtype: str, dynamo_reset: None
+    ) -> None:
+        import torch
+
+        # aot_eager runs what Inductor would compile (Dynamo's graph, AOT autograd's backward)
+        # without a C++ build: the class axis in the middle, int32 labels, smoothing 1.
+        losses = _reductions(axis=1, smoothing=(0.0, 1.0, 0.3))
+        compiled = torch.compile(losses, fullgraph=True, backend="aot_eager")
+        x, y, w = _compiled_problem(rng, getattr(torch, dtype), adversarial=True)
+        x3 = x.reshape(3, 3, 6).transpose(1, 2)
+        y3 = y.reshape(3, 3).to(torch.int32)
+        cot = torch.tensor(rng.random((3, 3)) + 0.5).to(x.dtype)
+        got = _with_grad(compiled, x3, y3, w, cot)
+        want = _torch_generic(lambda: _with_grad(losses, x3, y3, w, cot))
+        with torch.no_grad():
+            got += list(compiled(x3, y3, w))
+        want += want[:3]
+        tol = 2e-2 if dtype == "bfloat16" else 1e-12
+        for a, b in zip(got, want, strict=True):
+            assert a.dtype == b.dtype == x.dtype
+            np.testing.assert_allclose(
+                to_numpy(a.double()), to_numpy(b.double()), rtol=tol, atol=tol, equal_nan=True
+            )

@@ -11,6 +11,7 @@ import torch
 from .._compat import array_namespace
 from .._typing import Array
 from ._generic import Backend, GradRule
+from ._torch_compiled import index_loss as _compiled_index_loss
 from ._torch_linear import linear_custom_grad as _linear_custom_grad
 
 NAMESPACE = array_namespace(torch.empty(0))
@@ -578,6 +579,12 @@ class Native(Backend):
         label_smoothing: float,
         reduction: str,
     ) -> Array | None:
+        if torch.compiler.is_compiling():
+            # Dynamo traces a graph of xent's semantics that Inductor fuses as F.cross_entropy's.
+            return _compiled_index_loss(
+                input, target, axis=axis, weight=weight, ignore_index=ignore_index,
+                label_smoothing=label_smoothing, reduction=reduction,
+            )  # fmt: skip
         # On the CPU, in (N, C, ...) layout, ATen's kernels have xent's semantics (weighted
         # mean over rows not ignored, smoothing spread over every class) and check every label
         # that is not ``ignore_index`` itself. Their error on a bad label sends the call back to
