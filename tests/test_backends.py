@@ -855,6 +855,46 @@ class TestTorchPlan:
         assert _plan_of(x, y, z_loss=1e-3) is None
         assert _torch_generic(lambda: _plan_of(x, y)) is None
 
+    @pytest.mark.parametrize(
+        ("route", "shape", "ignore"),
+        [("kernel", (4, 5), -100), ("kernel", (4, 5, 3), -100), ("kernel", (4, 5), 9),
+         ("rows", (4, 5), -100)],
+    )  # fmt: skip
+    def test_ignored_row_holding_inf_or_nan(
+        self,
+        monkeypatch: pytest.MonkeyPatch,
+        rng: np.random.Generator,
+        route: str,
+        shape: tuple[int, ...],
+        ignore: int,
+    ) -> None:
+        # An ignored row's gradient is 0 * softmax (0 at finite logits, NaN at +inf), as on the
+        # generic path, not ATen's row of NaN; -inf (a masked class) keeps the fast path.
+        import torch
+
+        from xent.backends import _torch
+
+        if route == "rows":  # the blocked route (2-D inputs only)
+            monkeypatch.setattr(_torch, "_FUSED_BYTES", 16)
+        monkeypatch.setattr(xent._cross_entropy, "_CHECKED", {})
+        x = rng.normal(size=shape).astype(np.float32)
+        y = rng.integers(0, 5, size=(shape[0], *shape[2:]))
+        y[0], y[2] = ignore, ignore
+        x[0, 1], x[2, 3], x[1, 0] = np.inf, np.nan, -np.inf
+        for value in (x, np.where(np.isfinite(x), x, -np.inf)):
+            grads = []
+            for native in (True, False):
+                xt = torch.tensor(value, requires_grad=True)
+                previous = xent.backends.set_native(native)
+                try:
+                    xent.cross_entropy(xt, torch.tensor(y), axis=1, ignore_index=ignore).backward()
+                finally:
+                    xent.backends.set_native(previous)
+                assert xt.grad is not None
+                grads.append(xt.grad.numpy())
+            np.testing.assert_allclose(grads[0], grads[1], rtol=1e-6, atol=1e-7)
+            assert np.isfinite(grads[0][1]).all()
+
     def test_later_calls_still_raise_and_check(self, rng: np.random.Generator) -> None:
         import torch
 

@@ -440,6 +440,30 @@ _BACK = {torch.bfloat16: torch.Tensor.bfloat16, torch.float16: torch.Tensor.half
 cheapest call)."""
 
 
+def _ignored_rows_bounded(x: Array, labels: Array, ignore_index: int) -> bool:
+    """Whether no row whose label is ``ignore_index`` holds ``+inf`` or NaN.
+
+    ATen's backward gives such a row NaN everywhere (its log-softmax is NaN throughout), where
+    xent's gradient of an ignored row is ``0 * softmax``: 0 at finite logits, NaN at ``+inf``
+    ones, as on every backend. The loss cannot tell (the row adds 0), so calls whose gradient
+    autograd records read the ignored rows' max first: one reduction of the labels (their min
+    where ``ignore_index`` is negative, their max where not) rules ignored rows out in the usual
+    case, and the rows themselves are read only where some are ignored.
+    """
+    if labels.numel() == 0:
+        return True
+    if ignore_index < 0 and int(labels.min()) > ignore_index:
+        return True
+    if ignore_index >= 0 and int(labels.max()) < ignore_index:
+        return True
+    ignored = labels == ignore_index
+    if not bool(ignored.any()):
+        return True
+    rows = x.detach()
+    rows = rows.movedim(1, -1)[ignored] if rows.ndim > 1 else rows[None][ignored[None]]
+    return bool((torch.amax(rows, dim=-1) < math.inf).all())
+
+
 def _plan(
     dtype: Any,
     ndim: int,
@@ -468,6 +492,9 @@ def _plan(
         if not input.is_cpu or _functorch_wrapped(target):
             return None
         labels = target.long() if widen else target
+        recorded = input.requires_grad and torch.is_grad_enabled()
+        if recorded and not _ignored_rows_bounded(input, labels, ignore_index):
+            return None
         try:
             if route == "kernel":
                 # float16/bfloat16 compute in float32 and cast back, as on xent's own path.
@@ -482,7 +509,7 @@ def _plan(
                         logits, labels, weight, ignore_index=ignore_index, reduction=reduction,
                         label_smoothing=smoothing,
                     )  # fmt: skip
-            elif input.requires_grad and torch.is_grad_enabled():
+            elif recorded:
                 loss = _FusedRows.apply(input, labels, weight, options)
             else:
                 loss, _ = _fused_rows(
