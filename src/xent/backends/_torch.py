@@ -152,7 +152,9 @@ _HALF_ROWS_ELEMENTS = 2**18
 block cast to float32 in cache, the gradient made with the loss; smaller ones are cast whole
 and call ``F.cross_entropy`` once (fewer kernel launches, which dominate there). Measured on
 two cores, by CPU time of one thread: the two ways cross between 2^17 and 2^18 elements, forward
-and forward+backward alike."""
+and forward+backward alike. Where autograd records the call, half this many: with two threads
+the whole-input route's backward (the cast's, ``nll_loss``'s and ``log_softmax``'s, each a
+parallel region) took 1.3x-1.7x the blocks' time at 1.3e5 to 2.6e5 elements."""
 
 _FUSED_BLOCK_ELEMENTS = 2**20
 """Rows are taken in blocks of about this many elements (4 MiB in float32) per float32 scratch
@@ -423,12 +425,12 @@ class _FusedRows(torch.autograd.Function):
         return grad, None, None, None
 
 
-def _route(dtype: Any, ndim: int, size: int) -> str | None:
+def _route(dtype: Any, ndim: int, size: int, *, grad: bool) -> str | None:
     """How :meth:`Native.fused_index_loss` computes an input: ``"kernel"`` (ATen's
     ``cross_entropy_loss`` once, float16/bfloat16 cast to float32 whole), ``"rows"``
-    (:func:`_fused_rows`) or None (xent's own path)."""
+    (:func:`_fused_rows`) or None (xent's own path); ``grad``: autograd records the call."""
     if dtype in _HALF_DTYPES:
-        if ndim == 2 and size >= _HALF_ROWS_ELEMENTS:
+        if ndim == 2 and size >= (_HALF_ROWS_ELEMENTS // 2 if grad else _HALF_ROWS_ELEMENTS):
             return "rows"
     elif ndim == 2 and dtype == torch.float32 and size * 4 > _FUSED_BYTES:
         return "rows"
@@ -480,8 +482,9 @@ def _plan(
     options (``weight`` already in the compute dtype), or None where no route serves them.
     ``exact``: both arrays are plain tensors (ATen's entry is called directly); ``widen``:
     labels of another dtype than int64."""
-    route = _route(dtype, ndim, size)
-    if route is None:
+    forward_route = _route(dtype, ndim, size, grad=False)
+    grad_route = _route(dtype, ndim, size, grad=True)
+    if forward_route is None or grad_route is None:
         return None
     back = _BACK.get(dtype)
     code = _REDUCTIONS[reduction]
@@ -496,7 +499,7 @@ def _plan(
         if recorded and not _ignored_rows_bounded(input, labels, ignore_index):
             return None
         try:
-            if route == "kernel":
+            if (grad_route if recorded else forward_route) == "kernel":
                 # float16/bfloat16 compute in float32 and cast back, as on xent's own path.
                 logits = input if back is None else input.float()
                 if exact:
