@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from .._typing import Array
 
@@ -75,7 +76,13 @@ def index_loss(
         shift = torch.where(torch.isfinite(peak), peak, 0.0)
     z = x - shift
     log_sum = torch.log(torch.sum(torch.exp(z), dim=axis, keepdim=True))
-    if grad:
+    if grad and axis == 1:
+        # ``nll_loss`` of the logits themselves is minus the logit at the label: one load per
+        # row in the forward, and Inductor lowers its backward to a compare against the class
+        # index, fused into the gradient's pass.
+        safe = code.squeeze(axis).clamp(min=0).to(torch.int64)
+        picked = -F.nll_loss(x, safe, reduction="none").unsqueeze(axis)
+    elif grad:
         # The label's logit by a compare against the class index rather than a gather: its
         # derivative is then the same compare, fused into the gradient's pass (a gather's is a
         # scatter into a zeroed buffer, two more passes). The labels as given (an invalid one
