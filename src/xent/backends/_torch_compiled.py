@@ -2,8 +2,9 @@
 it fuses ``F.cross_entropy``'s, with xent's semantics.
 
 The forward reads the logits twice per row, in one kernel: the row max, then the sum of the
-exponentials, the logit at the label (a compare against the class index, summed) and, with label
-smoothing, the sum of the logits, all in one loop. The backward is what AOT autograd derives from
+exponentials and, with label smoothing, the sum of the logits in one loop; the logit at the label
+is one load per row (``nll_loss`` of the logits, class axis 1) or, in other layouts, a compare
+against the class index, summed in that loop. The backward is what AOT autograd derives from
 it, one pass that reads the logits and writes the gradient (``exp`` of the shifted logits times a
 per-row factor, minus the label's term as a compare against the class index), where autograd of
 xent's general path (a gather) scatters into a zeroed buffer and adds it in passes of their own.
