@@ -2,8 +2,9 @@
 it fuses ``F.cross_entropy``'s, with xent's semantics.
 
 The forward reads the logits twice per row, in one kernel: the row max, then the sum of the
-exponentials, the logit at the label (a compare against the class index, summed) and, with label
-smoothing, the sum of the logits, all in one loop. The backward is what AOT autograd derives from
+exponentials and, with label smoothing, the sum of the logits in one loop; the logit at the label
+is one load per row (``nll_loss`` of the logits, class axis 1) or, in other layouts, a compare
+against the class index, summed in that loop. The backward is what AOT autograd derives from
 it, one pass that reads the logits and writes the gradient (``exp`` of the shifted logits times a
 per-row factor, minus the label's term as a compare against the class index), where autograd of
 xent's general path (a gather) scatters into a zeroed buffer and adds it in passes of their own.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from .._typing import Array
 
@@ -75,7 +77,13 @@ def index_loss(
         shift = torch.where(torch.isfinite(peak), peak, 0.0)
     z = x - shift
     log_sum = torch.log(torch.sum(torch.exp(z), dim=axis, keepdim=True))
-    if grad:
+    if grad and axis == 1:
+        # ``nll_loss`` of the logits themselves is minus the logit at the label: one load per
+        # row in the forward, and Inductor lowers its backward to a compare against the class
+        # index, fused into the gradient's pass.
+        safe = code.squeeze(axis).clamp(min=0).to(torch.int64)
+        picked = -F.nll_loss(x, safe, reduction="none").unsqueeze(axis)
+    elif grad:
         # The label's logit by a compare against the class index rather than a gather: its
         # derivative is then the same compare, fused into the gradient's pass (a gather's is a
         # scatter into a zeroed buffer, two more passes). The labels as given (an invalid one
