@@ -445,7 +445,7 @@ class TestNumpyFusedPass:
         invalid[7] = 300
         x, y = to_xp(xp, x_np), to_xp(xp, y_np)
         for reduction in ("mean", "sum", "none"):
-            plan = ops.fused_index_plan(x, y, **plain, reduction=reduction)
+            plan = ops.fused_index_plan(x, y, weight=None, **plain, reduction=reduction)
             assert plan is not None
             for labels in (y_np, ignored):
                 t = to_xp(xp, labels)
@@ -458,7 +458,10 @@ class TestNumpyFusedPass:
             assert plan(x, to_xp(xp, invalid)) is None
             assert plan(to_xp(xp, np.asfortranarray(x_np)), y) is None
         for declined in ({"label_smoothing": 0.1}, {"ignore_index": 2}, {"axis": 0}):
-            assert ops.fused_index_plan(x, y, **{**plain, **declined}, reduction="mean") is None
+            assert (
+                ops.fused_index_plan(x, y, weight=None, **{**plain, **declined}, reduction="mean")
+                is None
+            )
 
     def test_smoothing_and_other_layouts_decline(self, xp: Any, rng: np.random.Generator) -> None:
         ops = xent.backends.lookup(xp)
@@ -1043,7 +1046,7 @@ class TestTorchCompiledLoss:
     are the eager generic path's on every non-finite row kind, ignored and invalid labels."""
 
     def test_inductor_graph_matches_eager_generic_path(
-        self, rng: np.random.Generator, dynamo_reset: None
+        self, rng: np.random.Generator, dynamo_reset: None, torch_native: None
     ) -> None:
         import torch
         from torch._inductor.utils import run_and_get_code
@@ -1074,7 +1077,7 @@ class TestTorchCompiledLoss:
 
     @pytest.mark.parametrize("dtype", ["bfloat16", "float64"])
     def test_traced_graph_in_other_dtypes_and_layouts(
-        self, rng: np.random.Generator, dtype: str, dynamo_reset: None
+        self, rng: np.random.Generator, dtype: str, dynamo_reset: None, torch_native: None
     ) -> None:
         import torch
 

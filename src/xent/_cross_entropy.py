@@ -577,15 +577,14 @@ def _check(
                     input.shape, target.shape, ops,
                 )  # fmt: skip
                 # (An option given as an array is no plain scalar, nor always hashable.)
-                checked = _CHECKED.get(key) if _validation.plain_scalars(key[9:18]) else None
-                if checked is not None:
+                if not _validation.plain_scalars(key[9:18]):
+                    key = None
+                elif (checked := _CHECKED.get(key)) is not None:
                     if not ops.dense_together(input, target):
                         pair = {"input": input, "target": target}
                         _validation.dense(ops, pair)
                         _validation.same_device(ops, pair)
                     return checked
-                if not _validation.plain_scalars(key[9:18]):
-                    key = None
     arrays = {"input": input, "target": target, "weight": weight, "sample_weight": sample_weight}
     xp, ops = _validation.backend(arrays, xp)
     _validation.floating_input(xp, "input", input)
@@ -612,8 +611,8 @@ def _check(
     if key is not None:
         if checked.plain:
             fused = ops.fused_index_plan(
-                input, target, axis=ax, ignore_index=ignore_index, label_smoothing=label_smoothing,
-                reduction=reduction,
+                input, target, axis=ax, weight=None, ignore_index=ignore_index,
+                label_smoothing=label_smoothing, reduction=reduction,
             )  # fmt: skip
             checked = checked._replace(fused=fused)
         if len(_CHECKED) >= _CHECKED_MAX:

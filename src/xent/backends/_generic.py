@@ -189,10 +189,14 @@ class Backend:
         backend answers where a kernel of exactly xent's semantics serves the arrays, keeping
         them differentiable as :meth:`custom_grad` would; it returns None (never raises) where
         any label lies outside ``[0, C)`` and is not ``ignore_index``, so that the core's own
-        path raises xent's error or gives the NaN of ``validate=False``. The generic backend
-        has no such kernel.
+        path raises xent's error or gives the NaN of ``validate=False``. Here: the backend's
+        :meth:`fused_index_plan` for these arrays and options, called on them.
         """
-        return None
+        plan = self.fused_index_plan(
+            input, target, axis=axis, weight=weight, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, reduction=reduction,
+        )  # fmt: skip
+        return None if plan is None else plan(input, target)
 
     def fused_index_plan(
         self,
@@ -200,18 +204,20 @@ class Backend:
         target: Array,
         *,
         axis: int,
+        weight: Array | None,
         ignore_index: int,
         label_smoothing: float,
         reduction: str,
     ) -> Callable[[Array, Array], Array | None] | None:
-        """A callable ``plan(input, target)`` that gives :meth:`fused_index_loss` (no class
-        weights) for arrays of these arrays' types, dtypes and shapes and these options, or None.
+        """A callable ``plan(input, target)`` that gives :meth:`fused_index_loss` for arrays of
+        these arrays' types, dtypes and shapes, these class weights and these options, or None
+        where no fused kernel serves them.
 
-        The core remembers the plan with its checks' answer and calls it instead of
-        :meth:`fused_index_loss` on later calls alike (where :meth:`is_traced` says False of
-        ``input``), so its decisions may depend on nothing else: it checks the device, the
-        autodiff state and the tracing of ``target`` of each call itself, and declines (None)
-        on the same terms. The generic backend has none.
+        The core remembers the plan (made without class weights) with its checks' answer and
+        calls it on later calls alike (where :meth:`is_traced` says False of ``input``), so its
+        decisions may depend on nothing else: it checks the device, the autodiff state, the
+        layout, the labels and the tracing of ``target`` of each call itself, and declines
+        (None) on the same terms. The generic backend has none.
         """
         return None
 

@@ -486,7 +486,7 @@ class Native(Backend):
         np.log(out, out=out)
         return out.reshape(shift.shape)
 
-    def fused_index_loss(
+    def fused_index_plan(
         self,
         input: Array,
         target: Array,
@@ -496,28 +496,11 @@ class Native(Backend):
         ignore_index: int,
         label_smoothing: float,
         reduction: str,
-    ) -> Array | None:
+    ) -> Callable[[Array, Array], Array | None] | None:
         # The plain loss of C-contiguous rows whose labels are all in [0, C) or ignored (one
         # max reads them): one pass of max, exp and sum, with no mask, where or gather of the
-        # general path. Anything else, and any NaN row, goes back to the core.
-        x, y = np.asarray(input), np.asarray(target)
-        if not _plain_case(x, y, axis, ignore_index, label_smoothing):
-            return None
-        plain = _plain_rows(x, y, ignore_index)
-        return None if plain is None else self._fused_loss(plain, weight, reduction)
-
-    def fused_index_plan(
-        self,
-        input: Array,
-        target: Array,
-        *,
-        axis: int,
-        ignore_index: int,
-        label_smoothing: float,
-        reduction: str,
-    ) -> Callable[[Array, Array], Array | None] | None:
-        # What fused_index_loss decides from dtypes, shapes and options, decided once for a
-        # caller that remembers it with its checks; each call still checks layout and labels.
+        # general path. The dtypes, shapes and options are judged here, once; each call judges
+        # its layout and labels, and hands anything else, and any NaN row, back to the core.
         if not _plain_case(
             np.asarray(input), np.asarray(target), axis, ignore_index, label_smoothing
         ):
@@ -525,7 +508,7 @@ class Native(Backend):
 
         def plan(input: Array, target: Array) -> Array | None:
             plain = _plain_rows(np.asarray(input), np.asarray(target), ignore_index)
-            return None if plain is None else self._fused_loss(plain, None, reduction)
+            return None if plain is None else self._fused_loss(plain, weight, reduction)
 
         return plan
 

@@ -138,7 +138,6 @@ def _softmax_in_place(x: Array, shift: Array, log_sum: Array, scale: Array | Non
     return x
 
 
-_OWN_DTYPES = (torch.float32, torch.float64)
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
 _FUSED_DTYPES = (torch.float32, torch.float64, *_HALF_DTYPES)
 
@@ -171,9 +170,28 @@ _REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
 _cross_entropy_loss: Any = torch._C._nn.cross_entropy_loss
 _nll_loss: Any = torch._C._nn.nll_loss_nd
 
-_Mass = tuple[Array, Array, Array | None]
+_Mass = tuple[Array, Array, Array]
 """The gradient's target mass: safe labels, minus the mass at the label, minus the smoothing
-spread per row (None without smoothing); all per row, with a class axis of size 1."""
+spread per row; all per row, with a class axis of size 1."""
+
+
+def _scratch(x: Array, with_grad: bool) -> tuple[int, Array, Array | None, Array | None]:
+    """``(step, lp, cast, grad)`` for the blocks of rows of a 2-D ``x``: rows per block, the
+    float32 log-probabilities' scratch, the float32 copy of a float16/bfloat16 block (``lp``
+    itself without a gradient: ATen's row kernel reads each row before it writes it; apart with
+    one, which needs the copy) and the gradient (row-major whatever the layout of ``x``: the
+    kernels write each block of rows in place). Without a gradient, one buffer: twice the rows.
+    """
+    n, c = x.shape
+    f32 = torch.float32
+    buffers = 1 if x.dtype == f32 else 1 + with_grad
+    step = max(1, _FUSED_BLOCK_ELEMENTS * 2 // (buffers * c))
+    lp = x.new_empty((min(step, n), c), dtype=f32)
+    cast = None
+    if x.dtype != f32:
+        cast = lp if not with_grad else x.new_empty((min(step, n), c), dtype=f32)
+    grad = torch.empty_like(x, memory_format=torch.contiguous_format) if with_grad else None
+    return step, lp, cast, grad
 
 
 def _fused_rows(
@@ -195,7 +213,8 @@ def _fused_rows(
     raises on a label outside ``[0, C)`` that is not ``ignore_index``), and for the gradient
     ATen's log-softmax backward of the same log-probabilities, whose fast exp is that of the
     forward kernel. Nothing of ``x``'s size is written but the gradient, and a reduced-precision input
-    is read once, in its own width.
+    is read once, in its own width. Without smoothing, :func:`_plain_rows` serves it; below, the
+    smoothing spread.
     """
     if not smoothing:
         return _plain_rows(x, target, weight, ignore_index, reduction, with_grad, cotangent)
@@ -223,19 +242,9 @@ def _fused_rows(
         if reduction == "mean":
             r = r.div_(denominator)
         on_label = r * (1.0 - smoothing) if label_w is None else r * label_w * (1.0 - smoothing)
-        spread = r.mul_(-smoothing / c).unsqueeze(1) if smoothing else None
+        spread = r.mul_(-smoothing / c).unsqueeze(1)
         mass = (torch.where(ignored, 0, target).unsqueeze(1), on_label.neg_().unsqueeze(1), spread)
-    # The scratch blocks: float32 log-probabilities, written over the float32 copy of a
-    # float16/bfloat16 block (ATen's row kernel reads each row before it writes it); the
-    # gradient needs the copy apart. Without a gradient, one buffer: twice the rows.
-    buffers = 1 if x.dtype == f32 else 1 + with_grad
-    step = max(1, _FUSED_BLOCK_ELEMENTS * 2 // (buffers * c))
-    lp = x.new_empty((min(step, n), c), dtype=f32)
-    cast = None
-    if x.dtype != f32:
-        cast = lp if not with_grad else x.new_empty((min(step, n), c), dtype=f32)
-    # Row-major whatever the layout of x: the kernels write each block of rows in place.
-    grad = torch.empty_like(x, memory_format=torch.contiguous_format) if with_grad else None
+    step, lp, cast, grad = _scratch(x, with_grad)
     if step >= n:
         # One block: the arrays themselves, no slicing (a fixed cost on small inputs).
         rows = _fused_block(x, target, ignored, w, ignore_index, smoothing, cast, lp, grad, mass)
@@ -278,14 +287,7 @@ def _plain_rows(
     f32 = torch.float32
     code = _REDUCTIONS[reduction]
     w = None if weight is None else weight.to(f32)
-    buffers = 1 if x.dtype == f32 else 1 + with_grad
-    step = max(1, _FUSED_BLOCK_ELEMENTS * 2 // (buffers * c))
-    lp = x.new_empty((min(step, n), c), dtype=f32)
-    cast = None
-    if x.dtype != f32:
-        cast = lp if not with_grad else x.new_empty((min(step, n), c), dtype=f32)
-    # Row-major whatever the layout of x: the kernels write each block of rows in place.
-    grad = torch.empty_like(x, memory_format=torch.contiguous_format) if with_grad else None
+    step, lp, cast, grad = _scratch(x, with_grad)
     g = _ONE if cotangent is None else cotangent.to(f32)
     if g is _ONE and reduction == "none":
         g = _ONE.expand(n)
@@ -343,7 +345,7 @@ def _plain_grad(
 
 def _block_mass(mass: _Mass, part: slice) -> _Mass:
     labels, neg_on_label, neg_spread = mass
-    return labels[part], neg_on_label[part], None if neg_spread is None else neg_spread[part]
+    return labels[part], neg_on_label[part], neg_spread[part]
 
 
 def _fused_block(
@@ -363,18 +365,15 @@ def _fused_block(
     xb = x if cast is None else cast.copy_(x)
     lb = torch.log_softmax(xb, 1, out=lp)
     loss = _nll_loss(lb, target, w, 0, ignore_index)
-    if smoothing:
-        spread = lb.sum(1) if w is None else lb @ w
-        spread.masked_fill_(ignored, 0.0)
-        loss = loss.mul_(1.0 - smoothing).sub_(spread, alpha=smoothing / c)
+    spread = lb.sum(1) if w is None else lb @ w
+    spread.masked_fill_(ignored, 0.0)
+    loss = loss.mul_(1.0 - smoothing).sub_(spread, alpha=smoothing / c)
     if grad is not None and mass is not None:
         # ATen's log-softmax backward, ``go - exp(lp) * sum(go)`` per row, with ``go`` the
         # negated target mass (whose row sum is ``-total``), written over ``go`` itself.
         labels, neg_on_label, neg_spread = mass
         go = grad if cast is None else xb
-        if neg_spread is None:
-            go.zero_()
-        elif w is None:
+        if w is None:
             go.copy_(neg_spread.expand(-1, c))
         else:
             torch.mul(neg_spread, w, out=go)
@@ -478,7 +477,7 @@ def _plan(
     exact: bool,
     widen: bool,
 ) -> Callable[[Array, Array], Array | None] | None:
-    """:meth:`Native.fused_index_loss` for inputs of ``dtype``, ``ndim`` and ``size`` and these
+    """:meth:`Native.fused_index_plan` for inputs of ``dtype``, ``ndim`` and ``size`` and these
     options (``weight`` already in the compute dtype), or None where no route serves them.
     ``exact``: both arrays are plain tensors (ATen's entry is called directly); ``widen``:
     labels of another dtype than int64."""
@@ -609,43 +608,18 @@ class Native(Backend):
         label_smoothing: float,
         reduction: str,
     ) -> Array | None:
-        if torch.compiler.is_compiling():
+        if _is_compiling():
             # Dynamo traces a graph of xent's semantics that Inductor fuses as F.cross_entropy's.
             return _compiled_index_loss(
                 input, target, axis=axis, weight=weight, ignore_index=ignore_index,
                 label_smoothing=label_smoothing, reduction=reduction,
             )  # fmt: skip
-        # On the CPU, in (N, C, ...) layout, ATen's kernels have xent's semantics (weighted
-        # mean over rows not ignored, smoothing spread over every class) and check every label
-        # that is not ``ignore_index`` itself. Their error on a bad label sends the call back to
-        # the core, which raises xent's error (or gives the NaN of validate=False). Traced
-        # arrays, other devices (a bad label is a device-side assert there), and inputs large
-        # enough that the blocked log-sum-exp wins stay on xent's own path.
-        ndim, dtype, size = input.ndim, input.dtype, input.numel()
-        if (
-            not input.is_cpu
-            or dtype not in _FUSED_DTYPES
-            or axis != (1 if ndim > 1 else 0)
-            or size == 0
-            or not _INT64_MIN <= ignore_index <= _INT64_MAX
-            # `.long()` would wrap uint64's upper half onto negative labels (-100 included).
-            or target.dtype == torch.uint64
-            or torch.compiler.is_compiling()
-            or _functorch_wrapped(input)
-            or _functorch_wrapped(target)
-            or isinstance(input, torch._subclasses.FakeTensor)
-        ):
-            return None
-        if weight is not None:
-            if weight.requires_grad and torch.is_grad_enabled():
-                return None  # ATen's kernel has no derivative for the class weights
-            weight = weight.to(torch.float64 if dtype == torch.float64 else torch.float32)
-        plan = _plan(
-            dtype, ndim, size, weight, ignore_index, label_smoothing, reduction,
-            exact=type(input) is torch.Tensor and type(target) is torch.Tensor,
-            widen=target.dtype != torch.int64,
+        if self.is_traced(input):
+            return None  # vmap, grad and fake tensors: xent's own path
+        return super().fused_index_loss(
+            input, target, axis=axis, weight=weight, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, reduction=reduction,
         )  # fmt: skip
-        return None if plan is None else plan(input, target)
 
     def fused_index_plan(
         self,
@@ -653,23 +627,34 @@ class Native(Backend):
         target: Array,
         *,
         axis: int,
+        weight: Array | None,
         ignore_index: int,
         label_smoothing: float,
         reduction: str,
     ) -> Callable[[Array, Array], Array | None] | None:
-        # What fused_index_loss decides from dtypes, shapes and options, decided once; the
-        # plan checks the device, functorch and autograd state of each call.
+        # On the CPU, in (N, C, ...) layout, ATen's kernels have xent's semantics (weighted
+        # mean over rows not ignored, smoothing spread over every class) and check every label
+        # that is not ``ignore_index`` itself. Their error on a bad label sends the call back to
+        # the core, which raises xent's error (or gives the NaN of validate=False). Other
+        # devices (a bad label is a device-side assert there) and inputs large enough that the
+        # blocked log-sum-exp wins stay on xent's own path. The dtypes, shapes and options are
+        # judged here, once; the plan judges each call's device, functorch and autograd state.
         ndim, dtype, size = input.ndim, input.dtype, input.numel()
         if (
             dtype not in _FUSED_DTYPES
             or axis != (1 if ndim > 1 else 0)
             or size == 0
             or not _INT64_MIN <= ignore_index <= _INT64_MAX
+            # `.long()` would wrap uint64's upper half onto negative labels (-100 included).
             or target.dtype == torch.uint64
         ):
             return None
+        if weight is not None:
+            if weight.requires_grad and torch.is_grad_enabled():
+                return None  # ATen's kernel has no derivative for the class weights
+            weight = weight.to(torch.float64 if dtype == torch.float64 else torch.float32)
         return _plan(
-            dtype, ndim, size, None, ignore_index, label_smoothing, reduction,
+            dtype, ndim, size, weight, ignore_index, label_smoothing, reduction,
             exact=type(input) is torch.Tensor and type(target) is torch.Tensor,
             widen=target.dtype != torch.int64,
         )  # fmt: skip
