@@ -565,26 +565,35 @@ def _check(
     key = None
     if weight is None and sample_weight is None and xp is None:
         found = namespace_of(input)
-        if found is not None and namespace_of(target) is found:
+        if found is not None:
             ops = lookup(found)
             # Traced arrays (a compiler's symbolic shapes) are checked each time.
             if not ops.is_traced(input):
-                key = (
-                    axis, from_logits, label_smoothing, reduction, z_loss, softcap, eps,
-                    ignore_index, validate, type(axis), type(from_logits), type(label_smoothing),
-                    type(reduction), type(z_loss), type(softcap), type(eps), type(ignore_index),
-                    type(validate), type(input), type(target), input.dtype, target.dtype,
-                    input.shape, target.shape, ops,
-                )  # fmt: skip
-                # (An option given as an array is no plain scalar, nor always hashable.)
-                if not _validation.plain_scalars(key[9:18]):
-                    key = None
-                elif (checked := _CHECKED.get(key)) is not None:
+                try:
+                    key = (
+                        axis, from_logits, label_smoothing, reduction, z_loss, softcap, eps,
+                        ignore_index, validate, type(axis), type(from_logits),
+                        type(label_smoothing), type(reduction), type(z_loss), type(softcap),
+                        type(eps), type(ignore_index), type(validate), type(input),
+                        type(target), input.dtype, target.dtype, input.shape, target.shape, ops,
+                    )  # fmt: skip
+                    checked = _CHECKED.get(key)
+                except (AttributeError, TypeError):  # a target that is no array; an option
+                    checked = key = None  # given as an unhashable array: checked below
+                if checked is not None:
+                    # Only keys that passed are stored: their options were plain scalars and
+                    # the target's class (in the key) of the input's namespace.
                     if not ops.dense_together(input, target):
                         pair = {"input": input, "target": target}
                         _validation.dense(ops, pair)
                         _validation.same_device(ops, pair)
                     return checked
+                # Remembered below only for options of plain scalars (an array is neither, nor
+                # always hashable) and a target of the input's namespace.
+                if key is not None and (
+                    not _validation.plain_scalars(key[9:18]) or namespace_of(target) is not found
+                ):
+                    key = None
     arrays = {"input": input, "target": target, "weight": weight, "sample_weight": sample_weight}
     xp, ops = _validation.backend(arrays, xp)
     _validation.floating_input(xp, "input", input)
