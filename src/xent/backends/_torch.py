@@ -181,11 +181,14 @@ def _scratch(x: Array, with_grad: bool) -> tuple[int, Array, Array | None, Array
     itself without a gradient: ATen's row kernel reads each row before it writes it; apart with
     one, which needs the copy) and the gradient (row-major whatever the layout of ``x``: the
     kernels write each block of rows in place). Without a gradient, one buffer: twice the rows.
+    The rows are split evenly between the blocks.
     """
     n, c = x.shape
     f32 = torch.float32
     buffers = 1 if x.dtype == f32 else 1 + with_grad
     step = max(1, _FUSED_BLOCK_ELEMENTS * 2 // (buffers * c))
+    if step < n:  # blocks of equal rows: no short last block (3-8% at two or three blocks)
+        step = -(-n // -(-n // step))
     lp = x.new_empty((min(step, n), c), dtype=f32)
     cast = None
     if x.dtype != f32:
