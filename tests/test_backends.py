@@ -594,40 +594,60 @@ class TestJaxFusedLoss:
         [
             ("finite", "float32"),
             ("masked-target", "float32"),
-            ("spread-over-88", "float32"),
-            ("spread-over-88", "bfloat16"),
+            ("logit-over-70", "float32"),
+            ("logit-over-70", "bfloat16"),
+            ("row-far-below-zero", "float32"),
+            ("label-far-below", "float32"),
+            ("confident", "float32"),
+            ("logit-over-70", "float64"),
         ],
     )
-    def test_forward_shifted_by_the_label_falls_back_where_it_must(
-        self, xp: Any, rng: np.random.Generator, row: str, dtype: str
+    @pytest.mark.parametrize("rows", [6, 8192])
+    def test_forward_unshifted_falls_back_where_it_must(
+        self, xp: Any, rng: np.random.Generator, row: str, dtype: str, rows: int
     ) -> None:
-        # The forward shifts each row by its label's logit; a row whose sum of exponentials
-        # is then infinite (a masked target, or a logit 100 above the label's) sends every
-        # row to the shift by the row max. Ignored rows and invalid labels (NaN, infinite
-        # logits) never do, and their losses stay 0 and NaN either way.
+        # The forward sums exp(x) unshifted; a row whose sum is outside the safe range (a
+        # logit above about 69 in float32, a row whose every logit is far below zero) sends
+        # every row to the shift by the row max. A target at -inf (+inf loss), a label logit
+        # too small to divide by and a confident row stay on the unshifted pass, exactly.
+        # Ignored rows and invalid labels (NaN, infinite logits) never fall back, and their
+        # losses stay 0 and NaN either way. 8192 rows of 5 classes take the pass shifted by
+        # the label's logit instead (few classes, many rows), whose safe sums are the finite
+        # ones: the same rows come out the same.
         import jax
 
-        x_np = rng.normal(size=(6, 5)) * 3
-        y_np = rng.integers(0, 5, size=6)
+        if dtype == "float64" and not jax.config.jax_enable_x64:
+            pytest.skip("float64 needs jax_enable_x64")
+        x_np = rng.normal(size=(rows, 5)) * 3
+        y_np = rng.integers(0, 5, size=rows)
         x_np[4, 0] = np.nan
         y_np[4] = -100  # ignored, with a NaN logit
         x_np[5, 2] = np.inf
         y_np[5] = 9  # invalid, unchecked, with a +inf logit
         if row == "masked-target":
             x_np[0, y_np[0]] = -np.inf
-        elif row == "spread-over-88":
+        elif row == "logit-over-70":
             x_np[0] = 0.0
-            x_np[0, (y_np[0] + 1) % 5] = 100.0
+            x_np[0, (y_np[0] + 1) % 5] = 100.0 if dtype != "float64" else 700.0
+        elif row == "row-far-below-zero":
+            x_np[0] -= 60.0
+        elif row == "label-far-below":
+            x_np[0, y_np[0]] = -35.0
+        elif row == "confident":
+            x_np[0] = 0.0
+            x_np[0, y_np[0]] = 12.0
         x = to_xp(xp, x_np, dtype=dtype)
         y = to_xp(xp, y_np, dtype="int32")
         loss = jax.jit(lambda a, b: xent.cross_entropy(a, b, reduction="none", validate=False))
         got = to_numpy(loss(x, y))
-        want = ref.cross_entropy(to_numpy(x), y_np, reduction="none")
+        want = ref.cross_entropy(to_numpy(x).astype(np.float64), y_np, reduction="none")
         want[4] = 0.0
-        tol = 1e-2 if dtype == "bfloat16" else 1e-6
+        tol = {"bfloat16": 1e-2, "float32": 1e-6, "float64": 1e-12}[dtype]
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol, equal_nan=True)
         assert np.isnan(got[5])
         assert np.isfinite(got[1:4]).all()
+        if row == "masked-target":
+            assert got[0] == np.inf
 
     def test_forward_under_vmap_falls_back_for_every_instance(
         self, xp: Any, rng: np.random.Generator
