@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 from . import _validation
 from ._typing import Array, Namespace, Reduction
-from .backends import Backend, GradRule, lookup, namespace_of
+from .backends import Backend, GradRule, IndexOptions, lookup, namespace_of
 
 __all__ = ["cross_entropy", "cross_entropy_and_grad"]
 
@@ -160,17 +160,15 @@ def cross_entropy(
         reduction=reduction, z_loss=z_loss, softcap=softcap, eps=eps, validate=validate, xp=xp,
     )  # fmt: skip
     if c.fused is not None:
-        # The backend's plan for arrays and options like these, remembered with the checks.
+        # The backend's plan for arrays and options like these, remembered with the checks
+        # (it is what fused_index_loss would make of them again).
         loss = c.fused(input, target)
         if loss is not None:
             return loss
     elif c.plain and sample_weight is None:
         # A backend may hand the plain case to a fused kernel of the same semantics; it
         # declines (None) wherever a label is invalid, so errors and NaNs come from below.
-        loss = c.ops.fused_index_loss(
-            input, target, axis=c.axis, weight=weight, ignore_index=c.ignore_index,
-            label_smoothing=c.smoothing, reduction=reduction,
-        )  # fmt: skip
+        loss = c.ops.fused_index_loss(input, target, c.index_options(weight))
         if loss is not None:
             return loss
     p = _problem(input, target, c, weight=weight, sample_weight=sample_weight)
@@ -232,10 +230,7 @@ def cross_entropy_and_grad(
         reduction=reduction, z_loss=z_loss, softcap=softcap, eps=eps, validate=validate, xp=xp,
     )  # fmt: skip
     if c.plain and sample_weight is None:
-        both = c.ops.fused_index_loss_and_grad(
-            input, target, axis=c.axis, weight=weight, ignore_index=c.ignore_index,
-            label_smoothing=c.smoothing, reduction=reduction,
-        )  # fmt: skip
+        both = c.ops.fused_index_loss_and_grad(input, target, c.index_options(weight))
         if both is not None:
             return both
     p = _problem(input, target, c, weight=weight, sample_weight=sample_weight)
@@ -519,7 +514,12 @@ class _Checked(NamedTuple):
     validate: bool | None
     fused: Callable[[Array, Array], Array | None] | None = None
     """The backend's :meth:`~xent.backends.Backend.fused_index_plan` for the plain case without
-    weights, set on remembered answers only (it depends on what their key holds)."""
+    weights (:func:`_declines` where it has none), set on remembered answers only (it depends on
+    what their key holds); None elsewhere."""
+
+    def index_options(self, weight: Array | None) -> IndexOptions:
+        """The options as the backends' fused kernels take them."""
+        return IndexOptions(self.axis, weight, self.ignore_index, self.smoothing, self.reduction)
 
     @property
     def plain(self) -> bool:
@@ -527,6 +527,11 @@ class _Checked(NamedTuple):
         return (
             self.kind == "index" and self.from_logits and self.softcap is None and not self.z_loss
         )
+
+
+def _declines(input: Array, target: Array) -> None:
+    """The remembered plan where the backend has none: the call takes xent's own path."""
+    return None
 
 
 _CHECKED: dict[tuple[Any, ...], _Checked] = {}
@@ -619,11 +624,8 @@ def _check(
     )  # fmt: skip
     if key is not None:
         if checked.plain:
-            fused = ops.fused_index_plan(
-                input, target, axis=ax, weight=None, ignore_index=ignore_index,
-                label_smoothing=label_smoothing, reduction=reduction,
-            )  # fmt: skip
-            checked = checked._replace(fused=fused)
+            plan = ops.fused_index_plan(input, target, checked.index_options(None))
+            checked = checked._replace(fused=_declines if plan is None else plan)
         if len(_CHECKED) >= _CHECKED_MAX:
             _CHECKED.clear()
         _CHECKED[key] = checked

@@ -21,11 +21,12 @@ from .._compat import (
     is_torch_namespace,
 )
 from .._typing import Namespace
-from ._generic import Backend, GradRule
+from ._generic import Backend, GradRule, IndexOptions
 
 __all__ = [
     "Backend",
     "GradRule",
+    "IndexOptions",
     "lookup",
     "namespace_of",
     "native_enabled",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from .._compat import device, is_lazy_array
 from .._typing import Array, Namespace
@@ -38,6 +38,32 @@ class GradRule:
     forward: ForwardFn
     backward: BackwardFn
     tangent: TangentFn
+
+
+SAFE_SUMS = {
+    "float32": (2.0**-20, 2.0**100, 2.0**-27),
+    "float64": (2.0**-100, 2.0**900, 2.0**-120),
+}
+"""For backends that sum ``exp(x)`` of a row with no shift, per compute dtype's name, ``(low,
+high, tiny)``: a row's unshifted sum within ``[low, high]`` neither overflowed nor lost a term
+that matters (every ``exp`` below the smallest normal number is under ``2**-100`` of such a
+sum), so it is the row's sum; and a label term of at least ``tiny`` divides it with no overflow
+(``high / tiny`` fits the dtype). In float32 that takes logits up to about 69; a label logit
+under about -18.7 gives a loss of 18 or more, then taken as ``log(sum) - x[label]`` to the same
+relative precision. Any other sum (a logit near the dtype's max, a row far below zero, inf or
+NaN) sends the rows to a pass shifted by the row max."""
+
+
+class IndexOptions(NamedTuple):
+    """The options of the plain case (logits and class indices) as the fused kernels take them,
+    checked: the class axis made non-negative, the class weights (or None), ``ignore_index``,
+    ``label_smoothing`` and ``reduction``."""
+
+    axis: int
+    weight: Array | None
+    ignore_index: int
+    label_smoothing: float
+    reduction: str
 
 
 class Backend:
@@ -171,17 +197,7 @@ class Backend:
         xp = self.xp
         return g - xp.where(self._one_hot(g, index, axis), values, xp.zeros_like(values))
 
-    def fused_index_loss(
-        self,
-        input: Array,
-        target: Array,
-        *,
-        axis: int,
-        weight: Array | None,
-        ignore_index: int,
-        label_smoothing: float,
-        reduction: str,
-    ) -> Array | None:
+    def fused_index_loss(self, input: Array, target: Array, options: IndexOptions) -> Array | None:
         """The cross-entropy of logits and class indices from one fused native kernel, or None.
 
         The core asks only once every argument has passed its checks, and only for the plain
@@ -192,22 +208,11 @@ class Backend:
         path raises xent's error or gives the NaN of ``validate=False``. Here: the backend's
         :meth:`fused_index_plan` for these arrays and options, called on them.
         """
-        plan = self.fused_index_plan(
-            input, target, axis=axis, weight=weight, ignore_index=ignore_index,
-            label_smoothing=label_smoothing, reduction=reduction,
-        )  # fmt: skip
+        plan = self.fused_index_plan(input, target, options)
         return None if plan is None else plan(input, target)
 
     def fused_index_plan(
-        self,
-        input: Array,
-        target: Array,
-        *,
-        axis: int,
-        weight: Array | None,
-        ignore_index: int,
-        label_smoothing: float,
-        reduction: str,
+        self, input: Array, target: Array, options: IndexOptions
     ) -> Callable[[Array, Array], Array | None] | None:
         """A callable ``plan(input, target)`` that gives :meth:`fused_index_loss` for arrays of
         these arrays' types, dtypes and shapes, these class weights and these options, or None
@@ -222,15 +227,7 @@ class Backend:
         return None
 
     def fused_index_loss_and_grad(
-        self,
-        input: Array,
-        target: Array,
-        *,
-        axis: int,
-        weight: Array | None,
-        ignore_index: int,
-        label_smoothing: float,
-        reduction: str,
+        self, input: Array, target: Array, options: IndexOptions
     ) -> tuple[Array, Array] | None:
         """:meth:`fused_index_loss` and the gradient of ``sum(loss)`` with respect to ``input``
         (of its shape and dtype), or None, on the same terms."""

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from .._typing import Array
-from ._generic import Backend, GradRule
+from ._generic import SAFE_SUMS, Backend, GradRule, IndexOptions
 from ._jax_linear import linear_custom_grad as _linear_custom_grad
 
 _SLAB_ROWS = 1024
@@ -46,25 +46,13 @@ def _widens_exactly(dtype: Any, index_dtype: Any) -> bool:
     return bool(bits <= index_bits)
 
 
-_SAFE_SUMS = {
-    jnp.dtype(jnp.float32): (2.0**-20, 2.0**100, 2.0**-27),
-    jnp.dtype(jnp.float64): (2.0**-100, 2.0**900, 2.0**-120),
-}
-"""Per compute dtype, ``(low, high, tiny)``: a row's unshifted ``sum(exp(x))`` within
-``[low, high]`` neither overflowed nor lost a term that matters (every ``exp`` below the
-smallest normal number is under ``2**-100`` of such a sum), so it is the row's sum; and a label
-term of at least ``tiny`` divides it with no overflow (``high / tiny`` fits the dtype). In
-float32 that takes logits up to about 69; a label logit under about -18.7 gives a loss of
-18 or more, computed as ``log(sum) - x_y`` to the same relative precision."""
-
-
 _FEW_CLASSES = 16
-_FEW_CLASSES_ELEMENTS = 2**15
-"""Rows of at most ``_FEW_CLASSES`` classes in inputs of at least ``_FEW_CLASSES_ELEMENTS``
-elements take the forward shifted by the label's logit; others the unshifted sums (see
-``_plain_loss``). Measured on two cores against Optax (median of paired rounds): unshifted
-0.62x-0.98x and shifted 0.93x-1.28x at 256 x 10, 8192 x 32, 2048 x 64, 16384 x 100; shifted
-0.56x-1.01x and unshifted 0.67x-1.29x at 4096 x 10, 65536 x 8, 100000 x 10."""
+"""Rows of at most this many classes take the forward shifted by the label's logit; wider ones
+the unshifted sums (see ``_plain_loss``). Measured on two cores against Optax: unshifted
+0.62x-0.77x and shifted 0.93x-0.96x at 8192 x 32 and 16384 x 100 (medians of paired rounds);
+shifted 0.56x-1.01x and unshifted 0.67x-1.29x at 4096 x 10, 65536 x 8 and 100000 x 10; at
+256 x 10 (a call of about 20 us), in seven runs of ``benchmarks/run.py``, shifted 1.15x-1.31x
+and unshifted 1.01x-1.76x."""
 
 
 @jax.custom_batching.custom_vmap
@@ -147,7 +135,7 @@ def _plain_loss(
 
     def unshifted(x: Array, y: Array) -> tuple[Array, Array]:
         """``(rows, safe)``: the row losses from sums of ``exp(x)`` with no shift, and whether
-        every sum is safe (:data:`_SAFE_SUMS`).
+        every sum is safe (``SAFE_SUMS``).
 
         No row max, and no gather ahead of the reduction that reads the logits: XLA runs a
         gather as a loop split over the threads, and one just ahead of the reduction slowed
@@ -156,7 +144,7 @@ def _plain_loss(
         the label's logit dominates its row (no cancellation of two large numbers), and
         ``log(sum) - x_y`` where ``exp(x_y)`` is too small to divide by (a loss of 18 or more).
         """
-        low, high, tiny = _SAFE_SUMS[jnp.dtype(dtype)]
+        low, high, tiny = SAFE_SUMS[jnp.dtype(dtype).name]
         total = jnp.sum(jnp.exp(x.astype(dtype)), axis=-1)
         # The labels pass the barrier with the sums, so that the gather comes after them.
         total, after = jax.lax.optimization_barrier((total, y))
@@ -185,8 +173,7 @@ def _plain_loss(
         # infinities, NaN), every row takes the pass that finds the row max first, and that
         # pass alone runs. Rows that are ignored, or whose label is invalid, are masked
         # whatever their sum holds.
-        few = classes <= _FEW_CLASSES and math.prod(x.shape) >= _FEW_CLASSES_ELEMENTS
-        one_pass = label_shifted if few else unshifted
+        one_pass = label_shifted if classes <= _FEW_CLASSES else unshifted
         fast_rows, safe = one_pass(x, y)
         # One answer for all rows (of every instance of a ``vmap``): either side is exact.
         rows = jax.lax.cond(_every(safe), lambda: fast_rows, lambda: exact_rows(x, y))
@@ -280,22 +267,13 @@ class Native(Backend):
 
     native = True
 
-    def fused_index_loss(
-        self,
-        input: Array,
-        target: Array,
-        *,
-        axis: int,
-        weight: Array | None,
-        ignore_index: int,
-        label_smoothing: float,
-        reduction: str,
-    ) -> Array | None:
+    def fused_index_loss(self, input: Array, target: Array, options: IndexOptions) -> Array | None:
         # Under jit (a traced target, so labels are never read and an invalid one gives NaN)
         # the plain case is one lean graph that XLA fuses as it fuses Optax's: the label masks
         # fold into one per-row factor and the mean's row count into the same reduction.
         # Other options, eager labels (validated by the core), wrapping label dtypes and
         # empty or sharded-with-types arrays stay on the general path.
+        axis, weight, ignore_index, label_smoothing, reduction = options
         if (
             not self.is_traced(target)
             or weight is not None

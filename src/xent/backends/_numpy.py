@@ -13,7 +13,7 @@ import numpy as np
 
 from .._compat import array_namespace
 from .._typing import Array
-from ._generic import Backend
+from ._generic import SAFE_SUMS, Backend, IndexOptions
 
 NAMESPACE = array_namespace(np.empty(0))
 """array-api-compat's namespace for NumPy arrays."""
@@ -86,17 +86,6 @@ _UNSHIFTED_ELEMENTS = 2**13
 with no row max and no subtraction (two of the four passes over the block); smaller ones
 subtract the row max at once (the checks of the unshifted sums cost more than they save)."""
 
-_SAFE_SUMS = {
-    np.dtype(np.float32): (2.0**-20, 2.0**64, 2.0**-60),
-    np.dtype(np.float64): (2.0**-100, 2.0**600, 2.0**-400),
-}
-"""Per compute dtype, ``(low, high, tiny)``: a row's unshifted ``sum(exp(x))`` within
-``[low, high]`` neither overflowed nor lost a term that matters (every ``exp`` below the
-smallest normal number is under ``2**-100`` of such a sum), so it is the row's sum; and a label
-term of at least ``tiny`` divides it with no overflow (``high / tiny`` fits the dtype). Any
-other sum (a logit near the dtype's max, a row far below zero, inf or NaN) sends the block to
-the shifted pass."""
-
 _UNSIGNED = {np.dtype(t): np.dtype(t.replace("i", "u")) for t in ("i1", "i2", "i4", "i8")}
 
 _FEW_LABELS = 16
@@ -109,18 +98,16 @@ _Rows = tuple[np.ndarray, np.ndarray, tuple[int, ...], np.ndarray | None]
 in ``labels``, equal ``ignore_index``."""
 
 
-def _plain_case(
-    x: np.ndarray, y: np.ndarray, axis: int, ignore_index: int, label_smoothing: float
-) -> bool:
+def _plain_case(x: np.ndarray, y: np.ndarray, options: IndexOptions) -> bool:
     """Whether the fused paths serve arrays of these dtypes and shapes with these options (the
     layout and the label values aside)."""
     c = x.shape[-1] if x.ndim else 0
     return (
         x.dtype in _FUSED_DTYPES
-        and axis == x.ndim - 1
+        and options.axis == x.ndim - 1
         and x.size != 0
-        and not label_smoothing
-        and not 0 <= ignore_index < c
+        and not options.label_smoothing
+        and not 0 <= options.ignore_index < c
         and y.dtype.kind in "iu"
     )
 
@@ -179,8 +166,6 @@ def _row_pass(
     narrow = n >= _NARROW_ROWS and row_bytes <= (
         _NARROW_BYTES if grad is None else _NARROW_GRAD_BYTES
     )
-    if not narrow and rows.size < _UNSHIFTED_ELEMENTS and n * row_bytes <= _BLOCK_BYTES:
-        return _small(rows, labels, dtype, factor, grad)
     step = max(1, (_NARROW_BLOCK_BYTES if narrow else _BLOCK_BYTES) // row_bytes)
     # Where the gradient has the compute dtype and the row layout, it is its own scratch.
     own = grad is not None and not narrow and grad.dtype == dtype
@@ -213,33 +198,6 @@ def _row_pass(
             )
 
     _in_parallel(work, n, n * c * dtype.itemsize)
-    return picked, total
-
-
-def _small(
-    rows: np.ndarray,
-    labels: np.ndarray,
-    dtype: np.dtype[Any],
-    factor: Any,
-    grad: np.ndarray | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_row_pass` on a small input in one block, shifted, in as few NumPy calls as it
-    takes (each costs about a microsecond here, more than the arithmetic)."""
-    x = rows
-    if rows.dtype != dtype:
-        x = np.empty(rows.shape, dtype)
-        _load(x, rows)
-    own = grad if grad is not None and grad.dtype == dtype else None
-    buf = np.subtract(x, x.max(axis=1, keepdims=True), out=own)
-    at = (np.arange(len(labels)), labels)
-    picked = buf[at]
-    np.exp(buf, out=buf)
-    total = buf.sum(axis=1)
-    if grad is not None:
-        buf *= (factor / total)[:, None]
-        buf[at] -= factor
-        if own is None:
-            _store(grad, buf)
     return picked, total
 
 
@@ -301,7 +259,7 @@ def _unshifted(
     axis: int,
 ) -> bool:
     """:func:`_block`'s pass with no shift: ``exp(block)`` into ``buf`` (it may be ``block``),
-    summed along ``axis``; True where every sum is safe (:data:`_SAFE_SUMS`), its results and
+    summed along ``axis``; True where every sum is safe (``SAFE_SUMS``), its results and
     the gradient's rows (``factor`` not None) then in ``picked``, ``total`` and ``buf``; False
     where the caller must start the block again, ``buf`` overwritten.
 
@@ -309,7 +267,7 @@ def _unshifted(
     logit dominates its row; where its exponential is below ``tiny`` (a loss of tens or more)
     it is ``log(sum) - x[label]`` instead.
     """
-    low, high, tiny = _SAFE_SUMS[buf.dtype]
+    low, high, tiny = SAFE_SUMS[buf.dtype.name]
     np.copyto(picked, block[at])
     np.exp(block, out=buf)
     buf.sum(axis=axis, out=total)
@@ -487,24 +445,15 @@ class Native(Backend):
         return out.reshape(shift.shape)
 
     def fused_index_plan(
-        self,
-        input: Array,
-        target: Array,
-        *,
-        axis: int,
-        weight: Array | None,
-        ignore_index: int,
-        label_smoothing: float,
-        reduction: str,
+        self, input: Array, target: Array, options: IndexOptions
     ) -> Callable[[Array, Array], Array | None] | None:
         # The plain loss of C-contiguous rows whose labels are all in [0, C) or ignored (one
         # max reads them): one pass of max, exp and sum, with no mask, where or gather of the
         # general path. The dtypes, shapes and options are judged here, once; each call judges
         # its layout and labels, and hands anything else, and any NaN row, back to the core.
-        if not _plain_case(
-            np.asarray(input), np.asarray(target), axis, ignore_index, label_smoothing
-        ):
+        if not _plain_case(np.asarray(input), np.asarray(target), options):
             return None
+        _, weight, ignore_index, _, reduction = options
 
         def plan(input: Array, target: Array) -> Array | None:
             plain = _plain_rows(np.asarray(input), np.asarray(target), ignore_index)
@@ -521,21 +470,14 @@ class Native(Backend):
             return _loss(rows.dtype, shape, picked, total, label_weight, reduction)
 
     def fused_index_loss_and_grad(
-        self,
-        input: Array,
-        target: Array,
-        *,
-        axis: int,
-        weight: Array | None,
-        ignore_index: int,
-        label_smoothing: float,
-        reduction: str,
+        self, input: Array, target: Array, options: IndexOptions
     ) -> tuple[Array, Array] | None:
         # The same pass, its exponentials scaled in place into the gradient:
         # d loss_n / d x = f_n (softmax_n - onehot(y_n)), f_n the row's weight in the sum.
         x, y = np.asarray(input), np.asarray(target)
-        if not _plain_case(x, y, axis, ignore_index, label_smoothing):
+        if not _plain_case(x, y, options):
             return None
+        _, weight, ignore_index, _, reduction = options
         plain = _plain_rows(x, y, ignore_index)
         if plain is None:
             return None

@@ -10,7 +10,7 @@ import torch
 
 from .._compat import array_namespace
 from .._typing import Array
-from ._generic import Backend, GradRule
+from ._generic import Backend, GradRule, IndexOptions
 from ._torch_compiled import index_loss as _compiled_index_loss
 from ._torch_linear import linear_custom_grad as _linear_custom_grad
 
@@ -600,40 +600,16 @@ class Native(Backend):
             return g.scatter_add_(axis, index, -values)
         return g.scatter_add(axis, index, -values)
 
-    def fused_index_loss(
-        self,
-        input: Array,
-        target: Array,
-        *,
-        axis: int,
-        weight: Array | None,
-        ignore_index: int,
-        label_smoothing: float,
-        reduction: str,
-    ) -> Array | None:
+    def fused_index_loss(self, input: Array, target: Array, options: IndexOptions) -> Array | None:
         if _is_compiling():
             # Dynamo traces a graph of xent's semantics that Inductor fuses as F.cross_entropy's.
-            return _compiled_index_loss(
-                input, target, axis=axis, weight=weight, ignore_index=ignore_index,
-                label_smoothing=label_smoothing, reduction=reduction,
-            )  # fmt: skip
+            return _compiled_index_loss(input, target, options)
         if self.is_traced(input):
             return None  # vmap, grad and fake tensors: xent's own path
-        return super().fused_index_loss(
-            input, target, axis=axis, weight=weight, ignore_index=ignore_index,
-            label_smoothing=label_smoothing, reduction=reduction,
-        )  # fmt: skip
+        return super().fused_index_loss(input, target, options)
 
     def fused_index_plan(
-        self,
-        input: Array,
-        target: Array,
-        *,
-        axis: int,
-        weight: Array | None,
-        ignore_index: int,
-        label_smoothing: float,
-        reduction: str,
+        self, input: Array, target: Array, options: IndexOptions
     ) -> Callable[[Array, Array], Array | None] | None:
         # On the CPU, in (N, C, ...) layout, ATen's kernels have xent's semantics (weighted
         # mean over rows not ignored, smoothing spread over every class) and check every label
@@ -642,6 +618,7 @@ class Native(Backend):
         # devices (a bad label is a device-side assert there) and inputs large enough that the
         # blocked log-sum-exp wins stay on xent's own path. The dtypes, shapes and options are
         # judged here, once; the plan judges each call's device, functorch and autograd state.
+        axis, weight, ignore_index, label_smoothing, reduction = options
         ndim, dtype, size = input.ndim, input.dtype, input.numel()
         if (
             dtype not in _FUSED_DTYPES

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .._typing import Array
+from ._generic import IndexOptions
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _LABEL_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -33,18 +34,10 @@ _IGNORED, _INVALID = -1, -2
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
 
-def index_loss(
-    input: Array,
-    target: Array,
-    *,
-    axis: int,
-    weight: Array | None,
-    ignore_index: int,
-    label_smoothing: float,
-    reduction: str,
-) -> Array | None:
+def index_loss(input: Array, target: Array, options: IndexOptions) -> Array | None:
     """The cross-entropy of logits and class indices as one fused graph, or None where the
     general path must answer (empty input, trainable class weights, an unusual dtype)."""
+    axis, weight, ignore_index, label_smoothing, reduction = options
     if (
         input.dtype not in _DTYPES
         or target.dtype not in _LABEL_DTYPES
