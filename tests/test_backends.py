@@ -251,8 +251,8 @@ threads."""
 
 @pytest.fixture(params=[False, True], ids=["real-limits", "small-blocks"])
 def numpy_limits(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
-    """The NumPy backend's block and thread limits, as shipped or shrunk to a few KiB so that
-    small inputs cross them."""
+    """The NumPy backend's block, thread and page limits, as shipped or shrunk to a few KiB (64
+    bytes for the pages touched first) so that small inputs cross them."""
     if request.param:
         from xent.backends import _numpy
 
@@ -260,6 +260,8 @@ def numpy_limits(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
         monkeypatch.setattr(_numpy, "_NARROW_BLOCK_BYTES", 1024)
         monkeypatch.setattr(_numpy, "_PARALLEL_BYTES", 8192)
         monkeypatch.setattr(_numpy, "_UNSHIFTED_ELEMENTS", 256)
+        # Fresh outputs are touched every 64 bytes first: each touched entry must be written.
+        monkeypatch.setattr(_numpy, "_HUGE_PAGE_BYTES", 64)
     return bool(request.param)
 
 
