@@ -527,6 +527,33 @@ class TestNumpyFusedPass:
 class TestJaxFusedLoss:
     """The plain loss under ``jax.jit``: XLA's graph stays as lean as Optax's, with xent's rules."""
 
+    @pytest.fixture(autouse=True, params=["as-shipped", "single-pass"])
+    def forward_graph(self, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+        """The forward's graphs by size as shipped (these small inputs take the row max), or
+        the single-pass graphs at every size."""
+        if request.param == "single-pass":
+            from xent.backends import _jax
+
+            monkeypatch.setattr(_jax, "_SMALL_ELEMENTS", 0)
+        return str(request.param)
+
+    @pytest.mark.parametrize(("n", "c", "branch"), [(256, 10, False), (128, 128, False), (256, 128, True), (4096, 10, True)])  # fmt: skip
+    def test_forward_branches_only_beyond_small_inputs(
+        self, xp: Any, rng: np.random.Generator, forward_graph: str, n: int, c: int, branch: bool
+    ) -> None:
+        # Small inputs take Optax's two passes with no conditional; larger ones the single pass
+        # with its fallback branch (every size, with the single-pass setting).
+        import jax
+
+        x = to_xp(xp, rng.normal(size=(n, c)), dtype="float32")
+        y = to_xp(xp, rng.integers(0, c, size=n), dtype="int32")
+        previous = xent.backends.set_native(True)  # the override's graph, whatever the fixture
+        try:
+            graph = str(jax.make_jaxpr(lambda a, b: xent.cross_entropy(a, b))(x, y))
+        finally:
+            xent.backends.set_native(previous)
+        assert ("cond[" in graph) == (branch or forward_graph == "single-pass")
+
     @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
     def test_forward_stores_no_logit_sized_temporary(
         self, xp: Any, rng: np.random.Generator, dtype: str
