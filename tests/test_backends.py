@@ -527,10 +527,10 @@ class TestNumpyFusedPass:
 class TestJaxFusedLoss:
     """The plain loss under ``jax.jit``: XLA's graph stays as lean as Optax's, with xent's rules."""
 
-    @pytest.fixture(autouse=True, params=["as-shipped", "single-pass"])
+    @pytest.fixture(params=["as-shipped", "single-pass"])
     def forward_graph(self, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-        """The forward's graphs by size as shipped (these small inputs take the row max), or
-        the single-pass graphs at every size."""
+        """The forward's graphs by size as shipped (the small inputs of the forward tests take
+        the row max), or the single-pass graphs at every size."""
         if request.param == "single-pass":
             from xent.backends import _jax
 
@@ -628,6 +628,7 @@ class TestJaxFusedLoss:
             ("logit-over-70", "float64"),
         ],
     )
+    @pytest.mark.usefixtures("forward_graph")
     @pytest.mark.parametrize("classes", [40, 5])
     def test_forward_unshifted_falls_back_where_it_must(
         self, xp: Any, rng: np.random.Generator, row: str, dtype: str, classes: int
@@ -675,6 +676,7 @@ class TestJaxFusedLoss:
         if row == "masked-target":
             assert got[0] == np.inf
 
+    @pytest.mark.usefixtures("forward_graph")
     def test_forward_under_vmap_falls_back_for_every_instance(
         self, xp: Any, rng: np.random.Generator
     ) -> None:

@@ -58,9 +58,8 @@ _FEW_CLASSES = 16
 """Rows of at most this many classes take the forward shifted by the label's logit; wider ones
 the unshifted sums (see ``_plain_loss``). Measured on two cores against Optax: unshifted
 0.62x-0.77x and shifted 0.93x-0.96x at 8192 x 32 and 16384 x 100 (medians of paired rounds);
-shifted 0.56x-1.01x and unshifted 0.67x-1.29x at 4096 x 10, 65536 x 8 and 100000 x 10; at
-256 x 10 (a call of about 20 us), in seven runs of ``benchmarks/run.py``, shifted 1.15x-1.31x
-and unshifted 1.01x-1.76x."""
+shifted 0.56x-1.01x and unshifted 0.67x-1.29x at 4096 x 10, 65536 x 8 and 100000 x 10.
+(Smaller inputs, such as 256 x 10, take neither: see ``_SMALL_ELEMENTS``.)"""
 
 
 @jax.custom_batching.custom_vmap
@@ -176,10 +175,10 @@ def _plain_loss(
     @jax.custom_jvp
     def loss(x: Array, y: Array) -> Array:
         # Forward only: one pass over the logits where it can be (Optax's graph makes two,
-        # the row max first), except in small inputs (``_SMALL_ELEMENTS``). Where a row's sum is unsafe (a logit near the dtype's max or
-        # about 69 and above in float32 for the unshifted sums, a row far below zero,
-        # infinities, NaN), every row takes the pass that finds the row max first, and that
-        # pass alone runs. Rows that are ignored, or whose label is invalid, are masked
+        # the row max first), but in small inputs (``_SMALL_ELEMENTS``). Where a row's sum is
+        # unsafe (a logit near the dtype's max or about 69 and above in float32 for the
+        # unshifted sums, a row far below zero, infinities, NaN), every row takes the pass that
+        # finds the row max first, and that pass alone runs. Rows that are ignored, or whose label is invalid, are masked
         # whatever their sum holds.
         if math.prod(x.shape) <= _SMALL_ELEMENTS:
             return reduce(exact_rows(x, y), y)[0]

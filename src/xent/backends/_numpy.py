@@ -38,11 +38,16 @@ def _threads() -> int:
     return max(1, min(8, len(cores) if cores is not None else (os.cpu_count() or 1)))
 
 
+def _workers(n: int, nbytes: int) -> int:
+    """The threads :func:`_in_parallel` splits ``n`` rows of ``nbytes`` over (1: this one)."""
+    return 1 if nbytes < _PARALLEL_BYTES else max(1, min(_threads(), n))
+
+
 def _in_parallel(work: Callable[[int, int], None], n: int, nbytes: int) -> None:
     """``work(lo, hi)`` over the rows ``[0, n)``, in contiguous ranges, one per thread."""
     global _pool
-    threads = min(_threads(), n)
-    if threads < 2 or nbytes < _PARALLEL_BYTES:
+    threads = _workers(n, nbytes)
+    if threads < 2:
         work(0, n)
         return
     if _pool is None or _pool[0] != os.getpid():
@@ -68,16 +73,16 @@ _HUGE_PAGE_BYTES = 2**21
 
 
 def _fresh(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    """An uninitialised array for the threads of :func:`_in_parallel` to fill.
+    """An uninitialised array whose rows (along the last axis) :func:`_in_parallel` fills.
 
-    Large ones are touched once per huge page from this thread first, so that the page faults
+    Those split over threads are touched once per huge page from this thread first, so that the page faults
     of fresh memory (NumPy asks for transparent huge pages above 4 MiB) come one after another
     rather than from every thread at once. Where two threads took those faults together, a
     64 MiB gradient took 75 ms instead of 8 ms in some processes (2 vCPUs; after other
     libraries had run, see ``docs/benchmarks.md``); touched first it takes 9 ms everywhere.
     """
     out = np.empty(shape, dtype)
-    if out.nbytes >= _PARALLEL_BYTES and _threads() > 1:
+    if out.ndim and _workers(out.size // max(1, shape[-1]), out.nbytes) > 1:
         flat = out.reshape(-1)
         flat[:: max(1, _HUGE_PAGE_BYTES // out.itemsize)] = 0
     return out
@@ -532,8 +537,9 @@ class Native(Backend):
         x = np.asarray(x)
         shape = np.broadcast_shapes(x.shape, shift.shape)
         writable = overwrite and shape == x.shape and x.flags.writeable
-        out = x if writable else _fresh(shape, x.dtype)
-        if axis % x.ndim != x.ndim - 1 or x.size == 0 or out.shape != x.shape:
+        whole = axis % x.ndim != x.ndim - 1 or x.size == 0 or shape != x.shape
+        out = x if writable else np.empty(shape, dtype=x.dtype) if whole else _fresh(shape, x.dtype)
+        if whole:
             np.subtract(x, shift, out=out)
             out -= log_sum
             np.exp(out, out=out)
