@@ -1058,6 +1058,149 @@ _NO_JIT_DEPRECATION = pytest.mark.filterwarnings(
 )
 
 
+@TORCH
+@pytest.mark.usefixtures("torch_native")
+class TestTorchWorkspace:
+    """The float32 temporaries of PyTorch's fused loss (a float16/bfloat16 input's float32 copy,
+    the blocks' log-probabilities) live in a buffer each thread keeps between calls: nothing
+    returned aliases it, threads do not share it, and a request over its cap gets a new tensor."""
+
+    @pytest.mark.parametrize("route", ["kernel", "rows"])
+    @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+    def test_results_outlive_later_calls(
+        self,
+        monkeypatch: pytest.MonkeyPatch,
+        rng: np.random.Generator,
+        route: str,
+        dtype: str,
+    ) -> None:
+        import torch
+        import torch.nn.functional as F
+
+        from xent.backends import _torch
+
+        if route == "rows":
+            monkeypatch.setattr(_torch, "_FUSED_BYTES", 16)
+            monkeypatch.setattr(_torch, "_HALF_ROWS_ELEMENTS", 16)
+        monkeypatch.setattr(xent._cross_entropy, "_CHECKED", {})
+        monkeypatch.setattr(_torch, "_WORKSPACE", _torch._Workspace())
+        half = getattr(torch, dtype)
+        xs = [torch.tensor(rng.normal(size=(40, 300)) * 3).to(half) for _ in range(3)]
+        y = torch.tensor(rng.integers(0, 300, size=40))
+        kept = []
+        for x in xs:  # the same shape each time: the same view of the kept buffer
+            xg = x.clone().requires_grad_(True)
+            rows = xent.cross_entropy(x, y, reduction="none")
+            loss = xent.cross_entropy(xg, y)
+            loss.backward()
+            assert xg.grad is not None
+            kept.append((rows, loss, xg.grad))
+        for x, (rows, loss, grad) in zip(xs, kept, strict=True):
+            xf = x.float().requires_grad_(True)
+            want = F.cross_entropy(xf, y)
+            want.backward()
+            assert xf.grad is not None
+            assert grad is not None
+            assert torch.equal(rows, F.cross_entropy(x.float(), y, reduction="none").to(half))
+            assert torch.equal(loss.detach(), want.detach().to(half))
+            assert torch.equal(grad, xf.grad.to(half))
+        buffer = _torch._WORKSPACE.buffer
+        if route == "kernel" and dtype == "float32":
+            assert buffer is None  # ATen's entry itself: no temporary of xent's
+            return
+        assert buffer is not None
+        assert buffer.numel() == _torch._WORKSPACE_BYTES
+        # Nothing returned shares the kept buffer's memory.
+        base = buffer.untyped_storage().data_ptr()
+        for arrays in kept:
+            for a in arrays:
+                assert a.untyped_storage().data_ptr() != base
+
+    def test_threads_keep_buffers_of_their_own(self, rng: np.random.Generator) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        import torch
+        import torch.nn.functional as F
+
+        from xent.backends import _torch
+
+        xs = [torch.tensor(rng.normal(size=(64, 500)) * 3).bfloat16() for _ in range(4)]
+        y = torch.tensor(rng.integers(0, 500, size=64))
+        want = [F.cross_entropy(x.float(), y, reduction="none").bfloat16() for x in xs]
+
+        def work(i: int) -> tuple[bool, int]:
+            same = all(
+                torch.equal(xent.cross_entropy(xs[(i + k) % 4], y, reduction="none"),
+                            want[(i + k) % 4])
+                for k in range(200)
+            )  # fmt: skip
+            buffer = _torch._WORKSPACE.buffer
+            assert buffer is not None
+            return same, buffer.data_ptr()
+
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(work, range(4)))
+        assert all(same for same, _ in answers)
+        assert len({pointer for _, pointer in answers}) == 4
+
+    def test_request_over_the_cap_gets_a_new_tensor(
+        self, monkeypatch: pytest.MonkeyPatch, rng: np.random.Generator
+    ) -> None:
+        import torch
+        import torch.nn.functional as F
+
+        from xent.backends import _torch
+
+        monkeypatch.setattr(_torch, "_WORKSPACE_BYTES", 4096)
+        monkeypatch.setattr(_torch, "_WORKSPACE", _torch._Workspace())
+        small = _torch._work((16, 16), torch.float32)
+        assert small.data_ptr() == _torch._work((16, 16), torch.float32).data_ptr()
+        second = _torch._work((16, 16), torch.float32, offset=1024)
+        assert second.data_ptr() == small.data_ptr() + 1024
+        large = _torch._work((40, 300), torch.float32)
+        buffer = _torch._WORKSPACE.buffer
+        assert buffer is not None
+        assert buffer.numel() == 4096
+        assert large.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr()
+        # The loss itself, with most temporaries over the cap.
+        monkeypatch.setattr(xent._cross_entropy, "_CHECKED", {})
+        x = torch.tensor(rng.normal(size=(40, 300))).bfloat16()
+        y = torch.tensor(rng.integers(0, 300, size=40))
+        assert torch.equal(xent.cross_entropy(x, y), F.cross_entropy(x.float(), y).bfloat16())
+
+    def test_float32_gradient_takes_the_blocks(
+        self, monkeypatch: pytest.MonkeyPatch, rng: np.random.Generator
+    ) -> None:
+        # From _GRAD_ROWS_ELEMENTS on, a float32 call that autograd records takes the blocks
+        # (one array of the input's size per call, the gradient); without autograd, ATen's entry.
+        import torch
+        import torch.nn.functional as F
+
+        from xent.backends import _torch
+
+        calls: list[int] = []
+        rows = _torch._fused_rows
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            calls.append(1)
+            return rows(*args, **kwargs)
+
+        monkeypatch.setattr(_torch, "_fused_rows", counted)
+        monkeypatch.setattr(_torch, "_GRAD_ROWS_ELEMENTS", 1000)
+        monkeypatch.setattr(xent._cross_entropy, "_CHECKED", {})
+        x = torch.tensor(rng.normal(size=(40, 300)), dtype=torch.float32)
+        y = torch.tensor(rng.integers(0, 300, size=40))
+        assert torch.equal(xent.cross_entropy(x, y), F.cross_entropy(x, y))
+        assert not calls
+        xg, xf = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        xent.cross_entropy(xg, y, label_smoothing=0.1).backward()
+        F.cross_entropy(xf, y, label_smoothing=0.1).backward()
+        assert calls
+        assert xg.grad is not None
+        assert xf.grad is not None
+        np.testing.assert_allclose(to_numpy(xg.grad), to_numpy(xf.grad), rtol=1e-5, atol=1e-8)
+
+
 @pytest.fixture
 def dynamo_reset() -> Iterator[None]:
     import torch

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -88,6 +89,55 @@ _ONE_BLOCK_BYTES = 8 * 2**20
 """Inputs up to this size are taken in one block (fewer kernel launches)."""
 
 
+_WORKSPACE_BYTES = 8 * 2**20
+"""The most memory a thread keeps between calls for the temporaries of the blocks of rows (the
+float32 copy of a float16/bfloat16 block, its log-probabilities, the log-sum-exp's scratch)."""
+
+
+class _Workspace(threading.local):
+    """This thread's kept buffer (bytes) for :func:`_work`, and the views of it handed out."""
+
+    def __init__(self) -> None:
+        self.buffer: Array | None = None
+        self.views: dict[tuple[Any, ...], Array] = {}
+
+
+_WORKSPACE = _Workspace()
+
+_WORKSPACE_VIEWS = 64
+"""Views of the kept buffer remembered per thread (by shape, dtype and offset) at most."""
+
+
+def _work(shape: tuple[int, ...], dtype: Any, offset: int = 0) -> Array:
+    """A CPU tensor of ``shape`` and ``dtype`` for temporaries that never leave the call: this
+    thread's kept buffer from byte ``offset`` on where the whole request fits in
+    ``_WORKSPACE_BYTES``, else a new tensor.
+
+    A temporary of megabytes, allocated and freed at every call, is given back to the system by
+    the C allocator (glibc trims the top of its heap or unmaps the block) and page-faults anew
+    at the next call: on a virtual machine a fault costs about a microsecond per 4 KiB, which
+    made a bfloat16 forward at 8 x 32000 take 0.64 ms instead of 0.07 ms in a fresh process.
+    Kept, the buffer is written in cache at every call and faults once per thread. The view for
+    a request is remembered (a training loop repeats its shapes), so a call costs a lookup.
+    """
+    workspace = _WORKSPACE
+    key = (shape, dtype, offset)
+    view = workspace.views.get(key)
+    if view is not None:
+        return view
+    end = offset + math.prod(shape) * dtype.itemsize
+    if end > _WORKSPACE_BYTES:
+        return torch.empty(shape, dtype=dtype)
+    if workspace.buffer is None:
+        # The cap at once: one allocation per thread, whatever sizes come later.
+        workspace.buffer = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8)
+    view = workspace.buffer[offset:end].view(dtype).view(shape)
+    if len(workspace.views) >= _WORKSPACE_VIEWS:
+        workspace.views.clear()
+    workspace.views[key] = view
+    return view
+
+
 def _chunked_logsumexp(x: Array) -> tuple[Array, Array]:
     """``(shift, log_sum)`` along the last axis of a tensor that needs no gradient.
 
@@ -105,7 +155,7 @@ def _chunked_logsumexp(x: Array) -> tuple[Array, Array]:
     step = max(1, block // max(1, c * rows.element_size()))
     # One scratch buffer for every block: allocating per block page-faults anew whenever the
     # allocator has just handed a large free back to the system.
-    scratch = rows.new_empty((min(step, n), c))
+    scratch = _work((min(step, n), c), rows.dtype)
     for start in range(0, n, step):
         block_rows = rows[start : start + step]
         lp = torch.log_softmax(block_rows, dim=1, out=scratch[: block_rows.shape[0]])
@@ -138,6 +188,7 @@ def _softmax_in_place(x: Array, shift: Array, log_sum: Array, scale: Array | Non
     return x
 
 
+_F32 = torch.float32
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
 _FUSED_DTYPES = (torch.float32, torch.float64, *_HALF_DTYPES)
 
@@ -151,9 +202,24 @@ _HALF_ROWS_ELEMENTS = 2**18
 block cast to float32 in cache, the gradient made with the loss; smaller ones are cast whole
 and call ``F.cross_entropy`` once (fewer kernel launches, which dominate there). Measured on
 two cores, by CPU time of one thread: the two ways cross between 2^17 and 2^18 elements, forward
-and forward+backward alike. Where autograd records the call, half this many: with two threads
-the whole-input route's backward (the cast's, ``nll_loss``'s and ``log_softmax``'s, each a
-parallel region) took 1.3x-1.7x the blocks' time at 1.3e5 to 2.6e5 elements."""
+and forward+backward alike. Where autograd records the call, a quarter of this many: the
+whole-input route's backward runs four nodes (the casts', ``nll_loss``'s and ``log_softmax``'s)
+and allocates three arrays of the input's size. Medians of nine interleaved rounds in one
+process, forward+backward, blocks against whole input: 0.85x at 4 x 32000, 0.92x at 100 x 1000,
+1.04x at 16 x 4096 (65,536 elements)."""
+
+_GRAD_ROWS_ELEMENTS = 2**17
+"""float32 inputs of this many elements or more take the blocks of rows where autograd records
+the call, whatever :data:`_FUSED_BYTES` says. Autograd's route through ATen allocates three arrays of
+the input's size at every call (the log-probabilities it saves, ``nll_loss``'s gradient and
+``log_softmax``'s), the blocks one (the gradient); freed and allocated again call after call,
+such arrays are given back to the system by the C allocator as often as not and page-fault anew
+(:func:`_work`). In fresh processes, forward+backward at 16 x 50257, 1000 x 1000 and 64 x 50257,
+the blocks took 0.46x, 0.35x and 0.62x of ``F.cross_entropy``'s time, where ATen's route took
+as long as ``F.cross_entropy`` or twice as long, by the page faults that landed on it; such
+faults showed from 2.56e5 elements (8 x 32000: 240 us against 129 us). The blocks' fixed cost
+(a Python ``autograd.Function``, about 8 us more than ATen's route with no fault) is 10% of a
+call at 2^17 elements and shows below."""
 
 _FUSED_BLOCK_ELEMENTS = 2**20
 """Rows are taken in blocks of about this many elements (4 MiB in float32) per float32 scratch
@@ -189,10 +255,11 @@ def _scratch(x: Array, with_grad: bool) -> tuple[int, Array, Array | None, Array
     step = max(1, _FUSED_BLOCK_ELEMENTS * 2 // (buffers * c))
     if step < n:  # blocks of equal rows: no short last block (3-8% at two or three blocks)
         step = -(-n // -(-n // step))
-    lp = x.new_empty((min(step, n), c), dtype=f32)
+    block = (min(step, n), c)
+    lp = _work(block, f32)
     cast = None
     if x.dtype != f32:
-        cast = lp if not with_grad else x.new_empty((min(step, n), c), dtype=f32)
+        cast = lp if not with_grad else _work(block, f32, offset=block[0] * c * 4)
     grad = torch.empty_like(x, memory_format=torch.contiguous_format) if with_grad else None
     return step, lp, cast, grad
 
@@ -432,9 +499,13 @@ def _route(dtype: Any, ndim: int, size: int, *, grad: bool) -> str | None:
     ``cross_entropy_loss`` once, float16/bfloat16 cast to float32 whole), ``"rows"``
     (:func:`_fused_rows`) or None (xent's own path); ``grad``: autograd records the call."""
     if dtype in _HALF_DTYPES:
-        if ndim == 2 and size >= (_HALF_ROWS_ELEMENTS // 2 if grad else _HALF_ROWS_ELEMENTS):
+        if ndim == 2 and size >= (_HALF_ROWS_ELEMENTS // 4 if grad else _HALF_ROWS_ELEMENTS):
             return "rows"
-    elif ndim == 2 and dtype == torch.float32 and size * 4 > _FUSED_BYTES:
+    elif (
+        ndim == 2
+        and dtype == torch.float32
+        and (size * 4 > _FUSED_BYTES or (grad and size >= _GRAD_ROWS_ELEMENTS))
+    ):
         return "rows"
     return "kernel" if size * 4 <= _FUSED_BYTES else None
 
@@ -503,7 +574,12 @@ def _plan(
         try:
             if (grad_route if recorded else forward_route) == "kernel":
                 # float16/bfloat16 compute in float32 and cast back, as on xent's own path.
-                logits = input if back is None else input.float()
+                if back is None:
+                    logits = input
+                elif recorded:
+                    logits = input.float()
+                else:
+                    logits = _work(input.shape, _F32).copy_(input)
                 if exact:
                     # ATen's entry itself: no tensor subclass can override it here.
                     loss = _cross_entropy_loss(
