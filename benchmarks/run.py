@@ -5,6 +5,7 @@
     python benchmarks/run.py --quick             # four shapes, three rounds (about a minute)
     python benchmarks/run.py --sizes 256x10 4096x32768 --backends torch numpy
     python benchmarks/run.py --dry-run           # what would run or be skipped, and why
+    python benchmarks/run.py --heldout --fresh   # each shape and backend in a new process
 
 For every shape N x C (float32 logits of shape (N, C), int labels of shape (N,), mean reduction)
 and every installed backend it times xent and that backend's own loss on the same data in the
@@ -22,7 +23,10 @@ within each round (load on a shared machine hits them alike); each sample repeat
 until it lasts about 30 ms; the figure is the median of the rounds. The run prints the load
 average (``/proc/loadavg``) before and after, and writes the Markdown table (``--markdown``) and
 a log-log plot of time per call against N x C (``--plot``). A backend whose arrays would not fit
-in memory on their own is skipped at that shape, with the reason printed.
+in memory on their own is skipped at that shape, with the reason printed. ``--fresh`` times
+each shape and backend in a new process, so that no shape inherits the allocator's state
+that the shapes before it left (which decides whether large temporaries page-fault at every
+call).
 """
 
 from __future__ import annotations
@@ -30,10 +34,12 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
+import json
 import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -406,6 +412,36 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+_JSON_MARK = "#rows "
+
+
+def _in_fresh_process(
+    size: str, name: str, rounds: int, compile_: bool, generic: bool
+) -> list[dict[str, Any]]:
+    """The rows of backend ``name`` at ``size``, timed by this script in a new process.
+
+    A process carries its C allocator's history from shape to shape: whether a temporary of
+    megabytes comes from the heap or page-faults anew at every call depends on what was
+    allocated and freed before (glibc moves its mmap and trim thresholds as it goes). A new
+    process per shape and backend measures each as a program that runs only it would.
+    """
+    command = [
+        sys.executable, __file__, "--json-rows", "--sizes", size, "--backends", name,
+        "--rounds", str(rounds), "--plot", "",
+    ]  # fmt: skip
+    if not compile_:
+        command.append("--no-compile")
+    if generic:
+        command.append("--generic")
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    for line in done.stdout.splitlines():
+        if line.startswith(_JSON_MARK):
+            rows: list[dict[str, Any]] = json.loads(line[len(_JSON_MARK) :])
+            return rows
+    print(f"# {size} {name}: the process failed\n{done.stdout}{done.stderr}", flush=True)
+    return []
+
+
 def main(argv: list[str] | None = None) -> int:
     here = Path(__file__).resolve().parent
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -421,6 +457,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--generic", action="store_true", help="xent with native overrides off")
     parser.add_argument("--plot", type=Path, default=here / "scaling.png")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table here")
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="each shape and backend in a new Python process (no allocator history carried over)",
+    )
+    parser.add_argument("--json-rows", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     sizes = args.sizes or (HELDOUT if args.heldout else QUICK if args.quick else GRID)
@@ -449,14 +491,22 @@ def main(argv: list[str] | None = None) -> int:
             if why is not None:
                 print(f"# {size} {name}: skipped, {why}", flush=True)
                 continue
-            cases = build(size, name, compile_)
-            measure(cases, rounds if n * c <= BIG else 3)
-            new = results(cases)
+            if args.fresh:
+                new = _in_fresh_process(size, name, rounds, compile_, args.generic)
+            else:
+                cases = build(size, name, compile_)
+                measure(cases, rounds if n * c <= BIG else 3)
+                new = results(cases)
+                del cases
+                gc.collect()  # this backend's arrays go before the next one's are made
             rows += new
-            del cases
-            gc.collect()  # this backend's arrays go before the next one's are made
+            if args.json_rows:
+                print(_JSON_MARK + json.dumps(new), flush=True)
+                continue
             if new:
                 print(table(new).split("\n", 2)[-1], flush=True)
+    if args.json_rows:
+        return 0
     load = _load()
     took = time.perf_counter() - start
     print(f"# load average after: {load}; {took:.0f} s\n")
