@@ -1116,6 +1116,45 @@ class TestTorchWorkspace:
             for a in arrays:
                 assert a.untyped_storage().data_ptr() != base
 
+    @pytest.mark.parametrize("route", ["kernel", "rows"])
+    def test_inference_mode_and_normal_mode_share_it(
+        self, monkeypatch: pytest.MonkeyPatch, rng: np.random.Generator, route: str
+    ) -> None:
+        # A buffer or view first made under torch.inference_mode() would be an inference
+        # tensor, which a later call in normal mode may not write: it is made outside it.
+        import torch
+        import torch.nn.functional as F
+
+        from xent.backends import _torch
+
+        if route == "rows":
+            monkeypatch.setattr(_torch, "_FUSED_BYTES", 16)
+            monkeypatch.setattr(_torch, "_HALF_ROWS_ELEMENTS", 16)
+        monkeypatch.setattr(xent._cross_entropy, "_CHECKED", {})
+        monkeypatch.setattr(_torch, "_WORKSPACE", _torch._Workspace())
+        x = torch.tensor(rng.normal(size=(40, 300)) * 3).bfloat16()
+        y = torch.tensor(rng.integers(0, 300, size=40))
+        xf = x.float().requires_grad_(True)
+        want = F.cross_entropy(xf, y)
+        want.backward()
+        assert xf.grad is not None
+        for first_inference in (True, False, True):
+            with torch.inference_mode(first_inference):
+                assert torch.equal(xent.cross_entropy(x, y), want.detach().bfloat16())
+            xg = x.clone().requires_grad_(True)
+            loss = xent.cross_entropy(xg, y)
+            loss.backward()
+            assert torch.equal(loss.detach(), want.detach().bfloat16())
+            assert xg.grad is not None
+            assert torch.equal(xg.grad, xf.grad.bfloat16())
+        buffer = _torch._WORKSPACE.buffer
+        assert buffer is not None
+        assert not buffer.is_inference()
+        # Every call took the fused plan: none was sent back to xent's own path.
+        (checked,) = (c for c in xent._cross_entropy._CHECKED.values() if c.fused is not None)
+        assert checked.fused is not None
+        assert checked.fused(x, y) is not None
+
     def test_threads_keep_buffers_of_their_own(self, rng: np.random.Generator) -> None:
         from concurrent.futures import ThreadPoolExecutor
 

@@ -103,6 +103,7 @@ class _Workspace(threading.local):
 
 
 _WORKSPACE = _Workspace()
+_inference_mode = torch.inference_mode
 
 _WORKSPACE_VIEWS = 64
 """Views of the kept buffer remembered per thread (by shape, dtype and offset) at most."""
@@ -128,10 +129,13 @@ def _work(shape: tuple[int, ...], dtype: Any, offset: int = 0) -> Array:
     end = offset + math.prod(shape) * dtype.itemsize
     if end > _WORKSPACE_BYTES:
         return torch.empty(shape, dtype=dtype)
-    if workspace.buffer is None:
-        # The cap at once: one allocation per thread, whatever sizes come later.
-        workspace.buffer = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8)
-    view = workspace.buffer[offset:end].view(dtype).view(shape)
+    # Made outside inference mode, whatever the caller's mode: an inference tensor (or a view
+    # made in inference mode) could not be written in place by a later call in normal mode.
+    with _inference_mode(False):
+        if workspace.buffer is None:
+            # The cap at once: one allocation per thread, whatever sizes come later.
+            workspace.buffer = torch.empty(_WORKSPACE_BYTES, dtype=torch.uint8)
+        view = workspace.buffer[offset:end].view(dtype).view(shape)
     if len(workspace.views) >= _WORKSPACE_VIEWS:
         workspace.views.clear()
     workspace.views[key] = view
