@@ -721,11 +721,9 @@ def torch_native() -> Iterator[None]:
     xent.backends.set_native(previous)
 
 
-@pytest.fixture
-def torch_rows(monkeypatch: pytest.MonkeyPatch, torch_native: None) -> list[int]:
-    """PyTorch's blocked fused loss on small inputs: every 2-D float32/float16/bfloat16 input of
-    more than 16 elements takes it, 64 elements to a block; the list counts its calls."""
-    pytest.importorskip("torch")
+def _count_fused_rows(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that counts the calls of PyTorch's blocked fused loss from now on (plans
+    remembered under other thresholds, which would not reach it, are forgotten)."""
     from xent.backends import _torch
 
     calls: list[int] = []
@@ -736,8 +734,18 @@ def torch_rows(monkeypatch: pytest.MonkeyPatch, torch_native: None) -> list[int]
         return rows(*args, **kwargs)
 
     monkeypatch.setattr(_torch, "_fused_rows", counted)
-    # Plans remembered under other thresholds would not reach the blocked loss.
     monkeypatch.setattr(xent._cross_entropy, "_CHECKED", {})
+    return calls
+
+
+@pytest.fixture
+def torch_rows(monkeypatch: pytest.MonkeyPatch, torch_native: None) -> list[int]:
+    """PyTorch's blocked fused loss on small inputs: every 2-D float32/float16/bfloat16 input of
+    more than 16 elements takes it, 64 elements to a block; the list counts its calls."""
+    pytest.importorskip("torch")
+    from xent.backends import _torch
+
+    calls = _count_fused_rows(monkeypatch)
     monkeypatch.setattr(_torch, "_FUSED_BYTES", 64)
     monkeypatch.setattr(_torch, "_HALF_ROWS_ELEMENTS", 16)
     monkeypatch.setattr(_torch, "_FUSED_BLOCK_ELEMENTS", 64)
@@ -1058,6 +1066,23 @@ _NO_JIT_DEPRECATION = pytest.mark.filterwarnings(
 )
 
 
+@pytest.fixture(params=["kernel", "rows"])
+def workspace_route(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, torch_native: None
+) -> str:
+    """A fresh kept buffer and no remembered plans; ``rows``: every 2-D input of more than 16
+    elements takes the blocks of rows. The route's name."""
+    pytest.importorskip("torch")
+    from xent.backends import _torch
+
+    if request.param == "rows":
+        monkeypatch.setattr(_torch, "_FUSED_BYTES", 16)
+        monkeypatch.setattr(_torch, "_HALF_ROWS_ELEMENTS", 16)
+    monkeypatch.setattr(xent._cross_entropy, "_CHECKED", {})
+    monkeypatch.setattr(_torch, "_WORKSPACE", _torch._Workspace())
+    return str(request.param)
+
+
 @TORCH
 @pytest.mark.usefixtures("torch_native")
 class TestTorchWorkspace:
@@ -1065,25 +1090,16 @@ class TestTorchWorkspace:
     the blocks' log-probabilities) live in a buffer each thread keeps between calls: nothing
     returned aliases it, threads do not share it, and a request over its cap gets a new tensor."""
 
-    @pytest.mark.parametrize("route", ["kernel", "rows"])
     @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
     def test_results_outlive_later_calls(
-        self,
-        monkeypatch: pytest.MonkeyPatch,
-        rng: np.random.Generator,
-        route: str,
-        dtype: str,
+        self, rng: np.random.Generator, workspace_route: str, dtype: str
     ) -> None:
         import torch
         import torch.nn.functional as F
 
         from xent.backends import _torch
 
-        if route == "rows":
-            monkeypatch.setattr(_torch, "_FUSED_BYTES", 16)
-            monkeypatch.setattr(_torch, "_HALF_ROWS_ELEMENTS", 16)
-        monkeypatch.setattr(xent._cross_entropy, "_CHECKED", {})
-        monkeypatch.setattr(_torch, "_WORKSPACE", _torch._Workspace())
+        route = workspace_route
         half = getattr(torch, dtype)
         xs = [torch.tensor(rng.normal(size=(40, 300)) * 3).to(half) for _ in range(3)]
         y = torch.tensor(rng.integers(0, 300, size=40))
@@ -1116,10 +1132,8 @@ class TestTorchWorkspace:
             for a in arrays:
                 assert a.untyped_storage().data_ptr() != base
 
-    @pytest.mark.parametrize("route", ["kernel", "rows"])
-    def test_inference_mode_and_normal_mode_share_it(
-        self, monkeypatch: pytest.MonkeyPatch, rng: np.random.Generator, route: str
-    ) -> None:
+    @pytest.mark.usefixtures("workspace_route")
+    def test_inference_mode_and_normal_mode_share_it(self, rng: np.random.Generator) -> None:
         # A buffer or view first made under torch.inference_mode() would be an inference
         # tensor, which a later call in normal mode may not write: it is made outside it.
         import torch
@@ -1127,11 +1141,6 @@ class TestTorchWorkspace:
 
         from xent.backends import _torch
 
-        if route == "rows":
-            monkeypatch.setattr(_torch, "_FUSED_BYTES", 16)
-            monkeypatch.setattr(_torch, "_HALF_ROWS_ELEMENTS", 16)
-        monkeypatch.setattr(xent._cross_entropy, "_CHECKED", {})
-        monkeypatch.setattr(_torch, "_WORKSPACE", _torch._Workspace())
         x = torch.tensor(rng.normal(size=(40, 300)) * 3).bfloat16()
         y = torch.tensor(rng.integers(0, 300, size=40))
         xf = x.float().requires_grad_(True)
@@ -1217,16 +1226,8 @@ class TestTorchWorkspace:
 
         from xent.backends import _torch
 
-        calls: list[int] = []
-        rows = _torch._fused_rows
-
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            calls.append(1)
-            return rows(*args, **kwargs)
-
-        monkeypatch.setattr(_torch, "_fused_rows", counted)
+        calls = _count_fused_rows(monkeypatch)
         monkeypatch.setattr(_torch, "_GRAD_ROWS_ELEMENTS", 1000)
-        monkeypatch.setattr(xent._cross_entropy, "_CHECKED", {})
         x = torch.tensor(rng.normal(size=(40, 300)), dtype=torch.float32)
         y = torch.tensor(rng.integers(0, 300, size=40))
         assert torch.equal(xent.cross_entropy(x, y), F.cross_entropy(x, y))
