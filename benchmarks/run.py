@@ -427,7 +427,7 @@ def _in_fresh_process(
     """
     command = [
         sys.executable, __file__, "--json-rows", "--sizes", size, "--backends", name,
-        "--rounds", str(rounds), "--plot", "",
+        "--rounds", str(rounds),
     ]  # fmt: skip
     if not compile_:
         command.append("--no-compile")

@@ -178,8 +178,8 @@ def _plain_loss(
         # the row max first), but in small inputs (``_SMALL_ELEMENTS``). Where a row's sum is
         # unsafe (a logit near the dtype's max or about 69 and above in float32 for the
         # unshifted sums, a row far below zero, infinities, NaN), every row takes the pass that
-        # finds the row max first, and that pass alone runs. Rows that are ignored, or whose label is invalid, are masked
-        # whatever their sum holds.
+        # finds the row max first, and that pass alone runs. Rows that are ignored, or whose
+        # label is invalid, are masked whatever their sum holds.
         if math.prod(x.shape) <= _SMALL_ELEMENTS:
             return reduce(exact_rows(x, y), y)[0]
         one_pass = label_shifted if classes <= _FEW_CLASSES else unshifted

@@ -75,11 +75,12 @@ _HUGE_PAGE_BYTES = 2**21
 def _fresh(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     """An uninitialised array whose rows (along the last axis) :func:`_in_parallel` fills.
 
-    Those split over threads are touched once per huge page from this thread first, so that the page faults
-    of fresh memory (NumPy asks for transparent huge pages above 4 MiB) come one after another
-    rather than from every thread at once. Where two threads took those faults together, a
-    64 MiB gradient took 75 ms instead of 8 ms in some processes (2 vCPUs; after other
-    libraries had run, see ``docs/benchmarks.md``); touched first it takes 9 ms everywhere.
+    Those split over threads are touched once per huge page from this thread first, so that the
+    page faults of fresh memory (NumPy asks for transparent huge pages above 4 MiB) come one
+    after another rather than from every thread at once. Where two threads took those faults
+    together, a 64 MiB gradient took 75 ms instead of 8 ms in some processes (2 vCPUs; after
+    other libraries had run, see ``docs/benchmarks.md``); touched first it takes 9 ms
+    everywhere.
     """
     out = np.empty(shape, dtype)
     if out.ndim and _workers(out.size // max(1, shape[-1]), out.nbytes) > 1:

@@ -118,8 +118,10 @@ def _work(shape: tuple[int, ...], dtype: Any, offset: int = 0) -> Array:
     the C allocator (glibc trims the top of its heap or unmaps the block) and page-faults anew
     at the next call: on a virtual machine a fault costs about a microsecond per 4 KiB, which
     made a bfloat16 forward at 8 x 32000 take 0.64 ms instead of 0.07 ms in a fresh process.
-    Kept, the buffer is written in cache at every call and faults once per thread. The view for
-    a request is remembered (a training loop repeats its shapes), so a call costs a lookup.
+    Kept, the buffer is written in cache at every call and faults once per thread, and only the
+    pages a call writes become resident (small inputs hold a few KiB of it, not the cap). The
+    view for a request is remembered (a training loop repeats its shapes), so a call costs a
+    lookup.
     """
     workspace = _WORKSPACE
     key = (shape, dtype, offset)
@@ -213,17 +215,17 @@ process, forward+backward, blocks against whole input: 0.85x at 4 x 32000, 0.92x
 1.04x at 16 x 4096 (65,536 elements)."""
 
 _GRAD_ROWS_ELEMENTS = 2**17
-"""float32 inputs of this many elements or more take the blocks of rows where autograd records
-the call, whatever :data:`_FUSED_BYTES` says. Autograd's route through ATen allocates three arrays of
-the input's size at every call (the log-probabilities it saves, ``nll_loss``'s gradient and
+"""float32 inputs of this many elements or more take the blocks of rows where autograd records the
+call, whatever :data:`_FUSED_BYTES` says. Autograd's route through ATen allocates three arrays
+of the input's size at every call (the log-probabilities it saves, ``nll_loss``'s gradient and
 ``log_softmax``'s), the blocks one (the gradient); freed and allocated again call after call,
 such arrays are given back to the system by the C allocator as often as not and page-fault anew
 (:func:`_work`). In fresh processes, forward+backward at 16 x 50257, 1000 x 1000 and 64 x 50257,
-the blocks took 0.46x, 0.35x and 0.62x of ``F.cross_entropy``'s time, where ATen's route took
-as long as ``F.cross_entropy`` or twice as long, by the page faults that landed on it; such
-faults showed from 2.56e5 elements (8 x 32000: 240 us against 129 us). The blocks' fixed cost
-(a Python ``autograd.Function``, about 8 us more than ATen's route with no fault) is 10% of a
-call at 2^17 elements and shows below."""
+the blocks took 0.46x, 0.35x and 0.62x of ``F.cross_entropy``'s time, where ATen's route took as
+long as ``F.cross_entropy`` or twice as long, by the page faults that landed on it; such faults
+showed from 2.56e5 elements (8 x 32000: 240 us against 129 us). The blocks' fixed cost (a Python
+``autograd.Function``, about 8 us more than ATen's route with no fault) is 10% of a call at 2^17
+elements and shows below."""
 
 _FUSED_BLOCK_ELEMENTS = 2**20
 """Rows are taken in blocks of about this many elements (4 MiB in float32) per float32 scratch
@@ -286,9 +288,9 @@ def _fused_rows(
     a float16/bfloat16 block into a reused float32 scratch, ``log_softmax``, ``nll_loss`` (which
     raises on a label outside ``[0, C)`` that is not ``ignore_index``), and for the gradient
     ATen's log-softmax backward of the same log-probabilities, whose fast exp is that of the
-    forward kernel. Nothing of ``x``'s size is written but the gradient, and a reduced-precision input
-    is read once, in its own width. Without smoothing, :func:`_plain_rows` serves it; below, the
-    smoothing spread.
+    forward kernel. Nothing of ``x``'s size is written but the gradient, and a reduced-precision
+    input is read once, in its own width. Without smoothing, :func:`_plain_rows` serves it;
+    below, the smoothing spread.
     """
     if not smoothing:
         return _plain_rows(x, target, weight, ignore_index, reduction, with_grad, cotangent)
