@@ -724,18 +724,40 @@ def torch_native() -> Iterator[None]:
 def _count_fused_rows(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """A list that counts the calls of PyTorch's blocked fused loss from now on (plans
     remembered under other thresholds, which would not reach it, are forgotten)."""
-    from xent.backends import _torch
+    from xent.backends import _torch_rows
 
     calls: list[int] = []
-    rows = _torch._fused_rows
+    rows = _torch_rows.fused_rows
 
     def counted(*args: Any, **kwargs: Any) -> Any:
         calls.append(1)
         return rows(*args, **kwargs)
 
-    monkeypatch.setattr(_torch, "_fused_rows", counted)
+    monkeypatch.setattr(_torch_rows, "fused_rows", counted)
     monkeypatch.setattr(xent._cross_entropy, "_CHECKED", {})
     return calls
+
+
+def _channels_last(t: Any) -> Any:
+    import torch
+
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+_LAYOUTS: dict[str, tuple[tuple[int, ...], int, Callable[[Any], Any]]] = {
+    # name: (shape drawn, class axis, the input made of a contiguous tensor of that shape)
+    "slabs": ((5, 6, 11), 1, lambda t: t),
+    "slab-columns": ((2, 4, 50), 1, lambda t: t),
+    "4-d": ((2, 3, 5, 7), 1, lambda t: t),
+    "classes-last": ((3, 4, 9), -1, lambda t: t),
+    "classes-first": ((11, 13), 0, lambda t: t),
+    "column-major": ((11, 13), 1, lambda t: t.T.contiguous().T),
+    "channels-last": ((2, 5, 3, 4), 1, _channels_last),
+    "permuted": ((4, 3, 6), 2, lambda t: t.permute(1, 0, 2).contiguous().permute(1, 0, 2)),
+    "gaps": ((3, 5, 14), 1, lambda t: t[:, :, ::2]),
+}
+"""Layouts of PyTorch's blocked loss: rows (classes last, channels-last, permuted rows), slabs
+(several to a block, one, or columns of one), and a tensor with gaps, which none serves."""
 
 
 @pytest.fixture
@@ -743,12 +765,12 @@ def torch_rows(monkeypatch: pytest.MonkeyPatch, torch_native: None) -> list[int]
     """PyTorch's blocked fused loss on small inputs: every 2-D float32/float16/bfloat16 input of
     more than 16 elements takes it, 64 elements to a block; the list counts its calls."""
     pytest.importorskip("torch")
-    from xent.backends import _torch
+    from xent.backends import _torch, _torch_rows
 
     calls = _count_fused_rows(monkeypatch)
     monkeypatch.setattr(_torch, "_FUSED_BYTES", 64)
     monkeypatch.setattr(_torch, "_HALF_ROWS_ELEMENTS", 16)
-    monkeypatch.setattr(_torch, "_FUSED_BLOCK_ELEMENTS", 64)
+    monkeypatch.setattr(_torch_rows, "BLOCK_ELEMENTS", 64)
     return calls
 
 
@@ -798,6 +820,51 @@ class TestTorchRows:
             for a, b in zip(ours, generic, strict=True):
                 assert a.dtype == x.dtype
                 np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=tol, atol=tol)
+
+    @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+    @pytest.mark.parametrize("case", list(_LAYOUTS))
+    def test_layouts_match_general_path(
+        self, torch_rows: list[int], rng: np.random.Generator, dtype: str, case: str
+    ) -> None:
+        # Any class axis, any dense layout: rows or slabs of the caller's memory (slabs whole,
+        # several to a block, or in blocks of columns), the per-position losses back in the
+        # labels' shape and the gradient in the input's own strides.
+        import torch
+
+        shape, axis, make = _LAYOUTS[case]
+        c = shape[axis]
+        x = make(torch.tensor(rng.normal(size=shape) * 4, dtype=getattr(torch, dtype)))
+        label_shape = tuple(s for i, s in enumerate(x.shape) if i != axis % x.ndim)
+        y_np = rng.integers(0, c, size=label_shape)
+        y_np.reshape(-1)[::4] = 2  # ignored below
+        y = torch.tensor(y_np)
+        w = torch.tensor(rng.random(c) + 0.5, dtype=torch.float32)
+        cot = torch.tensor(rng.random(label_shape) + 0.5).to(x.dtype)
+        tol = {"float32": 1e-5, "bfloat16": 2e-2}[dtype]
+        dense = case != "gaps"
+        kept = x.clone()
+        for reduction in ("none", "mean", "sum"):
+            for options in ({}, {"weight": w, "label_smoothing": 0.2, "ignore_index": 2}):
+
+                def run(options: dict[str, Any] = options, r: str = reduction) -> tuple[Any, ...]:
+                    xg = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype).copy_(x)
+                    xg.requires_grad_(True)
+                    loss = xent.cross_entropy(xg, y, axis=axis, reduction=r, **options)
+                    (loss * cot if r == "none" else loss).sum().backward()
+                    with torch.no_grad():
+                        plain = xent.cross_entropy(x, y, axis=axis, reduction=r, **options)
+                    return loss.detach(), xg.grad, plain
+
+                before = len(torch_rows)
+                ours = run()
+                assert len(torch_rows) >= before + 2 * dense
+                assert ours[1].stride() == x.stride() or not dense
+                generic = _torch_generic(run)
+                for a, b in zip(ours, generic, strict=True):
+                    assert a.dtype == x.dtype
+                    assert a.shape == b.shape
+                    np.testing.assert_allclose(to_numpy(a), to_numpy(b), rtol=tol, atol=tol)
+        assert torch.equal(x, kept)
 
     @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
     def test_column_major_input_gets_the_generic_gradient(
@@ -911,7 +978,7 @@ class TestTorchPlan:
         assert _plan_of(x, y) is not None
         assert _plan_of(x, y, label_smoothing=0.1, reduction="sum") is not None
         assert _plan_of(x, y.to(torch.uint8)) is not None
-        assert _plan_of(x.T.contiguous(), y, axis=0) is None  # classes along axis 0
+        assert _plan_of(x.T.contiguous(), y, axis=0) is not None  # classes along axis 0
         assert _plan_of(x, y.to(torch.uint64)) is None
         assert _plan_of(x, y, z_loss=1e-3) is None
         assert _torch_generic(lambda: _plan_of(x, y)) is None
@@ -1027,9 +1094,9 @@ class TestTorchPlan:
         import torch
         import torch.nn.functional as F
 
-        from xent.backends import _torch
+        from xent.backends import _torch, _torch_rows
 
-        monkeypatch.setattr(_torch, "_FUSED_BLOCK_ELEMENTS", block)
+        monkeypatch.setattr(_torch_rows, "BLOCK_ELEMENTS", block)
         half = getattr(torch, dtype)
         y = torch.tensor(rng.integers(0, 300, size=40))
         y[5] = -100
@@ -1073,13 +1140,13 @@ def workspace_route(
     """A fresh kept buffer and no remembered plans; ``rows``: every 2-D input of more than 16
     elements takes the blocks of rows. The route's name."""
     pytest.importorskip("torch")
-    from xent.backends import _torch
+    from xent.backends import _torch, _torch_workspace
 
     if request.param == "rows":
         monkeypatch.setattr(_torch, "_FUSED_BYTES", 16)
         monkeypatch.setattr(_torch, "_HALF_ROWS_ELEMENTS", 16)
     monkeypatch.setattr(xent._cross_entropy, "_CHECKED", {})
-    monkeypatch.setattr(_torch, "_WORKSPACE", _torch._Workspace())
+    monkeypatch.setattr(_torch_workspace, "_WORKSPACE", _torch_workspace._Workspace())
     return str(request.param)
 
 
@@ -1097,7 +1164,7 @@ class TestTorchWorkspace:
         import torch
         import torch.nn.functional as F
 
-        from xent.backends import _torch
+        from xent.backends import _torch_workspace
 
         route = workspace_route
         half = getattr(torch, dtype)
@@ -1120,12 +1187,12 @@ class TestTorchWorkspace:
             assert torch.equal(rows, F.cross_entropy(x.float(), y, reduction="none").to(half))
             assert torch.equal(loss.detach(), want.detach().to(half))
             assert torch.equal(grad, xf.grad.to(half))
-        buffer = _torch._WORKSPACE.buffer
+        buffer = _torch_workspace._WORKSPACE.buffer
         if route == "kernel" and dtype == "float32":
             assert buffer is None  # ATen's entry itself: no temporary of xent's
             return
         assert buffer is not None
-        assert buffer.numel() == _torch._WORKSPACE_BYTES
+        assert buffer.numel() == _torch_workspace._WORKSPACE_BYTES
         # Nothing returned shares the kept buffer's memory.
         base = buffer.untyped_storage().data_ptr()
         for arrays in kept:
@@ -1139,7 +1206,7 @@ class TestTorchWorkspace:
         import torch
         import torch.nn.functional as F
 
-        from xent.backends import _torch
+        from xent.backends import _torch_workspace
 
         x = torch.tensor(rng.normal(size=(40, 300)) * 3).bfloat16()
         y = torch.tensor(rng.integers(0, 300, size=40))
@@ -1156,7 +1223,7 @@ class TestTorchWorkspace:
             assert torch.equal(loss.detach(), want.detach().bfloat16())
             assert xg.grad is not None
             assert torch.equal(xg.grad, xf.grad.bfloat16())
-        buffer = _torch._WORKSPACE.buffer
+        buffer = _torch_workspace._WORKSPACE.buffer
         assert buffer is not None
         assert not buffer.is_inference()
         # Every call took the fused plan: none was sent back to xent's own path.
@@ -1170,7 +1237,7 @@ class TestTorchWorkspace:
         import torch
         import torch.nn.functional as F
 
-        from xent.backends import _torch
+        from xent.backends import _torch_workspace
 
         xs = [torch.tensor(rng.normal(size=(64, 500)) * 3).bfloat16() for _ in range(4)]
         y = torch.tensor(rng.integers(0, 500, size=64))
@@ -1182,7 +1249,7 @@ class TestTorchWorkspace:
                             want[(i + k) % 4])
                 for k in range(200)
             )  # fmt: skip
-            buffer = _torch._WORKSPACE.buffer
+            buffer = _torch_workspace._WORKSPACE.buffer
             assert buffer is not None
             return same, buffer.data_ptr()
 
@@ -1197,16 +1264,16 @@ class TestTorchWorkspace:
         import torch
         import torch.nn.functional as F
 
-        from xent.backends import _torch
+        from xent.backends import _torch_workspace
 
-        monkeypatch.setattr(_torch, "_WORKSPACE_BYTES", 4096)
-        monkeypatch.setattr(_torch, "_WORKSPACE", _torch._Workspace())
-        small = _torch._work((16, 16), torch.float32)
-        assert small.data_ptr() == _torch._work((16, 16), torch.float32).data_ptr()
-        second = _torch._work((16, 16), torch.float32, offset=1024)
+        monkeypatch.setattr(_torch_workspace, "_WORKSPACE_BYTES", 4096)
+        monkeypatch.setattr(_torch_workspace, "_WORKSPACE", _torch_workspace._Workspace())
+        small = _torch_workspace.work((16, 16), torch.float32)
+        assert small.data_ptr() == _torch_workspace.work((16, 16), torch.float32).data_ptr()
+        second = _torch_workspace.work((16, 16), torch.float32, offset=1024)
         assert second.data_ptr() == small.data_ptr() + 1024
-        large = _torch._work((40, 300), torch.float32)
-        buffer = _torch._WORKSPACE.buffer
+        large = _torch_workspace.work((40, 300), torch.float32)
+        buffer = _torch_workspace._WORKSPACE.buffer
         assert buffer is not None
         assert buffer.numel() == 4096
         assert large.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr()
