@@ -181,6 +181,28 @@ class TestFastPaths:
     """A backend's fused kernel gives exactly what the generic primitives give."""
 
     @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+    def test_remembered_checks_take_each_calls_class_weights(
+        self, xp: Any, rng: np.random.Generator, reduction: Literal["mean", "sum", "none"]
+    ) -> None:
+        # Calls alike but for the class weights' values share one remembered answer (and
+        # plan): each gets the loss of its own weights; another shape or a non-array still
+        # raises xent's error.
+        x_np = rng.normal(size=(12, 7)) * 3
+        y_np = rng.integers(0, 7, size=12)
+        x, y = to_xp(xp, x_np, dtype="float32"), to_xp(xp, y_np)
+        for _ in range(3):
+            w_np = rng.random(7) + 0.1
+            got = xent.cross_entropy(
+                x, y, weight=to_xp(xp, w_np, dtype="float32"), reduction=reduction
+            )
+            want = ref.cross_entropy(x_np, y_np, weight=w_np, reduction=reduction)
+            np.testing.assert_allclose(to_numpy(got), want, rtol=2e-5, atol=1e-6)
+        with pytest.raises(ValueError, match=r"`weight` must have shape \(7,\)"):
+            xent.cross_entropy(x, y, weight=to_xp(xp, np.ones(6), dtype="float32"))
+        with pytest.raises(TypeError, match="`weight` must be an array"):
+            xent.cross_entropy(x, y, weight=[1.0] * 7)  # type: ignore[arg-type]
+
+    @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
     @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
     def test_fast_path_matches_general_path_on_non_finite_rows(
         self,
@@ -455,14 +477,16 @@ class TestNumpyFusedPass:
             assert plan is not None
             for labels in (y_np, ignored):
                 t = to_xp(xp, labels)
-                got = plan(x, t)
+                got = plan(x, t, None)
                 want = ops.fused_index_loss(x, t, options)
                 np.testing.assert_array_equal(to_numpy(got), to_numpy(want))
             np.testing.assert_allclose(
-                to_numpy(plan(x, y)), ref.cross_entropy(x_np, y_np, reduction=reduction), rtol=1e-5
+                to_numpy(plan(x, y, None)),
+                ref.cross_entropy(x_np, y_np, reduction=reduction),
+                rtol=1e-5,
             )
-            assert plan(x, to_xp(xp, invalid)) is None
-            assert plan(to_xp(xp, np.asfortranarray(x_np)), y) is None
+            assert plan(x, to_xp(xp, invalid), None) is None
+            assert plan(to_xp(xp, np.asfortranarray(x_np)), y, None) is None
         for declined in ({"label_smoothing": 0.1}, {"ignore_index": 2}, {"axis": 0}):
             assert ops.fused_index_plan(x, y, plain._replace(**declined)) is None
 
@@ -983,6 +1007,34 @@ class TestTorchPlan:
         assert _plan_of(x, y, z_loss=1e-3) is None
         assert _torch_generic(lambda: _plan_of(x, y)) is None
 
+    def test_remembered_plan_with_weights_that_need_a_gradient(
+        self, rng: np.random.Generator
+    ) -> None:
+        # The plan remembered for plain class weights declines, call by call, weights that
+        # autograd records (ATen's kernel has no derivative for them, and F.cross_entropy
+        # refuses them): xent's own path gives both gradients.
+        import torch
+        import torch.nn.functional as F
+
+        x = torch.tensor(rng.normal(size=(10, 6)), dtype=torch.float32)
+        y = torch.tensor(rng.integers(0, 6, size=10))
+        w = torch.tensor(rng.random(6) + 0.5, dtype=torch.float32)
+        assert _plan_of(x, y, weight=w) is not None
+        xr = x.clone().requires_grad_(True)
+        F.cross_entropy(xr, y, weight=w, label_smoothing=0.1).backward()
+
+        def grads(wanted: bool) -> tuple[Any, Any]:
+            xg, wg = x.clone().requires_grad_(True), w.clone().requires_grad_(wanted)
+            xent.cross_entropy(xg, y, weight=wg, label_smoothing=0.1).backward()
+            return xg.grad, wg.grad
+
+        for wanted in (True, False, True):
+            xgrad, wgrad = grads(wanted)
+            torch.testing.assert_close(xgrad, xr.grad)
+            assert (wgrad is not None) == wanted
+            if wanted:
+                torch.testing.assert_close(wgrad, _torch_generic(lambda: grads(True))[1])
+
     def test_declined_plan_is_made_once(
         self, monkeypatch: pytest.MonkeyPatch, rng: np.random.Generator
     ) -> None:
@@ -1229,7 +1281,7 @@ class TestTorchWorkspace:
         # Every call took the fused plan: none was sent back to xent's own path.
         (checked,) = (c for c in xent._cross_entropy._CHECKED.values() if c.fused is not None)
         assert checked.fused is not None
-        assert checked.fused(x, y) is not None
+        assert checked.fused(x, y, None) is not None
 
     def test_threads_keep_buffers_of_their_own(self, rng: np.random.Generator) -> None:
         from concurrent.futures import ThreadPoolExecutor

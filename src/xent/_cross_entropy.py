@@ -162,7 +162,7 @@ def cross_entropy(
     if c.fused is not None:
         # The backend's plan for arrays and options like these, remembered with the checks
         # (it is what fused_index_loss would make of them again).
-        loss = c.fused(input, target)
+        loss = c.fused(input, target, weight)
         if loss is not None:
             return loss
     elif c.plain and sample_weight is None:
@@ -512,10 +512,10 @@ class _Checked(NamedTuple):
     ignore_index: int
     reduction: str
     validate: bool | None
-    fused: Callable[[Array, Array], Array | None] | None = None
-    """The backend's :meth:`~xent.backends.Backend.fused_index_plan` for the plain case without
-    weights (:func:`_declines` where it has none), set on remembered answers only (it depends on
-    what their key holds); None elsewhere."""
+    fused: Callable[[Array, Array, Array | None], Array | None] | None = None
+    """The backend's :meth:`~xent.backends.Backend.fused_index_plan` for the plain case
+    (:func:`_declines` where it has none), called with the class weights of each call, set on
+    remembered answers only (it depends on what their key holds); None elsewhere."""
 
     def index_options(self, weight: Array | None) -> IndexOptions:
         """The options as the backends' fused kernels take them."""
@@ -529,7 +529,7 @@ class _Checked(NamedTuple):
         )
 
 
-def _declines(input: Array, target: Array) -> None:
+def _declines(input: Array, target: Array, weight: Array | None) -> None:
     """The remembered plan where the backend has none: the call takes xent's own path."""
     return None
 
@@ -568,7 +568,7 @@ def _check(
     still checks what the key does not hold (dense layout, one device).
     """
     key = None
-    if weight is None and sample_weight is None and xp is None:
+    if sample_weight is None and xp is None:
         found = namespace_of(input)
         if found is not None:
             ops = lookup(found)
@@ -581,6 +581,7 @@ def _check(
                         type(label_smoothing), type(reduction), type(z_loss), type(softcap),
                         type(eps), type(ignore_index), type(validate), type(input),
                         type(target), input.dtype, target.dtype, input.shape, target.shape, ops,
+                        None if weight is None else (type(weight), weight.dtype, weight.shape),
                     )  # fmt: skip
                     checked = _CHECKED.get(key)
                 except (AttributeError, TypeError):  # a target that is no array; an option
@@ -588,15 +589,21 @@ def _check(
                 if checked is not None:
                     # Only keys that passed are stored: their options were plain scalars and
                     # the target's class (in the key) of the input's namespace.
-                    if not ops.dense_together(input, target):
-                        pair = {"input": input, "target": target}
-                        _validation.dense(ops, pair)
-                        _validation.same_device(ops, pair)
+                    if not ops.dense_together(input, target) or (
+                        weight is not None and not ops.dense_together(input, weight)
+                    ):
+                        given = {"input": input, "target": target}
+                        if weight is not None:
+                            given["weight"] = weight
+                        _validation.dense(ops, given)
+                        _validation.same_device(ops, given)
                     return checked
                 # Remembered below only for options of plain scalars (an array is neither, nor
                 # always hashable) and a target of the input's namespace.
                 if key is not None and (
-                    not _validation.plain_scalars(key[9:18]) or namespace_of(target) is not found
+                    not _validation.plain_scalars(key[9:18])
+                    or namespace_of(target) is not found
+                    or (weight is not None and namespace_of(weight) is not found)
                 ):
                     key = None
     arrays = {"input": input, "target": target, "weight": weight, "sample_weight": sample_weight}
@@ -624,7 +631,7 @@ def _check(
     )  # fmt: skip
     if key is not None:
         if checked.plain:
-            plan = ops.fused_index_plan(input, target, checked.index_options(None))
+            plan = ops.fused_index_plan(input, target, checked.index_options(weight))
             checked = checked._replace(fused=_declines if plan is None else plan)
         if len(_CHECKED) >= _CHECKED_MAX:
             _CHECKED.clear()

@@ -209,20 +209,22 @@ class Backend:
         :meth:`fused_index_plan` for these arrays and options, called on them.
         """
         plan = self.fused_index_plan(input, target, options)
-        return None if plan is None else plan(input, target)
+        return None if plan is None else plan(input, target, options.weight)
 
     def fused_index_plan(
         self, input: Array, target: Array, options: IndexOptions
-    ) -> Callable[[Array, Array], Array | None] | None:
-        """A callable ``plan(input, target)`` that gives :meth:`fused_index_loss` for arrays of
-        these arrays' types, dtypes and shapes, these class weights and these options, or None
-        where no fused kernel serves them.
+    ) -> Callable[[Array, Array, Array | None], Array | None] | None:
+        """A callable ``plan(input, target, weight)`` that gives :meth:`fused_index_loss` for
+        arrays of these arrays' types, dtypes and shapes, class weights of the type, dtype and
+        shape of ``options.weight`` (or none) and these options, or None where no fused kernel
+        serves them.
 
-        The core remembers the plan (made without class weights) with its checks' answer and
-        calls it on later calls alike (where :meth:`is_traced` says False of ``input``), so its
-        decisions may depend on nothing else: it checks the device, the autodiff state, the
-        layout, the labels and the tracing of ``target`` of each call itself, and declines
-        (None) on the same terms. The generic backend has none.
+        The core remembers the plan with its checks' answer and calls it on later calls alike
+        (where :meth:`is_traced` says False of ``input``) with their own class weights, so its
+        decisions may depend on nothing else: it reads the weights' values, and checks the
+        device, the autodiff state (of the weights too), the layout, the labels and the tracing
+        of ``target`` of each call itself, declining (None) on the same terms. The generic
+        backend has none.
         """
         return None
 

@@ -472,16 +472,16 @@ class Native(Backend):
 
     def fused_index_plan(
         self, input: Array, target: Array, options: IndexOptions
-    ) -> Callable[[Array, Array], Array | None] | None:
+    ) -> Callable[[Array, Array, Array | None], Array | None] | None:
         # The plain loss of C-contiguous rows whose labels are all in [0, C) or ignored (one
         # max reads them): one pass of max, exp and sum, with no mask, where or gather of the
         # general path. The dtypes, shapes and options are judged here, once; each call judges
         # its layout and labels, and hands anything else, and any NaN row, back to the core.
         if not _plain_case(np.asarray(input), np.asarray(target), options):
             return None
-        _, weight, ignore_index, _, reduction = options
+        _, _, ignore_index, _, reduction = options
 
-        def plan(input: Array, target: Array) -> Array | None:
+        def plan(input: Array, target: Array, weight: Array | None) -> Array | None:
             plain = _plain_rows(np.asarray(input), np.asarray(target), ignore_index)
             return None if plain is None else self._fused_loss(plain, weight, reduction)
 

@@ -206,6 +206,12 @@ _BACK = {torch.bfloat16: torch.Tensor.bfloat16, torch.float16: torch.Tensor.half
 cheapest call)."""
 
 
+_BOUND_ELEMENTS = 2**16
+"""Inputs of at most this many elements are read whole for an ignored row's +inf or NaN (one
+reduction, a few microseconds); larger ones read only the ignored rows (a mask, a copy of
+those rows and their max: eight small operations, cheaper than a pass over the whole input)."""
+
+
 def _ignored_rows_bounded(x: Array, labels: Array, ignore_index: int) -> bool:
     """Whether no row whose label is ``ignore_index`` holds ``+inf`` or NaN.
 
@@ -214,13 +220,17 @@ def _ignored_rows_bounded(x: Array, labels: Array, ignore_index: int) -> bool:
     ones, as on every backend. The loss cannot tell (the row adds 0), so calls whose gradient
     autograd records read the ignored rows' max first: one reduction of the labels (their min
     where ``ignore_index`` is negative, their max where not) rules ignored rows out in the usual
-    case, and the rows themselves are read only where some are ignored.
+    case. Where some may be ignored, an input of at most ``_BOUND_ELEMENTS`` is read whole, in
+    one reduction (no +inf or NaN anywhere, the usual case, rules them out), and only the rows
+    that are ignored otherwise.
     """
     if labels.numel() == 0:
         return True
     if ignore_index < 0 and int(labels.min()) > ignore_index:
         return True
     if ignore_index >= 0 and int(labels.max()) < ignore_index:
+        return True
+    if x.numel() <= _BOUND_ELEMENTS and torch.amax(x.detach()).item() < math.inf:
         return True
     ignored = labels == ignore_index
     if not bool(ignored.any()):
@@ -235,18 +245,17 @@ def _plan(
     ndim: int,
     size: int,
     axis: int,
-    weight: Array | None,
     ignore_index: int,
     smoothing: float,
     reduction: str,
     *,
     exact: bool,
     widen: bool,
-) -> Callable[[Array, Array], Array | None] | None:
+) -> Callable[[Array, Array, Array | None], Array | None] | None:
     """:meth:`Native.fused_index_plan` for inputs of ``dtype``, ``ndim`` and ``size``, the class
-    axis ``axis`` and these options (``weight`` already in the compute dtype), or None where no
-    route serves them. ``exact``: both arrays are plain tensors (ATen's entry is called
-    directly); ``widen``: labels of another dtype than int64."""
+    axis ``axis`` and these options, or None where no route serves them. ``exact``: both arrays
+    are plain tensors (ATen's entry is called directly); ``widen``: labels of another dtype than
+    int64."""
     forward_route = _route(dtype, ndim, size, grad=False)
     grad_route = _route(dtype, ndim, size, grad=True)
     if forward_route is None or grad_route is None:
@@ -256,10 +265,15 @@ def _plan(
     reduced = reduction != "none"
     options = (ignore_index, smoothing, reduction)
     fits = size * 4 <= _FUSED_BYTES
+    compute = torch.float64 if dtype == torch.float64 else _F32
 
-    def plan(input: Array, target: Array) -> Array | None:
+    def plan(input: Array, target: Array, weight: Array | None) -> Array | None:
         if not input.is_cpu or _functorch_wrapped(target):
             return None
+        if weight is not None:
+            if (weight.requires_grad and torch.is_grad_enabled()) or _functorch_wrapped(weight):
+                return None  # ATen's kernel has no derivative for the class weights
+            weight = weight.to(compute)
         labels = target.long() if widen else target
         recorded = input.requires_grad and torch.is_grad_enabled()
         route = grad_route if recorded else forward_route
@@ -394,7 +408,7 @@ class Native(Backend):
 
     def fused_index_plan(
         self, input: Array, target: Array, options: IndexOptions
-    ) -> Callable[[Array, Array], Array | None] | None:
+    ) -> Callable[[Array, Array, Array | None], Array | None] | None:
         # On the CPU, with the class axis anywhere (each call views the input with it at 1:
         # rows or slabs, see _torch_rows.layout), ATen's kernels have xent's semantics
         # (weighted mean over rows not ignored, smoothing spread over every class) and check
@@ -404,7 +418,7 @@ class Native(Backend):
         # float64 inputs too large for one call of ATen's entry stay on xent's own path. The
         # dtypes, shapes and options are judged here, once; the plan judges each call's
         # device, layout, functorch and autograd state.
-        axis, weight, ignore_index, label_smoothing, reduction = options
+        axis, _, ignore_index, label_smoothing, reduction = options
         ndim, dtype, size = input.ndim, input.dtype, input.numel()
         if (
             dtype not in _FUSED_DTYPES
@@ -414,12 +428,8 @@ class Native(Backend):
             or target.dtype == torch.uint64
         ):
             return None
-        if weight is not None:
-            if weight.requires_grad and torch.is_grad_enabled():
-                return None  # ATen's kernel has no derivative for the class weights
-            weight = weight.to(torch.float64 if dtype == torch.float64 else torch.float32)
         return _plan(
-            dtype, ndim, size, axis, weight, ignore_index, label_smoothing, reduction,
+            dtype, ndim, size, axis, ignore_index, label_smoothing, reduction,
             exact=type(input) is torch.Tensor and type(target) is torch.Tensor,
             widen=target.dtype != torch.int64,
         )  # fmt: skip
