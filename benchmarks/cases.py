@@ -1,0 +1,297 @@
+"""Time xent against the native loss on the options and layouts the shape grid leaves out.
+
+    python benchmarks/cases.py                   # every case, PyTorch and NumPy
+    python benchmarks/cases.py --backends torch --only layout
+    python benchmarks/cases.py --fresh           # each case and backend in a new process
+    python benchmarks/cases.py --markdown cases.md
+
+``run.py`` times the plain call (2-D logits, classes last, mean, no options) over a grid of
+shapes. This script times the other members of the class, each against the native loss called
+with the same options, in the same run, as ``run.py`` does:
+
+- *options* at four 2-D shapes: class weights, label smoothing, a tenth of the rows ignored,
+  ``reduction="none"`` and ``"sum"``, int32 labels;
+- *layouts*: ``(B, T, V)`` logits with the classes last (against ``F.cross_entropy`` on the
+  ``(B*T, V)`` view), PyTorch's ``(N, C, d1, ...)`` layout with the classes at axis 1
+  (segmentation, sequences), a channels-last ``(N, C, H, W)`` and a column-major matrix.
+
+PyTorch eager (float32 and bfloat16; forward, and forward+backward of the loss's sum) against
+``torch.nn.functional.cross_entropy``; NumPy (forward, and ``cross_entropy_and_grad``) against
+the plain ``max/exp/sum/log`` expression along the class axis with the same options, and its
+softmax-minus-one-hot gradient. Timing, rounds and the table are ``run.py``'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import Case, _load, _time, measure  # noqa: E402
+
+import xent  # noqa: E402
+
+OPTION_SHAPES = ("256x10", "32x1000", "512x1000", "2048x8192")
+OPTIONS = ("weight", "smoothing", "ignored", "none", "sum", "int32")
+LAYOUTS: dict[str, tuple[str, int, str]] = {
+    # name: (shape, class axis, memory layout)
+    "BxTxV 2x16x1000": ("2x16x1000", -1, "contiguous"),
+    "BxTxV 4x256x32000": ("4x256x32000", -1, "contiguous"),
+    "NxCxL 32x1000x16": ("32x1000x16", 1, "contiguous"),
+    "NxCxL 16x1000x512": ("16x1000x512", 1, "contiguous"),
+    "NxCxHxW 4x10x8x8": ("4x10x8x8", 1, "contiguous"),
+    "NxCxHxW 8x21x64x64": ("8x21x64x64", 1, "contiguous"),
+    "NxCxHxW 4x19x128x256": ("4x19x128x256", 1, "contiguous"),
+    "NxCxHxW 8x21x256x256": ("8x21x256x256", 1, "contiguous"),
+    "NxCxHxW 8x21x64x64 channels-last": ("8x21x64x64", 1, "channels-last"),
+    "NxC 512x1000 column-major": ("512x1000", 1, "column-major"),
+    "NxC 2048x8192 column-major": ("2048x8192", 1, "column-major"),
+}
+BACKENDS = ("torch", "numpy")
+
+
+def _dims(shape: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in shape.split("x"))
+
+
+def all_cases() -> list[str]:
+    """Every case's name: ``"<shape> <option>"`` or a layout's name."""
+    return [f"{s} {o}" for s in OPTION_SHAPES for o in OPTIONS] + list(LAYOUTS)
+
+
+def _problem(case: str, rng: np.random.Generator) -> dict[str, Any]:
+    """The case's arrays (NumPy, float32 logits in their layout) and options."""
+    if case in LAYOUTS:
+        shape, axis, memory = LAYOUTS[case]
+        dims = _dims(shape)
+        x = rng.standard_normal(dims, dtype=np.float32)
+        if memory == "column-major":
+            x = np.asfortranarray(x)
+        c = dims[axis]
+        y = rng.integers(0, c, tuple(d for i, d in enumerate(dims) if i != axis % len(dims)))
+        return {"x": x, "y": y, "axis": axis % len(dims), "memory": memory, "options": {}}
+    shape, option = case.split()
+    n, c = _dims(shape)
+    x = rng.standard_normal((n, c), dtype=np.float32)
+    y = rng.integers(0, c, n)
+    options: dict[str, Any] = {}
+    if option == "weight":
+        options["weight"] = rng.random(c, dtype=np.float32) + 0.5
+    elif option == "smoothing":
+        options["label_smoothing"] = 0.1
+    elif option == "ignored":
+        y[::10] = -100
+    elif option in ("none", "sum"):
+        options["reduction"] = option
+    elif option == "int32":
+        y = y.astype(np.int32)
+    return {"x": x, "y": y, "axis": 1, "memory": "contiguous", "options": options}
+
+
+# --------------------------------------------------------------------------- torch
+def torch_cases(case: str, rng: np.random.Generator) -> list[Case]:
+    import torch
+    import torch.nn.functional as F
+
+    p = _problem(case, rng)
+    axis, options = p["axis"], dict(p["options"])
+    y = torch.from_numpy(p["y"])
+    y_ref = y.long()
+    if "weight" in options:
+        options["weight"] = torch.from_numpy(options["weight"])
+    classes_last = axis == p["x"].ndim - 1 and p["x"].ndim > 2
+    cases = []
+    for backend, dtype in (("torch eager fp32", torch.float32), ("torch eager bf16", torch.bfloat16)):
+        x = torch.from_numpy(np.ascontiguousarray(p["x"])).to(dtype)
+        if p["memory"] == "column-major":
+            x = x.T.contiguous().T
+        elif p["memory"] == "channels-last":
+            x = x.contiguous(memory_format=torch.channels_last)
+        xg = x.detach().requires_grad_(True)
+
+        def ref(a: Any, options: dict[str, Any] = options) -> Any:
+            if classes_last:
+                return F.cross_entropy(a.reshape(-1, a.shape[-1]), y_ref.reshape(-1), **options)
+            return F.cross_entropy(a, y_ref, **options)
+
+        def ours(a: Any, options: dict[str, Any] = options) -> Any:
+            return xent.cross_entropy(a, y, axis=axis, **options)
+
+        for name, fn, is_ref in (("F.cross_entropy", ref, True), ("xent", ours, False)):
+
+            def fwd(fn: Callable[..., Any] = fn, x: Any = x) -> Any:
+                with torch.no_grad():
+                    return fn(x)
+
+            def fwd_bwd(fn: Callable[..., Any] = fn, xg: Any = xg) -> Any:
+                xg.grad = None
+                fn(xg).sum().backward()
+                return xg.grad
+
+            cases.append(Case(backend, "fwd", case, name, fwd, reference=is_ref))
+            cases.append(Case(backend, "fwd+bwd", case, name, fwd_bwd, reference=is_ref))
+    return cases
+
+
+# --------------------------------------------------------------------------- numpy
+def _plain(x: np.ndarray, y: np.ndarray, axis: int, options: dict[str, Any], grad: bool) -> Any:
+    """The plain expression along ``axis`` with the case's options (and its gradient)."""
+    x = np.moveaxis(x, axis, -1)
+    c = x.shape[-1]
+    ignored = y == -100
+    safe = np.where(ignored, 0, y)
+    m = x.max(axis=-1, keepdims=True)
+    e = np.exp(x - m)
+    s = e.sum(axis=-1, keepdims=True)
+    lse = np.log(s[..., 0]) + m[..., 0]
+    picked = np.take_along_axis(x, safe[..., None], axis=-1)[..., 0]
+    rows = lse - picked
+    smoothing = options.get("label_smoothing", 0.0)
+    if smoothing:
+        rows = (1 - smoothing) * rows + smoothing * (lse - x.mean(axis=-1))
+    w = options.get("weight")
+    rw = np.where(ignored, 0.0, 1.0 if w is None else w[safe]).astype(np.float32)
+    reduction = options.get("reduction", "mean")
+    scale = rw if reduction != "mean" else rw / rw.sum()
+    loss = rows * rw if reduction == "none" else (rows * scale).sum()
+    if not grad:
+        return loss
+    e /= s
+    e *= scale[..., None]
+    np.put_along_axis(e, safe[..., None], np.take_along_axis(e, safe[..., None], -1)
+                      - (1 - smoothing) * scale[..., None], -1)  # fmt: skip
+    if smoothing:
+        e -= smoothing / c * scale[..., None]
+    return loss, np.moveaxis(e, -1, axis)
+
+
+def numpy_cases(case: str, rng: np.random.Generator) -> list[Case]:
+    p = _problem(case, rng)
+    x, y, axis, options = p["x"], p["y"], p["axis"], p["options"]
+    if p["memory"] == "channels-last":
+        x = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+        x = np.moveaxis(x, -1, 1)
+    backend = "numpy fp32"
+    return [
+        Case(backend, "fwd", case, "plain expression", lambda: _plain(x, y, axis, options, False),
+             reference=True),
+        Case(backend, "fwd", case, "xent", lambda: xent.cross_entropy(x, y, axis=axis, **options)),
+        Case(backend, "fwd+bwd", case, "plain expression",
+             lambda: _plain(x, y, axis, options, True), reference=True),
+        Case(backend, "fwd+bwd", case, "xent",
+             lambda: xent.cross_entropy_and_grad(x, y, axis=axis, **options)),
+    ]  # fmt: skip
+
+
+# --------------------------------------------------------------------------- driver
+def _elements(case: str) -> int:
+    return math.prod(_dims(case.split()[-1] if case in LAYOUTS else case.split()[0]))
+
+
+def results(cases: list[Case]) -> list[dict[str, Any]]:
+    out = []
+    for g in dict.fromkeys(c.group for c in cases):
+        members = [c for c in cases if c.group == g]
+        ref = next(c for c in members if c.reference)
+        ours = next(c for c in members if not c.reference)
+        row = {
+            "backend": g[0], "step": g[1], "case": g[2], "elements": _elements(g[2]),
+            "reference": ref.name, "ref_s": statistics.median(ref.times),
+            "xent_s": statistics.median(ours.times),
+        }  # fmt: skip
+        row["ratio"] = row["xent_s"] / row["ref_s"]
+        out.append(row)
+    return out
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| backend | pass | case | reference | reference time | xent time | xent / reference |",
+        "|---|---|---|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        flag = "**" if r["ratio"] > (1.3 if r["elements"] < 1e5 else 1.0) else ""
+        lines.append(
+            f"| {r['backend']} | {r['step']} | {r['case']} | {r['reference']} "
+            f"| {_time(r['ref_s'])} | {_time(r['xent_s'])} | {flag}{r['ratio']:.2f}x{flag} |"
+        )
+    return "\n".join(lines)
+
+
+_JSON_MARK = "#rows "
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    parser.add_argument("--only", choices=("options", "layout"), default=None)
+    parser.add_argument("--cases", nargs="+", default=None, help="case names, as printed")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--markdown", type=Path, default=None)
+    parser.add_argument("--fresh", action="store_true", help="each case in a new process")
+    parser.add_argument("--json-rows", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    names = args.cases or [
+        c for c in all_cases()
+        if args.only is None or (c in LAYOUTS) == (args.only == "layout")
+    ]  # fmt: skip
+    header = (
+        f"{platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"rounds={args.rounds}; command: python benchmarks/cases.py {' '.join(argv or sys.argv[1:])}"
+    )
+    if not args.json_rows:
+        print(f"# {header}\n# load average before: {_load()}", flush=True)
+    start = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    makers = {"torch": torch_cases, "numpy": numpy_cases}
+    for name in names:
+        for backend in args.backends:
+            if args.fresh:
+                command = [sys.executable, __file__, "--json-rows", "--cases", name,
+                           "--backends", backend, "--rounds", str(args.rounds)]  # fmt: skip
+                done = subprocess.run(command, capture_output=True, text=True, check=False)
+                new = [json.loads(line[len(_JSON_MARK):]) for line in done.stdout.splitlines()
+                       if line.startswith(_JSON_MARK)]  # fmt: skip
+                new = new[0] if new else []
+                if not new:
+                    print(f"# {name} {backend}: the process failed\n{done.stderr}", flush=True)
+            else:
+                cases = makers[backend](name, np.random.default_rng(0))
+                measure(cases, args.rounds)
+                new = results(cases)
+                del cases
+                gc.collect()
+            rows += new
+            if args.json_rows:
+                print(_JSON_MARK + json.dumps(new), flush=True)
+            elif new:
+                print(table(new).split("\n", 2)[-1], flush=True)
+    if args.json_rows:
+        return 0
+    load, took = _load(), time.perf_counter() - start
+    print(f"# load average after: {load}; {took:.0f} s\n")
+    text = table(rows)
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(
+            f"<!-- {header} -->\n\nLoad average (1, 5, 15 min) after the run: {load}; "
+            f"the run took {took:.0f} s.\n\n{text}\n"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
