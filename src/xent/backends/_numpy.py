@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import itertools
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -72,8 +74,9 @@ _HUGE_PAGE_BYTES = 2**21
 """The span of a transparent huge page (x86-64, arm64 with 4 KiB base pages)."""
 
 
-def _fresh(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    """An uninitialised array whose rows (along the last axis) :func:`_in_parallel` fills.
+def _fresh(shape: tuple[int, ...], dtype: Any, threads: int | None = None) -> np.ndarray:
+    """An uninitialised array whose rows (along the last axis) :func:`_in_parallel` fills
+    (or whose parts it fills over ``threads`` threads).
 
     Those split over threads are touched once per huge page from this thread first, so that the
     page faults of fresh memory (NumPy asks for transparent huge pages above 4 MiB) come one
@@ -83,7 +86,9 @@ def _fresh(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     everywhere.
     """
     out = np.empty(shape, dtype)
-    if out.ndim and _workers(out.size // max(1, shape[-1]), out.nbytes) > 1:
+    if threads is None:
+        threads = _workers(out.size // max(1, shape[-1]), out.nbytes) if out.ndim else 1
+    if threads > 1:
         flat = out.reshape(-1)
         flat[:: max(1, _HUGE_PAGE_BYTES // out.itemsize)] = 0
     return out
@@ -119,18 +124,19 @@ _FEW_LABELS = 16
 
 
 _Rows = tuple[np.ndarray, np.ndarray, tuple[int, ...], np.ndarray | None]
-"""``(rows, labels, per-row shape, ignored)``: the logits as 2-D rows, the labels as a vector,
-``ignored`` (None where no label is ``ignore_index``) marking the rows whose labels, set to 0
-in ``labels``, equal ``ignore_index``."""
+"""``(logits, labels, per-position shape, ignored)``: the logits as ``(A, C, B)`` (``A`` the
+product of the axes before the class axis, ``B`` of those after it), the labels as a vector of
+``A * B``, ``ignored`` (None where no label is ``ignore_index``) marking the positions whose
+labels, set to 0 in ``labels``, equal ``ignore_index``."""
 
 
 def _plain_case(x: np.ndarray, y: np.ndarray, options: IndexOptions) -> bool:
     """Whether the fused paths serve arrays of these dtypes and shapes with these options (the
     layout and the label values aside)."""
-    c = x.shape[-1] if x.ndim else 0
+    c = x.shape[options.axis] if 0 <= options.axis < x.ndim else 0
     return (
         x.dtype in _FUSED_DTYPES
-        and options.axis == x.ndim - 1
+        and c != 0
         and x.size != 0
         and not options.label_smoothing
         and not 0 <= options.ignore_index < c
@@ -138,12 +144,12 @@ def _plain_case(x: np.ndarray, y: np.ndarray, options: IndexOptions) -> bool:
     )
 
 
-def _plain_rows(x: np.ndarray, y: np.ndarray, ignore_index: int) -> _Rows | None:
-    """The rows and labels of a :func:`_plain_case` where its layout and labels let the fused
+def _plain_rows(x: np.ndarray, y: np.ndarray, ignore_index: int, axis: int) -> _Rows | None:
+    """The logits and labels of a :func:`_plain_case` where its layout and labels let the fused
     paths serve it (C-contiguous, every label a class or ``ignore_index``), else None."""
     if not x.flags.c_contiguous:
         return None
-    c = x.shape[-1]
+    c = x.shape[axis]
     labels = y.reshape(-1)
     ignored = None
     if _outside(labels, c):
@@ -151,7 +157,7 @@ def _plain_rows(x: np.ndarray, y: np.ndarray, ignore_index: int) -> _Rows | None
         labels = np.where(ignored, 0, labels).astype(labels.dtype, copy=False)
         if not ignored.any() or _outside(labels, c):
             return None
-    return x.reshape(-1, c), labels, y.shape, ignored
+    return x.reshape(math.prod(x.shape[:axis]), c, -1), labels, y.shape, ignored
 
 
 def _outside(labels: np.ndarray, classes: int) -> bool:
@@ -308,6 +314,200 @@ def _unshifted(
     np.divide(total, label_term, out=total, where=kept)
     np.copyto(picked, 0, where=kept)
     return True
+
+
+def _pass(
+    x: np.ndarray, labels: np.ndarray, dtype: np.dtype[Any], factor: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(picked, total, grad)`` per position of logits ``(A, C, B)`` as :func:`_row_pass`
+    gives them, the gradient (of ``x``'s shape and dtype) only where ``factor`` is not None: the
+    rows of ``(A, C)`` where ``B`` is 1 (the class axis last), else :func:`_slab_pass`."""
+    a, c, b = x.shape
+    if b != 1:
+        return _slab_pass(x, labels, dtype, factor)
+    rows = x.reshape(a, c)
+    grad = None if factor is None else _fresh(rows.shape, x.dtype)
+    return (*_row_pass(rows, labels, dtype, factor, grad), grad)
+
+
+_PAIRWISE_CLASSES = 16
+"""More classes than this are summed pairwise across the block's rows (halves added, then
+halves of those...): NumPy sums along an axis that is not the innermost one element after
+element, whose error grows with the classes (a confident position, its label's exponential
+dominating the sum, lost some 20 ulp of its loss to 300 float32 classes), where a sum along
+contiguous rows is pairwise. Fewer are summed in one call (its few more calls cost more)."""
+
+
+def _class_sum(e: np.ndarray, total: np.ndarray, spare: np.ndarray | None) -> None:
+    """``total = e.sum(axis=1)`` for a block ``(k, C, n)``, pairwise where ``C`` exceeds
+    :data:`_PAIRWISE_CLASSES`; the first halves summed into ``spare`` (``(k, >= C // 2 + 1,
+    n)``), or in ``e`` itself (overwritten) where ``spare`` is None."""
+    c = e.shape[1]
+    if c <= _PAIRWISE_CLASSES:
+        e.sum(axis=1, out=total)
+        return
+    while c > 2:
+        half = c // 2
+        dst = e if spare is None else spare
+        np.add(e[:, :half], e[:, half : 2 * half], out=dst[:, :half])
+        if c % 2:  # the odd row goes on as it is: every row is added at most log2(C) times
+            np.copyto(dst[:, half], e[:, 2 * half])
+        e, spare, c = dst, None, half + c % 2
+    np.add(e[:, 0], e[:, 1], out=total)
+
+
+@functools.lru_cache(maxsize=64)
+def _slab_index(k: int, n: int, slab: int) -> np.ndarray:
+    """``(k, n)``: ``i * slab + j``, the offset of position ``(i, j)`` of a block of ``k``
+    slabs of ``slab`` elements, ``n`` wide (read-only: it is shared)."""
+    columns = np.arange(n, dtype=np.intp)
+    out = columns[None, :] if k == 1 else np.add.outer(np.arange(k, dtype=np.intp) * slab, columns)
+    out.flags.writeable = False
+    return out
+
+
+def _slab_pass(
+    x: np.ndarray, labels: np.ndarray, dtype: np.dtype[Any], factor: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """:func:`_row_pass` for logits ``(A, C, B)`` whose class axis is not the last: per
+    position ``(a, b)`` the reductions run over the ``C`` values ``x[a, :, b]``, a block of
+    whole ``(C, B)`` slabs at a time (of ``B``-columns of one slab where a slab is larger than
+    the block), each reduction across the block's ``C`` rows of ``B``-long contiguous runs.
+    Nothing of the input's size is written but ``grad``, in the input's layout."""
+    a, c, b = x.shape
+    slab = c * b
+    if slab * dtype.itemsize <= _BLOCK_BYTES:
+        k, n = max(1, min(a, _BLOCK_BYTES // (slab * dtype.itemsize))), b
+    else:
+        k, n = 1, max(1, min(b, _BLOCK_BYTES // (c * dtype.itemsize)))
+    chunks = -(-b // n)
+    units = -(-a // k) * chunks
+    nbytes = x.size * dtype.itemsize
+    grad = None if factor is None else _fresh(x.shape, x.dtype, _workers(units, nbytes))
+    # Where the gradient has the compute dtype, its blocks are their own scratch.
+    own = grad is not None and grad.dtype == dtype
+    base = _slab_index(k, n, slab)
+    flat = x.reshape(-1)
+    flat_grad = None if grad is None else grad.reshape(-1)
+    factors = factor if np.ndim(factor) == 0 else factor.reshape(a, b)
+    positions = labels.reshape(a, b)
+    picked = np.empty((a, b), dtype)
+    total = np.empty((a, b), dtype)
+
+    def work(lo: int, hi: int) -> None:
+        buf = None if own else np.empty(k * c * n, dtype)
+        # The pairwise sums' halves, where the exponentials must stay for the gradient.
+        half = c // 2 + 1
+        spare = None if grad is None or c <= _PAIRWISE_CLASSES else np.empty(k * half * n, dtype)
+        for unit in range(lo, hi):
+            i, j = divmod(unit, chunks)
+            rows = slice(i * k, min(i * k + k, a))
+            cols = slice(j * n, min(j * n + n, b))
+            kk, nn = rows.stop - rows.start, cols.stop - cols.start
+            _slab_block(
+                x[rows, :, cols],
+                positions[rows, cols],
+                picked[rows, cols],
+                total[rows, cols],
+                None if buf is None else buf[: kk * c * nn],
+                None if spare is None else spare[: kk * half * nn].reshape(kk, half, nn),
+                flat,
+                rows.start * slab + cols.start,
+                b,
+                base[:kk, :nn],
+                factors if np.ndim(factors) == 0 else factors[rows, cols],
+                None if grad is None else grad[rows, :, cols],
+                flat_grad,
+            )
+
+    if units == 1:
+        work(0, 1)  # one block: no threads
+    else:
+        _in_parallel(work, units, nbytes)
+    return picked.reshape(-1), total.reshape(-1), grad
+
+
+def _slab_block(
+    block: np.ndarray,
+    labels: np.ndarray,
+    picked: np.ndarray,
+    total: np.ndarray,
+    buf: np.ndarray | None,
+    spare: np.ndarray | None,
+    flat: np.ndarray,
+    offset: int,
+    stride: int,
+    base: np.ndarray,
+    factor: Any,
+    grad: np.ndarray | None,
+    flat_grad: np.ndarray | None,
+) -> None:
+    """:func:`_slab_pass` on one block ``(k, C, n)`` of the logits, which starts at ``offset``
+    in ``flat`` (the logits, flattened; ``flat_grad`` the gradient's) with a class every
+    ``stride`` elements; its exponentials in ``buf`` (flat, of the block's size), or in
+    ``grad``'s block itself where ``buf`` is None, summed by :func:`_class_sum` with ``spare``
+    (None for the loss alone). ``base`` is :func:`_slab_index` for the block: each position's
+    offset both in ``buf`` and, ``offset`` added, in ``flat`` (a block either has whole slabs,
+    ``n == stride``, or part of one, ``k == 1``).
+
+    The unshifted sums need the label's logit only where its exponential is below ``tiny``:
+    it is read from ``flat`` then alone (gathered from a block not yet in cache, it took as
+    long as the exponentials)."""
+    n = block.shape[2]
+
+    def in_flat() -> np.ndarray:
+        """Each label's logit in ``flat`` (and its gradient in ``flat_grad``)."""
+        at = np.multiply(labels, stride, dtype=np.intp)
+        at += base
+        at += offset
+        return at
+
+    if buf is None:
+        assert grad is not None
+        assert flat_grad is not None
+        work, work_flat, at = grad, flat_grad, in_flat()
+    else:
+        work, work_flat = buf.reshape(block.shape), buf
+        at = np.multiply(labels, n, dtype=np.intp)
+        at += base
+    source = block
+    if block.dtype != work.dtype:
+        _load(work, block)
+        block = work
+    if work.size >= _UNSHIFTED_ELEMENTS:
+        low, high, tiny = SAFE_SUMS[work.dtype.name]
+        np.exp(block, out=work)
+        label_term = work_flat.take(at)
+        _class_sum(work, total, spare)
+        if low <= total.min() and total.max() <= high:  # NaN fails both
+            if grad is not None:
+                scale = factor / total
+                work *= scale[:, None, :]
+                work_flat[at] -= factor
+                if buf is not None:
+                    _store(grad, work)
+            kept = label_term >= tiny
+            if kept.all():
+                np.divide(total, label_term, out=total)
+                picked.fill(0)
+            else:
+                np.divide(total, label_term, out=total, where=kept)
+                np.copyto(picked, np.where(kept, 0, flat.take(at if buf is None else in_flat())))
+            return
+        if block is work:
+            _load(work, source)  # the exponentials overwrote the copy
+    m = block.max(axis=1, keepdims=True)
+    np.subtract(block, m, out=work)
+    np.copyto(picked, work_flat.take(at))
+    np.exp(work, out=work)
+    _class_sum(work, total, spare)
+    if grad is None:
+        return
+    scale = factor / total
+    work *= scale[:, None, :]
+    work_flat[at] -= factor
+    if buf is not None:
+        _store(grad, work)
 
 
 _CAST_ELEMENTS = 1024
@@ -473,27 +673,27 @@ class Native(Backend):
     def fused_index_plan(
         self, input: Array, target: Array, options: IndexOptions
     ) -> Callable[[Array, Array], Array | None] | None:
-        # The plain loss of C-contiguous rows whose labels are all in [0, C) or ignored (one
+        # The plain loss of C-contiguous logits whose labels are all in [0, C) or ignored (one
         # max reads them): one pass of max, exp and sum, with no mask, where or gather of the
         # general path. The dtypes, shapes and options are judged here, once; each call judges
         # its layout and labels, and hands anything else, and any NaN row, back to the core.
         if not _plain_case(np.asarray(input), np.asarray(target), options):
             return None
-        _, weight, ignore_index, _, reduction = options
+        axis, weight, ignore_index, _, reduction = options
 
         def plan(input: Array, target: Array) -> Array | None:
-            plain = _plain_rows(np.asarray(input), np.asarray(target), ignore_index)
+            plain = _plain_rows(np.asarray(input), np.asarray(target), ignore_index, axis)
             return None if plain is None else self._fused_loss(plain, weight, reduction)
 
         return plan
 
     def _fused_loss(self, plain: _Rows, weight: Array | None, reduction: str) -> Array | None:
-        rows, labels, shape, ignored = plain
-        dtype = _compute_dtype(rows.dtype)
+        x, labels, shape, ignored = plain
+        dtype = _compute_dtype(x.dtype)
         with self.quiet():
             label_weight = _label_weight(weight, labels, ignored, dtype)
-            picked, total = _row_pass(rows, labels, dtype, None, None)
-            return _loss(rows.dtype, shape, picked, total, label_weight, reduction)
+            picked, total, _ = _pass(x, labels, dtype, None)
+            return _loss(x.dtype, shape, picked, total, label_weight, reduction)
 
     def fused_index_loss_and_grad(
         self, input: Array, target: Array, options: IndexOptions
@@ -503,12 +703,12 @@ class Native(Backend):
         x, y = np.asarray(input), np.asarray(target)
         if not _plain_case(x, y, options):
             return None
-        _, weight, ignore_index, _, reduction = options
-        plain = _plain_rows(x, y, ignore_index)
+        axis, weight, ignore_index, _, reduction = options
+        plain = _plain_rows(x, y, ignore_index, axis)
         if plain is None:
             return None
-        rows, labels, shape, ignored = plain
-        dtype = _compute_dtype(rows.dtype)
+        logits, labels, shape, ignored = plain
+        dtype = _compute_dtype(x.dtype)
         with self.quiet():
             label_weight = _label_weight(weight, labels, ignored, dtype)
             factor: np.ndarray | Any = dtype.type(1) if label_weight is None else label_weight
@@ -517,9 +717,9 @@ class Native(Backend):
                 if ignored is not None:
                     # 0, not 0 / 0, where every row is ignored (as on the general path).
                     np.copyto(factor, 0, where=ignored)
-            grad = _fresh(rows.shape, rows.dtype)
-            picked, total = _row_pass(rows, labels, dtype, factor, grad)
-            loss = _loss(rows.dtype, shape, picked, total, label_weight, reduction)
+            picked, total, grad = _pass(logits, labels, dtype, factor)
+            loss = _loss(x.dtype, shape, picked, total, label_weight, reduction)
+        assert grad is not None
         return None if loss is None else (loss, grad.reshape(x.shape))
 
     def softmax_from_lse(
