@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import collections
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -263,18 +264,24 @@ _ND_IDS = [f"{'x'.join(map(str, shape))}-axis{axis}" for shape, axis in _ND_SHAP
 
 
 @pytest.fixture
-def slab_blocks(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """A list that counts the blocks NumPy's pass along a class axis that is not last computes."""
+def slab_calls(monkeypatch: pytest.MonkeyPatch) -> collections.Counter[str]:
+    """Counts the calls of the parts of NumPy's pass along a class axis that is not last: its
+    blocks (``_slab_block``) and its passes over chunks of classes (``_chunk_pass``)."""
     from xent.backends import _numpy
 
-    calls: list[int] = []
-    block = _numpy._slab_block
+    calls: collections.Counter[str] = collections.Counter()
 
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        return block(*args, **kwargs)
+    def counting(name: str) -> Callable[..., Any]:
+        f = getattr(_numpy, name)
 
-    monkeypatch.setattr(_numpy, "_slab_block", counted)
+        def counted(*args: Any) -> Any:
+            calls[name] += 1
+            return f(*args)
+
+        return counted
+
+    for name in ("_slab_block", "_chunk_pass"):
+        monkeypatch.setattr(_numpy, name, counting(name))
     return calls
 
 
@@ -286,6 +293,11 @@ def numpy_limits(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
         from xent.backends import _numpy
 
         monkeypatch.setattr(_numpy, "_BLOCK_BYTES", 4096)
+        monkeypatch.setattr(_numpy, "_SLAB_BLOCK_BYTES", 4096)
+        # Blocks of columns of one slab at least 16 float32 wide (at most 64 classes), else
+        # chunks of classes.
+        monkeypatch.setattr(_numpy, "_RUN_BYTES", 64)
+        monkeypatch.setattr(_numpy, "_GRAD_RUN_BYTES", 64)
         monkeypatch.setattr(_numpy, "_NARROW_BLOCK_BYTES", 1024)
         monkeypatch.setattr(_numpy, "_PARALLEL_BYTES", 8192)
         monkeypatch.setattr(_numpy, "_UNSHIFTED_ELEMENTS", 256)
@@ -506,7 +518,7 @@ class TestNumpyFusedPass:
         xp: Any,
         rng: np.random.Generator,
         numpy_limits: bool,
-        slab_blocks: list[int],
+        slab_calls: collections.Counter[str],
         shape: tuple[int, ...],
         axis: int,
         dtype: str,
@@ -532,9 +544,10 @@ class TestNumpyFusedPass:
             assert ours[2].shape == shape
             assert ours[0].shape == (per_position if options.get("reduction") == "none" else ())
         np.testing.assert_array_equal(to_numpy(x), x_np.astype(dtype))  # never written
-        # The fused pass served them (not xent's general path), in blocks where B > 1.
+        # The fused pass served them (not xent's general path), along the middle of (A, C, B)
+        # where B > 1.
         if xent.backends.native_enabled() and math.prod(shape[axis + 1 :]) > 1:
-            assert slab_blocks
+            assert slab_calls
 
     @pytest.mark.parametrize(("shape", "axis"), _ND_SHAPES, ids=_ND_IDS)
     def test_class_axis_not_last_exact_in_float64(
@@ -564,6 +577,51 @@ class TestNumpyFusedPass:
                     np.testing.assert_allclose(to_numpy(a), want, rtol=1e-12, atol=1e-14)
                 np.testing.assert_allclose(to_numpy(grad), want_grad, rtol=1e-12, atol=1e-14)
                 assert np.all(np.moveaxis(to_numpy(grad), axis, -1).reshape(-1, c)[1::4] == 0)
+
+    @pytest.mark.parametrize("dtype", ["float16", "float32"])
+    @pytest.mark.parametrize("shape", [(1, 3000, 400), (2, 20000, 64)], ids=["3000", "20000"])
+    def test_many_classes_in_chunks(
+        self,
+        xp: Any,
+        rng: np.random.Generator,
+        slab_calls: collections.Counter[str],
+        shape: tuple[int, int, int],
+        dtype: str,
+    ) -> None:
+        # Slabs beyond the block whose columns would be narrow, as shipped: chunks of classes
+        # for the loss (both), and for the gradient (20000 classes; 3000 take blocks of
+        # columns); one slab split between the threads. A column beyond the safe sums (a loss
+        # over 80) is computed again by the blocks of columns. Against the float64 reference:
+        # the general path sums 20000 classes one after another (some 1e-5 off in float32).
+        a, c, b = shape
+        x_np = rng.normal(scale=3.0, size=shape).astype(dtype)
+        y_np = rng.integers(0, c, size=(a, b))
+        y_np[0, 3] = -100
+        x_np[0, 7, 5] = 90.0
+        y_np[0, 5] = 8  # the loss is 90 - x[8]
+        w_np = (rng.random(c) + 0.5).astype(dtype)
+        x, y, w = to_xp(xp, x_np), to_xp(xp, y_np), to_xp(xp, w_np)
+        eps = float(np.finfo(dtype).eps)
+        rtol = 4 * eps if dtype == "float16" else 1e-5
+        if not xent.backends.native_enabled():
+            rtol = max(rtol, 1e-4)  # the general path's sums, one class after another
+        for weight, w_ref in ((None, None), (w, w_np)):
+            options = {"axis": 1, "reduction": "none"}
+            want = ref.cross_entropy(x_np, y_np, weight=w_ref, **options)
+            want_grad = ref.cross_entropy_grad(x_np, y_np, weight=w_ref, **options)
+            loss, grad = xent.cross_entropy_and_grad(x, y, weight=weight, **options)
+            got = xent.cross_entropy(x, y, weight=weight, **options)
+            for v in (got, loss):
+                np.testing.assert_allclose(to_numpy(v), want, rtol=rtol, atol=4 * eps)
+            np.testing.assert_allclose(to_numpy(grad), want_grad, rtol=rtol, atol=4 * eps)
+        if xent.backends.native_enabled():
+            assert slab_calls["_chunk_pass"] == (4 if c > 10000 else 2)
+            assert slab_calls["_slab_block"] >= (2 if c > 10000 else 3)
+        # A NaN, and a position with every class masked: the general path's NaN.
+        x_np[0, :, 9] = -np.inf
+        x_np[a - 1, 4, b - 2] = np.nan
+        x, y = to_xp(xp, x_np), to_xp(xp, y_np)
+        _assert_like_general(x, y, rtol, axis=1, reduction="none")
 
     @pytest.mark.parametrize("label_dtype", ["int8", "uint8", "int64"])
     def test_class_axis_not_last_ignored_labels(
