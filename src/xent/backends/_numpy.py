@@ -418,7 +418,8 @@ def _slab_pass(
     own = grad is not None and grad.dtype == dtype
     flat = x.reshape(-1)
     flat_grad = None if grad is None else grad.reshape(-1)
-    factors = factor if np.ndim(factor) == 0 else factor.reshape(a, b)
+    per_position = isinstance(factor, np.ndarray)
+    factors = factor.reshape(a, b) if per_position else factor
     positions = labels.reshape(a, b)
     picked = np.empty((a, b), dtype)
     total = np.empty((a, b), dtype)
@@ -445,13 +446,32 @@ def _slab_pass(
                 rows.start * slab + start,
                 b,
                 _slab_index(kk, nn, slab),
-                factors if np.ndim(factors) == 0 else factors[rows, part],
+                factors[rows, part] if per_position else factors,
                 None if grad is None else grad[rows, :, part],
                 flat_grad,
             )
 
     if chunked:
         _chunk_pass(x, positions, picked, total, factors, grad, own, dtype, blocks)
+        return picked.reshape(-1), total.reshape(-1), grad
+    if units == 1 and (grad is None or own):
+        # One block of whole slabs (a small input): no loop, no threads.
+        half = c // 2 + 1
+        _slab_block(
+            x,
+            positions,
+            picked,
+            total,
+            None if grad is not None else np.empty(x.size, dtype),
+            None if grad is None or c <= _PAIRWISE_CLASSES else np.empty((a, half, b), dtype),
+            flat,
+            0,
+            b,
+            _slab_index(a, b, slab),
+            factors,
+            grad,
+            flat_grad,
+        )
         return picked.reshape(-1), total.reshape(-1), grad
 
     def work(lo: int, hi: int) -> None:
