@@ -401,7 +401,10 @@ def _slab_pass(
     input's layout."""
     a, c, b = x.shape
     slab = c * b
-    block = max(1, _SLAB_BLOCK_BYTES // dtype.itemsize)  # elements
+    # A float16 gradient is written from the block through _store's temporaries, each of the
+    # block's size: those of 4 MiB blocks took twice as long as those of the rows' blocks.
+    narrow = factor is not None and x.dtype != dtype
+    block = max(1, (_BLOCK_BYTES if narrow else _SLAB_BLOCK_BYTES) // dtype.itemsize)
     nbytes = x.size * dtype.itemsize
     chunked = False
     if slab <= block:
@@ -452,7 +455,7 @@ def _slab_pass(
             )
 
     if chunked:
-        _chunk_pass(x, positions, picked, total, factors, grad, own, dtype, blocks)
+        _chunk_pass(x, positions, picked, total, factors, grad, own, dtype, block, blocks)
         return picked.reshape(-1), total.reshape(-1), grad
     if units == 1 and (grad is None or own):
         # One block of whole slabs (a small input): no loop, no threads.
@@ -506,21 +509,21 @@ def _chunk_pass(
     grad: np.ndarray | None,
     own: bool,
     dtype: np.dtype[Any],
+    block: int,
     blocks: Callable[[int, slice, int, list[np.ndarray]], None],
 ) -> None:
     """:func:`_slab_pass` for slabs read a chunk of classes at a time: the columns of a slab
     (all of them, or as many as leave :data:`_CHUNK_ROWS` classes to a block), each chunk's
     rows contiguous runs. Each position's logits are shifted by its label's (the label's term
     is exactly 1, the loss ``log(sum(exp(x - x[label])))``), the chunks' sums added pairwise;
-    the gradient is made from the same exponentials in a second pass over the chunks. Where
-    few slabs are to share the threads, each slab's chunks are split between them, their sums
-    added after.
+    the gradient is made from the same exponentials in a second pass over the chunks (of
+    ``block`` elements, :func:`_slab_pass`'s). Where few slabs are to share the threads, each
+    slab's chunks are split between them, their sums added after.
 
     Columns whose sum is beyond the safe ones (a loss of some 80 or more in float32) or NaN are
     computed again by ``blocks`` (:func:`_slab_pass`'s blocks of columns that hold every class,
     shifted by their max where needed)."""
     a, c, b = x.shape
-    block = max(1, _SLAB_BLOCK_BYTES // dtype.itemsize)
     n = min(b, max(1, block // _CHUNK_ROWS))
     rows = max(1, block // n)
     columns = -(-b // n)
