@@ -579,7 +579,7 @@ class TestNumpyFusedPass:
                 assert np.all(np.moveaxis(to_numpy(grad), axis, -1).reshape(-1, c)[1::4] == 0)
 
     @pytest.mark.parametrize("dtype", ["float16", "float32"])
-    @pytest.mark.parametrize("shape", [(1, 3000, 400), (2, 20000, 64)], ids=["3000", "20000"])
+    @pytest.mark.parametrize("shape", [(1, 3000, 400), (1, 40000, 64)], ids=["3000", "40000"])
     def test_many_classes_in_chunks(
         self,
         xp: Any,
@@ -589,10 +589,10 @@ class TestNumpyFusedPass:
         dtype: str,
     ) -> None:
         # Slabs beyond the block whose columns would be narrow, as shipped: chunks of classes
-        # for the loss (both), and for the gradient (20000 classes; 3000 take blocks of
+        # for the loss (both), and for the gradient (40000 classes; 3000 take blocks of
         # columns); one slab split between the threads. A column beyond the safe sums (a loss
         # over 80) is computed again by the blocks of columns. Against the float64 reference:
-        # the general path sums 20000 classes one after another (some 1e-5 off in float32).
+        # the general path sums the classes one after another (some 1e-5 off in float32).
         a, c, b = shape
         x_np = rng.normal(scale=3.0, size=shape).astype(dtype)
         y_np = rng.integers(0, c, size=(a, b))

@@ -333,9 +333,9 @@ def _pass(
 _PAIRWISE_CLASSES = 16
 """More classes than this are summed pairwise across the block's rows (halves added, then
 halves of those...): NumPy sums along an axis that is not the innermost one element after
-element, whose error grows with the classes (a confident position, its label's exponential
-dominating the sum, lost some 20 ulp of its loss to 300 float32 classes), where a sum along
-contiguous rows is pairwise. Fewer are summed in one call (its few more calls cost more)."""
+another, an error that grows with the classes (a confident position's loss, near 1e-5, came
+out a fifth off with 300 float32 classes), where a sum along contiguous rows is pairwise.
+Fewer are summed in one call (the pairwise sum's few more calls cost more)."""
 
 
 def _class_sum(e: np.ndarray, total: np.ndarray, spare: np.ndarray | None) -> None:
@@ -376,13 +376,13 @@ _RUN_BYTES = 2**14
 """Slabs larger than a block are split into blocks of columns that hold every class where
 those columns are at least this wide: a block's rows are then read as runs long enough for the
 memory's prefetch. Narrower ones (many classes) are read a chunk of classes at a time instead
-(:func:`_chunk_pass`): the loss alone took a tenth to a fifth less time there (1000 classes,
-4 KiB runs)."""
+(:func:`_chunk_pass`), in contiguous runs: the loss took a tenth less time there at 1000
+classes (runs of 4 KiB), a quarter less at 32000 (128 bytes)."""
 
-_GRAD_RUN_BYTES = 2**8
+_GRAD_RUN_BYTES = 2**7
 """The same for the gradient, for which the chunks of classes read the input twice: blocks of
-columns took a third less time down to runs of 256 bytes (16000 classes), a fifth more at 128
-bytes (32000)."""
+columns took as long or less down to runs of 128 bytes (32000 classes), twice as long at 40
+bytes (100000 classes: the cache lines of a row are split between blocks)."""
 
 _CHUNK_ROWS = 16
 """The fewest classes in a chunk of :func:`_chunk_pass` (its columns, at most all of them,
@@ -608,8 +608,9 @@ def _chunk_pass(
         grad.reshape(-1)[at] = scale - factor  # the label's exponential is exactly 1
     if unsafe.any():
         scratch: list[np.ndarray] = []
-        for group in np.unique(np.nonzero(unsafe)[0] * columns + np.nonzero(unsafe)[1] // n):
-            i, j = divmod(int(group), columns)
+        slabs, at_column = np.nonzero(unsafe)
+        for group in np.unique(slabs * columns + at_column // n).tolist():
+            i, j = divmod(group, columns)
             blocks(i, slice(j * n, min(j * n + n, b)), max(1, block // c), scratch)
 
 
