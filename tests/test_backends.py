@@ -255,10 +255,13 @@ _ND_SHAPES = [
     ((2, 5, 3), 1), ((4, 10, 64), 1), ((3, 7, 5, 6), 1), ((3, 4, 7, 6), 2), ((7, 3, 4), 0),
     ((300, 40), 0), ((50, 6, 10), 1), ((40, 100, 100), 1), ((2, 40, 8000), 1), ((5, 3, 1), 1),
 ]  # fmt: skip
-"""Class axes that are not last, as ``(shape, axis)``: below the unshifted sums' size and above,
-one block of whole slabs or (as shipped: 40 x 100 x 100) two, one slab split into blocks of
-columns (2 x 40 x 8000 as shipped; all but the smallest with the shrunk limits, over several
-threads), and trailing axes of size 1 (the rows of the class axis last)."""
+"""Class axes that are not last, as ``(shape, axis)``, viewed as ``(A, C, B)``: below the
+unshifted sums' size and above; as shipped each one block, with the shrunk limits of
+``numpy_limits`` (float32) blocks of whole slabs (4 x 10 x 64, 50 x 6 x 10), blocks of columns
+(2 x 40 x 8000), chunks of classes (40 x 100 x 100; 300 x 40 along axis 0, one slab whose
+chunks the threads share), most over several threads; and trailing axes of size 1 (the rows of
+the class axis last). ``test_blocks_as_shipped`` and ``test_many_classes_in_chunks`` split
+inputs with the limits as shipped."""
 
 _ND_IDS = [f"{'x'.join(map(str, shape))}-axis{axis}" for shape, axis in _ND_SHAPES]
 
@@ -577,6 +580,26 @@ class TestNumpyFusedPass:
                     np.testing.assert_allclose(to_numpy(a), want, rtol=1e-12, atol=1e-14)
                 np.testing.assert_allclose(to_numpy(grad), want_grad, rtol=1e-12, atol=1e-14)
                 assert np.all(np.moveaxis(to_numpy(grad), axis, -1).reshape(-1, c)[1::4] == 0)
+
+    @pytest.mark.parametrize("shape", [(5, 100, 3000), (1, 20, 60000)], ids=["slabs", "columns"])
+    def test_blocks_as_shipped(
+        self,
+        xp: Any,
+        rng: np.random.Generator,
+        slab_calls: collections.Counter[str],
+        shape: tuple[int, int, int],
+    ) -> None:
+        # With the limits as shipped: whole slabs in two blocks (3 + 2 slabs), one slab in two
+        # blocks of columns (too small for the threads; numpy_limits shrinks their limit).
+        a, c, b = shape
+        x = to_xp(xp, rng.normal(scale=3.0, size=shape), dtype="float32")
+        y_np = rng.integers(0, c, size=(a, b))
+        y_np[:, ::5] = -100
+        y = to_xp(xp, y_np)
+        w = to_xp(xp, rng.random(c) + 0.5, dtype="float32")
+        _assert_like_general(x, y, 1e-5, 8e-7, axis=1, weight=w, reduction="none")
+        if xent.backends.native_enabled():
+            assert slab_calls == {"_slab_block": 2 + 2}  # the loss, the loss and its gradient
 
     @pytest.mark.parametrize("dtype", ["float16", "float32"])
     @pytest.mark.parametrize("shape", [(1, 3000, 400), (1, 40000, 64)], ids=["3000", "40000"])
