@@ -10,7 +10,8 @@
   invalid labels.
 - NumPy's pass on each side of its size thresholds (one block or many, rows or transposed
   blocks, one thread or several), with float16, class weights and ignored labels; and along a
-  class axis that is not last (blocks of whole slabs or of columns of one).
+  class axis that is not last (blocks of whole slabs, blocks of columns of one, or chunks of
+  its classes).
 """
 
 from __future__ import annotations
@@ -256,7 +257,8 @@ _ND_SHAPES = [
     ((300, 40), 0), ((50, 6, 10), 1), ((40, 100, 100), 1), ((2, 40, 8000), 1), ((5, 3, 1), 1),
 ]  # fmt: skip
 """Class axes that are not last, as ``(shape, axis)``, viewed as ``(A, C, B)``: below the
-unshifted sums' size and above; as shipped each one block, with the shrunk limits of
+unshifted sums' size and above; as shipped one block each (but 2 x 40 x 8000: two in float64,
+blocks of columns for a float16 gradient, which takes smaller blocks), with the shrunk limits of
 ``numpy_limits`` (float32) blocks of whole slabs (4 x 10 x 64, 50 x 6 x 10), blocks of columns
 (2 x 40 x 8000), chunks of classes (40 x 100 x 100; 300 x 40 along axis 0, one slab whose
 chunks the threads share), most over several threads; and trailing axes of size 1 (the rows of
