@@ -356,14 +356,27 @@ def _class_sum(e: np.ndarray, total: np.ndarray, spare: np.ndarray | None) -> No
     np.add(e[:, 0], e[:, 1], out=total)
 
 
-@functools.lru_cache(maxsize=64)
-def _slab_index(k: int, n: int, slab: int) -> np.ndarray:
+def _offsets(k: int, n: int, slab: int) -> np.ndarray:
     """``(k, n)``: ``i * slab + j``, the offset of position ``(i, j)`` of a block of ``k``
-    slabs of ``slab`` elements, ``n`` wide (read-only: it is shared)."""
+    slabs of ``slab`` elements, ``n`` wide (read-only: it may be shared)."""
     columns = np.arange(n, dtype=np.intp)
     out = columns[None, :] if k == 1 else np.add.outer(np.arange(k, dtype=np.intp) * slab, columns)
     out.flags.writeable = False
     return out
+
+
+_remembered_offsets = functools.lru_cache(maxsize=64)(_offsets)
+
+_INDEX_CACHE_ELEMENTS = 2**14
+"""Offsets of :func:`_slab_index` up to this many are remembered (a small input's few
+microseconds); larger ones, made for blocks whose work dwarfs them, are not kept."""
+
+
+def _slab_index(k: int, n: int, slab: int) -> np.ndarray:
+    """:func:`_offsets`, remembered where small."""
+    if k * n <= _INDEX_CACHE_ELEMENTS:
+        return _remembered_offsets(k, n, slab)
+    return _offsets(k, n, slab)
 
 
 _SLAB_BLOCK_BYTES = 2**22
