@@ -40,9 +40,9 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import Case, _load, _time, measure  # noqa: E402
+from run import Case, _load, _time, measure
 
-import xent  # noqa: E402
+import xent
 
 OPTION_SHAPES = ("256x10", "32x1000", "512x1000", "2048x8192")
 OPTIONS = ("weight", "smoothing", "ignored", "none", "sum", "int32")
@@ -114,7 +114,10 @@ def torch_cases(case: str, rng: np.random.Generator) -> list[Case]:
         options["weight"] = torch.from_numpy(options["weight"])
     classes_last = axis == p["x"].ndim - 1 and p["x"].ndim > 2
     cases = []
-    for backend, dtype in (("torch eager fp32", torch.float32), ("torch eager bf16", torch.bfloat16)):
+    for backend, dtype in (
+        ("torch eager fp32", torch.float32),
+        ("torch eager bf16", torch.bfloat16),
+    ):
         x = torch.from_numpy(np.ascontiguousarray(p["x"])).to(dtype)
         if p["memory"] == "column-major":
             x = x.T.contiguous().T

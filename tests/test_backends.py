@@ -9,11 +9,15 @@
   dtype's limits, labels of other integer dtypes, an ``ignore_index`` inside ``[0, C)``, and
   invalid labels.
 - NumPy's pass on each side of its size thresholds (one block or many, rows or transposed
-  blocks, one thread or several), with float16, class weights and ignored labels.
+  blocks, one thread or several), with float16, class weights and ignored labels; and along a
+  class axis that is not last (blocks of whole slabs, blocks of columns of one, or chunks of
+  its classes).
 """
 
 from __future__ import annotations
 
+import collections
+import math
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
@@ -270,6 +274,43 @@ gradient's limits in float32 and float64) and wide ones; the last spans two bloc
 and with the shrunk limits of ``numpy_limits`` each but the first spans many blocks and several
 threads."""
 
+_ND_SHAPES = [
+    ((2, 5, 3), 1), ((4, 10, 64), 1), ((3, 7, 5, 6), 1), ((3, 4, 7, 6), 2), ((7, 3, 4), 0),
+    ((300, 40), 0), ((50, 6, 10), 1), ((40, 100, 100), 1), ((2, 40, 8000), 1), ((5, 3, 1), 1),
+]  # fmt: skip
+"""Class axes that are not last, as ``(shape, axis)``, viewed as ``(A, C, B)``: below the
+unshifted sums' size and above; as shipped one block each (but 2 x 40 x 8000: two in float64,
+blocks of columns for a float16 gradient, which takes smaller blocks), with the shrunk limits of
+``numpy_limits`` (float32) blocks of whole slabs (4 x 10 x 64, 50 x 6 x 10), blocks of columns
+(2 x 40 x 8000), chunks of classes (40 x 100 x 100; 300 x 40 along axis 0, one slab whose
+chunks the threads share), most over several threads; and trailing axes of size 1 (the rows of
+the class axis last). ``test_blocks_as_shipped`` and ``test_many_classes_in_chunks`` split
+inputs with the limits as shipped."""
+
+_ND_IDS = [f"{'x'.join(map(str, shape))}-axis{axis}" for shape, axis in _ND_SHAPES]
+
+
+@pytest.fixture
+def slab_calls(monkeypatch: pytest.MonkeyPatch) -> collections.Counter[str]:
+    """Counts the calls of the parts of NumPy's pass along a class axis that is not last: its
+    blocks (``_slab_block``) and its passes over chunks of classes (``_chunk_pass``)."""
+    from xent.backends import _numpy
+
+    calls: collections.Counter[str] = collections.Counter()
+
+    def counting(name: str) -> Callable[..., Any]:
+        f = getattr(_numpy, name)
+
+        def counted(*args: Any) -> Any:
+            calls[name] += 1
+            return f(*args)
+
+        return counted
+
+    for name in ("_slab_block", "_chunk_pass"):
+        monkeypatch.setattr(_numpy, name, counting(name))
+    return calls
+
 
 @pytest.fixture(params=[False, True], ids=["real-limits", "small-blocks"])
 def numpy_limits(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
@@ -279,6 +320,11 @@ def numpy_limits(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
         from xent.backends import _numpy
 
         monkeypatch.setattr(_numpy, "_BLOCK_BYTES", 4096)
+        monkeypatch.setattr(_numpy, "_SLAB_BLOCK_BYTES", 4096)
+        # Blocks of columns of one slab at least 16 float32 wide (at most 64 classes), else
+        # chunks of classes.
+        monkeypatch.setattr(_numpy, "_RUN_BYTES", 64)
+        monkeypatch.setattr(_numpy, "_GRAD_RUN_BYTES", 64)
         monkeypatch.setattr(_numpy, "_NARROW_BLOCK_BYTES", 1024)
         monkeypatch.setattr(_numpy, "_PARALLEL_BYTES", 8192)
         monkeypatch.setattr(_numpy, "_UNSHIFTED_ELEMENTS", 256)
@@ -293,9 +339,12 @@ def _calls(x: Any, y: Any, **options: Any) -> list[np.ndarray]:
     return [to_numpy(xent.cross_entropy(x, y, **options)), to_numpy(loss), to_numpy(grad)]
 
 
-def _assert_like_general(x: Any, y: Any, rtol: float, **options: Any) -> list[np.ndarray]:
-    """The calls with the native pass, then through the generic primitives: same values,
-    dtypes and shapes, the gradient C-contiguous."""
+def _assert_like_general(
+    x: Any, y: Any, rtol: float, atol: float | None = None, **options: Any
+) -> list[np.ndarray]:
+    """The calls with the native pass, then through the generic primitives: same values (to
+    ``rtol``, and ``atol``, by default ``rtol / 100``), dtypes and shapes, the gradient
+    C-contiguous."""
     ours = _calls(x, y, **options)
     previous = xent.backends.set_native(False)
     try:
@@ -305,7 +354,8 @@ def _assert_like_general(x: Any, y: Any, rtol: float, **options: Any) -> list[np
     for a, b in zip(ours, generic, strict=True):
         assert a.dtype == b.dtype
         assert a.shape == b.shape
-        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * 1e-2, equal_nan=True)
+        tol = rtol * 1e-2 if atol is None else atol
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=tol, equal_nan=True)
     assert ours[2].flags.c_contiguous
     return ours
 
@@ -487,8 +537,322 @@ class TestNumpyFusedPass:
             )
             assert plan(x, to_xp(xp, invalid), None) is None
             assert plan(to_xp(xp, np.asfortranarray(x_np)), y, None) is None
-        for declined in ({"label_smoothing": 0.1}, {"ignore_index": 2}, {"axis": 0}):
+        for declined in ({"label_smoothing": 0.1}, {"ignore_index": 2}):
             assert ops.fused_index_plan(x, y, plain._replace(**declined)) is None
+
+    @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+    @pytest.mark.parametrize(("shape", "axis"), _ND_SHAPES, ids=_ND_IDS)
+    def test_class_axis_not_last_matches_general_path(
+        self,
+        xp: Any,
+        rng: np.random.Generator,
+        numpy_limits: bool,
+        slab_calls: collections.Counter[str],
+        shape: tuple[int, ...],
+        axis: int,
+        dtype: str,
+    ) -> None:
+        c = shape[axis]
+        per_position = shape[:axis] + shape[axis + 1 :]
+        x_np = rng.normal(scale=4.0, size=shape)
+        x = to_xp(xp, x_np, dtype=dtype)
+        y = to_xp(xp, rng.integers(0, c, size=per_position))
+        w = to_xp(xp, rng.random(c) + 0.5, dtype=dtype)
+        eps = float(np.finfo(dtype).eps)
+        rtol = 4 * eps if dtype == "float16" else 1e-5
+        for options in (
+            {},
+            {"weight": w, "reduction": "none"},
+            {"weight": w, "reduction": "sum"},
+            {"reduction": "none"},
+        ):
+            # The gradient at the label, w (p - 1), cancels: a few ulp of the weight (<= 1.5)
+            # apart where p is rounded differently.
+            ours = _assert_like_general(x, y, rtol, 8 * eps, axis=axis, **options)
+            assert ours[0].dtype == np.dtype(dtype)
+            assert ours[2].shape == shape
+            assert ours[0].shape == (per_position if options.get("reduction") == "none" else ())
+        np.testing.assert_array_equal(to_numpy(x), x_np.astype(dtype))  # never written
+        # The fused pass served them (not xent's general path), along the middle of (A, C, B)
+        # where B > 1.
+        if xent.backends.native_enabled() and math.prod(shape[axis + 1 :]) > 1:
+            assert slab_calls
+
+    @pytest.mark.parametrize(("shape", "axis"), _ND_SHAPES, ids=_ND_IDS)
+    def test_class_axis_not_last_exact_in_float64(
+        self,
+        xp: Any,
+        rng: np.random.Generator,
+        numpy_limits: bool,
+        shape: tuple[int, ...],
+        axis: int,
+    ) -> None:
+        # Against the float64 reference, the gradient included; weights, reductions, ignored
+        # positions (the mean's denominator their weights' sum).
+        c = shape[axis]
+        x_np = rng.normal(scale=4.0, size=shape)
+        y_np = rng.integers(0, c, size=shape[:axis] + shape[axis + 1 :])
+        y_np.reshape(-1)[1::4] = -100
+        w_np = rng.random(c) + 0.5
+        x, y, w = to_xp(xp, x_np), to_xp(xp, y_np), to_xp(xp, w_np)
+        for reduction in ("mean", "sum", "none"):
+            for weight, w_ref in ((None, None), (w, w_np)):
+                options = {"axis": axis, "reduction": reduction}
+                want = ref.cross_entropy(x_np, y_np, weight=w_ref, **options)
+                want_grad = ref.cross_entropy_grad(x_np, y_np, weight=w_ref, **options)
+                loss, grad = xent.cross_entropy_and_grad(x, y, weight=weight, **options)
+                got = xent.cross_entropy(x, y, weight=weight, **options)
+                for a in (got, loss):
+                    np.testing.assert_allclose(to_numpy(a), want, rtol=1e-12, atol=1e-14)
+                np.testing.assert_allclose(to_numpy(grad), want_grad, rtol=1e-12, atol=1e-14)
+                assert np.all(np.moveaxis(to_numpy(grad), axis, -1).reshape(-1, c)[1::4] == 0)
+
+    @pytest.mark.parametrize("shape", [(5, 100, 3000), (1, 20, 60000)], ids=["slabs", "columns"])
+    def test_blocks_as_shipped(
+        self,
+        xp: Any,
+        rng: np.random.Generator,
+        slab_calls: collections.Counter[str],
+        shape: tuple[int, int, int],
+    ) -> None:
+        # With the limits as shipped: whole slabs in two blocks (3 + 2 slabs), one slab in two
+        # blocks of columns (too small for the threads; numpy_limits shrinks their limit).
+        a, c, b = shape
+        x = to_xp(xp, rng.normal(scale=3.0, size=shape), dtype="float32")
+        y_np = rng.integers(0, c, size=(a, b))
+        y_np[:, ::5] = -100
+        y = to_xp(xp, y_np)
+        w = to_xp(xp, rng.random(c) + 0.5, dtype="float32")
+        _assert_like_general(x, y, 1e-5, 8e-7, axis=1, weight=w, reduction="none")
+        if xent.backends.native_enabled():
+            assert slab_calls == {"_slab_block": 2 + 2}  # the loss, the loss and its gradient
+
+    @pytest.mark.parametrize("dtype", ["float16", "float32"])
+    @pytest.mark.parametrize("shape", [(1, 3000, 400), (1, 40000, 64)], ids=["3000", "40000"])
+    def test_many_classes_in_chunks(
+        self,
+        xp: Any,
+        rng: np.random.Generator,
+        slab_calls: collections.Counter[str],
+        shape: tuple[int, int, int],
+        dtype: str,
+    ) -> None:
+        # Slabs beyond the block whose columns would be narrow, as shipped: chunks of classes
+        # for the loss (both), and for the gradient (40000 classes; 3000 take blocks of
+        # columns); one slab split between the threads. A column beyond the safe sums (a loss
+        # over 80) is computed again by the blocks of columns. Against the float64 reference:
+        # the general path sums the classes one after another (some 1e-5 off in float32).
+        a, c, b = shape
+        x_np = rng.normal(scale=3.0, size=shape).astype(dtype)
+        y_np = rng.integers(0, c, size=(a, b))
+        y_np[0, 3] = -100
+        x_np[0, 7, 5] = 90.0
+        y_np[0, 5] = 8  # the loss is 90 - x[8]
+        w_np = (rng.random(c) + 0.5).astype(dtype)
+        x, y, w = to_xp(xp, x_np), to_xp(xp, y_np), to_xp(xp, w_np)
+        eps = float(np.finfo(dtype).eps)
+        rtol = 4 * eps if dtype == "float16" else 1e-5
+        if not xent.backends.native_enabled():
+            rtol = max(rtol, 1e-4)  # the general path's sums, one class after another
+        # In float64 (the reference's gradient builds a C x C identity).
+        logits = x_np.astype(np.float64)
+        m = logits.max(axis=1, keepdims=True)
+        e = np.exp(logits - m)
+        lse = np.log(e.sum(axis=1, keepdims=True)) + m
+        kept = y_np != -100
+        at = np.where(kept, y_np, 0)[:, None]
+        p = np.exp(logits - lse)
+        np.put_along_axis(p, at, np.take_along_axis(p, at, axis=1) - 1, axis=1)  # less onehot
+        for weight, w_ref in ((None, np.ones(c)), (w, w_np.astype(np.float64))):
+            factor = w_ref[at[:, 0]] * kept
+            want = factor * (lse - np.take_along_axis(logits, at, axis=1))[:, 0]
+            want_grad = factor[:, None] * p
+            options = {"axis": 1, "reduction": "none"}
+            loss, grad = xent.cross_entropy_and_grad(x, y, weight=weight, **options)
+            got = xent.cross_entropy(x, y, weight=weight, **options)
+            for v in (got, loss):
+                np.testing.assert_allclose(to_numpy(v), want, rtol=rtol, atol=4 * eps)
+            np.testing.assert_allclose(to_numpy(grad), want_grad, rtol=rtol, atol=4 * eps)
+        if xent.backends.native_enabled():
+            assert slab_calls["_chunk_pass"] == (4 if c > 10000 else 2)
+            assert slab_calls["_slab_block"] >= (2 if c > 10000 else 3)
+        # A NaN, and a position with every class masked: the general path's NaN.
+        x_np[0, :, 9] = -np.inf
+        x_np[a - 1, 4, b - 2] = np.nan
+        x, y = to_xp(xp, x_np), to_xp(xp, y_np)
+        _assert_like_general(x, y, rtol, axis=1, reduction="none")
+
+    @pytest.mark.parametrize("label_dtype", ["int8", "uint8", "int64"])
+    def test_class_axis_not_last_ignored_labels(
+        self, xp: Any, rng: np.random.Generator, numpy_limits: bool, label_dtype: str
+    ) -> None:
+        x = to_xp(xp, rng.normal(size=(3, 300, 7, 5)), dtype="float32")
+        y_np = rng.integers(0, 100, size=(3, 7, 5))
+        ignore_index = 255 if label_dtype == "uint8" else -100
+        y_np[:, ::3] = ignore_index
+        y = to_xp(xp, y_np, dtype=label_dtype)
+        w = to_xp(xp, rng.random(300) + 0.5, dtype="float32")
+        for options in ({}, {"weight": w}, {"reduction": "none"}):
+            ours = _assert_like_general(x, y, 1e-5, axis=1, ignore_index=ignore_index, **options)
+            np.testing.assert_array_equal(ours[2][:, :, ::3], 0.0)
+        # Every position ignored: a NaN mean and a zero gradient, as PyTorch gives.
+        everything = to_xp(xp, np.full((3, 7, 5), ignore_index), dtype=label_dtype)
+        loss, _, grad = _assert_like_general(x, everything, 1e-5, axis=1, ignore_index=ignore_index)
+        assert np.isnan(loss)
+        np.testing.assert_array_equal(grad, 0.0)
+
+    @pytest.mark.parametrize(("label_dtype", "label"), [("int8", -1), ("int64", 300)])
+    @pytest.mark.parametrize("axis", [0, 1, 2])
+    def test_class_axis_not_last_invalid_labels_raise(
+        self,
+        xp: Any,
+        rng: np.random.Generator,
+        numpy_limits: bool,
+        axis: int,
+        label_dtype: str,
+        label: int,
+    ) -> None:
+        # The error the general path raises, whichever axis holds the classes.
+        shape = [9, 8, 7]
+        shape[axis] = 150
+        x = to_xp(xp, rng.normal(size=shape), dtype="float32")
+        per_position = tuple(shape[:axis] + shape[axis + 1 :])
+        y_np = rng.integers(0, 100, size=per_position)
+        y_np[0, 1] = -100  # ignored: the fast path takes it, the bad label must still raise
+        y_np[3, 5] = label
+        y = to_xp(xp, y_np, dtype=label_dtype)
+        for call in (xent.cross_entropy, xent.cross_entropy_and_grad):
+            with pytest.raises(ValueError, match=rf"label {label} at position \(3, 5\)"):
+                call(x, y, axis=axis)
+
+    @pytest.mark.parametrize("dtype", ["float16", "float32"])
+    def test_class_axis_not_last_non_finite_positions(
+        self, xp: Any, rng: np.random.Generator, numpy_limits: bool, dtype: str
+    ) -> None:
+        # NaN, +inf and all -inf positions in the middle of a many-block input: the loss and
+        # gradient of the general path (which the fused pass hands them back to).
+        rtol = 4 * float(np.finfo(dtype).eps) if dtype == "float16" else 1e-5
+        for c in (7, 300):
+            x_np = rng.normal(size=(4, c, 30)).astype(dtype)
+            y_np = rng.integers(0, c, size=(4, 30))
+            x, y = to_xp(xp, x_np), to_xp(xp, y_np)
+            _assert_like_general(x, y, rtol, axis=1, reduction="none")
+            x_np[1, :, 20] = -np.inf
+            x_np[2, 2, 7] = np.inf
+            x_np[3, 1, 29] = np.nan
+            x_np[0, 3, 5] = -np.inf  # masked class: the position stays finite
+            y_np[0, 5] = 3  # the label on it: +inf
+            x, y = to_xp(xp, x_np), to_xp(xp, y_np)
+            _assert_like_general(x, y, rtol, axis=1, reduction="none")
+
+    @pytest.mark.parametrize("dtype", ["float32", "float64"])
+    def test_class_axis_not_last_unshifted_sums_exact(
+        self, xp: Any, rng: np.random.Generator, numpy_limits: bool, dtype: str
+    ) -> None:
+        # As test_unshifted_sums_as_exact_as_shifted_ones, along axis 1 of (A, C, B): confident
+        # positions, label terms that underflow (their logits read back from the input),
+        # masked classes; blocks near the overflow of the sum or far below zero shifted. The
+        # fused pass sums the classes pairwise, its error (and in float64 the reference's) up
+        # to some log2(C) ulp, as the rows' pass (NumPy's pairwise sum) on the same positions;
+        # the general path (NumPy's sum along an axis that is not the innermost) adds them one
+        # after another, up to C ulp.
+        eps = float(np.finfo(dtype).eps)
+        tol = 16 * eps if xent.backends.native_enabled() else 300 * eps
+        big = 80.0 if dtype == "float32" else 700.0  # exp(big) is beyond the safe sums
+        a, c, b = 4, 300, 24
+        x_np = rng.normal(size=(a, c, b))
+        y_np = rng.integers(0, c, size=(a, b))
+        i, j = np.divmod(np.arange(a * b), b)
+        labels = y_np.reshape(-1)
+        x_np[i[::3], labels[::3], j[::3]] = rng.uniform(17, 18, size=len(i[::3]))
+        x_np[i[1::12], labels[1::12], j[1::12]] = -big * 0.75  # below the threshold
+        x_np[0, :50, 2] = -np.inf
+        y_np[0, 2] = 60
+        unsafe = x_np.copy()
+        unsafe[1, :, 5] += big
+        unsafe[3, :, 22] -= 2 * big
+        for logits in (x_np.astype(dtype), unsafe.astype(dtype)):
+            x, y = to_xp(xp, logits), to_xp(xp, y_np)
+            options = {"axis": 1, "reduction": "none"}
+            want = ref.cross_entropy(logits, y_np, **options)
+            want_grad = ref.cross_entropy_grad(logits, y_np, **options)
+            loss, grad = xent.cross_entropy_and_grad(x, y, **options)
+            for got in (to_numpy(xent.cross_entropy(x, y, **options)), to_numpy(loss)):
+                np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+            np.testing.assert_allclose(to_numpy(grad), want_grad, rtol=2 * tol, atol=tol)
+
+    def test_pairwise_class_sums(self, xp: Any, rng: np.random.Generator) -> None:
+        # Every class count's halving (odd counts carry a row), in place and into a spare
+        # buffer (which leaves the exponentials as they were).
+        from xent.backends._numpy import _class_sum
+
+        for c in [*range(1, 70), 100, 255, 1000]:
+            e = rng.random((2, c, 3))
+            want = e.sum(axis=1)
+            kept = e.copy()
+            total = np.empty((2, 3))
+            _class_sum(e, total, np.empty((2, c // 2 + 1, 3)))
+            np.testing.assert_array_equal(e, kept)
+            np.testing.assert_allclose(total, want, rtol=1e-14)
+            _class_sum(e, total, None)
+            np.testing.assert_allclose(total, want, rtol=1e-14)
+
+    @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+    def test_class_axis_not_last_like_pytorch(
+        self, xp: Any, rng: np.random.Generator, numpy_limits: bool, reduction: str
+    ) -> None:
+        # PyTorch's (N, C, d1, d2) layout, its loss and gradient.
+        torch = pytest.importorskip("torch")
+        import torch.nn.functional as F
+
+        x_np = rng.normal(scale=3.0, size=(3, 11, 9, 8))
+        y_np = rng.integers(0, 11, size=(3, 9, 8))
+        y_np[1, ::2] = -100
+        w_np = rng.random(11) + 0.5
+        xt = torch.tensor(x_np, requires_grad=True)
+        want = F.cross_entropy(
+            xt, torch.tensor(y_np), weight=torch.tensor(w_np), reduction=reduction
+        )
+        want.sum().backward()
+        x, y, w = to_xp(xp, x_np), to_xp(xp, y_np), to_xp(xp, w_np)
+        loss, grad = xent.cross_entropy_and_grad(x, y, axis=1, weight=w, reduction=reduction)
+        np.testing.assert_allclose(to_numpy(loss), want.detach().numpy(), rtol=1e-12)
+        np.testing.assert_allclose(to_numpy(grad), xt.grad.numpy(), rtol=1e-12, atol=1e-15)
+        got = xent.cross_entropy(x, y, axis=1, weight=w, reduction=reduction)
+        np.testing.assert_allclose(to_numpy(got), want.detach().numpy(), rtol=1e-12)
+
+    def test_class_axis_not_last_remembered_plan(
+        self, xp: Any, rng: np.random.Generator, numpy_limits: bool
+    ) -> None:
+        # The plan for axis 1 of (A, C, B): fused_index_loss's answer, and a decline for each
+        # call's bad layout or labels.
+        from xent.backends import IndexOptions
+        from xent.backends._numpy import NativeBackend
+
+        ops = NativeBackend(xp)
+        options = IndexOptions(
+            axis=1, weight=None, ignore_index=-100, label_smoothing=0.0, reduction="none"
+        )
+        x_np = rng.normal(size=(6, 40, 50)).astype(np.float32)
+        y_np = rng.integers(0, 40, size=(6, 50))
+        invalid = y_np.copy()
+        invalid[2, 7] = 40
+        x, y = to_xp(xp, x_np), to_xp(xp, y_np)
+        plan = ops.fused_index_plan(x, y, options)
+        assert plan is not None
+        np.testing.assert_array_equal(
+            to_numpy(plan(x, y, None)), to_numpy(ops.fused_index_loss(x, y, options))
+        )
+        np.testing.assert_allclose(
+            to_numpy(plan(x, y, None)),
+            ref.cross_entropy(x_np, y_np, axis=1, reduction="none"),
+            rtol=1e-5,
+        )
+        assert plan(x, to_xp(xp, invalid), None) is None
+        assert plan(to_xp(xp, np.asfortranarray(x_np)), y, None) is None
+        transposed = np.ascontiguousarray(x_np.transpose(0, 2, 1)).transpose(0, 2, 1)
+        assert plan(to_xp(xp, transposed), y, None) is None  # not C-contiguous
+        assert ops.fused_index_loss_and_grad(to_xp(xp, transposed), y, options) is None
 
     def test_smoothing_and_other_layouts_decline(self, xp: Any, rng: np.random.Generator) -> None:
         ops = xent.backends.lookup(xp)
@@ -505,7 +869,7 @@ class TestNumpyFusedPass:
         for declined, a in (
             ({"label_smoothing": 0.1}, x),  # smoothing: the general path
             ({"ignore_index": 2}, x),  # an ignore_index that is a class
-            ({"axis": 0}, xp.reshape(x, (5, 6))),  # classes not along the last axis
+            ({"axis": 0}, xp.permute_dims(x, (1, 0))),  # a transposed view: not C-contiguous
             ({}, x[:, ::2]),  # not C-contiguous
         ):
             options = plain._replace(**declined)

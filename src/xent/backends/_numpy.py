@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import itertools
+import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -72,8 +74,9 @@ _HUGE_PAGE_BYTES = 2**21
 """The span of a transparent huge page (x86-64, arm64 with 4 KiB base pages)."""
 
 
-def _fresh(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    """An uninitialised array whose rows (along the last axis) :func:`_in_parallel` fills.
+def _fresh(shape: tuple[int, ...], dtype: Any, threads: int | None = None) -> np.ndarray:
+    """An uninitialised array whose rows (along the last axis) :func:`_in_parallel` fills
+    (or whose parts it fills over ``threads`` threads).
 
     Those split over threads are touched once per huge page from this thread first, so that the
     page faults of fresh memory (NumPy asks for transparent huge pages above 4 MiB) come one
@@ -83,7 +86,9 @@ def _fresh(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     everywhere.
     """
     out = np.empty(shape, dtype)
-    if out.ndim and _workers(out.size // max(1, shape[-1]), out.nbytes) > 1:
+    if threads is None:
+        threads = _workers(out.size // max(1, shape[-1]), out.nbytes) if out.ndim else 1
+    if threads > 1:
         flat = out.reshape(-1)
         flat[:: max(1, _HUGE_PAGE_BYTES // out.itemsize)] = 0
     return out
@@ -119,18 +124,19 @@ _FEW_LABELS = 16
 
 
 _Rows = tuple[np.ndarray, np.ndarray, tuple[int, ...], np.ndarray | None]
-"""``(rows, labels, per-row shape, ignored)``: the logits as 2-D rows, the labels as a vector,
-``ignored`` (None where no label is ``ignore_index``) marking the rows whose labels, set to 0
-in ``labels``, equal ``ignore_index``."""
+"""``(logits, labels, per-position shape, ignored)``: the logits as ``(A, C, B)`` (``A`` the
+product of the axes before the class axis, ``B`` of those after it), the labels as a vector of
+``A * B``, ``ignored`` (None where no label is ``ignore_index``) marking the positions whose
+labels, set to 0 in ``labels``, equal ``ignore_index``."""
 
 
 def _plain_case(x: np.ndarray, y: np.ndarray, options: IndexOptions) -> bool:
     """Whether the fused paths serve arrays of these dtypes and shapes with these options (the
     layout and the label values aside)."""
-    c = x.shape[-1] if x.ndim else 0
+    c = x.shape[options.axis] if 0 <= options.axis < x.ndim else 0
     return (
         x.dtype in _FUSED_DTYPES
-        and options.axis == x.ndim - 1
+        and c != 0
         and x.size != 0
         and not options.label_smoothing
         and not 0 <= options.ignore_index < c
@@ -138,12 +144,12 @@ def _plain_case(x: np.ndarray, y: np.ndarray, options: IndexOptions) -> bool:
     )
 
 
-def _plain_rows(x: np.ndarray, y: np.ndarray, ignore_index: int) -> _Rows | None:
-    """The rows and labels of a :func:`_plain_case` where its layout and labels let the fused
+def _plain_rows(x: np.ndarray, y: np.ndarray, ignore_index: int, axis: int) -> _Rows | None:
+    """The logits and labels of a :func:`_plain_case` where its layout and labels let the fused
     paths serve it (C-contiguous, every label a class or ``ignore_index``), else None."""
     if not x.flags.c_contiguous:
         return None
-    c = x.shape[-1]
+    c = x.shape[axis]
     labels = y.reshape(-1)
     ignored = None
     if _outside(labels, c):
@@ -151,7 +157,7 @@ def _plain_rows(x: np.ndarray, y: np.ndarray, ignore_index: int) -> _Rows | None
         labels = np.where(ignored, 0, labels).astype(labels.dtype, copy=False)
         if not ignored.any() or _outside(labels, c):
             return None
-    return x.reshape(-1, c), labels, y.shape, ignored
+    return x.reshape(math.prod(x.shape[:axis]), c, -1), labels, y.shape, ignored
 
 
 def _outside(labels: np.ndarray, classes: int) -> bool:
@@ -308,6 +314,400 @@ def _unshifted(
     np.divide(total, label_term, out=total, where=kept)
     np.copyto(picked, 0, where=kept)
     return True
+
+
+def _pass(
+    x: np.ndarray, labels: np.ndarray, dtype: np.dtype[Any], factor: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``(picked, total, grad)`` per position of logits ``(A, C, B)`` as :func:`_row_pass`
+    gives them, the gradient (of ``x``'s shape and dtype) only where ``factor`` is not None: the
+    rows of ``(A, C)`` where ``B`` is 1 (the class axis last), else :func:`_slab_pass`."""
+    a, c, b = x.shape
+    if b != 1:
+        return _slab_pass(x, labels, dtype, factor)
+    rows = x.reshape(a, c)
+    grad = None if factor is None else _fresh(rows.shape, x.dtype)
+    return (*_row_pass(rows, labels, dtype, factor, grad), grad)
+
+
+_PAIRWISE_CLASSES = 16
+"""More classes than this are summed pairwise across the block's rows (halves added, then
+halves of those...): NumPy sums along an axis that is not the innermost one element after
+another, an error that grows with the classes (a confident position's loss, near 1e-5, came
+out a fifth off with 300 float32 classes), where a sum along contiguous rows is pairwise.
+Fewer are summed in one call (the pairwise sum's few more calls cost more)."""
+
+
+def _class_sum(e: np.ndarray, total: np.ndarray, spare: np.ndarray | None) -> None:
+    """``total = e.sum(axis=1)`` for a block ``(k, C, n)``, pairwise where ``C`` exceeds
+    :data:`_PAIRWISE_CLASSES`; the first halves summed into ``spare`` (``(k, >= C // 2 + 1,
+    n)``), or in ``e`` itself (overwritten) where ``spare`` is None."""
+    c = e.shape[1]
+    if c <= _PAIRWISE_CLASSES:
+        e.sum(axis=1, out=total)
+        return
+    while c > 2:
+        half = c // 2
+        dst = e if spare is None else spare
+        np.add(e[:, :half], e[:, half : 2 * half], out=dst[:, :half])
+        if c % 2:  # the odd row goes on as it is: every row is added at most log2(C) times
+            np.copyto(dst[:, half], e[:, 2 * half])
+        e, spare, c = dst, None, half + c % 2
+    np.add(e[:, 0], e[:, 1], out=total)
+
+
+def _offsets(k: int, n: int, slab: int) -> np.ndarray:
+    """``(k, n)``: ``i * slab + j``, the offset of position ``(i, j)`` of a block of ``k``
+    slabs of ``slab`` elements, ``n`` wide (read-only: it may be shared)."""
+    columns = np.arange(n, dtype=np.intp)
+    out = columns[None, :] if k == 1 else np.add.outer(np.arange(k, dtype=np.intp) * slab, columns)
+    out.flags.writeable = False
+    return out
+
+
+_remembered_offsets = functools.lru_cache(maxsize=64)(_offsets)
+
+_INDEX_CACHE_ELEMENTS = 2**14
+"""Offsets of :func:`_slab_index` up to this many are remembered (a small input's few
+microseconds); larger ones, made for blocks whose work dwarfs them, are not kept."""
+
+
+def _slab_index(k: int, n: int, slab: int) -> np.ndarray:
+    """:func:`_offsets`, remembered where small."""
+    if k * n <= _INDEX_CACHE_ELEMENTS:
+        return _remembered_offsets(k, n, slab)
+    return _offsets(k, n, slab)
+
+
+_SLAB_BLOCK_BYTES = 2**22
+"""The block of :func:`_slab_pass` (in the compute dtype): larger than the rows' (each block's
+few dozen NumPy calls, and its reductions across rows, cost less per element there; it took
+some 20% less time than 1 MiB blocks at 8 x 21 x 256 x 256, 30% less at 16 x 1000 x 512, whose
+slabs then fit whole), the scratch of both threads still within the L3 cache."""
+
+_RUN_BYTES = 2**14
+"""Slabs larger than a block are split into blocks of columns that hold every class where
+those columns are at least this wide: a block's rows are then read as runs long enough for the
+memory's prefetch. Narrower ones (many classes) are read a chunk of classes at a time instead
+(:func:`_chunk_pass`), in contiguous runs: the loss took a tenth less time there at 1000
+classes (runs of 4 KiB), a quarter less at 32000 (128 bytes)."""
+
+_GRAD_RUN_BYTES = 2**7
+"""The same for the gradient, for which the chunks of classes read the input twice: blocks of
+columns took as long or less down to runs of 128 bytes (32000 classes), twice as long at 40
+bytes (100000 classes: the cache lines of a row are split between blocks)."""
+
+_CHUNK_ROWS = 16
+"""The fewest classes in a chunk of :func:`_chunk_pass` (its columns, at most all of them,
+fill the rest of the block)."""
+
+
+def _slab_pass(
+    x: np.ndarray, labels: np.ndarray, dtype: np.dtype[Any], factor: Any
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """:func:`_row_pass` for logits ``(A, C, B)`` whose class axis is not the last: per
+    position ``(a, b)`` the reductions run over the ``C`` values ``x[a, :, b]``, across the
+    ``C`` rows of a block, each row a contiguous run of the input. A block holds whole ``(C,
+    B)`` slabs; where a slab is larger, ``B``-columns of one, or (where those columns would be
+    narrow) the slab is read a chunk of classes at a time (:func:`_chunk_pass`). Threaded by
+    blocks for large inputs; nothing of the input's size is written but ``grad``, in the
+    input's layout."""
+    a, c, b = x.shape
+    slab = c * b
+    # A float16 gradient is written from the block through _store's temporaries, each of the
+    # block's size: those of 4 MiB blocks took twice as long as those of the rows' blocks.
+    narrow = factor is not None and x.dtype != dtype
+    block = max(1, (_BLOCK_BYTES if narrow else _SLAB_BLOCK_BYTES) // dtype.itemsize)
+    nbytes = x.size * dtype.itemsize
+    chunked = False
+    if slab <= block:
+        k, n = min(a, block // slab), b
+    else:
+        k, n = 1, max(1, min(b, block // c))
+        run = _RUN_BYTES if factor is None else _GRAD_RUN_BYTES
+        chunked = n < b and n * dtype.itemsize < run
+    columns = -(-b // n)
+    units = -(-a // k) * columns
+    grad = None if factor is None else _fresh(x.shape, x.dtype, _workers(units, nbytes))
+    # Where the gradient has the compute dtype, its contiguous blocks are their own scratch
+    # (as blocks of columns, strided, they ran slower).
+    own = grad is not None and grad.dtype == dtype
+    flat = x.reshape(-1)
+    flat_grad = None if grad is None else grad.reshape(-1)
+    per_position = isinstance(factor, np.ndarray)
+    factors = factor.reshape(a, b) if per_position else factor
+    positions = labels.reshape(a, b)
+    picked = np.empty((a, b), dtype)
+    total = np.empty((a, b), dtype)
+
+    def blocks(i: int, cols: slice, step: int, scratch: list[np.ndarray]) -> None:
+        """:func:`_slab_block` over the slabs ``[i, i + k)``, ``step`` of ``cols`` at a time
+        (``k`` 1 where ``cols`` are not all of them)."""
+        rows = slice(i, min(i + k, a))
+        for start in range(cols.start, cols.stop, step):
+            part = slice(start, min(start + step, cols.stop))
+            kk, nn = rows.stop - rows.start, part.stop - start
+            spare = None
+            if grad is not None and c > _PAIRWISE_CLASSES:
+                spare = _scratch(scratch, 1, kk * (c // 2 + 1) * nn, dtype)
+                spare = spare.reshape(kk, c // 2 + 1, nn)
+            _slab_block(
+                x[rows, :, part],
+                positions[rows, part],
+                picked[rows, part],
+                total[rows, part],
+                None if own and nn == b else _scratch(scratch, 0, kk * c * nn, dtype),
+                spare,
+                flat,
+                rows.start * slab + start,
+                b,
+                _slab_index(kk, nn, slab),
+                factors[rows, part] if per_position else factors,
+                None if grad is None else grad[rows, :, part],
+                flat_grad,
+            )
+
+    if chunked:
+        _chunk_pass(x, positions, picked, total, factors, grad, own, dtype, block, blocks)
+        return picked.reshape(-1), total.reshape(-1), grad
+    if units == 1 and (grad is None or own):
+        # One block of whole slabs (a small input): no loop, no threads.
+        half = c // 2 + 1
+        _slab_block(
+            x,
+            positions,
+            picked,
+            total,
+            None if grad is not None else np.empty(x.size, dtype),
+            None if grad is None or c <= _PAIRWISE_CLASSES else np.empty((a, half, b), dtype),
+            flat,
+            0,
+            b,
+            _slab_index(a, b, slab),
+            factors,
+            grad,
+            flat_grad,
+        )
+        return picked.reshape(-1), total.reshape(-1), grad
+
+    def work(lo: int, hi: int) -> None:
+        scratch: list[np.ndarray] = []  # this thread's buffers, made as they are needed
+        for unit in range(lo, hi):
+            i, j = divmod(unit, columns)
+            blocks(i * k, slice(j * n, min(j * n + n, b)), n, scratch)
+
+    if units == 1:
+        work(0, 1)  # one block: no threads
+    else:
+        _in_parallel(work, units, nbytes)
+    return picked.reshape(-1), total.reshape(-1), grad
+
+
+def _scratch(buffers: list[np.ndarray], i: int, size: int, dtype: np.dtype[Any]) -> np.ndarray:
+    """The first ``size`` elements of the ``i``-th of a thread's scratch buffers, (re)made at
+    least that large."""
+    while len(buffers) <= i:
+        buffers.append(np.empty(0, dtype))
+    if buffers[i].size < size:
+        buffers[i] = np.empty(size, dtype)
+    return buffers[i][:size]
+
+
+def _chunk_pass(
+    x: np.ndarray,
+    positions: np.ndarray,
+    picked: np.ndarray,
+    total: np.ndarray,
+    factor: Any,
+    grad: np.ndarray | None,
+    own: bool,
+    dtype: np.dtype[Any],
+    block: int,
+    blocks: Callable[[int, slice, int, list[np.ndarray]], None],
+) -> None:
+    """:func:`_slab_pass` for slabs read a chunk of classes at a time: the columns of a slab
+    (all of them, or as many as leave :data:`_CHUNK_ROWS` classes to a block), each chunk's
+    rows contiguous runs. Each position's logits are shifted by its label's (the label's term
+    is exactly 1, the loss ``log(sum(exp(x - x[label])))``), the chunks' sums added pairwise;
+    the gradient is made from the same exponentials in a second pass over the chunks (of
+    ``block`` elements, :func:`_slab_pass`'s). Where few slabs are to share the threads, each
+    slab's chunks are split between them, their sums added after.
+
+    Columns whose sum is beyond the safe ones (a loss of some 80 or more in float32) or NaN are
+    computed again by ``blocks`` (:func:`_slab_pass`'s blocks of columns that hold every class,
+    shifted by their max where needed)."""
+    a, c, b = x.shape
+    n = min(b, max(1, block // _CHUNK_ROWS))
+    rows = max(1, block // n)
+    columns = -(-b // n)
+    groups = a * columns
+    chunks = -(-c // rows)
+    nbytes = x.size * dtype.itemsize
+    threads = _workers(groups * chunks, nbytes)
+    parts = 1 if groups % threads == 0 or groups >= 4 * threads else min(chunks, threads)
+    units = groups * parts
+    flat = x.reshape(-1)
+    at = np.multiply(positions, b, dtype=np.intp)
+    at += np.add.outer(np.arange(a, dtype=np.intp) * (c * b), np.arange(b, dtype=np.intp))
+    shift = flat.take(at).astype(dtype, copy=False)  # each label's logit
+    sums = np.empty((parts, a, b), dtype)
+
+    def unit(u: int) -> tuple[int, slice, range]:
+        """The slab, columns and chunks (their first classes) of unit ``u``."""
+        group, part = divmod(u, parts)
+        i, j = divmod(group, columns)
+        first = chunks * part // parts * rows
+        last = min(c, chunks * (part + 1) // parts * rows)
+        return i, slice(j * n, min(j * n + n, b)), range(first, last, rows)
+
+    def exps(i: int, cols: slice, start: int, out: np.ndarray) -> np.ndarray:
+        """``exp(x - shift)`` for the chunk of classes at ``start``, in ``out`` (of the
+        chunk's shape, or flat scratch)."""
+        chunk = x[i, start : start + rows, cols]
+        if out.ndim == 1:
+            out = out[: chunk.size].reshape(chunk.shape)
+        if chunk.dtype == out.dtype:
+            np.subtract(chunk, shift[i, cols], out=out)
+        else:
+            _load(out, chunk)
+            out -= shift[i, cols]
+        return np.exp(out, out=out)
+
+    def sum_chunks(lo: int, hi: int) -> None:
+        buf = np.empty(rows * n, dtype)
+        for u in range(lo, hi):
+            i, cols, starts = unit(u)
+            partial: list[tuple[int, np.ndarray]] = []  # sums of 2**level chunks
+            for start in starts:
+                e = exps(i, cols, start, buf)
+                s = np.empty((1, e.shape[1]), dtype)
+                _class_sum(e[None], s, None)
+                level = 0
+                while partial and partial[-1][0] == level:
+                    s += partial.pop()[1]
+                    level += 1
+                partial.append((level, s))
+            s = partial.pop()[1]
+            while partial:
+                s += partial.pop()[1]
+            sums[u % parts, i, cols] = s[0]
+
+    def run(work: Callable[[int, int], None]) -> None:
+        if units == 1:
+            work(0, 1)
+        else:
+            _in_parallel(work, units, nbytes)
+
+    run(sum_chunks)
+    np.sum(sums, axis=0, out=total)
+    high = SAFE_SUMS[dtype.name][1]
+    unsafe = ~(total <= high)  # NaN too
+    picked.fill(0)
+    if grad is not None:
+        scale = factor / total
+
+        def write(lo: int, hi: int) -> None:
+            buf = None if own else np.empty(rows * n, dtype)
+            for u in range(lo, hi):
+                i, cols, starts = unit(u)
+                for start in starts:
+                    g = grad[i, start : start + rows, cols]
+                    e = exps(i, cols, start, g if buf is None else buf)
+                    e *= scale[i, cols]
+                    if buf is not None:
+                        _store(g, e)
+
+        run(write)
+        grad.reshape(-1)[at] = scale - factor  # the label's exponential is exactly 1
+    if unsafe.any():
+        scratch: list[np.ndarray] = []
+        slabs, at_column = np.nonzero(unsafe)
+        for group in np.unique(slabs * columns + at_column // n).tolist():
+            i, j = divmod(group, columns)
+            blocks(i, slice(j * n, min(j * n + n, b)), max(1, block // c), scratch)
+
+
+def _slab_block(
+    block: np.ndarray,
+    labels: np.ndarray,
+    picked: np.ndarray,
+    total: np.ndarray,
+    buf: np.ndarray | None,
+    spare: np.ndarray | None,
+    flat: np.ndarray,
+    offset: int,
+    stride: int,
+    base: np.ndarray,
+    factor: Any,
+    grad: np.ndarray | None,
+    flat_grad: np.ndarray | None,
+) -> None:
+    """:func:`_slab_pass` on one block ``(k, C, n)`` of the logits, which starts at ``offset``
+    in ``flat`` (the logits, flattened; ``flat_grad`` the gradient's) with a class every
+    ``stride`` elements; its exponentials in ``buf`` (flat, of the block's size), or in
+    ``grad``'s block itself where ``buf`` is None, summed by :func:`_class_sum` with ``spare``
+    (None for the loss alone). ``base`` is :func:`_slab_index` for the block: each position's
+    offset both in ``buf`` and, ``offset`` added, in ``flat`` (a block either has whole slabs,
+    ``n == stride``, or part of one, ``k == 1``).
+
+    The unshifted sums need the label's logit only where its exponential is below ``tiny``:
+    it is read from ``flat`` then alone (gathered from a block not yet in cache, it took as
+    long as the exponentials)."""
+    n = block.shape[2]
+
+    def in_flat() -> np.ndarray:
+        """Each label's logit in ``flat`` (and its gradient in ``flat_grad``)."""
+        at = np.multiply(labels, stride, dtype=np.intp)
+        at += base
+        at += offset
+        return at
+
+    if buf is None:
+        assert grad is not None
+        assert flat_grad is not None
+        work, work_flat, at = grad, flat_grad, in_flat()
+    else:
+        work, work_flat = buf.reshape(block.shape), buf
+        at = np.multiply(labels, n, dtype=np.intp)
+        at += base
+    source = block
+    if block.dtype != work.dtype:
+        _load(work, block)
+        block = work
+    if work.size >= _UNSHIFTED_ELEMENTS:
+        low, high, tiny = SAFE_SUMS[work.dtype.name]
+        np.exp(block, out=work)
+        label_term = work_flat.take(at)
+        _class_sum(work, total, spare)
+        if low <= total.min() and total.max() <= high:  # NaN fails both
+            if grad is not None:
+                scale = factor / total
+                work *= scale[:, None, :]
+                work_flat[at] -= factor
+                if buf is not None:
+                    _store(grad, work)
+            kept = label_term >= tiny
+            if kept.all():
+                np.divide(total, label_term, out=total)
+                picked.fill(0)
+            else:
+                np.divide(total, label_term, out=total, where=kept)
+                np.copyto(picked, np.where(kept, 0, flat.take(at if buf is None else in_flat())))
+            return
+        if block is work:
+            _load(work, source)  # the exponentials overwrote the copy
+    m = block.max(axis=1, keepdims=True)
+    np.subtract(block, m, out=work)
+    np.copyto(picked, work_flat.take(at))
+    np.exp(work, out=work)
+    _class_sum(work, total, spare)
+    if grad is None:
+        return
+    scale = factor / total
+    work *= scale[:, None, :]
+    work_flat[at] -= factor
+    if buf is not None:
+        _store(grad, work)
 
 
 _CAST_ELEMENTS = 1024
@@ -473,27 +873,27 @@ class Native(Backend):
     def fused_index_plan(
         self, input: Array, target: Array, options: IndexOptions
     ) -> Callable[[Array, Array, Array | None], Array | None] | None:
-        # The plain loss of C-contiguous rows whose labels are all in [0, C) or ignored (one
+        # The plain loss of C-contiguous logits whose labels are all in [0, C) or ignored (one
         # max reads them): one pass of max, exp and sum, with no mask, where or gather of the
         # general path. The dtypes, shapes and options are judged here, once; each call judges
         # its layout and labels, and hands anything else, and any NaN row, back to the core.
         if not _plain_case(np.asarray(input), np.asarray(target), options):
             return None
-        _, _, ignore_index, _, reduction = options
+        axis, _, ignore_index, _, reduction = options
 
         def plan(input: Array, target: Array, weight: Array | None) -> Array | None:
-            plain = _plain_rows(np.asarray(input), np.asarray(target), ignore_index)
+            plain = _plain_rows(np.asarray(input), np.asarray(target), ignore_index, axis)
             return None if plain is None else self._fused_loss(plain, weight, reduction)
 
         return plan
 
     def _fused_loss(self, plain: _Rows, weight: Array | None, reduction: str) -> Array | None:
-        rows, labels, shape, ignored = plain
-        dtype = _compute_dtype(rows.dtype)
+        x, labels, shape, ignored = plain
+        dtype = _compute_dtype(x.dtype)
         with self.quiet():
             label_weight = _label_weight(weight, labels, ignored, dtype)
-            picked, total = _row_pass(rows, labels, dtype, None, None)
-            return _loss(rows.dtype, shape, picked, total, label_weight, reduction)
+            picked, total, _ = _pass(x, labels, dtype, None)
+            return _loss(x.dtype, shape, picked, total, label_weight, reduction)
 
     def fused_index_loss_and_grad(
         self, input: Array, target: Array, options: IndexOptions
@@ -503,12 +903,12 @@ class Native(Backend):
         x, y = np.asarray(input), np.asarray(target)
         if not _plain_case(x, y, options):
             return None
-        _, weight, ignore_index, _, reduction = options
-        plain = _plain_rows(x, y, ignore_index)
+        axis, weight, ignore_index, _, reduction = options
+        plain = _plain_rows(x, y, ignore_index, axis)
         if plain is None:
             return None
-        rows, labels, shape, ignored = plain
-        dtype = _compute_dtype(rows.dtype)
+        logits, labels, shape, ignored = plain
+        dtype = _compute_dtype(x.dtype)
         with self.quiet():
             label_weight = _label_weight(weight, labels, ignored, dtype)
             factor: np.ndarray | Any = dtype.type(1) if label_weight is None else label_weight
@@ -517,9 +917,9 @@ class Native(Backend):
                 if ignored is not None:
                     # 0, not 0 / 0, where every row is ignored (as on the general path).
                     np.copyto(factor, 0, where=ignored)
-            grad = _fresh(rows.shape, rows.dtype)
-            picked, total = _row_pass(rows, labels, dtype, factor, grad)
-            loss = _loss(rows.dtype, shape, picked, total, label_weight, reduction)
+            picked, total, grad = _pass(logits, labels, dtype, factor)
+            loss = _loss(x.dtype, shape, picked, total, label_weight, reduction)
+        assert grad is not None
         return None if loss is None else (loss, grad.reshape(x.shape))
 
     def softmax_from_lse(
