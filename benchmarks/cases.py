@@ -119,6 +119,8 @@ def torch_cases(case: str, rng: np.random.Generator) -> list[Case]:
         ("torch eager bf16", torch.bfloat16),
     ):
         x = torch.from_numpy(np.ascontiguousarray(p["x"])).to(dtype)
+        if "weight" in options:  # F.cross_entropy takes weights of the logits' dtype only
+            options = {**options, "weight": options["weight"].to(dtype)}
         if p["memory"] == "column-major":
             x = x.T.contiguous().T
         elif p["memory"] == "channels-last":
@@ -201,7 +203,7 @@ def numpy_cases(case: str, rng: np.random.Generator) -> list[Case]:
 
 # --------------------------------------------------------------------------- driver
 def _elements(case: str) -> int:
-    return math.prod(_dims(case.split()[-1] if case in LAYOUTS else case.split()[0]))
+    return math.prod(_dims(LAYOUTS[case][0] if case in LAYOUTS else case.split()[0]))
 
 
 def results(cases: list[Case]) -> list[dict[str, Any]]:

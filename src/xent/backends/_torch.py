@@ -323,7 +323,7 @@ def _plan(
         # sum, which is finite only where each of them is, or overflows, which declines too).
         if not math.isfinite((loss if reduced else loss.sum()).item()):
             return None
-        if not reduced and (order is not None or loss.shape != target.shape):
+        if not reduced and (order is not None or x is not input):
             loss = _restore(loss, tuple(target.shape), order)
         return loss if back is None or loss.dtype == dtype else back(loss)
 
