@@ -537,8 +537,14 @@ class TestNumpyFusedPass:
             )
             assert plan(x, to_xp(xp, invalid), None) is None
             assert plan(to_xp(xp, np.asfortranarray(x_np)), y, None) is None
-        for declined in ({"label_smoothing": 0.1}, {"ignore_index": 2}):
-            assert ops.fused_index_plan(x, y, plain._replace(**declined)) is None
+        # Smoothing, and an ignore_index that is a class, are served too.
+        for served in ({"label_smoothing": 0.1}, {"ignore_index": 2}):
+            options = plain._replace(**served)
+            plan = ops.fused_index_plan(x, y, options)
+            assert plan is not None
+            np.testing.assert_array_equal(
+                to_numpy(plan(x, y, None)), to_numpy(ops.fused_index_loss(x, y, options))
+            )
 
     @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
     @pytest.mark.parametrize(("shape", "axis"), _ND_SHAPES, ids=_ND_IDS)
@@ -854,7 +860,7 @@ class TestNumpyFusedPass:
         assert plan(to_xp(xp, transposed), y, None) is None  # not C-contiguous
         assert ops.fused_index_loss_and_grad(to_xp(xp, transposed), y, options) is None
 
-    def test_smoothing_and_other_layouts_decline(self, xp: Any, rng: np.random.Generator) -> None:
+    def test_other_layouts_decline(self, xp: Any, rng: np.random.Generator) -> None:
         ops = xent.backends.lookup(xp)
         x = to_xp(xp, rng.normal(size=(6, 5)), dtype="float32")
         y = to_xp(xp, rng.integers(0, 3, size=6))
@@ -866,9 +872,13 @@ class TestNumpyFusedPass:
         x3, y3 = xp.reshape(x, (2, 3, 5)), xp.reshape(y, (2, 3))
         served = ops.fused_index_loss_and_grad(x3, y3, plain._replace(axis=2)) is not None
         assert served == xent.backends.native_enabled()
+        for options in (
+            plain._replace(label_smoothing=0.1),  # smoothing
+            plain._replace(ignore_index=2),  # an ignore_index that is a class
+        ):
+            served = ops.fused_index_loss_and_grad(x, y, options) is not None
+            assert served == xent.backends.native_enabled()
         for declined, a in (
-            ({"label_smoothing": 0.1}, x),  # smoothing: the general path
-            ({"ignore_index": 2}, x),  # an ignore_index that is a class
             ({"axis": 0}, xp.permute_dims(x, (1, 0))),  # a transposed view: not C-contiguous
             ({}, x[:, ::2]),  # not C-contiguous
         ):
