@@ -385,6 +385,193 @@ class TestNumpyFusedPass:
             assert ours[0].dtype == np.dtype(dtype)
         np.testing.assert_array_equal(to_numpy(x), x_np.astype(dtype))  # never written
 
+    @pytest.mark.parametrize("smoothing", [0.1, 1.0])
+    @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+    @pytest.mark.parametrize("shape", _SHAPES, ids=[f"{n}x{c}" for n, c in _SHAPES])
+    def test_smoothing_matches_general_path_across_limits(
+        self,
+        xp: Any,
+        rng: np.random.Generator,
+        numpy_limits: bool,
+        shape: tuple[int, int],
+        dtype: str,
+        smoothing: float,
+    ) -> None:
+        # Label smoothing in the same pass: with and without weights, every reduction, ignored
+        # labels (-100, and an ignore_index that is a class), narrow and wide rows.
+        n, c = shape
+        x_np = rng.normal(scale=4.0, size=shape)
+        x = to_xp(xp, x_np, dtype=dtype)
+        y_np = rng.integers(0, c, size=n)
+        w = to_xp(xp, rng.random(c) + 0.5, dtype=dtype)
+        eps = float(np.finfo(dtype).eps)
+        rtol = 4 * eps if dtype == "float16" else 1e-5
+        ignored = y_np.copy()
+        ignored[::3] = -100
+        as_class = y_np.copy()
+        as_class[1::4] = 2 % c
+        for labels, ignore_index in ((y_np, -100), (ignored, -100), (as_class, 2 % c)):
+            y = to_xp(xp, labels)
+            for options in (
+                {},
+                {"weight": w},
+                {"reduction": "sum"},
+                {"weight": w, "reduction": "none"},
+                {"reduction": "none"},
+            ):
+                # The gradient at the label cancels: some ulp of ~1 apart.
+                ours = _assert_like_general(
+                    x,
+                    y,
+                    rtol,
+                    16 * eps,
+                    label_smoothing=smoothing,
+                    ignore_index=ignore_index,
+                    **options,
+                )
+                assert ours[0].dtype == np.dtype(dtype)
+                if options.get("reduction") == "none":
+                    np.testing.assert_array_equal(ours[1][labels == ignore_index], 0.0)
+                np.testing.assert_array_equal(ours[2][labels == ignore_index], 0.0)
+        np.testing.assert_array_equal(to_numpy(x), x_np.astype(dtype))  # never written
+        if xent.backends.native_enabled():  # served by the fused pass
+            from xent.backends import IndexOptions
+
+            ops = xent.backends.lookup(xp)
+            options = IndexOptions(1, w, 2 % c, smoothing, "mean")
+            assert ops.fused_index_loss(x, to_xp(xp, as_class), options) is not None
+            assert ops.fused_index_loss_and_grad(x, to_xp(xp, as_class), options) is not None
+
+    @pytest.mark.parametrize("smoothing", [0.1, 1.0])
+    @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+    @pytest.mark.parametrize(("shape", "axis"), _ND_SHAPES, ids=_ND_IDS)
+    def test_smoothing_class_axis_not_last(
+        self,
+        xp: Any,
+        rng: np.random.Generator,
+        numpy_limits: bool,
+        slab_calls: collections.Counter[str],
+        shape: tuple[int, ...],
+        axis: int,
+        dtype: str,
+        smoothing: float,
+    ) -> None:
+        # Slabs, whole or in blocks of columns; those read in chunks of classes are handed to
+        # the general path.
+        c = shape[axis]
+        per_position = shape[:axis] + shape[axis + 1 :]
+        x_np = rng.normal(scale=4.0, size=shape)
+        x = to_xp(xp, x_np, dtype=dtype)
+        y_np = rng.integers(0, c, size=per_position)
+        y_np.reshape(-1)[1::4] = -100
+        y = to_xp(xp, y_np)
+        as_class = to_xp(xp, np.where(y_np == -100, 1, y_np))
+        w = to_xp(xp, rng.random(c) + 0.5, dtype=dtype)
+        eps = float(np.finfo(dtype).eps)
+        rtol = 4 * eps if dtype == "float16" else 1e-5
+        for labels, options in (
+            (y, {}),
+            (y, {"weight": w, "reduction": "none"}),
+            (y, {"weight": w, "reduction": "sum"}),
+            (as_class, {"reduction": "none", "ignore_index": 1}),
+            (as_class, {"weight": w, "ignore_index": 1}),
+        ):
+            ours = _assert_like_general(
+                x, labels, rtol, 16 * eps, axis=axis, label_smoothing=smoothing, **options
+            )
+            assert ours[0].dtype == np.dtype(dtype)
+            assert ours[2].shape == shape
+        np.testing.assert_array_equal(to_numpy(x), x_np.astype(dtype))  # never written
+        if xent.backends.native_enabled() and math.prod(shape[axis + 1 :]) > 1:
+            assert slab_calls["_chunk_pass"] == 0
+            assert slab_calls["_slab_block"] or numpy_limits  # chunks of classes decline
+
+    @pytest.mark.parametrize("smoothing", [0.1, 1.0])
+    @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+    @pytest.mark.parametrize(
+        ("shape", "axis"), [((40, 300), 1), ((300, 7), 1), ((3, 11, 9, 8), 1), ((5, 2, 600), 2)]
+    )
+    def test_smoothing_like_pytorch(
+        self,
+        xp: Any,
+        rng: np.random.Generator,
+        numpy_limits: bool,
+        shape: tuple[int, ...],
+        axis: int,
+        reduction: str,
+        smoothing: float,
+    ) -> None:
+        # torch.nn.functional.cross_entropy's loss with label_smoothing, and its autograd
+        # gradient, in float64: with and without weights, ignore_index outside the classes and
+        # inside them.
+        torch = pytest.importorskip("torch")
+        import torch.nn.functional as F
+
+        c = shape[axis]
+        x_np = rng.normal(scale=3.0, size=shape)
+        y_np = rng.integers(0, c, size=shape[:axis] + shape[axis + 1 :])
+        w_np = rng.random(c) + 0.5
+        x = to_xp(xp, x_np)
+        for ignore_index in (-100, 2):
+            labels = y_np.copy()
+            labels.reshape(-1)[::3] = ignore_index
+            for w_ref in (None, w_np):
+                xt = torch.tensor(np.moveaxis(x_np, axis, 1), requires_grad=True)
+                want = F.cross_entropy(
+                    xt,
+                    torch.tensor(labels),
+                    weight=None if w_ref is None else torch.tensor(w_ref),
+                    ignore_index=ignore_index,
+                    label_smoothing=smoothing,
+                    reduction=reduction,
+                )
+                want.sum().backward()
+                want_grad = np.moveaxis(xt.grad.numpy(), 1, axis)
+                options = {
+                    "axis": axis,
+                    "weight": None if w_ref is None else to_xp(xp, w_ref),
+                    "ignore_index": ignore_index,
+                    "label_smoothing": smoothing,
+                    "reduction": reduction,
+                }
+                y = to_xp(xp, labels)
+                loss, grad = xent.cross_entropy_and_grad(x, y, **options)
+                got = xent.cross_entropy(x, y, **options)
+                for a in (got, loss):
+                    np.testing.assert_allclose(
+                        to_numpy(a), want.detach().numpy(), rtol=1e-12, atol=1e-14
+                    )
+                np.testing.assert_allclose(to_numpy(grad), want_grad, rtol=1e-12, atol=1e-15)
+
+    @pytest.mark.parametrize("dtype", ["float16", "float32"])
+    def test_smoothing_non_finite_positions(
+        self, xp: Any, rng: np.random.Generator, numpy_limits: bool, dtype: str
+    ) -> None:
+        # NaN, +inf and all -inf positions, a masked class (its -inf makes the smoothed loss
+        # inf), a label on it (with smoothing 1 the general path leaves its inf out), an ignored
+        # NaN row: the loss and gradient of the general path, in rows and slabs.
+        rtol = 4 * float(np.finfo(dtype).eps) if dtype == "float16" else 1e-5
+        for c in (7, 300):
+            x_np = rng.normal(size=(64, c)).astype(dtype)
+            y_np = rng.integers(0, c, size=64)
+            x_np[20] = -np.inf
+            x_np[33, 2] = np.inf
+            x_np[40, 1] = np.nan
+            x_np[50, 3] = -np.inf
+            y_np[50] = 3
+            x_np[60, 4] = np.nan
+            y_np[60] = -100
+            slabs = np.ascontiguousarray(x_np.reshape(4, 16, c).transpose(0, 2, 1))
+            for smoothing in (0.1, 1.0):
+                for x, y, axis in ((x_np, y_np, 1), (slabs, y_np.reshape(4, 16), 1)):
+                    options = {"axis": axis, "label_smoothing": smoothing, "reduction": "none"}
+                    _assert_like_general(to_xp(xp, x), to_xp(xp, y), rtol, **options)
+                    finite = np.isfinite(x).all(axis=axis)
+                    if axis == 1 and x.ndim == 2:
+                        _assert_like_general(
+                            to_xp(xp, x[finite]), to_xp(xp, y[finite]), rtol, **options
+                        )
+
     @pytest.mark.parametrize("label_dtype", ["int8", "uint8", "int64"])
     @pytest.mark.parametrize("classes", [10, 300])
     def test_ignored_labels(
