@@ -543,6 +543,33 @@ class TestNumpyFusedPass:
                     )
                 np.testing.assert_allclose(to_numpy(grad), want_grad, rtol=1e-12, atol=1e-15)
 
+    @pytest.mark.parametrize("offset", [0.0, 30.0, 1000.0])
+    @pytest.mark.parametrize(("shape", "axis"), [((64, 10), 1), ((64, 1000), 1), ((4, 300, 24), 1)])
+    def test_smoothing_exact_for_logits_far_from_zero(
+        self,
+        xp: Any,
+        rng: np.random.Generator,
+        numpy_limits: bool,
+        shape: tuple[int, ...],
+        axis: int,
+        offset: float,
+    ) -> None:
+        # The smoothing term sum_c w_c (lse - x_c) is summed from the shifted logits of the
+        # block (not as W * lse - sum_c w_c x_c, which loses some log2(offset) bits): float32
+        # within a few ulp of float64 however far the logits lie from 0, unshifted or shifted.
+        c = shape[axis]
+        x_np = (rng.normal(size=shape) + offset).astype(np.float32)
+        y_np = rng.integers(0, c, size=shape[:axis] + shape[axis + 1 :])
+        w_np = (rng.random(c) + 0.5).astype(np.float32)
+        for weight in (None, w_np):
+            options = {"axis": axis, "label_smoothing": 0.1, "reduction": "none"}
+            want = ref.cross_entropy(x_np.astype(np.float64), y_np, weight=weight, **options)
+            w = None if weight is None else to_xp(xp, weight)
+            x, y = to_xp(xp, x_np), to_xp(xp, y_np)
+            loss, _ = xent.cross_entropy_and_grad(x, y, weight=w, **options)
+            for got in (xent.cross_entropy(x, y, weight=w, **options), loss):
+                np.testing.assert_allclose(to_numpy(got), want, rtol=2e-6)
+
     @pytest.mark.parametrize("dtype", ["float16", "float32"])
     def test_smoothing_non_finite_positions(
         self, xp: Any, rng: np.random.Generator, numpy_limits: bool, dtype: str

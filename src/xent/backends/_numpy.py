@@ -132,13 +132,16 @@ labels, set to 0 in ``labels``, equal ``ignore_index``."""
 
 class _Smooth(NamedTuple):
     """What label smoothing asks of the passes besides the exp-sum: per position ``sums``
-    (written: ``sum_c weight_c * x_c``, or ``sum_c x_c`` where ``weight`` is None, computed
-    while the block is in cache) and, for the gradient, ``spread`` (the factor of each
-    position's ``-weight_c`` term: its scale times ``e / C``) and ``at_label`` (what is
-    subtracted at its label: its scale times ``(1 - e) * w_label``; None where ``e`` is 1).
-    ``spread`` and ``at_label`` are per position, or one number."""
+    (written: ``sum_c w_c * (lse - x_c)``, ``w`` the class weights ``weight``, all 1 where it
+    is None, ``weight_sum`` their sum; made as ``W * log(sum_c exp(x_c - s)) - sum_c w_c *
+    (x_c - s)`` from the block in cache, with the shift ``s`` of the exponentials, 0 or the
+    max, so that logits far from 0 lose nothing to cancellation) and, for the gradient,
+    ``spread`` (the factor of each position's ``-w_c`` term: its scale times ``e / C``) and
+    ``at_label`` (what is subtracted at its label: its scale times ``(1 - e) * w_label``; None
+    where ``e`` is 1). ``spread`` and ``at_label`` are per position, or one number."""
 
     weight: np.ndarray | None
+    weight_sum: Any
     sums: np.ndarray
     spread: Any = None
     at_label: Any = None
@@ -166,6 +169,13 @@ def _class_weighted_sum(block: np.ndarray, smooth: _Smooth | None, axis: int) ->
         np.matmul(block, smooth.weight, out=smooth.sums)
     else:
         np.matmul(smooth.weight, block, out=smooth.sums)
+
+
+def _spread_sums(smooth: _Smooth | None, total: np.ndarray) -> None:
+    """``smooth.sums``, holding :func:`_class_weighted_sum` of the shifted logits, made
+    ``W * log(total) - sums`` (``total`` the sums of their exponentials)."""
+    if smooth is not None:
+        np.subtract(np.log(total) * smooth.weight_sum, smooth.sums, out=smooth.sums)
 
 
 def _dense_grad(
@@ -333,7 +343,6 @@ def _block(
     elif block.dtype != buf.dtype:
         _load(buf, block)
         block = buf
-    _class_weighted_sum(block, smooth, 0 if narrow else 1)
     if buf.size >= _UNSHIFTED_ELEMENTS and _unshifted(
         block, buf, at, picked, total, factor, 0 if narrow else 1, smooth
     ):
@@ -345,8 +354,10 @@ def _block(
     m = block.max(axis=0 if narrow else 1, keepdims=True)
     np.subtract(block, m, out=buf)
     picked[...] = buf[at]
+    _class_weighted_sum(buf, smooth, 0 if narrow else 1)
     np.exp(buf, out=buf)
     buf.sum(axis=0 if narrow else 1, out=total)
+    _spread_sums(smooth, total)
     if grad is None:
         return
     label = _dense_grad(buf, factor, total, smooth, 0 if narrow else 1)
@@ -377,10 +388,12 @@ def _unshifted(
     """
     low, high, tiny = SAFE_SUMS[buf.dtype.name]
     np.copyto(picked, block[at])
+    _class_weighted_sum(block, smooth, axis)
     np.exp(block, out=buf)
     buf.sum(axis=axis, out=total)
     if not (low <= total.min() and total.max() <= high):  # NaN fails both
         return False
+    _spread_sums(smooth, total)
     label_term = buf[at]
     if factor is not None:
         label = _dense_grad(buf, factor, total, smooth, axis)
@@ -773,13 +786,14 @@ def _slab_block(
     if block.dtype != work.dtype:
         _load(work, block)
         block = work
-    _class_weighted_sum(block, smooth, 1)
     if work.size >= _UNSHIFTED_ELEMENTS:
         low, high, tiny = SAFE_SUMS[work.dtype.name]
+        _class_weighted_sum(block, smooth, 1)
         np.exp(block, out=work)
         label_term = work_flat.take(at)
         _class_sum(work, total, spare)
         if low <= total.min() and total.max() <= high:  # NaN fails both
+            _spread_sums(smooth, total)
             if grad is not None:
                 label = _dense_grad(work, factor, total, smooth, 1)
                 if label is not None:
@@ -799,8 +813,10 @@ def _slab_block(
     m = block.max(axis=1, keepdims=True)
     np.subtract(block, m, out=work)
     np.copyto(picked, work_flat.take(at))
+    _class_weighted_sum(work, smooth, 1)
     np.exp(work, out=work)
     _class_sum(work, total, spare)
+    _spread_sums(smooth, total)
     if grad is None:
         return
     label = _dense_grad(work, factor, total, smooth, 1)
@@ -877,6 +893,11 @@ def _class_weights(weight: Array | None, dtype: np.dtype[Any]) -> np.ndarray | N
     return None if weight is None else np.asarray(weight).astype(dtype, copy=False).reshape(-1)
 
 
+def _weight_sum(weight: np.ndarray | None, classes: int) -> Any:
+    """``W``: the class weights' sum (the classes where there are none)."""
+    return classes if weight is None else np.sum(weight)
+
+
 def _count(rows: int, label_weight: np.ndarray | None) -> Any:
     """What the mean divides by: the rows, or the sum of their weights."""
     return rows if label_weight is None else np.sum(label_weight)
@@ -906,21 +927,8 @@ def _loss(
     return out if out.dtype == out_dtype else out.astype(out_dtype)
 
 
-def _label_logits(x: np.ndarray, labels: np.ndarray, dtype: np.dtype[Any]) -> np.ndarray:
-    """Each position's logit at its label, in ``dtype``, from logits ``(A, C, B)``."""
-    a, c, b = x.shape
-    at = np.multiply(labels, b, dtype=np.intp)
-    if b == 1:
-        at += np.arange(0, a * c, c, dtype=np.intp)
-    else:
-        at = at.reshape(a, b)
-        at += _slab_index(a, b, c * b)
-    return x.reshape(-1).take(at.reshape(-1)).astype(dtype, copy=False)
-
-
 def _smoothed_loss(
     x: np.ndarray,
-    labels: np.ndarray,
     shape: tuple[int, ...],
     picked: np.ndarray,
     total: np.ndarray,
@@ -931,16 +939,13 @@ def _smoothed_loss(
     reduction: str,
 ) -> Any:
     """:func:`_loss` with label smoothing ``e``: per position ``(1 - e) * w_y * (lse - x_y) +
-    (e / C) * (W * lse - sum_c w_c * x_c)`` (``W`` the weights' sum, the last sum
-    ``smooth.sums``), 0 where ignored; the mean divides by the unsmoothed denominator. None
-    where a position is NaN, ignored ones included (as :func:`_loss`). Writes ``total``."""
+    (e / C) * sum_c w_c * (lse - x_c)`` (the last sum ``smooth.sums``), 0 where ignored; the
+    mean divides by the unsmoothed denominator. None where a position is NaN, ignored ones
+    included (as :func:`_loss`). Writes ``total`` and ``smooth.sums``."""
     c = x.shape[1]
-    dtype = total.dtype
     plain = np.log(total, out=total)
     plain -= picked  # lse - x_y
-    spread = plain + _label_logits(x, labels, dtype)  # lse
-    spread *= c if smooth.weight is None else np.sum(smooth.weight)
-    spread -= smooth.sums
+    spread = smooth.sums
     spread *= smoothing / c
     if smoothing != 1.0:  # with e == 1 the label's term is left out (an infinite one too)
         plain *= 1.0 - smoothing
@@ -1060,13 +1065,14 @@ class Native(Backend):
                 assert done is not None  # declined only with smoothing
                 picked, total, _ = done
                 return _loss(x.dtype, shape, picked, total, label_weight, reduction)
-            smooth = _Smooth(_class_weights(weight, dtype), np.empty(labels.size, dtype))
+            w = _class_weights(weight, dtype)
+            smooth = _Smooth(w, _weight_sum(w, x.shape[1]), np.empty(labels.size, dtype))
             done = _pass(x, labels, dtype, None, smooth)
             if done is None:
                 return None
             picked, total, _ = done
             return _smoothed_loss(
-                x, labels, shape, picked, total, label_weight, ignored, smooth, smoothing, reduction
+                x, shape, picked, total, label_weight, ignored, smooth, smoothing, reduction
             )
 
     def fused_index_loss_and_grad(
@@ -1125,19 +1131,19 @@ class Native(Backend):
                 scale = np.where(ignored, dtype.type(0), scale).astype(dtype, copy=False)
             spread = scale * (smoothing / c)
             at_label = None
-            factor = spread * (c if w is None else np.sum(w))
+            factor = spread * _weight_sum(w, c)
             if smoothing != 1.0:
                 at_label = scale * (1.0 - smoothing)
                 if label_weight is not None:
                     at_label = at_label * label_weight
                 factor = factor + at_label
-            smooth = _Smooth(w, np.empty(labels.size, dtype), spread, at_label)
+            smooth = _Smooth(w, _weight_sum(w, c), np.empty(labels.size, dtype), spread, at_label)
             done = _pass(x, labels, dtype, factor, smooth)
             if done is None:
                 return None
             picked, total, grad = done
             loss = _smoothed_loss(
-                x, labels, shape, picked, total, label_weight, ignored, smooth, smoothing, reduction
+                x, shape, picked, total, label_weight, ignored, smooth, smoothing, reduction
             )
         assert grad is not None
         return None if loss is None else (loss, grad.reshape(input_shape))
