@@ -509,8 +509,7 @@ def _slab_pass(
     B)`` slabs; where a slab is larger, ``B``-columns of one, or (where those columns would be
     narrow) the slab is read a chunk of classes at a time (:func:`_chunk_pass`). Threaded by
     blocks for large inputs; nothing of the input's size is written but ``grad``, in the
-    input's layout. Label smoothing (``smooth``) is served in blocks that hold every class;
-    where the slab would be read in chunks of classes, None."""
+    input's layout."""
     a, c, b = x.shape
     slab = c * b
     # A float16 gradient is written from the block through _store's temporaries, each of the
@@ -525,8 +524,6 @@ def _slab_pass(
         k, n = 1, max(1, min(b, block // c))
         run = _RUN_BYTES if factor is None else _GRAD_RUN_BYTES
         chunked = n < b and n * dtype.itemsize < run
-    if chunked and smooth is not None:
-        return None
     columns = -(-b // n)
     units = -(-a // k) * columns
     grad = None if factor is None else _fresh(x.shape, x.dtype, _workers(units, nbytes))
@@ -578,7 +575,7 @@ def _slab_pass(
             )
 
     if chunked:
-        _chunk_pass(x, positions, picked, total, factors, grad, own, dtype, block, blocks)
+        _chunk_pass(x, positions, picked, total, factors, grad, own, dtype, block, blocks, smooth)
         return picked.reshape(-1), total.reshape(-1), grad
     if units == 1 and (grad is None or own):
         # One block of whole slabs (a small input): no loop, no threads.
@@ -635,6 +632,7 @@ def _chunk_pass(
     dtype: np.dtype[Any],
     block: int,
     blocks: Callable[[int, slice, int, list[np.ndarray]], None],
+    smooth: _Smooth | None = None,
 ) -> None:
     """:func:`_slab_pass` for slabs read a chunk of classes at a time: the columns of a slab
     (all of them, or as many as leave :data:`_CHUNK_ROWS` classes to a block), each chunk's
@@ -643,6 +641,10 @@ def _chunk_pass(
     the gradient is made from the same exponentials in a second pass over the chunks (of
     ``block`` elements, :func:`_slab_pass`'s). Where few slabs are to share the threads, each
     slab's chunks are split between them, their sums added after.
+
+    With ``smooth``, each chunk's ``sum_c w_c * (x_c - x[label])`` is taken before its
+    exponentials and the chunks' added as their sums are, the gradient's chunks take its terms
+    (:func:`_dense_grad`).
 
     Columns whose sum is beyond the safe ones (a loss of some 80 or more in float32) or NaN are
     computed again by ``blocks`` (:func:`_slab_pass`'s blocks of columns that hold every class,
@@ -662,6 +664,7 @@ def _chunk_pass(
     at += np.add.outer(np.arange(a, dtype=np.intp) * (c * b), np.arange(b, dtype=np.intp))
     shift = flat.take(at).astype(dtype, copy=False)  # each label's logit
     sums = np.empty((parts, a, b), dtype)
+    spreads = None if smooth is None else np.empty((parts, a, b), dtype)
 
     def unit(u: int) -> tuple[int, slice, range]:
         """The slab, columns and chunks (their first classes) of unit ``u``."""
@@ -671,9 +674,9 @@ def _chunk_pass(
         last = min(c, chunks * (part + 1) // parts * rows)
         return i, slice(j * n, min(j * n + n, b)), range(first, last, rows)
 
-    def exps(i: int, cols: slice, start: int, out: np.ndarray) -> np.ndarray:
-        """``exp(x - shift)`` for the chunk of classes at ``start``, in ``out`` (of the
-        chunk's shape, or flat scratch)."""
+    def shifted(i: int, cols: slice, start: int, out: np.ndarray) -> np.ndarray:
+        """``x - shift`` for the chunk of classes at ``start``, in ``out`` (of the chunk's
+        shape, or flat scratch)."""
         chunk = x[i, start : start + rows, cols]
         if out.ndim == 1:
             out = out[: chunk.size].reshape(chunk.shape)
@@ -682,26 +685,54 @@ def _chunk_pass(
         else:
             _load(out, chunk)
             out -= shift[i, cols]
+        return out
+
+    def exps(i: int, cols: slice, start: int, out: np.ndarray) -> np.ndarray:
+        """``exp(x - shift)`` for the chunk of classes at ``start``, as :func:`shifted`."""
+        out = shifted(i, cols, start, out)
         return np.exp(out, out=out)
+
+    def chunk_smooth(start: int, n_rows: int, where: Any) -> _Smooth | None:
+        """``smooth`` for the chunk at ``start`` (its weights) and the positions ``where``."""
+        part = _smooth_part(smooth, where)
+        if part is None or part.weight is None:
+            return part
+        return part._replace(weight=part.weight[start : start + n_rows])
 
     def sum_chunks(lo: int, hi: int) -> None:
         buf = np.empty(rows * n, dtype)
         for u in range(lo, hi):
             i, cols, starts = unit(u)
-            partial: list[tuple[int, np.ndarray]] = []  # sums of 2**level chunks
+            # Sums of 2**level chunks: of the exponentials, and (smoothing) of w_c (x_c - shift).
+            partial: list[tuple[int, np.ndarray, np.ndarray | None]] = []
             for start in starts:
-                e = exps(i, cols, start, buf)
+                d = shifted(i, cols, start, buf)
+                t = None
+                if smooth is not None:
+                    t = np.empty(d.shape[1], dtype)
+                    w = smooth.weight
+                    part = _Smooth(None if w is None else w[start : start + len(d)], 0, t)
+                    _class_weighted_sum(d, part, 0)
+                e = np.exp(d, out=d)
                 s = np.empty((1, e.shape[1]), dtype)
                 _class_sum(e[None], s, None)
                 level = 0
                 while partial and partial[-1][0] == level:
-                    s += partial.pop()[1]
+                    _, s_before, t_before = partial.pop()
+                    s += s_before
+                    if t is not None:
+                        t += t_before
                     level += 1
-                partial.append((level, s))
-            s = partial.pop()[1]
+                partial.append((level, s, t))
+            _, s, t = partial.pop()
             while partial:
-                s += partial.pop()[1]
+                _, s_before, t_before = partial.pop()
+                s += s_before
+                if t is not None:
+                    t += t_before
             sums[u % parts, i, cols] = s[0]
+            if spreads is not None:
+                spreads[u % parts, i, cols] = t
 
     def run(work: Callable[[int, int], None]) -> None:
         if units == 1:
@@ -711,11 +742,16 @@ def _chunk_pass(
 
     run(sum_chunks)
     np.sum(sums, axis=0, out=total)
+    if smooth is not None:
+        assert spreads is not None
+        np.sum(spreads, axis=0, out=smooth.sums)
+        _spread_sums(smooth, total)
     high = SAFE_SUMS[dtype.name][1]
     unsafe = ~(total <= high)  # NaN too
     picked.fill(0)
     if grad is not None:
         scale = factor / total
+        per_position = np.ndim(factor) != 0
 
         def write(lo: int, hi: int) -> None:
             buf = None if own else np.empty(rows * n, dtype)
@@ -724,12 +760,24 @@ def _chunk_pass(
                 for start in starts:
                     g = grad[i, start : start + rows, cols]
                     e = exps(i, cols, start, g if buf is None else buf)
-                    e *= scale[i, cols]
+                    if smooth is None:
+                        e *= scale[i, cols]
+                    else:
+                        f = factor[i, cols] if per_position else factor
+                        _dense_grad(e, f, total[i, cols], chunk_smooth(start, len(e), (i, cols)), 0)
                     if buf is not None:
                         _store(g, e)
 
         run(write)
-        grad.reshape(-1)[at] = scale - factor  # the label's exponential is exactly 1
+        # The label's exponential is exactly 1.
+        label = scale - factor
+        if smooth is not None:
+            label = scale - smooth.spread * (
+                1 if smooth.weight is None else smooth.weight[positions]
+            )
+            if smooth.at_label is not None:
+                label -= smooth.at_label
+        grad.reshape(-1)[at] = label
     if unsafe.any():
         scratch: list[np.ndarray] = []
         slabs, at_column = np.nonzero(unsafe)
