@@ -623,6 +623,38 @@ class TestNumpyFusedPass:
         assert np.isnan(loss)
         np.testing.assert_array_equal(grad, 0.0)
 
+    @pytest.mark.parametrize("shape", [(60, 10), (60, 300), (3, 300, 7, 5)])
+    def test_ignore_index_that_is_a_class(
+        self, xp: Any, rng: np.random.Generator, numpy_limits: bool, shape: tuple[int, ...]
+    ) -> None:
+        # Served by the fused pass (its positions found by a comparison, not by the check of the
+        # labels' range), rows and slabs; none of the labels equal to it, some, all; a label
+        # outside the classes still raises.
+        c = shape[1]
+        x = to_xp(xp, rng.normal(size=shape), dtype="float32")
+        y_np = rng.integers(0, c, size=shape[:1] + shape[2:])
+        y_np[y_np == 4] = 5
+        w = to_xp(xp, rng.random(c) + 0.5, dtype="float32")
+        some = y_np.copy()
+        some.reshape(-1)[::3] = 4
+        for labels in (y_np, some, np.full_like(y_np, 4)):
+            y = to_xp(xp, labels)
+            for options in ({}, {"weight": w}, {"reduction": "none"}, {"reduction": "sum"}):
+                ours = _assert_like_general(x, y, 1e-5, axis=1, ignore_index=4, **options)
+                np.testing.assert_array_equal(np.moveaxis(ours[2], 1, -1)[labels == 4], 0.0)
+        if xent.backends.native_enabled():
+            from xent.backends import IndexOptions
+
+            options = IndexOptions(1, None, 4, 0.0, "mean")
+            assert (
+                xent.backends.lookup(xp).fused_index_loss(x, to_xp(xp, some), options) is not None
+            )
+        bad = some.copy()
+        bad.reshape(-1)[7] = -100
+        for call in (xent.cross_entropy, xent.cross_entropy_and_grad):
+            with pytest.raises(ValueError, match="label -100"):
+                call(x, to_xp(xp, bad), axis=1, ignore_index=4)
+
     @pytest.mark.parametrize(
         ("label_dtype", "label"), [("int8", -1), ("int16", -7), ("int64", 150), ("uint8", 200)]
     )
