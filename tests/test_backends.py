@@ -568,6 +568,28 @@ class TestNumpyFusedPass:
             for got in (xent.cross_entropy(x, y, weight=w, **options), loss):
                 np.testing.assert_allclose(to_numpy(got), want, rtol=2e-6)
 
+    @pytest.mark.parametrize("smoothing", [1e-20, 1e-33, 1e-40])
+    @pytest.mark.parametrize("shape", [(50, 300), (3, 40, 50)])
+    def test_tiny_smoothing_with_weights(
+        self,
+        xp: Any,
+        rng: np.random.Generator,
+        numpy_limits: bool,
+        shape: tuple[int, ...],
+        smoothing: float,
+    ) -> None:
+        # The weighted gradient divides by each position's e / C: where that would lose the
+        # softmax's precision (a subnormal e / C, an overflowing ratio) the general path
+        # answers instead; the loss and gradient are the general path's either way.
+        c = shape[1]
+        x = to_xp(xp, rng.normal(size=shape), dtype="float32")
+        y = to_xp(xp, rng.integers(0, c, size=shape[:1] + shape[2:]))
+        w = to_xp(xp, rng.random(c) + 0.5, dtype="float32")
+        for reduction in ("mean", "none"):
+            _assert_like_general(
+                x, y, 1e-5, 1e-6, axis=1, weight=w, label_smoothing=smoothing, reduction=reduction
+            )
+
     @pytest.mark.parametrize("dtype", ["float16", "float32"])
     def test_smoothing_non_finite_positions(
         self, xp: Any, rng: np.random.Generator, numpy_limits: bool, dtype: str

@@ -941,6 +941,22 @@ def _class_weights(weight: Array | None, dtype: np.dtype[Any]) -> np.ndarray | N
     return None if weight is None else np.asarray(weight).astype(dtype, copy=False).reshape(-1)
 
 
+def _ratio_safe(factor: Any, spread: Any, dtype: np.dtype[Any]) -> bool:
+    """Whether :func:`_dense_grad`'s ``(exp * factor / (total * spread) - w) * spread`` keeps
+    ``exp * factor / total``'s precision: ``spread`` a normal number wherever ``factor`` is not
+    0, and ``factor / spread`` over the least sum of :data:`SAFE_SUMS` finite (a smoothing of
+    some 1e-30 or less, or weights of that spread, are left to the general path)."""
+    info = np.finfo(dtype)
+    kept = np.asarray(factor) != 0
+    spread = np.broadcast_to(spread, kept.shape)[kept]
+    if not spread.size:
+        return True
+    if not spread.min() >= info.tiny:
+        return False
+    ratio = np.broadcast_to(factor, kept.shape)[kept] / spread
+    return bool(ratio.max() <= info.max * SAFE_SUMS[dtype.name][0])
+
+
 def _weight_sum(weight: np.ndarray | None, classes: int) -> Any:
     """``W``: the class weights' sum (the classes where there are none)."""
     return classes if weight is None else np.sum(weight)
@@ -1185,6 +1201,8 @@ class Native(Backend):
                 if label_weight is not None:
                     at_label = at_label * label_weight
                 factor = factor + at_label
+            if w is not None and not _ratio_safe(factor, spread, dtype):
+                return None
             smooth = _Smooth(w, _weight_sum(w, c), np.empty(labels.size, dtype), spread, at_label)
             done = _pass(x, labels, dtype, factor, smooth)
             if done is None:
