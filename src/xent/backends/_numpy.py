@@ -9,7 +9,7 @@ import itertools
 import math
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -130,18 +130,87 @@ product of the axes before the class axis, ``B`` of those after it), the labels 
 labels, set to 0 in ``labels``, equal ``ignore_index``."""
 
 
+class _Smooth(NamedTuple):
+    """What label smoothing asks of the passes besides the exp-sum: per position ``sums``
+    (written: ``sum_c w_c * (lse - x_c)``, ``w`` the class weights ``weight``, all 1 where it
+    is None, ``weight_sum`` their sum; made as ``W * log(sum_c exp(x_c - s)) - sum_c w_c *
+    (x_c - s)`` from the block in cache, with the shift ``s`` of the exponentials, 0 or the
+    max, so that logits far from 0 lose nothing to cancellation) and, for the gradient,
+    ``spread`` (the factor of each position's ``-w_c`` term: its scale times ``e / C``) and
+    ``at_label`` (what is subtracted at its label: its scale times ``(1 - e) * w_label``; None
+    where ``e`` is 1). ``spread`` and ``at_label`` are per position, or one number."""
+
+    weight: np.ndarray | None
+    weight_sum: Any
+    sums: np.ndarray
+    spread: Any = None
+    at_label: Any = None
+
+
+def _smooth_part(smooth: _Smooth | None, index: Any) -> _Smooth | None:
+    """``smooth`` with its per-position arrays indexed by ``index`` (a block's positions)."""
+    if smooth is None:
+        return None
+    return smooth._replace(
+        sums=smooth.sums[index],
+        spread=smooth.spread if np.ndim(smooth.spread) == 0 else smooth.spread[index],
+        at_label=smooth.at_label if np.ndim(smooth.at_label) == 0 else smooth.at_label[index],
+    )
+
+
+def _class_weighted_sum(block: np.ndarray, smooth: _Smooth | None, axis: int) -> None:
+    """``smooth.sums = sum_c weight_c * block_c`` along ``axis`` (the classes) of ``block``,
+    in its dtype (nothing where ``smooth`` is None)."""
+    if smooth is None:
+        return
+    if smooth.weight is None:
+        block.sum(axis=axis, out=smooth.sums)
+    elif axis == block.ndim - 1:
+        np.matmul(block, smooth.weight, out=smooth.sums)
+    else:
+        np.matmul(smooth.weight, block, out=smooth.sums)
+
+
+def _spread_sums(smooth: _Smooth | None, total: np.ndarray) -> None:
+    """``smooth.sums``, holding :func:`_class_weighted_sum` of the shifted logits, made
+    ``W * log(total) - sums`` (``total`` the sums of their exponentials)."""
+    if smooth is not None:
+        np.subtract(np.log(total) * smooth.weight_sum, smooth.sums, out=smooth.sums)
+
+
+def _dense_grad(
+    buf: np.ndarray, factor: Any, total: np.ndarray, smooth: _Smooth | None, axis: int
+) -> Any:
+    """``buf``'s exponentials (classes along ``axis``) made the gradient in place but for the
+    label's term: ``exp * factor / total``, less ``spread * weight_c`` where smoothing; returns
+    what is to be subtracted at each position's label (None: nothing)."""
+    scale = factor / total
+
+    def per(v: Any) -> Any:
+        return v if np.ndim(v) == 0 else np.expand_dims(v, axis)
+
+    if smooth is None:
+        buf *= per(scale)
+        return factor
+    spread = smooth.spread
+    if smooth.weight is None:
+        buf *= per(scale)
+        buf -= per(spread)
+    else:
+        # (exp * scale / spread - w) * spread: no block-sized temporary; 0 where the spread is
+        # (an ignored position, whose scale is 0 too).
+        ratio = np.divide(scale, spread, out=np.zeros_like(scale), where=spread != 0)
+        buf *= per(ratio)
+        buf -= smooth.weight.reshape([-1 if i == axis else 1 for i in range(buf.ndim)])
+        buf *= per(spread)
+    return smooth.at_label
+
+
 def _plain_case(x: np.ndarray, y: np.ndarray, options: IndexOptions) -> bool:
     """Whether the fused paths serve arrays of these dtypes and shapes with these options (the
     layout and the label values aside)."""
     c = x.shape[options.axis] if 0 <= options.axis < x.ndim else 0
-    return (
-        x.dtype in _FUSED_DTYPES
-        and c != 0
-        and x.size != 0
-        and not options.label_smoothing
-        and not 0 <= options.ignore_index < c
-        and y.dtype.kind in "iu"
-    )
+    return x.dtype in _FUSED_DTYPES and c != 0 and x.size != 0 and y.dtype.kind in "iu"
 
 
 def _plain_rows(x: np.ndarray, y: np.ndarray, ignore_index: int, axis: int) -> _Rows | None:
@@ -152,7 +221,16 @@ def _plain_rows(x: np.ndarray, y: np.ndarray, ignore_index: int, axis: int) -> _
     c = x.shape[axis]
     labels = y.reshape(-1)
     ignored = None
-    if _outside(labels, c):
+    if 0 <= ignore_index < c:
+        # An ignore_index that is a class: the labels equal to it are no class of the loss.
+        ignored = labels == ignore_index
+        if ignored.any():
+            labels = np.where(ignored, 0, labels).astype(labels.dtype, copy=False)
+        else:
+            ignored = None
+        if _outside(labels, c):
+            return None
+    elif _outside(labels, c):
         ignored = labels == ignore_index
         labels = np.where(ignored, 0, labels).astype(labels.dtype, copy=False)
         if not ignored.any() or _outside(labels, c):
@@ -181,6 +259,7 @@ def _row_pass(
     dtype: np.dtype[Any],
     factor: Any,
     grad: np.ndarray | None,
+    smooth: _Smooth | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(picked, total)`` per row with the loss ``log(total) - picked``: either
     ``x[label] - shift`` and ``sum(exp(x - shift))`` with ``shift`` the row max, or (the
@@ -192,6 +271,9 @@ def _row_pass(
     ``exp(x - shift) * factor / total``, less ``factor`` at the label (``factor`` per row, or
     one number). A row whose max is +inf or NaN gets a NaN ``total`` (the general path shifts
     it by 0 instead); so does a row of -inf, whose loss is NaN on either path.
+
+    With ``smooth`` given, its ``sums`` are filled from the same blocks, and the gradient's rows
+    take its terms (:func:`_dense_grad`).
     """
     n, c = rows.shape
     row_bytes = c * dtype.itemsize
@@ -209,7 +291,7 @@ def _row_pass(
     total = np.empty(n, dtype)
     if n <= step:
         # One block: no loop, no threads.
-        _block(rows, labels, picked, total, scratch(n), factor, grad, narrow)
+        _block(rows, labels, picked, total, scratch(n), factor, grad, narrow, smooth)
         return picked, total
 
     def work(lo: int, hi: int) -> None:
@@ -227,6 +309,7 @@ def _row_pass(
                 factor if np.ndim(factor) == 0 else factor[rows_here],
                 None if grad is None else grad[rows_here],
                 narrow,
+                _smooth_part(smooth, rows_here),
             )
 
     _in_parallel(work, n, n * c * dtype.itemsize)
@@ -242,6 +325,7 @@ def _block(
     factor: Any,
     grad: np.ndarray | None,
     narrow: bool,
+    smooth: _Smooth | None = None,
 ) -> None:
     """:func:`_row_pass` on one block of rows, its exponentials in ``buf`` (the transposed
     block where ``narrow``), or in ``grad`` itself where ``buf`` is None."""
@@ -260,7 +344,7 @@ def _block(
         _load(buf, block)
         block = buf
     if buf.size >= _UNSHIFTED_ELEMENTS and _unshifted(
-        block, buf, at, picked, total, factor, 0 if narrow else 1
+        block, buf, at, picked, total, factor, 0 if narrow else 1, smooth
     ):
         if grad is not None and buf is not grad:
             _store(grad, buf.T if narrow else buf)
@@ -270,13 +354,15 @@ def _block(
     m = block.max(axis=0 if narrow else 1, keepdims=True)
     np.subtract(block, m, out=buf)
     picked[...] = buf[at]
+    _class_weighted_sum(buf, smooth, 0 if narrow else 1)
     np.exp(buf, out=buf)
     buf.sum(axis=0 if narrow else 1, out=total)
+    _spread_sums(smooth, total)
     if grad is None:
         return
-    scale = factor / total
-    buf *= scale if narrow else scale[:, None]
-    buf[at] -= factor
+    label = _dense_grad(buf, factor, total, smooth, 0 if narrow else 1)
+    if label is not None:
+        buf[at] -= label
     if buf is not grad:
         _store(grad, buf.T if narrow else buf)
 
@@ -289,6 +375,7 @@ def _unshifted(
     total: np.ndarray,
     factor: Any,
     axis: int,
+    smooth: _Smooth | None = None,
 ) -> bool:
     """:func:`_block`'s pass with no shift: ``exp(block)`` into ``buf`` (it may be ``block``),
     summed along ``axis``; True where every sum is safe (``SAFE_SUMS``), its results and
@@ -301,15 +388,17 @@ def _unshifted(
     """
     low, high, tiny = SAFE_SUMS[buf.dtype.name]
     np.copyto(picked, block[at])
+    _class_weighted_sum(block, smooth, axis)
     np.exp(block, out=buf)
     buf.sum(axis=axis, out=total)
     if not (low <= total.min() and total.max() <= high):  # NaN fails both
         return False
+    _spread_sums(smooth, total)
     label_term = buf[at]
     if factor is not None:
-        scale = factor / total
-        buf *= scale if axis == 0 else scale[:, None]
-        buf[at] -= factor
+        label = _dense_grad(buf, factor, total, smooth, axis)
+        if label is not None:
+            buf[at] -= label
     kept = label_term >= tiny
     np.divide(total, label_term, out=total, where=kept)
     np.copyto(picked, 0, where=kept)
@@ -317,17 +406,22 @@ def _unshifted(
 
 
 def _pass(
-    x: np.ndarray, labels: np.ndarray, dtype: np.dtype[Any], factor: Any
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    x: np.ndarray,
+    labels: np.ndarray,
+    dtype: np.dtype[Any],
+    factor: Any,
+    smooth: _Smooth | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
     """``(picked, total, grad)`` per position of logits ``(A, C, B)`` as :func:`_row_pass`
     gives them, the gradient (of ``x``'s shape and dtype) only where ``factor`` is not None: the
-    rows of ``(A, C)`` where ``B`` is 1 (the class axis last), else :func:`_slab_pass`."""
+    rows of ``(A, C)`` where ``B`` is 1 (the class axis last), else :func:`_slab_pass` (None
+    where it declines ``smooth``)."""
     a, c, b = x.shape
     if b != 1:
-        return _slab_pass(x, labels, dtype, factor)
+        return _slab_pass(x, labels, dtype, factor, smooth)
     rows = x.reshape(a, c)
     grad = None if factor is None else _fresh(rows.shape, x.dtype)
-    return (*_row_pass(rows, labels, dtype, factor, grad), grad)
+    return (*_row_pass(rows, labels, dtype, factor, grad, smooth), grad)
 
 
 _PAIRWISE_CLASSES = 16
@@ -403,8 +497,12 @@ fill the rest of the block)."""
 
 
 def _slab_pass(
-    x: np.ndarray, labels: np.ndarray, dtype: np.dtype[Any], factor: Any
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    x: np.ndarray,
+    labels: np.ndarray,
+    dtype: np.dtype[Any],
+    factor: Any,
+    smooth: _Smooth | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
     """:func:`_row_pass` for logits ``(A, C, B)`` whose class axis is not the last: per
     position ``(a, b)`` the reductions run over the ``C`` values ``x[a, :, b]``, across the
     ``C`` rows of a block, each row a contiguous run of the input. A block holds whole ``(C,
@@ -437,6 +535,14 @@ def _slab_pass(
     per_position = isinstance(factor, np.ndarray)
     factors = factor.reshape(a, b) if per_position else factor
     positions = labels.reshape(a, b)
+    if smooth is not None:
+        smooth = smooth._replace(
+            sums=smooth.sums.reshape(a, b),
+            spread=smooth.spread if np.ndim(smooth.spread) == 0 else smooth.spread.reshape(a, b),
+            at_label=(
+                smooth.at_label if np.ndim(smooth.at_label) == 0 else smooth.at_label.reshape(a, b)
+            ),
+        )
     picked = np.empty((a, b), dtype)
     total = np.empty((a, b), dtype)
 
@@ -465,10 +571,11 @@ def _slab_pass(
                 factors[rows, part] if per_position else factors,
                 None if grad is None else grad[rows, :, part],
                 flat_grad,
+                _smooth_part(smooth, (rows, part)),
             )
 
     if chunked:
-        _chunk_pass(x, positions, picked, total, factors, grad, own, dtype, block, blocks)
+        _chunk_pass(x, positions, picked, total, factors, grad, own, dtype, block, blocks, smooth)
         return picked.reshape(-1), total.reshape(-1), grad
     if units == 1 and (grad is None or own):
         # One block of whole slabs (a small input): no loop, no threads.
@@ -487,6 +594,7 @@ def _slab_pass(
             factors,
             grad,
             flat_grad,
+            smooth,
         )
         return picked.reshape(-1), total.reshape(-1), grad
 
@@ -524,6 +632,7 @@ def _chunk_pass(
     dtype: np.dtype[Any],
     block: int,
     blocks: Callable[[int, slice, int, list[np.ndarray]], None],
+    smooth: _Smooth | None = None,
 ) -> None:
     """:func:`_slab_pass` for slabs read a chunk of classes at a time: the columns of a slab
     (all of them, or as many as leave :data:`_CHUNK_ROWS` classes to a block), each chunk's
@@ -532,6 +641,10 @@ def _chunk_pass(
     the gradient is made from the same exponentials in a second pass over the chunks (of
     ``block`` elements, :func:`_slab_pass`'s). Where few slabs are to share the threads, each
     slab's chunks are split between them, their sums added after.
+
+    With ``smooth``, each chunk's ``sum_c w_c * (x_c - x[label])`` is taken before its
+    exponentials and the chunks' added as their sums are, the gradient's chunks take its terms
+    (:func:`_dense_grad`).
 
     Columns whose sum is beyond the safe ones (a loss of some 80 or more in float32) or NaN are
     computed again by ``blocks`` (:func:`_slab_pass`'s blocks of columns that hold every class,
@@ -551,6 +664,7 @@ def _chunk_pass(
     at += np.add.outer(np.arange(a, dtype=np.intp) * (c * b), np.arange(b, dtype=np.intp))
     shift = flat.take(at).astype(dtype, copy=False)  # each label's logit
     sums = np.empty((parts, a, b), dtype)
+    spreads = None if smooth is None else np.empty((parts, a, b), dtype)
 
     def unit(u: int) -> tuple[int, slice, range]:
         """The slab, columns and chunks (their first classes) of unit ``u``."""
@@ -560,9 +674,9 @@ def _chunk_pass(
         last = min(c, chunks * (part + 1) // parts * rows)
         return i, slice(j * n, min(j * n + n, b)), range(first, last, rows)
 
-    def exps(i: int, cols: slice, start: int, out: np.ndarray) -> np.ndarray:
-        """``exp(x - shift)`` for the chunk of classes at ``start``, in ``out`` (of the
-        chunk's shape, or flat scratch)."""
+    def shifted(i: int, cols: slice, start: int, out: np.ndarray) -> np.ndarray:
+        """``x - shift`` for the chunk of classes at ``start``, in ``out`` (of the chunk's
+        shape, or flat scratch)."""
         chunk = x[i, start : start + rows, cols]
         if out.ndim == 1:
             out = out[: chunk.size].reshape(chunk.shape)
@@ -571,26 +685,54 @@ def _chunk_pass(
         else:
             _load(out, chunk)
             out -= shift[i, cols]
+        return out
+
+    def exps(i: int, cols: slice, start: int, out: np.ndarray) -> np.ndarray:
+        """``exp(x - shift)`` for the chunk of classes at ``start``, as :func:`shifted`."""
+        out = shifted(i, cols, start, out)
         return np.exp(out, out=out)
+
+    def chunk_smooth(start: int, n_rows: int, where: Any) -> _Smooth | None:
+        """``smooth`` for the chunk at ``start`` (its weights) and the positions ``where``."""
+        part = _smooth_part(smooth, where)
+        if part is None or part.weight is None:
+            return part
+        return part._replace(weight=part.weight[start : start + n_rows])
 
     def sum_chunks(lo: int, hi: int) -> None:
         buf = np.empty(rows * n, dtype)
         for u in range(lo, hi):
             i, cols, starts = unit(u)
-            partial: list[tuple[int, np.ndarray]] = []  # sums of 2**level chunks
+            # Sums of 2**level chunks: of the exponentials, and (smoothing) of w_c (x_c - shift).
+            partial: list[tuple[int, np.ndarray, np.ndarray | None]] = []
             for start in starts:
-                e = exps(i, cols, start, buf)
+                d = shifted(i, cols, start, buf)
+                t = None
+                if smooth is not None:
+                    t = np.empty(d.shape[1], dtype)
+                    w = smooth.weight
+                    part = _Smooth(None if w is None else w[start : start + len(d)], 0, t)
+                    _class_weighted_sum(d, part, 0)
+                e = np.exp(d, out=d)
                 s = np.empty((1, e.shape[1]), dtype)
                 _class_sum(e[None], s, None)
                 level = 0
                 while partial and partial[-1][0] == level:
-                    s += partial.pop()[1]
+                    _, s_before, t_before = partial.pop()
+                    s += s_before
+                    if t is not None:
+                        t += t_before
                     level += 1
-                partial.append((level, s))
-            s = partial.pop()[1]
+                partial.append((level, s, t))
+            _, s, t = partial.pop()
             while partial:
-                s += partial.pop()[1]
+                _, s_before, t_before = partial.pop()
+                s += s_before
+                if t is not None:
+                    t += t_before
             sums[u % parts, i, cols] = s[0]
+            if spreads is not None:
+                spreads[u % parts, i, cols] = t
 
     def run(work: Callable[[int, int], None]) -> None:
         if units == 1:
@@ -600,11 +742,16 @@ def _chunk_pass(
 
     run(sum_chunks)
     np.sum(sums, axis=0, out=total)
+    if smooth is not None:
+        assert spreads is not None
+        np.sum(spreads, axis=0, out=smooth.sums)
+        _spread_sums(smooth, total)
     high = SAFE_SUMS[dtype.name][1]
     unsafe = ~(total <= high)  # NaN too
     picked.fill(0)
     if grad is not None:
         scale = factor / total
+        per_position = np.ndim(factor) != 0
 
         def write(lo: int, hi: int) -> None:
             buf = None if own else np.empty(rows * n, dtype)
@@ -613,12 +760,24 @@ def _chunk_pass(
                 for start in starts:
                     g = grad[i, start : start + rows, cols]
                     e = exps(i, cols, start, g if buf is None else buf)
-                    e *= scale[i, cols]
+                    if smooth is None:
+                        e *= scale[i, cols]
+                    else:
+                        f = factor[i, cols] if per_position else factor
+                        _dense_grad(e, f, total[i, cols], chunk_smooth(start, len(e), (i, cols)), 0)
                     if buf is not None:
                         _store(g, e)
 
         run(write)
-        grad.reshape(-1)[at] = scale - factor  # the label's exponential is exactly 1
+        # The label's exponential is exactly 1.
+        label = scale - factor
+        if smooth is not None:
+            label = scale - smooth.spread * (
+                1 if smooth.weight is None else smooth.weight[positions]
+            )
+            if smooth.at_label is not None:
+                label -= smooth.at_label
+        grad.reshape(-1)[at] = label
     if unsafe.any():
         scratch: list[np.ndarray] = []
         slabs, at_column = np.nonzero(unsafe)
@@ -641,6 +800,7 @@ def _slab_block(
     factor: Any,
     grad: np.ndarray | None,
     flat_grad: np.ndarray | None,
+    smooth: _Smooth | None = None,
 ) -> None:
     """:func:`_slab_pass` on one block ``(k, C, n)`` of the logits, which starts at ``offset``
     in ``flat`` (the logits, flattened; ``flat_grad`` the gradient's) with a class every
@@ -676,14 +836,16 @@ def _slab_block(
         block = work
     if work.size >= _UNSHIFTED_ELEMENTS:
         low, high, tiny = SAFE_SUMS[work.dtype.name]
+        _class_weighted_sum(block, smooth, 1)
         np.exp(block, out=work)
         label_term = work_flat.take(at)
         _class_sum(work, total, spare)
         if low <= total.min() and total.max() <= high:  # NaN fails both
+            _spread_sums(smooth, total)
             if grad is not None:
-                scale = factor / total
-                work *= scale[:, None, :]
-                work_flat[at] -= factor
+                label = _dense_grad(work, factor, total, smooth, 1)
+                if label is not None:
+                    work_flat[at] -= label
                 if buf is not None:
                     _store(grad, work)
             kept = label_term >= tiny
@@ -699,13 +861,15 @@ def _slab_block(
     m = block.max(axis=1, keepdims=True)
     np.subtract(block, m, out=work)
     np.copyto(picked, work_flat.take(at))
+    _class_weighted_sum(work, smooth, 1)
     np.exp(work, out=work)
     _class_sum(work, total, spare)
+    _spread_sums(smooth, total)
     if grad is None:
         return
-    scale = factor / total
-    work *= scale[:, None, :]
-    work_flat[at] -= factor
+    label = _dense_grad(work, factor, total, smooth, 1)
+    if label is not None:
+        work_flat[at] -= label
     if buf is not None:
         _store(grad, work)
 
@@ -772,6 +936,32 @@ def _label_weight(
     return label_weight
 
 
+def _class_weights(weight: Array | None, dtype: np.dtype[Any]) -> np.ndarray | None:
+    """The class weights as a vector of ``dtype`` (None: none)."""
+    return None if weight is None else np.asarray(weight).astype(dtype, copy=False).reshape(-1)
+
+
+def _ratio_safe(factor: Any, spread: Any, dtype: np.dtype[Any]) -> bool:
+    """Whether :func:`_dense_grad`'s ``(exp * factor / (total * spread) - w) * spread`` keeps
+    ``exp * factor / total``'s precision: ``spread`` a normal number wherever ``factor`` is not
+    0, and ``factor / spread`` over the least sum of :data:`SAFE_SUMS` finite (a smoothing of
+    some 1e-30 or less, or weights of that spread, are left to the general path)."""
+    info = np.finfo(dtype)
+    kept = np.asarray(factor) != 0
+    spread = np.broadcast_to(spread, kept.shape)[kept]
+    if not spread.size:
+        return True
+    if not spread.min() >= info.tiny:
+        return False
+    ratio = np.broadcast_to(factor, kept.shape)[kept] / spread
+    return bool(ratio.max() <= info.max * SAFE_SUMS[dtype.name][0])
+
+
+def _weight_sum(weight: np.ndarray | None, classes: int) -> Any:
+    """``W``: the class weights' sum (the classes where there are none)."""
+    return classes if weight is None else np.sum(weight)
+
+
 def _count(rows: int, label_weight: np.ndarray | None) -> Any:
     """What the mean divides by: the rows, or the sum of their weights."""
     return rows if label_weight is None else np.sum(label_weight)
@@ -799,6 +989,44 @@ def _loss(
     elif reduction == "mean":
         out = out / _count(loss.size, label_weight)
     return out if out.dtype == out_dtype else out.astype(out_dtype)
+
+
+def _smoothed_loss(
+    x: np.ndarray,
+    shape: tuple[int, ...],
+    picked: np.ndarray,
+    total: np.ndarray,
+    label_weight: np.ndarray | None,
+    ignored: np.ndarray | None,
+    smooth: _Smooth,
+    smoothing: float,
+    reduction: str,
+) -> Any:
+    """:func:`_loss` with label smoothing ``e``: per position ``(1 - e) * w_y * (lse - x_y) +
+    (e / C) * sum_c w_c * (lse - x_c)`` (the last sum ``smooth.sums``), 0 where ignored; the
+    mean divides by the unsmoothed denominator. None where a position is NaN, ignored ones
+    included (as :func:`_loss`). Writes ``total`` and ``smooth.sums``."""
+    c = x.shape[1]
+    plain = np.log(total, out=total)
+    plain -= picked  # lse - x_y
+    spread = smooth.sums
+    spread *= smoothing / c
+    if smoothing != 1.0:  # with e == 1 the label's term is left out (an infinite one too)
+        plain *= 1.0 - smoothing
+        if label_weight is not None:
+            plain *= label_weight
+        spread += plain
+    loss = spread
+    if ignored is not None:
+        np.multiply(loss, 0, out=loss, where=ignored)  # a NaN stays NaN
+    out = loss.sum()
+    if out != out:  # NaN
+        return None
+    if reduction == "none":
+        out = loss.reshape(shape)
+    elif reduction == "mean":
+        out = out / _count(loss.size, label_weight)
+    return out if out.dtype == x.dtype else out.astype(x.dtype)
 
 
 class Facts(Backend):
@@ -879,21 +1107,37 @@ class Native(Backend):
         # its layout and labels, and hands anything else, and any NaN row, back to the core.
         if not _plain_case(np.asarray(input), np.asarray(target), options):
             return None
-        axis, _, ignore_index, _, reduction = options
+        axis, _, ignore_index, smoothing, reduction = options
 
         def plan(input: Array, target: Array, weight: Array | None) -> Array | None:
             plain = _plain_rows(np.asarray(input), np.asarray(target), ignore_index, axis)
-            return None if plain is None else self._fused_loss(plain, weight, reduction)
+            if plain is None:
+                return None
+            return self._fused_loss(plain, weight, reduction, smoothing)
 
         return plan
 
-    def _fused_loss(self, plain: _Rows, weight: Array | None, reduction: str) -> Array | None:
+    def _fused_loss(
+        self, plain: _Rows, weight: Array | None, reduction: str, smoothing: float = 0.0
+    ) -> Array | None:
         x, labels, shape, ignored = plain
         dtype = _compute_dtype(x.dtype)
         with self.quiet():
             label_weight = _label_weight(weight, labels, ignored, dtype)
-            picked, total, _ = _pass(x, labels, dtype, None)
-            return _loss(x.dtype, shape, picked, total, label_weight, reduction)
+            if not smoothing:
+                done = _pass(x, labels, dtype, None)
+                assert done is not None  # declined only with smoothing
+                picked, total, _ = done
+                return _loss(x.dtype, shape, picked, total, label_weight, reduction)
+            w = _class_weights(weight, dtype)
+            smooth = _Smooth(w, _weight_sum(w, x.shape[1]), np.empty(labels.size, dtype))
+            done = _pass(x, labels, dtype, None, smooth)
+            if done is None:
+                return None
+            picked, total, _ = done
+            return _smoothed_loss(
+                x, shape, picked, total, label_weight, ignored, smooth, smoothing, reduction
+            )
 
     def fused_index_loss_and_grad(
         self, input: Array, target: Array, options: IndexOptions
@@ -903,10 +1147,12 @@ class Native(Backend):
         x, y = np.asarray(input), np.asarray(target)
         if not _plain_case(x, y, options):
             return None
-        axis, weight, ignore_index, _, reduction = options
+        axis, weight, ignore_index, smoothing, reduction = options
         plain = _plain_rows(x, y, ignore_index, axis)
         if plain is None:
             return None
+        if smoothing:
+            return self._smoothed_loss_and_grad(plain, weight, reduction, smoothing, x.shape)
         logits, labels, shape, ignored = plain
         dtype = _compute_dtype(x.dtype)
         with self.quiet():
@@ -917,10 +1163,56 @@ class Native(Backend):
                 if ignored is not None:
                     # 0, not 0 / 0, where every row is ignored (as on the general path).
                     np.copyto(factor, 0, where=ignored)
-            picked, total, grad = _pass(logits, labels, dtype, factor)
+            done = _pass(logits, labels, dtype, factor)
+            assert done is not None  # declined only with smoothing
+            picked, total, grad = done
             loss = _loss(x.dtype, shape, picked, total, label_weight, reduction)
         assert grad is not None
         return None if loss is None else (loss, grad.reshape(x.shape))
+
+    def _smoothed_loss_and_grad(
+        self,
+        plain: _Rows,
+        weight: Array | None,
+        reduction: str,
+        smoothing: float,
+        input_shape: tuple[int, ...],
+    ) -> tuple[Array, Array] | None:
+        # d loss_n / d x_c = s_n (a_n p_c - (1 - e) w_y [c = y] - (e / C) w_c), with s_n the
+        # position's scale (1, or 1 / the mean's denominator; 0 where ignored) and
+        # a_n = (1 - e) w_y + (e / C) W.
+        x, labels, shape, ignored = plain
+        c = x.shape[1]
+        dtype = _compute_dtype(x.dtype)
+        with self.quiet():
+            label_weight = _label_weight(weight, labels, ignored, dtype)
+            w = _class_weights(weight, dtype)
+            scale: np.ndarray | Any = dtype.type(1)
+            if reduction == "mean":
+                scale = scale / _count(labels.size, label_weight)
+            if ignored is not None:
+                # 0, not 0 / 0, where every position is ignored (as on the general path).
+                scale = np.where(ignored, dtype.type(0), scale).astype(dtype, copy=False)
+            spread = scale * (smoothing / c)
+            at_label = None
+            factor = spread * _weight_sum(w, c)
+            if smoothing != 1.0:
+                at_label = scale * (1.0 - smoothing)
+                if label_weight is not None:
+                    at_label = at_label * label_weight
+                factor = factor + at_label
+            if w is not None and not _ratio_safe(factor, spread, dtype):
+                return None
+            smooth = _Smooth(w, _weight_sum(w, c), np.empty(labels.size, dtype), spread, at_label)
+            done = _pass(x, labels, dtype, factor, smooth)
+            if done is None:
+                return None
+            picked, total, grad = done
+            loss = _smoothed_loss(
+                x, shape, picked, total, label_weight, ignored, smooth, smoothing, reduction
+            )
+        assert grad is not None
+        return None if loss is None else (loss, grad.reshape(input_shape))
 
     def softmax_from_lse(
         self,
