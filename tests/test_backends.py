@@ -802,7 +802,11 @@ class TestNumpyFusedPass:
                 rtol=1e-5,
             )
             assert plan(x, to_xp(xp, invalid), None) is None
-            assert plan(to_xp(xp, np.asfortranarray(x_np)), y, None) is None
+            np.testing.assert_allclose(
+                to_numpy(plan(to_xp(xp, np.asfortranarray(x_np)), y, None)),
+                ref.cross_entropy(x_np, y_np, reduction=reduction),
+                rtol=1e-5,
+            )  # a Fortran-ordered matrix: one slab of its transpose
         # Smoothing, and an ignore_index that is a class, are served too.
         for served in ({"label_smoothing": 0.1}, {"ignore_index": 2}):
             options = plain._replace(**served)
@@ -1174,10 +1178,23 @@ class TestNumpyFusedPass:
             rtol=1e-5,
         )
         assert plan(x, to_xp(xp, invalid), None) is None
-        assert plan(to_xp(xp, np.asfortranarray(x_np)), y, None) is None
+        # Other dense layouts are taken in their memory order (Fortran: slabs of the reversed
+        # axes; classes last in memory: rows), the gradient in the input's own strides; a
+        # layout with gaps declines.
+        want = ref.cross_entropy(x_np, y_np, axis=1, reduction="none")
+        want_grad = ref.cross_entropy_grad(x_np, y_np, axis=1, reduction="none")
         transposed = np.ascontiguousarray(x_np.transpose(0, 2, 1)).transpose(0, 2, 1)
-        assert plan(to_xp(xp, transposed), y, None) is None  # not C-contiguous
-        assert ops.fused_index_loss_and_grad(to_xp(xp, transposed), y, options) is None
+        for layout in (np.asfortranarray(x_np), transposed):
+            xl = to_xp(xp, layout)
+            np.testing.assert_allclose(to_numpy(plan(xl, y, None)), want, rtol=1e-5)
+            both = ops.fused_index_loss_and_grad(xl, y, options)
+            assert both is not None
+            np.testing.assert_allclose(to_numpy(both[0]), want, rtol=1e-5)
+            np.testing.assert_allclose(to_numpy(both[1]), want_grad, rtol=1e-5, atol=1e-7)
+            assert np.asarray(both[1]).strides == np.asarray(xl).strides
+        gaps = to_xp(xp, np.repeat(x_np, 2, axis=2))[:, :, ::2]
+        assert plan(gaps, y, None) is None
+        assert ops.fused_index_loss_and_grad(gaps, y, options) is None
 
     def test_other_layouts_decline(self, xp: Any, rng: np.random.Generator) -> None:
         ops = xent.backends.lookup(xp)
@@ -1197,13 +1214,12 @@ class TestNumpyFusedPass:
         ):
             served = ops.fused_index_loss_and_grad(x, y, options) is not None
             assert served == xent.backends.native_enabled()
-        for declined, a in (
-            ({"axis": 0}, xp.permute_dims(x, (1, 0))),  # a transposed view: not C-contiguous
-            ({}, x[:, ::2]),  # not C-contiguous
-        ):
-            options = plain._replace(**declined)
-            assert ops.fused_index_loss(a, y, options) is None
-            assert ops.fused_index_loss_and_grad(a, y, options) is None
+        # A transposed view is taken in its memory order; a view with gaps declines.
+        transposed = xp.permute_dims(x, (1, 0))
+        served = ops.fused_index_loss(transposed, y, plain._replace(axis=0)) is not None
+        assert served == xent.backends.native_enabled()
+        assert ops.fused_index_loss(x[:, ::2], y, plain) is None
+        assert ops.fused_index_loss_and_grad(x[:, ::2], y, plain) is None
 
     def test_float16_logits_widen_exactly(self, xp: Any) -> None:
         # Float16 blocks are widened to float32 from their bits: every one of the 65536 values

@@ -238,6 +238,41 @@ def _plain_rows(x: np.ndarray, y: np.ndarray, ignore_index: int, axis: int) -> _
     return x.reshape(math.prod(x.shape[:axis]), c, -1), labels, y.shape, ignored
 
 
+_Order = tuple[int, ...] | None
+
+
+def _memory_order(
+    x: np.ndarray, y: np.ndarray, axis: int
+) -> tuple[np.ndarray, np.ndarray, int, _Order, _Order] | None:
+    """``(x, y, axis, x_order, y_order)``: ``x``'s axes in the order of its memory (outermost
+    first) where that makes it C-contiguous, ``y``'s axes to match and the class axis's place,
+    with the permutations applied (None: the identity); None where no order does (gaps, an
+    overlap, a negative stride). A Fortran-ordered matrix, a channels-last ``(N, C, H, W)``:
+    views, never copies."""
+    if x.flags.c_contiguous:
+        return x, y, axis, None, None
+    order = tuple(sorted(range(x.ndim), key=lambda i: (x.shape[i] != 1, -x.strides[i])))
+    moved = x.transpose(order)
+    if not moved.flags.c_contiguous:
+        return None
+    y_order = tuple(i if i < axis else i - 1 for i in order if i != axis)
+    same = y_order == tuple(range(len(y_order)))
+    return (
+        moved,
+        (y if same else y.transpose(y_order)),
+        order.index(axis),
+        order,
+        (None if same else y_order),
+    )
+
+
+def _back(a: Any, order: _Order) -> Any:
+    """``a``, of axes permuted by ``order`` (see :func:`_memory_order`), in the caller's order."""
+    if order is None:
+        return a
+    return np.asarray(a).transpose(np.argsort(order))
+
+
 def _outside(labels: np.ndarray, classes: int) -> bool:
     """Whether any label lies outside ``[0, classes)``."""
     if labels.size <= _FEW_LABELS:
@@ -1110,10 +1145,15 @@ class Native(Backend):
         axis, _, ignore_index, smoothing, reduction = options
 
         def plan(input: Array, target: Array, weight: Array | None) -> Array | None:
-            plain = _plain_rows(np.asarray(input), np.asarray(target), ignore_index, axis)
+            moved = _memory_order(np.asarray(input), np.asarray(target), axis)
+            if moved is None:
+                return None
+            x, y, ax, _, y_order = moved
+            plain = _plain_rows(x, y, ignore_index, ax)
             if plain is None:
                 return None
-            return self._fused_loss(plain, weight, reduction, smoothing)
+            loss = self._fused_loss(plain, weight, reduction, smoothing)
+            return _back(loss, y_order) if loss is not None and reduction == "none" else loss
 
         return plan
 
@@ -1147,6 +1187,20 @@ class Native(Backend):
         x, y = np.asarray(input), np.asarray(target)
         if not _plain_case(x, y, options):
             return None
+        moved = _memory_order(x, y, options.axis)
+        if moved is None:
+            return None
+        x, y, axis, x_order, y_order = moved
+        both = self._loss_and_grad(x, y, options._replace(axis=axis))
+        if both is None or (x_order is None and y_order is None):
+            return both
+        loss, grad = both
+        return (_back(loss, y_order) if loss.ndim else loss), _back(grad, x_order)
+
+    def _loss_and_grad(
+        self, x: np.ndarray, y: np.ndarray, options: IndexOptions
+    ) -> tuple[Array, Array] | None:
+        """:meth:`fused_index_loss_and_grad` of a C-contiguous ``x``."""
         axis, weight, ignore_index, smoothing, reduction = options
         plain = _plain_rows(x, y, ignore_index, axis)
         if plain is None:
