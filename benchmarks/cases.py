@@ -40,7 +40,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import Case, _load, _time, measure
+from run import Case, _load, measure
+from run import table as run_table
 
 import xent
 
@@ -223,17 +224,7 @@ def results(cases: list[Case]) -> list[dict[str, Any]]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| backend | pass | case | reference | reference time | xent time | xent / reference |",
-        "|---|---|---|---|---:|---:|---:|",
-    ]
-    for r in rows:
-        flag = "**" if r["ratio"] > (1.3 if r["elements"] < 1e5 else 1.0) else ""
-        lines.append(
-            f"| {r['backend']} | {r['step']} | {r['case']} | {r['reference']} "
-            f"| {_time(r['ref_s'])} | {_time(r['xent_s'])} | {flag}{r['ratio']:.2f}x{flag} |"
-        )
-    return "\n".join(lines)
+    return run_table(rows, column="case", key="case")
 
 
 _JSON_MARK = "#rows "

@@ -369,15 +369,18 @@ def _time(seconds: float) -> str:
     return f"{seconds:.2f} s"
 
 
-def table(rows: list[dict[str, Any]]) -> str:
+def table(rows: list[dict[str, Any]], column: str = "N x C", key: str = "size") -> str:
+    """The Markdown table of ``rows``; ``column`` heads what ``key`` holds (an N x C shape, or
+    ``cases.py``'s case); bold: over the target (1.0x; 1.3x under 1e5 elements)."""
     lines = [
-        "| backend | pass | N x C | reference | reference time | xent time | xent / reference |",
+        f"| backend | pass | {column} | reference | reference time | xent time | xent / reference |",
         "|---|---|---|---|---:|---:|---:|",
     ]
     for r in rows:
         flag = "**" if r["ratio"] > (1.3 if r["elements"] < 1e5 else 1.0) else ""
+        what = r[key].replace("x", " x ") if key == "size" else r[key]
         lines.append(
-            f"| {r['backend']} | {r['step']} | {r['size'].replace('x', ' x ')} | {r['reference']} "
+            f"| {r['backend']} | {r['step']} | {what} | {r['reference']} "
             f"| {_time(r['ref_s'])} | {_time(r['xent_s'])} | {flag}{r['ratio']:.2f}x{flag} |"
         )
     return "\n".join(lines)

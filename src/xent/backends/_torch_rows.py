@@ -243,10 +243,7 @@ def fused_rows(
                 None if grad is None else grad[at],
                 None if mass is None else (mass[0][at], mass[1][at], mass[2][at]),
             )  # fmt: skip
-    if reduction == "none":
-        return rows, grad
-    loss = rows.sum()
-    return (loss / denominator if reduction == "mean" else loss), grad
+    return _reduced(rows, denominator, reduction), grad
 
 
 def _plain_rows(
@@ -300,10 +297,16 @@ def _plain_rows(
             gb = g if g.ndim == 0 else g[part]
             go = grad[at] if stage is None else xb
             _plain_grad(gb, lb, target[part], w, code, ignore_index, total, go, grad[at])
+    return _reduced(losses, total, reduction), grad
+
+
+def _reduced(losses: Array, denominator: Array, reduction: str) -> Array:
+    """Per-position (or per-block) losses under ``reduction``: themselves, or their sum (over
+    ``denominator`` for the mean)."""
     if reduction == "none":
-        return losses, grad
+        return losses
     loss = losses.sum()
-    return (loss / total if reduction == "mean" else loss), grad
+    return loss / denominator if reduction == "mean" else loss
 
 
 def _plain_grad(
