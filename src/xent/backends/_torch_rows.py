@@ -107,7 +107,7 @@ def _blocks(x: Array, budget: int) -> list[tuple[_Index, _Index]]:
     """The blocks of a rows or slabs view of about ``budget`` elements each: ``(at, rows)``,
     the block of ``x`` (and of per-position arrays with a class axis of size 1) and of the
     per-position arrays without one. Whole rows or slabs where one fits; else columns of one
-    slab (strided: staged in a buffer, see :func:`_scratch`)."""
+    slab (strided: staged in a buffer, see :class:`_Scratch`)."""
     if x.ndim == 2:
         steps = _split(x.shape[0], max(1, budget // max(1, x.shape[1])))
         return [(slice(s, e), slice(s, e)) for s, e in steps]
