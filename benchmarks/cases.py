@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import Case, _load, measure
+from run import _JSON_MARK, Case, _load, measure, report
 from run import table as run_table
 
 import xent
@@ -227,9 +227,6 @@ def table(rows: list[dict[str, Any]]) -> str:
     return run_table(rows, column="case", key="case")
 
 
-_JSON_MARK = "#rows "
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
@@ -246,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     ]  # fmt: skip
     header = (
         f"{platform.platform()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-        f"rounds={args.rounds}; command: python benchmarks/cases.py {' '.join(argv or sys.argv[1:])}"
+        f"rounds={args.rounds}; command: python benchmarks/cases.py "
+        f"{' '.join(argv or sys.argv[1:])}"
     )
     if not args.json_rows:
         print(f"# {header}\n# load average before: {_load()}", flush=True)
@@ -277,15 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(table(new).split("\n", 2)[-1], flush=True)
     if args.json_rows:
         return 0
-    load, took = _load(), time.perf_counter() - start
-    print(f"# load average after: {load}; {took:.0f} s\n")
-    text = table(rows)
-    print(text)
-    if args.markdown:
-        args.markdown.write_text(
-            f"<!-- {header} -->\n\nLoad average (1, 5, 15 min) after the run: {load}; "
-            f"the run took {took:.0f} s.\n\n{text}\n"
-        )
+    report(table(rows), header, start, args.markdown)
     return 0
 
 

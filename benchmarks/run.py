@@ -373,7 +373,8 @@ def table(rows: list[dict[str, Any]], column: str = "N x C", key: str = "size") 
     """The Markdown table of ``rows``; ``column`` heads what ``key`` holds (an N x C shape, or
     ``cases.py``'s case); bold: over the target (1.0x; 1.3x under 1e5 elements)."""
     lines = [
-        f"| backend | pass | {column} | reference | reference time | xent time | xent / reference |",
+        f"| backend | pass | {column} | reference | reference time | xent time "
+        "| xent / reference |",
         "|---|---|---|---|---:|---:|---:|",
     ]
     for r in rows:
@@ -416,6 +417,20 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 _JSON_MARK = "#rows "
+"""The line prefix of a child process's rows (``--json-rows``)."""
+
+
+def report(text: str, header: str, start: float, markdown: Path | None) -> None:
+    """Print the load after a run that began at ``start`` and its table ``text``; write both,
+    with ``header``, to ``markdown`` where given."""
+    load, took = _load(), time.perf_counter() - start
+    print(f"# load average after: {load}; {took:.0f} s\n")
+    print(text)
+    if markdown:
+        markdown.write_text(
+            f"<!-- {header} -->\n\nLoad average (1, 5, 15 min) after the run: {load}; "
+            f"the run took {took:.0f} s.\n\n{text}\n"
+        )
 
 
 def _in_fresh_process(
@@ -458,7 +473,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile rows")
     parser.add_argument("--generic", action="store_true", help="xent with native overrides off")
-    parser.add_argument("--plot", type=Path, default=here / "scaling.png")
+    parser.add_argument(
+        "--plot",
+        type=lambda v: Path(v) if v else None,
+        default=here / "scaling.png",
+        help='where the plot goes ("" for none)',
+    )
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table here")
     parser.add_argument(
         "--fresh",
@@ -510,18 +530,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(table(new).split("\n", 2)[-1], flush=True)
     if args.json_rows:
         return 0
-    load = _load()
-    took = time.perf_counter() - start
-    print(f"# load average after: {load}; {took:.0f} s\n")
     order = {b: i for i, b in enumerate(dict.fromkeys(r["backend"] for r in rows))}
     rows.sort(key=lambda r: (order[r["backend"]], r["step"], r["elements"]))
-    text = table(rows)
-    print(text)
-    if args.markdown:
-        args.markdown.write_text(
-            f"<!-- {header} -->\n\nLoad average (1, 5, 15 min) after the run: {load}; "
-            f"the run took {took:.0f} s.\n\n{text}\n"
-        )
+    report(table(rows), header, start, args.markdown)
     if args.plot:
         plot(rows, args.plot)
         print(f"\nplot written to {args.plot}")

@@ -147,15 +147,21 @@ class _Smooth(NamedTuple):
     at_label: Any = None
 
 
-def _smooth_part(smooth: _Smooth | None, index: Any) -> _Smooth | None:
-    """``smooth`` with its per-position arrays indexed by ``index`` (a block's positions)."""
+def _smooth_map(smooth: _Smooth | None, f: Callable[[np.ndarray], np.ndarray]) -> _Smooth | None:
+    """``smooth`` with ``f`` applied to its per-position arrays (``spread`` and ``at_label``
+    where they are not one number)."""
     if smooth is None:
         return None
     return smooth._replace(
-        sums=smooth.sums[index],
-        spread=smooth.spread if np.ndim(smooth.spread) == 0 else smooth.spread[index],
-        at_label=smooth.at_label if np.ndim(smooth.at_label) == 0 else smooth.at_label[index],
+        sums=f(smooth.sums),
+        spread=smooth.spread if np.ndim(smooth.spread) == 0 else f(smooth.spread),
+        at_label=smooth.at_label if np.ndim(smooth.at_label) == 0 else f(smooth.at_label),
     )
+
+
+def _smooth_part(smooth: _Smooth | None, index: Any) -> _Smooth | None:
+    """``smooth`` with its per-position arrays indexed by ``index`` (a block's positions)."""
+    return _smooth_map(smooth, lambda v: v[index])
 
 
 def _class_weighted_sum(block: np.ndarray, smooth: _Smooth | None, axis: int) -> None:
@@ -570,14 +576,7 @@ def _slab_pass(
     per_position = isinstance(factor, np.ndarray)
     factors = factor.reshape(a, b) if per_position else factor
     positions = labels.reshape(a, b)
-    if smooth is not None:
-        smooth = smooth._replace(
-            sums=smooth.sums.reshape(a, b),
-            spread=smooth.spread if np.ndim(smooth.spread) == 0 else smooth.spread.reshape(a, b),
-            at_label=(
-                smooth.at_label if np.ndim(smooth.at_label) == 0 else smooth.at_label.reshape(a, b)
-            ),
-        )
+    smooth = _smooth_map(smooth, lambda v: v.reshape(a, b))
     picked = np.empty((a, b), dtype)
     total = np.empty((a, b), dtype)
 
@@ -865,6 +864,17 @@ def _slab_block(
         work, work_flat = buf.reshape(block.shape), buf
         at = np.multiply(labels, n, dtype=np.intp)
         at += base
+
+    def gradient() -> None:
+        """The block's exponentials in ``work`` made its gradient, stored where apart."""
+        if grad is None:
+            return
+        label = _dense_grad(work, factor, total, smooth, 1)
+        if label is not None:
+            work_flat[at] -= label
+        if buf is not None:
+            _store(grad, work)
+
     source = block
     if block.dtype != work.dtype:
         _load(work, block)
@@ -877,12 +887,7 @@ def _slab_block(
         _class_sum(work, total, spare)
         if low <= total.min() and total.max() <= high:  # NaN fails both
             _spread_sums(smooth, total)
-            if grad is not None:
-                label = _dense_grad(work, factor, total, smooth, 1)
-                if label is not None:
-                    work_flat[at] -= label
-                if buf is not None:
-                    _store(grad, work)
+            gradient()
             kept = label_term >= tiny
             if kept.all():
                 np.divide(total, label_term, out=total)
@@ -900,13 +905,7 @@ def _slab_block(
     np.exp(work, out=work)
     _class_sum(work, total, spare)
     _spread_sums(smooth, total)
-    if grad is None:
-        return
-    label = _dense_grad(work, factor, total, smooth, 1)
-    if label is not None:
-        work_flat[at] -= label
-    if buf is not None:
-        _store(grad, work)
+    gradient()
 
 
 _CAST_ELEMENTS = 1024
@@ -1016,6 +1015,17 @@ def _loss(
     loss -= picked
     if label_weight is not None:
         loss *= label_weight
+    return _reduced(loss, shape, label_weight, reduction, out_dtype)
+
+
+def _reduced(
+    loss: np.ndarray,
+    shape: tuple[int, ...],
+    label_weight: np.ndarray | None,
+    reduction: str,
+    out_dtype: np.dtype[Any],
+) -> Any:
+    """Per-position losses under ``reduction``, in ``out_dtype``; None where one is NaN."""
     out = loss.sum()
     if out != out:  # NaN
         return None
@@ -1054,14 +1064,7 @@ def _smoothed_loss(
     loss = spread
     if ignored is not None:
         np.multiply(loss, 0, out=loss, where=ignored)  # a NaN stays NaN
-    out = loss.sum()
-    if out != out:  # NaN
-        return None
-    if reduction == "none":
-        out = loss.reshape(shape)
-    elif reduction == "mean":
-        out = out / _count(loss.size, label_weight)
-    return out if out.dtype == x.dtype else out.astype(x.dtype)
+    return _reduced(loss, shape, label_weight, reduction, x.dtype)
 
 
 class Facts(Backend):

@@ -204,13 +204,8 @@ def fused_rows(
         return _plain_rows(x, target, weight, ignore_index, reduction, with_grad, cotangent)
     c = x.shape[1]
     ignored = target == ignore_index
-    w = label_w = None
-    if weight is None:
-        denominator = target.numel() - ignored.sum()
-    else:
-        w = weight.to(_F32)
-        label_w = torch.where(ignored, 0.0, w[target.clamp(0, c - 1)])
-        denominator = label_w.sum()
+    w = None if weight is None else weight.to(_F32)
+    label_w, denominator = _counted(target, ignored, w)
     mass = None
     if with_grad:
         # The gradient's target mass per position: the cotangent, over the mean's
@@ -246,6 +241,15 @@ def fused_rows(
     return _reduced(rows, denominator, reduction), grad
 
 
+def _counted(target: Array, ignored: Array, w: Array | None) -> tuple[Array | None, Array]:
+    """``(label_w, denominator)``: each position's class weight (0 where ignored; None without
+    weights) and the mean's denominator, the positions counted or their weights summed."""
+    if w is None:
+        return None, (target.numel() - ignored.sum()).to(_F32)
+    label_w = torch.where(ignored, 0.0, w[target.clamp(0, w.shape[0] - 1)])
+    return label_w, label_w.sum()
+
+
 def _plain_rows(
     x: Array,
     target: Array,
@@ -259,7 +263,6 @@ def _plain_rows(
     the gradient, its backward into the block's scratch, then the log-softmax backward over it
     (the very kernels autograd runs after ``F.cross_entropy`` in float32, so a one-block input
     gets their results, rounded once to a float16/bfloat16 ``x``'s dtype)."""
-    c = x.shape[1]
     code = _REDUCTIONS[reduction]
     w = None if weight is None else weight.to(_F32)
     scratch = _Scratch(x, with_grad)
@@ -279,10 +282,7 @@ def _plain_rows(
             )
         return loss, grad
     # Several blocks: the mean's denominator first, for every block's gradient.
-    if w is None:
-        total = (target.numel() - (target == ignore_index).sum()).to(_F32)
-    else:
-        total = torch.where(target == ignore_index, 0.0, w[target.clamp(0, c - 1)]).sum()
+    _, total = _counted(target, target == ignore_index, w)
     part_code = 0 if reduction == "none" else 2
     losses = x.new_empty(target.shape if part_code == 0 else (len(scratch.blocks),), dtype=_F32)
     for i, (at, part) in enumerate(scratch.blocks):
