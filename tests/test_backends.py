@@ -1258,6 +1258,71 @@ class TestJaxFusedLoss:
         # The invalid row's NaN reaches the loss through every reduction.
         assert np.isnan(ours[: ours.size - x_np.size]).any()
 
+    @pytest.mark.usefixtures("forward_graph")
+    @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+    @pytest.mark.parametrize(
+        ("shape", "axis"),
+        [((5, 7, 3), 1), ((5, 7, 3), 0), ((2, 40, 3, 2), 1), ((7, 3), 0), ((9,), 0)],
+    )
+    @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+    def test_class_axis_anywhere_matches_general_path(
+        self,
+        xp: Any,
+        rng: np.random.Generator,
+        monkeypatch: pytest.MonkeyPatch,
+        shape: tuple[int, ...],
+        axis: int,
+        dtype: str,
+        reduction: Literal["mean", "sum", "none"],
+    ) -> None:
+        # The lean graph reduces along the class axis where it lies (Optax's loss does too):
+        # loss and gradient as on the general path, with a masked class, an ignored position,
+        # an invalid label's NaN and, in the first, a row far above the unshifted sums' range.
+        import jax
+
+        x_np = rng.normal(size=shape) * 3
+        classes = shape[axis]
+        y_np = rng.integers(0, classes, size=shape[:axis] + shape[axis + 1 :])
+        moved = np.moveaxis(x_np, axis, -1)  # a view: writes land in x_np
+        if y_np.ndim:
+            first = np.unravel_index(0, y_np.shape)
+            last = np.unravel_index(y_np.size - 1, y_np.shape)
+            moved[first][(y_np[first] + 1) % classes] = -np.inf
+            moved[last][0] = 80.0  # unsafe unshifted sums: every row takes the row max
+            y_np[last] = -100
+            if y_np.size > 2:
+                y_np[np.unravel_index(1, y_np.shape)] = classes + 3  # invalid, unchecked
+        x = to_xp(xp, x_np, dtype=dtype)
+        y = to_xp(xp, y_np, dtype="int32")
+        cot = to_xp(xp, rng.normal(size=y_np.shape), dtype=dtype)
+
+        def call() -> Any:
+            # The labels are an argument of each jit (traced, so unchecked: NaN where invalid).
+            def f(a: Any, b: Any) -> Any:
+                loss = xent.cross_entropy(a, b, axis=axis, reduction=reduction)
+                return jax.numpy.sum(loss * cot) if reduction == "none" else loss
+
+            value, grad = jax.jit(jax.value_and_grad(f))(x, y)
+            forward = jax.jit(f)(x, y)
+            parts = (forward, value, grad)
+            return jax.numpy.concatenate([jax.numpy.ravel(p).astype("float32") for p in parts])
+
+        from xent.backends import _jax
+
+        lean = _jax._plain_loss
+        calls: list[int] = []
+
+        def counted(*args: Any) -> Any:
+            calls.append(1)
+            return lean(*args)
+
+        monkeypatch.setattr(_jax, "_plain_loss", counted)
+        ours, generic = _both(call)
+        tol = 2e-2 if dtype == "bfloat16" else 1e-5
+        np.testing.assert_allclose(ours, generic, rtol=tol, atol=tol, equal_nan=True)
+        assert np.isfinite(ours).any()
+        assert bool(calls) == xent.backends.native_enabled()  # the lean graph served them
+
     @pytest.mark.parametrize(
         ("row", "dtype"),
         [

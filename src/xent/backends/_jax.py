@@ -76,7 +76,7 @@ def _every_batched(axis_size: int, in_batched: list[bool], ok: Array) -> tuple[A
 
 
 def _plain_loss(
-    input: Array, target: Array, ignore: int | None, reduction: str, dtype: Any
+    input: Array, target: Array, axis: int, ignore: int | None, reduction: str, dtype: Any
 ) -> Array:
     """The plain cross-entropy as a ``jax.custom_jvp`` whose rule XLA fuses as it fuses Optax's.
 
@@ -85,8 +85,14 @@ def _plain_loss(
     where the sums are safe, in the reduction that first reads it, so that it reads the logits
     once (Optax's reads them twice, for the row max first). Every per-row mask is a select on
     a vector of rows, and the mean's row count is summed with the losses in one reduction.
+    The classes lie along ``axis`` (non-negative), as in Optax's loss: XLA reduces along any
+    axis in place, so no transposed copy of the logits is made.
     """
-    classes = input.shape[-1]
+    classes = input.shape[axis]
+
+    def per_class(a: Array) -> Array:
+        """A per-row array with the class axis put back, of size 1."""
+        return jnp.expand_dims(a, axis)
 
     def label_logit(x: Array, y: Array) -> Array:
         """``x_y`` per row, in ``dtype`` (a clipped label's logit for an invalid one)."""
@@ -96,14 +102,14 @@ def _plain_loss(
         # written and read again (Optax's graph stores one). Behind the barrier the sum
         # widens each logit as it reads it.
         source = x if jnp.dtype(x.dtype) == jnp.dtype(dtype) else jax.lax.optimization_barrier(x)
-        picked = jnp.take_along_axis(source, y[..., None], axis=-1, mode="clip")[..., 0]
-        return picked.astype(dtype)
+        picked = jnp.take_along_axis(source, per_class(y), axis=axis, mode="clip")
+        return jnp.squeeze(picked, axis).astype(dtype)
 
     def stats(x: Array, y: Array) -> tuple[Array, Array]:
         """``(shift, x_y - shift)`` per row, in ``dtype``."""
         # The max converts exactly (the conversion is monotone), so float16/bfloat16 rows
         # are reduced at their own width and shifted in ``dtype``.
-        m = jnp.max(x, axis=-1)
+        m = jnp.max(x, axis=axis)
         shift = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0).astype(dtype))
         # ``log_sum - (x_y - shift)``, not ``logsumexp - x_y``: a confident row's small loss
         # does not come from the cancellation of two large numbers.
@@ -132,7 +138,7 @@ def _plain_loss(
     def exact_rows(x: Array, y: Array) -> Array:
         """The row losses shifted by the row max: every row, whatever its logits hold."""
         shift, picked = stats(x, y)
-        total = jnp.sum(jnp.exp(x.astype(dtype) - shift[..., None]), axis=-1)
+        total = jnp.sum(jnp.exp(x.astype(dtype) - per_class(shift)), axis=axis)
         return jnp.log(total) - picked
 
     def masked_rows(y: Array) -> Array:
@@ -152,7 +158,7 @@ def _plain_loss(
         ``log(sum) - x_y`` where ``exp(x_y)`` is too small to divide by (a loss of 18 or more).
         """
         low, high, tiny = SAFE_SUMS[jnp.dtype(dtype).name]
-        total = jnp.sum(jnp.exp(x.astype(dtype)), axis=-1)
+        total = jnp.sum(jnp.exp(x.astype(dtype)), axis=axis)
         # The labels pass the barrier with the sums, so that the gather comes after them.
         total, after = jax.lax.optimization_barrier((total, y))
         picked = label_logit(x, after)
@@ -169,7 +175,7 @@ def _plain_loss(
         pass (a gather, an ``exp``, a divide and a ``log`` a row) costs more than the gather
         ahead of the reduction does."""
         at_label = label_logit(x, y)
-        total = jnp.sum(jnp.exp(x.astype(dtype) - at_label[..., None]), axis=-1)
+        total = jnp.sum(jnp.exp(x.astype(dtype) - per_class(at_label)), axis=axis)
         return jnp.log(total), jnp.isfinite(total) | masked_rows(y)
 
     @jax.custom_jvp
@@ -193,8 +199,8 @@ def _plain_loss(
         dx, _ = tangents
         # With a gradient the exponentials are stored once and reused.
         shift, picked = stats(x, y)
-        e = jnp.exp(x.astype(dtype) - shift[..., None])
-        total = jnp.sum(e, axis=-1)
+        e = jnp.exp(x.astype(dtype) - per_class(shift))
+        total = jnp.sum(e, axis=axis)
         out, count = reduce(jnp.log(total) - picked, y)
         # The tangent is ``sum(e * dx) / total - dx[label]`` per row. Reverse mode transposes
         # the gather into Optax's gradient: one multiply per element (``e`` times a row's
@@ -204,11 +210,14 @@ def _plain_loss(
         # transpose fuses with the multiply and the cast into one pass.
         dx = dx.astype(dtype)
         if jnp.dtype(input.dtype) == jnp.dtype(dtype):
-            at_label = jnp.take_along_axis(dx, y[..., None], axis=-1, mode="clip")[..., 0]
+            at_label = jnp.squeeze(
+                jnp.take_along_axis(dx, per_class(y), axis=axis, mode="clip"), axis
+            )
         else:
-            onehot = jnp.arange(classes, dtype=y.dtype) == y[..., None]
-            at_label = jnp.sum(jnp.where(onehot, dx, 0), axis=-1)
-        rows = jnp.sum(e * dx, axis=-1) * (1.0 / total) - at_label
+            shape = tuple(-1 if i == axis else 1 for i in range(dx.ndim))
+            onehot = jnp.reshape(jnp.arange(classes, dtype=y.dtype), shape) == per_class(y)
+            at_label = jnp.sum(jnp.where(onehot, dx, 0), axis=axis)
+        rows = jnp.sum(e * dx, axis=axis) * (1.0 / total) - at_label
         # A row's factor is 1 when counted, 0 when ignored and NaN for an invalid label (a
         # product, so that the NaN reaches the gradient).
         factor = jnp.where((y >= 0) & (y < classes), 1.0, jnp.nan)
@@ -287,7 +296,6 @@ class Native(Backend):
             not self.is_traced(target)
             or weight is not None
             or label_smoothing
-            or axis != input.ndim - 1
             or 0 in input.shape
             or not _widens_exactly(target.dtype, self.index_dtype())
             or _explicit_mesh(input, target)
@@ -296,7 +304,8 @@ class Native(Backend):
         own = jnp.iinfo(target.dtype)
         ignore = ignore_index if own.min <= ignore_index <= own.max else None
         labels = target.astype(self.index_dtype())  # widening: exact, and wide enough for C
-        return _plain_loss(input, labels, ignore, reduction, self.compute_dtype(input.dtype))
+        dtype = self.compute_dtype(input.dtype)
+        return _plain_loss(input, labels, axis % input.ndim, ignore, reduction, dtype)
 
     def logsumexp(self, x: Array, axis: int) -> tuple[Array, Array]:
         shift = jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True))
