@@ -47,7 +47,7 @@ class _Problem:
     labels: Array | None  # class indices, safe to gather, class axis kept with size 1
     label_weight: Array | None  # weight[label]
     ignored: Array | None
-    bad: Array | None
+    bad: Array | None  # invalid labels; None where the labels were read and none is
     probs: Array | None  # probability targets in the compute dtype
     overwrite: bool = False  # the input is xent's own temporary: the gradient may replace it
 
@@ -349,6 +349,8 @@ def _index_rows(p: _Problem, x: Array, stats: _Stats | None) -> Array:
         rows = _smoothed(rows, spread, p.smoothing, p.classes)
     rows = _with_z_loss(p, rows, stats)
     rows = xp.where(p.ignored, xp.zeros_like(rows), rows)
+    if p.bad is None:
+        return rows
     # Invalid labels: NaN by a product, not a select, so autodiff carries the NaN into the
     # gradient as well (a select would give those rows a zero, finite gradient).
     return rows * _nan_where(xp, p.bad, rows)
@@ -411,7 +413,7 @@ def _row_cotangent(p: _Problem, cotangent: Array) -> Array:
     xp = p.xp
     r = xp.astype(cotangent, p.dtype, copy=False)
     if p.reduction == "none":
-        r = _expand(r, p.axis)
+        r = _expand(xp, r, p.axis)
     elif p.reduction == "mean":
         r = r / p.denominator
     if p.sample is not None:
@@ -420,11 +422,12 @@ def _row_cotangent(p: _Problem, cotangent: Array) -> Array:
         # Per row, before the full-size pass: an ignored row's gradient is 0 times its softmax
         # (0 where the logits are finite, NaN where they hold NaN, as autodiff of the forward
         # gives it); an invalid label's row is NaN.
-        if _readable(p.ops, p.ignored, p.ignored, force=False) and not bool(
-            p.xp.any(p.ignored | p.bad)
-        ):
+        masked = p.ignored if p.bad is None else p.ignored | p.bad
+        if _readable(p.ops, masked, masked, force=False) and not bool(p.xp.any(masked)):
             return r
-        r = xp.where(p.ignored, xp.zeros_like(r), r) * _nan_where(xp, p.bad, r)
+        r = xp.where(p.ignored, xp.zeros_like(r), r)
+        if p.bad is not None:
+            r = r * _nan_where(xp, p.bad, r)
     return r
 
 
@@ -658,11 +661,13 @@ def _problem(
     sample = None
     if sample_weight is not None:
         sample = xp.broadcast_to(xp.astype(sample_weight, dtype), per_row)
-        sample = _expand(sample, ax)
+        sample = _expand(xp, sample, ax)
 
     labels = label_weight = ignored = bad = probs = None
     if c.kind == "index":
         labels, ignored, bad = _labels(xp, ops, target, classes, c.ignore_index, c.validate, ax)
+        if c.validate is not False and _readable(ops, target, bad, force=c.validate is True):
+            bad = None  # the labels were read and every one is a class or ignore_index
         if weight is not None:
             label_weight = (
                 xp.zeros(labels.shape, dtype=dtype, device=dev)
@@ -723,18 +728,21 @@ def _labels(
     else:
         ignored = xp.zeros(target.shape, dtype=xp.bool, device=ops.device(target))
     valid = (y >= 0) & (y < classes) if classes <= own.max else y >= 0
-    bad = ~valid & ~ignored
+    bad = ~(valid | ignored)
     # Under jit a label array captured from outside is concrete while `bad`, built inside the
     # trace, is not; both must be readable.
     if validate is not False and _readable(ops, target, bad, force=validate is True):
         _validation.raise_on_bad_labels(xp, target, bad, classes, ignore_index)
     safe = xp.astype(xp.where(valid, y, xp.zeros_like(y)), index_dtype, copy=False)
-    return _expand(safe, ax), _expand(ignored, ax), _expand(bad, ax)
+    return _expand(xp, safe, ax), _expand(xp, ignored, ax), _expand(xp, bad, ax)
 
 
-def _expand(a: Array, ax: int) -> Array:
-    """``a`` with a new axis of size 1 at ``ax``, by indexing (Dask's ``expand_dims`` refuses
-    arrays whose sizes are unknown until computed)."""
+def _expand(xp: Namespace, a: Array, ax: int) -> Array:
+    """``a`` with a new axis of size 1 at ``ax``: ``expand_dims`` where every size is known,
+    else by indexing (Dask's ``expand_dims`` refuses arrays whose sizes are unknown until
+    computed; array-api-strict's indexing costs eight times its ``expand_dims``)."""
+    if _validation.known_shape(a.shape):
+        return xp.expand_dims(a, axis=ax)
     return a[(*(slice(None),) * ax, None, ...)]
 
 
