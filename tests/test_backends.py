@@ -147,6 +147,17 @@ class TestDaskErrstate:
         assert np.isnan(grad[1]).all()
         assert np.isfinite(np.delete(grad, 1, axis=0)).all()
 
+    @pytest.mark.eager("the graph must reach .compute() under the caller's errstate as built")
+    def test_logits_far_below_the_max_underflow_quietly(self, xp: Any) -> None:
+        x = np.array([[0.0, -200.0, -1000.0], [5.0, 3.0, -800.0]], dtype=np.float32)
+        t = np.array([0, 2])
+        out = xent.cross_entropy_and_grad(_chunked(x, (1, 3)), _chunked(t, (1,)), reduction="none")
+        with np.errstate(all="raise"):
+            loss, grad = (a.compute() for a in out)
+        with np.errstate(all="ignore"):
+            np.testing.assert_allclose(loss, ref.cross_entropy(x, t, reduction="none"), rtol=1e-6)
+            np.testing.assert_allclose(grad, _softmax_minus_onehot(x, t), atol=1e-7)
+
     @pytest.mark.eager("the caller's own graph must reach .compute() as built, not persisted")
     def test_callers_own_tasks_still_raise(self, xp: Any) -> None:
         import dask.array as da

@@ -20,7 +20,9 @@ from ._numpy import Native as _NumpyNative
 
 
 def _errstate() -> contextlib.AbstractContextManager[Any]:
-    return np.errstate(divide="ignore", invalid="ignore", over="ignore")
+    # Underflow too: the exp of a logit far below its row's max is 0 by design, and a caller's
+    # np.seterr(all="raise") would otherwise raise on it in any task of xent's.
+    return np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore")
 
 
 class _Quiet:
