@@ -1,9 +1,9 @@
 """Backend specifics: each backend's own code paths give what xent's generic path gives.
 
 - Dask: the gather stays linear in the number of class chunks, and every task xent adds to a graph
-  runs under xent's errstate, wherever and whenever the caller computes it. The plain loss of
-  NumPy blocks whose classes sit in one block adds one or two layers (xent's NumPy loss per row
-  block) and gives what the generic primitives give, lazily.
+  runs under xent's errstate, wherever and whenever the caller computes it. The plain loss (and
+  gradient) of NumPy blocks whose classes sit in one block adds a few layers (xent's NumPy loss
+  per row block) and gives what the generic primitives give, lazily.
 - Fused fast paths: the plain options (logits, class indices, no softcap, z_loss or
   sample_weight) may be served by a fused native kernel (``F.cross_entropy`` on the PyTorch CPU,
   one NumPy pass); each call is compared with the same call through the generic primitives, on
@@ -202,33 +202,41 @@ def _added_layers(result: Any, *inputs: Any) -> int:
 
 
 @pytest.fixture
-def fused_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """A list that counts the Dask fused losses built from now on."""
+def fused_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """A list that names the Dask fused losses (``"loss"``, ``"loss_and_grad"``) built from
+    now on."""
     from xent.backends import _dask
 
-    calls: list[int] = []
-    build = _dask._fused_loss
+    calls: list[str] = []
+    for name in ("loss", "loss_and_grad"):
+        build = getattr(_dask, f"_fused_{name}")
 
-    def counted(*args: Any, **kwargs: Any) -> Any:
-        calls.append(1)
-        return build(*args, **kwargs)
+        def counted(*args: Any, build: Any = build, name: str = name) -> Any:
+            calls.append(name)
+            return build(*args)
 
-    monkeypatch.setattr(_dask, "_fused_loss", counted)
+        monkeypatch.setattr(_dask, f"_fused_{name}", counted)
     return calls
 
 
 def _assert_fused_like_generic(
-    fused_calls: list[int], call: Callable[[], Any], *, rtol: float
-) -> np.ndarray:
-    """The fused loss served ``call()``, with the generic path's dtype, shape and values (NaN
-    for NaN); returns its values."""
+    fused_calls: list[str], x: Any, y: Any, *, rtol: float, **options: Any
+) -> list[np.ndarray]:
+    """The fused loss served ``cross_entropy(x, y, **options)``, and the fused loss and
+    gradient ``cross_entropy_and_grad``, with the generic path's dtypes, shapes and values
+    (NaN for NaN, the gradient's to ``rtol`` of the largest); returns ``[loss, loss, grad]``."""
     served = len(fused_calls)
-    fused, generic = _fused_and_generic(call)
-    assert len(fused_calls) == served + 1, "the fused loss did not serve the call"
-    assert fused.dtype == generic.dtype
-    assert fused.shape == generic.shape or np.isnan(fused.shape).any()
-    got, want = _compute(fused, generic)
-    np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * 1e-2, equal_nan=True)
+    fused, generic = _fused_and_generic(
+        lambda: [xent.cross_entropy(x, y, **options), *xent.cross_entropy_and_grad(x, y, **options)]
+    )
+    assert fused_calls[served:] == ["loss", "loss_and_grad"], "the fused losses did not serve"
+    for a, b in zip(fused, generic, strict=True):
+        assert a.dtype == b.dtype
+        assert a.shape == b.shape or np.isnan(a.shape).any()
+    got, want = _compute(*fused), _compute(*generic)
+    for a, b in zip(got, want, strict=True):
+        atol = rtol * max(1.0, float(np.max(np.abs(b), initial=0.0, where=np.isfinite(b))))
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, equal_nan=True)
     return got
 
 
@@ -258,28 +266,36 @@ def _fused_problem(
 
 @DASK
 class TestDaskFusedLoss:
-    """The plain loss of NumPy-backed Dask arrays whose classes sit in one block: one task per
-    row block runs xent's NumPy loss, giving what the generic primitives give, lazily."""
+    """The plain loss (and its gradient) of NumPy-backed Dask arrays whose classes sit in one
+    block: one task per row block runs xent's NumPy loss (and gradient), giving what the
+    generic primitives give, lazily."""
 
-    _LAYERS: ClassVar[dict[str, int]] = {"none": 1, "sum": 2, "mean": 2}
-    """The layers the fused loss adds to its inputs' graphs: one task per row block, and for
-    the reduced losses one that totals their parts (the generic primitives add some thirty)."""
+    _LAYERS: ClassVar[dict[str, tuple[int, int]]] = {
+        "none": (1, 3), "sum": (2, 3), "mean": (2, 4)
+    }  # fmt: skip
+    """The layers each fused path adds to its inputs' graphs (``cross_entropy``;
+    ``cross_entropy_and_grad``'s loss and gradient together): one task per row block, one that
+    totals their parts for ``"sum"`` and ``"mean"``, one that counts the mean's denominator
+    before the gradient's blocks, and one per output that takes the blocks' pairs apart. The
+    generic primitives add some thirty."""
 
     @pytest.mark.eager("graph layers are counted as built, not persisted")
     @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
-    def test_adds_one_layer_per_step(
-        self, xp: Any, rng: np.random.Generator, reduction: str
-    ) -> None:
+    def test_adds_few_layers(self, xp: Any, rng: np.random.Generator, reduction: str) -> None:
         x = _chunked(rng.normal(size=(10, 4)), (3, 4))
         y = _chunked(rng.integers(0, 4, size=10), (3,))
         w = _chunked(rng.random(4) + 0.5, (4,))
         split = _chunked(rng.random(4) + 0.5, (2,))
+        loss_layers, both_layers = self._LAYERS[reduction]
         for weight, extra in ((None, 0), (w, 0), (split, 1)):  # a split weight: one rechunk
-            fused, generic = _fused_and_generic(
-                lambda w=weight: xent.cross_entropy(x, y, weight=w, reduction=reduction)
-            )
-            assert _added_layers(fused, x, y, weight) == self._LAYERS[reduction] + extra
+            options = {"weight": weight, "reduction": reduction}
+            fused, generic = _fused_and_generic(lambda o=options: xent.cross_entropy(x, y, **o))
+            assert _added_layers(fused, x, y, weight) == loss_layers + extra
             assert _added_layers(generic, x, y, weight) > 20
+            pair, _ = _fused_and_generic(lambda o=options: xent.cross_entropy_and_grad(x, y, **o))
+            both = {name for a in pair for name in a.__dask_graph__().layers}
+            theirs = {n for a in (x, y, weight) if a is not None for n in a.__dask_graph__().layers}
+            assert len(both - theirs) == both_layers + extra
 
     @pytest.mark.eager("counts the computes itself, where the fixture would persist the result")
     def test_nothing_computes_until_asked(self, xp: Any, rng: np.random.Generator) -> None:
@@ -295,13 +311,15 @@ class TestDaskFusedLoss:
         y = da.from_array(rng.integers(0, 4, size=9), chunks=3)  # type: ignore[no-untyped-call]
         previous = xent.backends.set_native(True)
         try:
-            losses = [xent.cross_entropy(x, y, reduction=r) for r in ("none", "sum", "mean")]
+            results = [xent.cross_entropy(x, y, reduction=r) for r in ("none", "sum", "mean")]
+            for r in ("none", "sum", "mean"):
+                results += xent.cross_entropy_and_grad(x, y, reduction=r)
         finally:
             xent.backends.set_native(previous)
-        assert all(_added_layers(loss, x, y) <= 2 for loss in losses)
+        assert all(_added_layers(a, x, y) <= 3 for a in results)
         assert not computed
-        _compute(*losses)
-        assert len(computed) == 3  # each block once, for the three losses together
+        _compute(*results)
+        assert len(computed) == 3  # each block once, for every result together
 
     @pytest.mark.parametrize("smoothing", [0.0, 0.1, 1.0])
     @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
@@ -309,7 +327,7 @@ class TestDaskFusedLoss:
     def test_matches_general_path(
         self,
         xp: Any,
-        fused_calls: list[int],
+        fused_calls: list[str],
         rng: np.random.Generator,
         reduction: str,
         weighted: bool,
@@ -321,17 +339,15 @@ class TestDaskFusedLoss:
             x_np, y_np = _fused_problem(rng, (13, 6), 1, ignore_index)
             x, y = _chunked(x_np, (5, 6)), _chunked(y_np, (4,))
             w = _chunked(rng.random(6) + 0.5, (6,)) if weighted else None
-
-            def call(x: Any = x, y: Any = y, w: Any = w, i: int = ignore_index) -> Any:
-                return xent.cross_entropy(
-                    x, y, weight=w, ignore_index=i, label_smoothing=smoothing, reduction=reduction
-                )
-
-            got = _assert_fused_like_generic(fused_calls, call, rtol=1e-12)
+            loss, _, grad = _assert_fused_like_generic(
+                fused_calls, x, y, rtol=1e-12, weight=w, ignore_index=ignore_index,
+                label_smoothing=smoothing, reduction=reduction,
+            )  # fmt: skip
             if reduction == "none":
-                np.testing.assert_array_equal(got[[1, 3, 4]], [np.nan, np.nan, np.inf])
-                assert not np.isfinite(got[2])
-                np.testing.assert_array_equal(got[[5, 7]], 0.0)
+                np.testing.assert_array_equal(loss[[1, 3, 4]], [np.nan, np.nan, np.inf])
+                assert not np.isfinite(loss[2])
+                np.testing.assert_array_equal(loss[[5, 7]], 0.0)
+            np.testing.assert_array_equal(grad[[5, 7]], 0.0)  # ignored: 0 times the softmax
 
     @pytest.mark.parametrize(
         ("shape", "axis", "chunks"),
@@ -342,7 +358,7 @@ class TestDaskFusedLoss:
     def test_class_axis_anywhere(
         self,
         xp: Any,
-        fused_calls: list[int],
+        fused_calls: list[str],
         rng: np.random.Generator,
         reduction: str,
         shape: tuple[int, ...],
@@ -353,22 +369,20 @@ class TestDaskFusedLoss:
         x_np, y_np = _fused_problem(rng, shape, ax)
         x, y = _chunked(x_np, chunks), _chunked(y_np, chunks[:ax] + chunks[ax + 1 :])
         w = _chunked(rng.random(shape[ax]) + 0.5, (shape[ax],))
-
-        def call() -> Any:
-            return xent.cross_entropy(
-                x, y, axis=axis, weight=w, label_smoothing=0.1, reduction=reduction
-            )
-
-        got = _assert_fused_like_generic(fused_calls, call, rtol=1e-12)
+        loss, _, grad = _assert_fused_like_generic(
+            fused_calls, x, y, rtol=1e-12, axis=axis, weight=w, label_smoothing=0.1,
+            reduction=reduction,
+        )  # fmt: skip
+        assert grad.shape == shape
         if reduction == "none":
-            assert got.shape == y_np.shape
+            assert loss.shape == y_np.shape
 
     @pytest.mark.parametrize("label_dtype", ["uint8", "int32", "int64"])
     @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
     def test_dtypes_match_general_path_and_numpy(
         self,
         xp: Any,
-        fused_calls: list[int],
+        fused_calls: list[str],
         rng: np.random.Generator,
         dtype: str,
         label_dtype: str,
@@ -378,33 +392,49 @@ class TestDaskFusedLoss:
         w_np = (rng.random(5) + 0.5).astype(dtype)
         x, y, w = _chunked(x_np, (4, 5)), _chunked(y_np, (4,)), _chunked(w_np, (5,))
         for reduction in ("none", "sum", "mean"):
-            options = {"weight": w, "label_smoothing": 0.1, "reduction": reduction}
+            options = {"label_smoothing": 0.1, "reduction": reduction}
             got = _assert_fused_like_generic(
-                fused_calls, lambda o=options: xent.cross_entropy(x, y, **o), rtol=_RTOL[dtype]
+                fused_calls, x, y, rtol=_RTOL[dtype], weight=w, **options
             )
-            assert got.dtype == np.dtype(dtype)
-            on_numpy = xent.cross_entropy(x_np, y_np, **{**options, "weight": w_np})
-            np.testing.assert_allclose(got, on_numpy, rtol=_RTOL[dtype])
+            assert all(a.dtype == np.dtype(dtype) for a in got)
+            want = [
+                xent.cross_entropy(x_np, y_np, weight=w_np, **options),
+                *xent.cross_entropy_and_grad(x_np, y_np, weight=w_np, **options),
+            ]
+            for a, b in zip(got, want, strict=True):
+                np.testing.assert_allclose(a, b, rtol=_RTOL[dtype], atol=_RTOL[dtype])
 
     @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
     def test_all_positions_ignored(
-        self, xp: Any, fused_calls: list[int], rng: np.random.Generator, weighted: bool
+        self, xp: Any, fused_calls: list[str], rng: np.random.Generator, weighted: bool
     ) -> None:
-        # The mean is 0 / 0 = NaN, as on the generic path (and in PyTorch).
+        # The mean is 0 / 0 = NaN, as on the generic path (and in PyTorch); the gradient 0.
         x = _chunked(rng.normal(size=(7, 3)), (3, 3))
         y = _chunked(np.full(7, -100), (3,))
         w = _chunked(rng.random(3) + 0.5, (3,)) if weighted else None
         want = {"none": np.zeros(7), "sum": 0.0, "mean": np.nan}
         for reduction, value in want.items():
-            got = _assert_fused_like_generic(
-                fused_calls,
-                lambda r=reduction: xent.cross_entropy(x, y, weight=w, reduction=r),
-                rtol=1e-12,
+            loss, _, grad = _assert_fused_like_generic(
+                fused_calls, x, y, rtol=1e-12, weight=w, reduction=reduction
             )
-            np.testing.assert_array_equal(got, value)
+            np.testing.assert_array_equal(loss, value)
+            np.testing.assert_array_equal(grad, 0.0)
+
+    def test_class_weights_of_the_labels_summing_to_zero(
+        self, xp: Any, fused_calls: list[str], rng: np.random.Generator
+    ) -> None:
+        # The mean's denominator is 0 with positions still counted: NaN, and the gradient of
+        # those positions too (1 / 0 times 0), the ignored ones 0.
+        x = _chunked(rng.normal(size=(7, 3)), (3, 3))
+        y = _chunked(np.array([0, 0, 1, 0, -100, 1, 0]), (3,))
+        w = _chunked(np.array([0.0, 0.0, 1.0]), (3,))
+        loss, _, grad = _assert_fused_like_generic(fused_calls, x, y, rtol=1e-12, weight=w)
+        assert np.isnan(loss)
+        np.testing.assert_array_equal(np.isnan(grad).all(axis=1), [1, 1, 1, 1, 0, 1, 1])
+        np.testing.assert_array_equal(grad[4], 0.0)
 
     def test_unknown_chunk_sizes(
-        self, xp: Any, fused_calls: list[int], rng: np.random.Generator
+        self, xp: Any, fused_calls: list[str], rng: np.random.Generator
     ) -> None:
         import dask.array as da
 
@@ -414,44 +444,43 @@ class TestDaskFusedLoss:
         x, y = _chunked(x_np, (6, 5))[mask], _chunked(y_np, (6,))[mask]
         assert np.isnan(x.shape[0])
         for reduction in ("none", "sum", "mean"):
-            got = _assert_fused_like_generic(
-                fused_calls, lambda r=reduction: xent.cross_entropy(x, y, reduction=r), rtol=1e-12
-            )
-            want = xent.cross_entropy(x_np[keep], y_np[keep], reduction=reduction)
-            np.testing.assert_allclose(got, want, rtol=1e-12, equal_nan=True)
+            got = _assert_fused_like_generic(fused_calls, x, y, rtol=1e-12, reduction=reduction)
+            want = [
+                xent.cross_entropy(x_np[keep], y_np[keep], reduction=reduction),
+                *xent.cross_entropy_and_grad(x_np[keep], y_np[keep], reduction=reduction),
+            ]
+            for a, b in zip(got, want, strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-12, equal_nan=True)
 
-    def test_single_row(self, xp: Any, fused_calls: list[int], rng: np.random.Generator) -> None:
-        x_np = rng.normal(size=7)
-        x, y = _chunked(x_np, (7,)), _chunked(np.asarray(3), ())
+    def test_single_row(self, xp: Any, fused_calls: list[str], rng: np.random.Generator) -> None:
+        x_np, y_np = rng.normal(size=7), np.asarray(3)
+        x, y = _chunked(x_np, (7,)), _chunked(y_np, ())
         for reduction in ("none", "sum", "mean"):
-            got = _assert_fused_like_generic(
-                fused_calls, lambda r=reduction: xent.cross_entropy(x, y, reduction=r), rtol=1e-12
+            loss, _, grad = _assert_fused_like_generic(
+                fused_calls, x, y, rtol=1e-12, reduction=reduction
             )
-            np.testing.assert_allclose(
-                got, ref.cross_entropy(x_np, np.asarray(3), reduction="none")
-            )
+            np.testing.assert_allclose(loss, ref.cross_entropy(x_np, y_np, reduction="none"))
+            np.testing.assert_allclose(grad, _softmax_minus_onehot(x_np, y_np), atol=1e-15)
 
     @pytest.mark.parametrize("validate", [None, False])
     def test_invalid_labels_give_nan(
-        self, xp: Any, fused_calls: list[int], rng: np.random.Generator, validate: bool | None
+        self, xp: Any, fused_calls: list[str], rng: np.random.Generator, validate: bool | None
     ) -> None:
         x = _chunked(rng.normal(size=(8, 4)), (3, 4))
         y_np = rng.integers(0, 4, size=8)
         y_np[[2, 6]] = [4, -7]
         y = _chunked(y_np, (3,))
+        bad = np.isin(np.arange(8), [2, 6])
         for reduction in ("none", "sum", "mean"):
-            got = _assert_fused_like_generic(
-                fused_calls,
-                lambda r=reduction: xent.cross_entropy(x, y, validate=validate, reduction=r),
-                rtol=1e-12,
+            loss, _, grad = _assert_fused_like_generic(
+                fused_calls, x, y, rtol=1e-12, validate=validate, reduction=reduction
             )
-            assert np.isnan(got).any()
-            if reduction == "none":
-                np.testing.assert_array_equal(np.isnan(got), np.isin(np.arange(8), [2, 6]))
+            np.testing.assert_array_equal(np.isnan(loss), bad if reduction == "none" else True)
+            np.testing.assert_array_equal(np.isnan(grad).all(axis=1), bad)
 
     @pytest.mark.eager("validate=True reads the labels: a Dask compute by design")
     def test_validate_true_raises(
-        self, xp: Any, fused_calls: list[int], rng: np.random.Generator
+        self, xp: Any, fused_calls: list[str], rng: np.random.Generator
     ) -> None:
         x = _chunked(rng.normal(size=(8, 4)), (3, 4))
         y_np = rng.integers(0, 4, size=8)
@@ -460,32 +489,35 @@ class TestDaskFusedLoss:
         previous = xent.backends.set_native(True)
         try:
             for reduction in ("none", "sum", "mean"):
-                with pytest.raises(ValueError, match=r"label 9 at position \(6,\)"):
-                    xent.cross_entropy(x, y, validate=True, reduction=reduction)
+                for call in (xent.cross_entropy, xent.cross_entropy_and_grad):
+                    with pytest.raises(ValueError, match=r"label 9 at position \(6,\)"):
+                        call(x, y, validate=True, reduction=reduction)
         finally:
             xent.backends.set_native(previous)
         assert not fused_calls
 
     def test_classes_over_several_blocks_decline(
-        self, xp: Any, fused_calls: list[int], rng: np.random.Generator
+        self, xp: Any, fused_calls: list[str], rng: np.random.Generator
     ) -> None:
         x_np = rng.normal(size=(6, 8))
         y_np = rng.integers(0, 8, size=6)
         x, y = _chunked(x_np, (3, 4)), _chunked(y_np, (3,))
         for reduction in ("none", "sum", "mean"):
             fused, generic = _fused_and_generic(
-                lambda r=reduction: xent.cross_entropy(x, y, reduction=r)
+                lambda r=reduction: [
+                    xent.cross_entropy(x, y, reduction=r),
+                    *xent.cross_entropy_and_grad(x, y, reduction=r),
+                ]
             )
-            got, want = _compute(fused, generic)
-            np.testing.assert_allclose(got, want, rtol=1e-12)
-            np.testing.assert_allclose(got, ref.cross_entropy(x_np, y_np, reduction=reduction))
+            for a, b in zip(_compute(*fused), _compute(*generic), strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-12)
         assert not fused_calls
 
     @pytest.mark.eager("the graph must reach .compute() under the caller's errstate as built")
-    def test_computes_under_raise(self, xp: Any, fused_calls: list[int]) -> None:
+    def test_computes_under_raise(self, xp: Any, fused_calls: list[str]) -> None:
         # A masked row (the log of a zero sum), a masked target, a float16 loss beyond its
-        # range, a mean of no positions (0 / 0): the caller's errstate does not reach the tasks
-        # the fused loss adds.
+        # range, a mean of no positions (0 / 0, and its gradient's 1 / 0): the caller's
+        # errstate does not reach the tasks the fused paths add.
         x_np, t, _ = _masked_problem()
         x, y = _chunked(x_np, (2, 6)), _chunked(t, (2,))
         big = np.full((4, 6), 6e4, dtype=np.float16)
@@ -497,11 +529,15 @@ class TestDaskFusedLoss:
             losses = [xent.cross_entropy(x, y, reduction=r) for r in ("none", "sum", "mean")]
             losses.append(xent.cross_entropy(_chunked(big, (2, 6)), at_low, reduction="none"))
             losses.append(xent.cross_entropy(x, ignored))
+            grads = [
+                xent.cross_entropy_and_grad(x, y)[1],
+                xent.cross_entropy_and_grad(x, ignored)[1],
+            ]
         finally:
             xent.backends.set_native(previous)
-        assert len(fused_calls) == len(losses)
+        assert len(fused_calls) == len(losses) + len(grads)
         with np.errstate(all="raise"):
-            none, total, mean, overflow, empty = _compute(*losses)
+            none, total, mean, overflow, empty, grad, empty_grad = _compute(*losses, *grads)
         with np.errstate(all="ignore"):
             want = ref.cross_entropy(x_np, t, reduction="none")
         np.testing.assert_allclose(none, want, rtol=1e-12)
@@ -509,8 +545,10 @@ class TestDaskFusedLoss:
         assert np.isnan(mean)
         np.testing.assert_array_equal(overflow, np.inf)
         assert np.isnan(empty)
+        assert np.isnan(grad[1]).all()
+        np.testing.assert_array_equal(np.delete(empty_grad, 1, axis=0), 0.0)  # 0 * softmax
 
-    def test_matches_general_path_on_random_problems(self, xp: Any, fused_calls: list[int]) -> None:
+    def test_matches_general_path_on_random_problems(self, xp: Any, fused_calls: list[str]) -> None:
         @property_settings()
         @given(case=_fused_cases())
         def check(case: dict[str, Any]) -> None:
@@ -523,13 +561,11 @@ class TestDaskFusedLoss:
             w = None
             if case["weighted"]:
                 w = _chunked((rng.random(shape[axis]) + 0.5).astype(dtype), (shape[axis],))
-            options = {
-                "axis": axis, "weight": w, "ignore_index": case["ignore_index"],
-                "label_smoothing": case["smoothing"], "reduction": case["reduction"],
-            }  # fmt: skip
             _assert_fused_like_generic(
-                fused_calls, lambda: xent.cross_entropy(x, y, **options), rtol=_RTOL[dtype]
-            )
+                fused_calls, x, y, rtol=_RTOL[dtype], axis=axis, weight=w,
+                ignore_index=case["ignore_index"], label_smoothing=case["smoothing"],
+                reduction=case["reduction"],
+            )  # fmt: skip
 
         check()
 

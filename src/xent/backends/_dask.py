@@ -1,10 +1,11 @@
 """Dask: always lazy; every task xent adds runs under its errstate; block-wise primitives, and
-the plain loss as xent's NumPy loss on each block of rows."""
+the plain loss (and its gradient) as xent's NumPy loss (and gradient) on each block of rows."""
 
 from __future__ import annotations
 
 import contextlib
 import math
+import operator
 import string
 from collections.abc import Callable
 from typing import Any
@@ -146,6 +147,33 @@ def _on_numpy(a: Any) -> bool:
     return isinstance(a, da.Array) and type(a._meta) is np.ndarray
 
 
+def _fused_case(x: Array, y: Array, options: IndexOptions) -> bool:
+    """Whether the fused loss serves arrays of these types, dtypes and shapes (their blocks
+    and the class weights aside): NumPy blocks, logits of a dtype NumPy's fused pass takes,
+    integer labels, and classes of a known, non-zero number."""
+    return (
+        _on_numpy(x)
+        and _on_numpy(y)
+        and x.dtype in _FUSED_DTYPES
+        and y.dtype.kind in "iu"
+        and 0 not in x.shape
+        and not math.isnan(x.shape[options.axis])
+    )
+
+
+def _fused_blocks(x: da.Array, weight: Array | None, axis: int) -> bool:
+    """Whether the classes sit in one block of ``x``, and the class weights are NumPy blocks."""
+    return x.numblocks[axis] == 1 and (weight is None or _on_numpy(weight))
+
+
+def _weight_args(weight: da.Array | None, index: str) -> list[Any]:
+    """The class weights and their index as blockwise takes them (a literal None where there
+    are none), in one block as the classes are: blockwise would otherwise split them to match."""
+    if weight is None:
+        return [None, None]
+    return [weight if weight.numblocks[0] == 1 else weight.rechunk(-1), index]
+
+
 def _fused_loss(
     x: da.Array, y: da.Array, weight: da.Array | None, options: IndexOptions
 ) -> da.Array:
@@ -154,12 +182,9 @@ def _fused_loss(
     axis, _, ignore_index, smoothing, reduction = options
     dims = string.ascii_letters[: x.ndim + 1]
     rows, part = dims[:axis] + dims[axis + 1 : -1], dims[-1]
-    args: list[Any] = [x, dims[:-1], y, rows]
-    if weight is not None:
-        # In one block, as the classes are: blockwise would otherwise split them to match.
-        args += [weight if weight.numblocks[0] == 1 else weight.rechunk(-1), dims[axis]]
     # The class index is not in the output: without `concatenate`, each task gets the one
     # block along it in a list, where concatenating would copy it.
+    args = [x, dims[:-1], y, rows, *_weight_args(weight, dims[axis])]
     given = {"axis": axis, "ignore_index": ignore_index, "smoothing": smoothing}
     if reduction == "none":
         meta = np.empty((0,) * len(rows), dtype=x.dtype)
@@ -177,10 +202,54 @@ def _fused_loss(
     )  # fmt: skip
 
 
+def _fused_loss_and_grad(
+    x: da.Array, y: da.Array, weight: da.Array | None, options: IndexOptions
+) -> tuple[da.Array, da.Array]:
+    """The loss and gradient of :meth:`Native.fused_index_loss_and_grad`: one task per row
+    block runs xent's NumPy loss and gradient on the block and gives both (two layers take
+    them apart, one totals the losses for ``"sum"`` and ``"mean"``). The mean's denominator
+    depends on the labels alone: one task counts it first, so that each block's gradient
+    is scaled as it is made and no block waits for the others."""
+    axis, _, ignore_index, smoothing, reduction = options
+    dims = string.ascii_letters[: x.ndim]
+    rows = dims[:axis] + dims[axis + 1 :]
+    dtype = _compute_dtype(x.dtype)
+    weights = _weight_args(weight, dims[axis])
+    denominator: list[Any] = [None, None]
+    if reduction == "mean":
+        count = da.blockwise(
+            _Quiet(_denominator_total), "", y, rows, *weights, dtype=dtype,
+            meta=np.empty((), dtype=dtype), classes=x.shape[axis], ignore_index=ignore_index,
+            out_dtype=dtype,
+        )  # fmt: skip
+        denominator = [count, ""]
+    # Each block of `pairs` is a (loss, gradient) tuple, read only by the layers below.
+    pairs = da.blockwise(
+        _Quiet(_block_loss_and_grad), rows, x, dims, y, rows, *weights, *denominator,
+        dtype=x.dtype, meta=np.empty((0,) * len(rows), dtype=x.dtype), axis=axis,
+        ignore_index=ignore_index, smoothing=smoothing, reduction=reduction,
+    )  # fmt: skip
+    if reduction == "none":
+        loss = da.blockwise(
+            operator.getitem, rows, pairs, rows, 0, None, dtype=x.dtype,
+            meta=np.empty((0,) * len(rows), dtype=x.dtype),
+        )  # fmt: skip
+    else:
+        loss = da.blockwise(
+            _Quiet(_pairs_total), "", pairs, rows, *denominator, dtype=x.dtype,
+            meta=np.empty((), dtype=x.dtype), out_dtype=x.dtype,
+        )  # fmt: skip
+    grad = da.blockwise(
+        operator.getitem, dims, pairs, rows, 1, None, new_axes={dims[axis]: x.shape[axis]},
+        dtype=x.dtype, meta=np.empty((0,) * x.ndim, dtype=x.dtype),
+    )  # fmt: skip
+    return loss, grad
+
+
 def _block_losses(
     x: list[np.ndarray],
     y: np.ndarray,
-    w: list[np.ndarray] | None = None,
+    w: list[np.ndarray] | None,
     *,
     axis: int,
     ignore_index: int,
@@ -199,7 +268,7 @@ def _block_losses(
 def _block_parts(
     x: list[np.ndarray],
     y: np.ndarray,
-    w: list[np.ndarray] | None = None,
+    w: list[np.ndarray] | None,
     *,
     axis: int,
     ignore_index: int,
@@ -224,16 +293,60 @@ def _block_parts(
     return np.asarray(parts, dtype=dtype).reshape((1,) * y.ndim + (len(parts),))
 
 
+def _block_loss_and_grad(
+    x: list[np.ndarray],
+    y: np.ndarray,
+    w: list[np.ndarray] | None,
+    count: np.ndarray | None,
+    *,
+    axis: int,
+    ignore_index: int,
+    smoothing: float,
+    reduction: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One row block's losses (per position for ``"none"``, else their sum in the compute
+    dtype) and the gradient of the loss, divided by the mean's denominator ``count`` (None
+    for the other reductions)."""
+    from .._cross_entropy import cross_entropy_and_grad
+
+    block, weight = x[0], None if w is None else w[0]
+    options: dict[str, Any] = {
+        "axis": axis, "weight": weight, "ignore_index": ignore_index,
+        "label_smoothing": smoothing, "validate": False,
+    }  # fmt: skip
+    if reduction == "none":
+        loss, grad = cross_entropy_and_grad(block, y, reduction="none", **options)
+        return np.asarray(loss), grad
+    # float16 widened first (exactly): the sum adds up and the gradient is scaled in float32,
+    # each rounded to float16 once, as on xent's general path.
+    loss, grad = cross_entropy_and_grad(
+        block.astype(_compute_dtype(block.dtype), copy=False), y, reduction="sum", **options
+    )
+    if count is not None:
+        scale = 1 / count
+        # No position counts (every one ignored, or class weights that sum to 0): the
+        # general path's 0 times the softmax where ignored, 1 / 0 times the rest.
+        kept = None if np.isfinite(scale) else _kept(y, ignore_index)
+        where = True if kept is None else np.expand_dims(kept, axis)
+        np.multiply(grad, scale, out=grad, where=where)
+    return np.asarray(loss), grad.astype(block.dtype, copy=False)
+
+
+def _kept(y: np.ndarray, ignore_index: int) -> np.ndarray | None:
+    """Where the labels are not ``ignore_index`` (None: everywhere). Only a label equal to it
+    in its own dtype is ignored (none where it is out of the dtype's range), as xent's general
+    path decides."""
+    own = np.iinfo(y.dtype)
+    return y != ignore_index if own.min <= ignore_index <= own.max else None
+
+
 def _denominator(
     y: np.ndarray, weight: np.ndarray | None, classes: int, ignore_index: int, dtype: Any
 ) -> Any:
     """The block's part of what ``"mean"`` divides by: its positions not ignored, or the sum
     of their labels' class weights. An invalid label's weight is any class's: its loss is
     NaN, and so is the mean."""
-    own = np.iinfo(y.dtype)
-    # Only a label equal to ignore_index in its own dtype is ignored (none where it is out of
-    # the dtype's range), as xent's general path decides.
-    kept = y != ignore_index if own.min <= ignore_index <= own.max else None
+    kept = _kept(y, ignore_index)
     if weight is None:
         return y.size if kept is None else np.count_nonzero(kept)
     valid = (y >= 0) & (y < classes)
@@ -241,18 +354,42 @@ def _denominator(
     return np.sum(label_weight, where=True if kept is None else kept, dtype=dtype)
 
 
+def _denominator_total(
+    y: Any, w: list[np.ndarray] | None, *, classes: int, ignore_index: int, out_dtype: Any
+) -> np.ndarray:
+    """What ``"mean"`` divides by, from every block of labels, in ``out_dtype``."""
+    weight = None if w is None else w[0]
+    parts = [_denominator(b, weight, classes, ignore_index, out_dtype) for b in _leaves(y)]
+    return np.asarray(sum(parts), dtype=out_dtype)
+
+
+def _leaves(nested: Any) -> list[Any]:
+    """The blocks that a task of blockwise gets for indices it contracts: nested lists, one
+    level per index (the block itself where there is none)."""
+    return list(flatten(nested)) if isinstance(nested, list) else [nested]
+
+
 def _total(parts: list[Any], *, mean: bool, out_dtype: Any) -> np.ndarray:
-    """The loss from every block's :func:`_block_parts` (nested lists, one level per row
-    axis): the sum, or the sum over the denominator (0 / 0 = NaN where every position is
-    ignored), in ``out_dtype``."""
-    sums = np.sum([p.reshape(-1) for p in flatten(parts)], axis=0)
+    """The loss from every block's :func:`_block_parts`: the sum, or the sum over the
+    denominator (0 / 0 = NaN where every position is ignored), in ``out_dtype``."""
+    sums = np.sum([p.reshape(-1) for p in _leaves(parts)], axis=0)
     total = sums[0] / sums[1] if mean else sums[0]
+    return np.asarray(total).astype(out_dtype, copy=False)
+
+
+def _pairs_total(pairs: Any, count: np.ndarray | None, *, out_dtype: Any) -> np.ndarray:
+    """The loss from every block's :func:`_block_loss_and_grad`: the sum of their sums, over
+    the mean's denominator ``count`` (None for the sum), in ``out_dtype``."""
+    total = np.sum([pair[0] for pair in _leaves(pairs)])
+    if count is not None:
+        total = total / count
     return np.asarray(total).astype(out_dtype, copy=False)
 
 
 class Native(Backend):
     """Block-wise log-sum-exp and take_along_axis: each block runs NumPy's chunked kernels; the
-    plain loss of NumPy blocks whose classes sit in one: xent's NumPy loss on each row block."""
+    plain loss and gradient of NumPy blocks whose classes sit in one: xent's NumPy loss and
+    gradient on each row block."""
 
     native = True
 
@@ -291,22 +428,26 @@ class Native(Backend):
         # NumPy loss on its block (NumPy's fused pass; xent's general path for NaN rows and
         # invalid labels, which validate=False makes NaN), one or two graph layers where the
         # primitives build some thirty. Anything else takes the core's path.
-        axis = options.axis
-        if (
-            not (_on_numpy(input) and _on_numpy(target))
-            or input.dtype not in _FUSED_DTYPES
-            or target.dtype.kind not in "iu"
-            or 0 in input.shape
-            or math.isnan(input.shape[axis])
-        ):
+        if not _fused_case(input, target, options):
             return None
 
         def plan(input: Array, target: Array, weight: Array | None) -> Array | None:
-            if input.numblocks[axis] != 1 or (weight is not None and not _on_numpy(weight)):
+            if not _fused_blocks(input, weight, options.axis):
                 return None
             return _fused_loss(input, target, weight, options)
 
         return plan
+
+    def fused_index_loss_and_grad(
+        self, input: Array, target: Array, options: IndexOptions
+    ) -> tuple[Array, Array] | None:
+        # The same blocks, each running xent's NumPy loss and gradient.
+        if not (
+            _fused_case(input, target, options)
+            and _fused_blocks(input, options.weight, options.axis)
+        ):
+            return None
+        return _fused_loss_and_grad(input, target, options.weight, options)
 
 
 class NativeBackend(Native, Facts):
