@@ -548,6 +548,41 @@ class TestDaskFusedLoss:
         assert np.isnan(grad[1]).all()
         np.testing.assert_array_equal(np.delete(empty_grad, 1, axis=0), 0.0)  # 0 * softmax
 
+    @pytest.mark.eager("computes on a cluster; the lazy patch would persist the result first")
+    def test_computes_on_a_cluster(
+        self, xp: Any, fused_calls: list[str], rng: np.random.Generator
+    ) -> None:
+        # Workers in other processes receive the tasks pickled: they must survive the trip.
+        import pickle
+
+        distributed = pytest.importorskip("distributed", reason="dask.distributed is absent")
+        x_np, y_np = _fused_problem(rng, (40, 30), 1)
+        w_np = rng.random(30) + 0.5
+        x, y, w = _chunked(x_np, (10, 30)), _chunked(y_np, (10,)), _chunked(w_np, (30,))
+        options = {"weight": w, "label_smoothing": 0.1}
+        previous = xent.backends.set_native(True)
+        try:
+            results = [xent.cross_entropy(x, y, **options)]
+            results += xent.cross_entropy_and_grad(x, y, **options)
+        finally:
+            xent.backends.set_native(previous)
+        assert fused_calls == ["loss", "loss_and_grad"]
+        results = [pickle.loads(pickle.dumps(a)) for a in results]
+        with (
+            distributed.LocalCluster(
+                n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
+            ) as cluster,
+            distributed.Client(cluster, timeout=60) as client,
+        ):
+            got = client.compute(results, sync=True)
+        on_numpy = dict(options, weight=w_np)
+        want = [
+            xent.cross_entropy(x_np, y_np, **on_numpy),
+            *xent.cross_entropy_and_grad(x_np, y_np, **on_numpy),
+        ]
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15, equal_nan=True)
+
     def test_matches_general_path_on_random_problems(self, xp: Any, fused_calls: list[str]) -> None:
         @property_settings()
         @given(case=_fused_cases())
