@@ -1,7 +1,9 @@
 """Backend specifics: each backend's own code paths give what xent's generic path gives.
 
 - Dask: the gather stays linear in the number of class chunks, and every task xent adds to a graph
-  runs under xent's errstate, wherever and whenever the caller computes it.
+  runs under xent's errstate, wherever and whenever the caller computes it. The plain loss (and
+  gradient) of NumPy blocks whose classes sit in one block adds a few layers (xent's NumPy loss
+  per row block) and gives what the generic primitives give, lazily.
 - Fused fast paths: the plain options (logits, class indices, no softcap, z_loss or
   sample_weight) may be served by a fused native kernel (``F.cross_entropy`` on the PyTorch CPU,
   one NumPy pass); each call is compared with the same call through the generic primitives, on
@@ -20,12 +22,14 @@ import collections
 import math
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import _reference as ref
 import numpy as np
 import pytest
-from _helpers import Backend, to_numpy, to_xp
+from _helpers import Backend, property_settings, to_numpy, to_xp
+from hypothesis import given
+from hypothesis import strategies as st
 
 import xent
 
@@ -147,6 +151,17 @@ class TestDaskErrstate:
         assert np.isnan(grad[1]).all()
         assert np.isfinite(np.delete(grad, 1, axis=0)).all()
 
+    @pytest.mark.eager("the graph must reach .compute() under the caller's errstate as built")
+    def test_logits_far_below_the_max_underflow_quietly(self, xp: Any) -> None:
+        x = np.array([[0.0, -200.0, -1000.0], [5.0, 3.0, -800.0]], dtype=np.float32)
+        t = np.array([0, 2])
+        out = xent.cross_entropy_and_grad(_chunked(x, (1, 3)), _chunked(t, (1,)), reduction="none")
+        with np.errstate(all="raise"):
+            loss, grad = (a.compute() for a in out)
+        with np.errstate(all="ignore"):
+            np.testing.assert_allclose(loss, ref.cross_entropy(x, t, reduction="none"), rtol=1e-6)
+            np.testing.assert_allclose(grad, _softmax_minus_onehot(x, t), atol=1e-7)
+
     @pytest.mark.eager("the caller's own graph must reach .compute() as built, not persisted")
     def test_callers_own_tasks_still_raise(self, xp: Any) -> None:
         import dask.array as da
@@ -155,6 +170,461 @@ class TestDaskErrstate:
         out = xent.cross_entropy(x, _chunked(np.array([0, 1]), (1,)))
         with np.errstate(all="raise"), pytest.raises(FloatingPointError, match="divide"):
             out.compute()
+
+
+# --- Dask's fused loss -------------------------------------------------------------------------
+
+
+def _fused_and_generic(call: Callable[[], Any]) -> tuple[Any, Any]:
+    """``call()``'s Dask result, not computed, with the native overrides on (the fused loss
+    where it serves), then through the generic primitives."""
+    previous = xent.backends.set_native(True)
+    try:
+        fused = call()
+        xent.backends.set_native(False)
+        generic = call()
+    finally:
+        xent.backends.set_native(previous)
+    return fused, generic
+
+
+def _compute(*arrays: Any) -> list[np.ndarray]:
+    """The Dask ``arrays`` computed together, as NumPy arrays."""
+    import dask
+
+    return [np.asarray(a) for a in dask.compute(*arrays)]  # type: ignore[no-untyped-call]
+
+
+def _added_layers(result: Any, *inputs: Any) -> int:
+    """The layers of ``result``'s graph that no input's graph holds."""
+    theirs = {name for a in inputs if a is not None for name in a.__dask_graph__().layers}
+    return len(set(result.__dask_graph__().layers) - theirs)
+
+
+@pytest.fixture
+def fused_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """A list that names the Dask fused losses (``"loss"``, ``"loss_and_grad"``) built from
+    now on."""
+    from xent.backends import _dask
+
+    calls: list[str] = []
+    for name in ("loss", "loss_and_grad"):
+        build = getattr(_dask, f"_fused_{name}")
+
+        def counted(*args: Any, build: Any = build, name: str = name) -> Any:
+            calls.append(name)
+            return build(*args)
+
+        monkeypatch.setattr(_dask, f"_fused_{name}", counted)
+    return calls
+
+
+def _assert_fused_like_generic(
+    fused_calls: list[str], x: Any, y: Any, *, rtol: float, **options: Any
+) -> list[np.ndarray]:
+    """The fused loss served ``cross_entropy(x, y, **options)``, and the fused loss and
+    gradient ``cross_entropy_and_grad``, with the generic path's dtypes, shapes and values
+    (NaN for NaN, the gradient's to ``rtol`` of the largest); returns ``[loss, loss, grad]``."""
+    served = len(fused_calls)
+    fused, generic = _fused_and_generic(
+        lambda: [xent.cross_entropy(x, y, **options), *xent.cross_entropy_and_grad(x, y, **options)]
+    )
+    assert fused_calls[served:] == ["loss", "loss_and_grad"], "the fused losses did not serve"
+    for a, b in zip(fused, generic, strict=True):
+        assert a.dtype == b.dtype
+        assert a.shape == b.shape or np.isnan(a.shape).any()
+    got, want = _compute(*fused), _compute(*generic)
+    for a, b in zip(got, want, strict=True):
+        atol = rtol * max(1.0, float(np.max(np.abs(b), initial=0.0, where=np.isfinite(b))))
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, equal_nan=True)
+    return got
+
+
+_RTOL = {"float16": float(np.finfo(np.float16).eps), "float32": 1e-5, "float64": 1e-12}
+"""Fused and generic losses sum their positions in another order; float16 may differ by one
+rounding of the float32 result."""
+
+
+def _fused_problem(
+    rng: np.random.Generator, shape: tuple[int, ...], axis: int, ignore_index: int = -100
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits with a NaN, an all-masked (-inf) and a +inf position and a masked target where
+    ``shape`` has room, and labels with a few ``ignore_index`` (positions along ``axis``)."""
+    x = rng.normal(scale=3.0, size=shape)
+    c = shape[axis]
+    y = rng.integers(0, c, size=shape[:axis] + shape[axis + 1 :])
+    flat_x = np.moveaxis(x, axis, -1).reshape(-1, c)  # a view: writes reach x
+    flat_y = y.reshape(-1)
+    if flat_y.size >= 8:
+        flat_x[1] = -np.inf  # every class masked: NaN
+        flat_x[2, (flat_y[2] + 1) % c] = np.inf  # +inf off target: +inf (NaN smoothed)
+        flat_x[3, 0] = np.nan
+        flat_x[4, flat_y[4]] = -np.inf  # the target masked: +inf
+        flat_y[[5, 7]] = ignore_index
+    return x, y
+
+
+@DASK
+class TestDaskFusedLoss:
+    """The plain loss (and its gradient) of NumPy-backed Dask arrays whose classes sit in one
+    block: one task per row block runs xent's NumPy loss (and gradient), giving what the
+    generic primitives give, lazily."""
+
+    _LAYERS: ClassVar[dict[str, tuple[int, int]]] = {
+        "none": (1, 3), "sum": (2, 3), "mean": (2, 4)
+    }  # fmt: skip
+    """The layers each fused path adds to its inputs' graphs (``cross_entropy``;
+    ``cross_entropy_and_grad``'s loss and gradient together): one task per row block, one that
+    totals their parts for ``"sum"`` and ``"mean"``, one that counts the mean's denominator
+    before the gradient's blocks, and one per output that takes the blocks' pairs apart. The
+    generic primitives add some thirty."""
+
+    @pytest.mark.eager("graph layers are counted as built, not persisted")
+    @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+    def test_adds_few_layers(self, xp: Any, rng: np.random.Generator, reduction: str) -> None:
+        x = _chunked(rng.normal(size=(10, 4)), (3, 4))
+        y = _chunked(rng.integers(0, 4, size=10), (3,))
+        w = _chunked(rng.random(4) + 0.5, (4,))
+        split = _chunked(rng.random(4) + 0.5, (2,))
+        loss_layers, both_layers = self._LAYERS[reduction]
+        for weight, extra in ((None, 0), (w, 0), (split, 1)):  # a split weight: one rechunk
+            options = {"weight": weight, "reduction": reduction}
+            fused, generic = _fused_and_generic(lambda o=options: xent.cross_entropy(x, y, **o))
+            assert _added_layers(fused, x, y, weight) == loss_layers + extra
+            assert _added_layers(generic, x, y, weight) > 20
+            pair, _ = _fused_and_generic(lambda o=options: xent.cross_entropy_and_grad(x, y, **o))
+            both = {name for a in pair for name in a.__dask_graph__().layers}
+            theirs = {n for a in (x, y, weight) if a is not None for n in a.__dask_graph__().layers}
+            assert len(both - theirs) == both_layers + extra
+
+    @pytest.mark.eager("counts the computes itself, where the fixture would persist the result")
+    def test_nothing_computes_until_asked(self, xp: Any, rng: np.random.Generator) -> None:
+        import dask.array as da
+
+        computed: list[int] = []
+
+        def counted(block: np.ndarray) -> np.ndarray:
+            computed.append(1)
+            return block
+
+        x = _chunked(rng.normal(size=(9, 4)), (3, 4)).map_blocks(counted, meta=np.empty((0, 0)))
+        y = da.from_array(rng.integers(0, 4, size=9), chunks=3)  # type: ignore[no-untyped-call]
+        previous = xent.backends.set_native(True)
+        try:
+            results = [xent.cross_entropy(x, y, reduction=r) for r in ("none", "sum", "mean")]
+            for r in ("none", "sum", "mean"):
+                results += xent.cross_entropy_and_grad(x, y, reduction=r)
+        finally:
+            xent.backends.set_native(previous)
+        assert all(_added_layers(a, x, y) <= 3 for a in results)
+        assert not computed
+        _compute(*results)
+        assert len(computed) == 3  # each block once, for every result together
+
+    @pytest.mark.parametrize("smoothing", [0.0, 0.1, 1.0])
+    @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+    @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+    def test_matches_general_path(
+        self,
+        xp: Any,
+        fused_calls: list[str],
+        rng: np.random.Generator,
+        reduction: str,
+        weighted: bool,
+        smoothing: float,
+    ) -> None:
+        # Uneven row blocks with non-finite positions; ignore_index the default (-100) and a
+        # class.
+        for ignore_index in (-100, 2):
+            x_np, y_np = _fused_problem(rng, (13, 6), 1, ignore_index)
+            x, y = _chunked(x_np, (5, 6)), _chunked(y_np, (4,))
+            w = _chunked(rng.random(6) + 0.5, (6,)) if weighted else None
+            loss, _, grad = _assert_fused_like_generic(
+                fused_calls, x, y, rtol=1e-12, weight=w, ignore_index=ignore_index,
+                label_smoothing=smoothing, reduction=reduction,
+            )  # fmt: skip
+            if reduction == "none":
+                np.testing.assert_array_equal(loss[[1, 3, 4]], [np.nan, np.nan, np.inf])
+                assert not np.isfinite(loss[2])
+                np.testing.assert_array_equal(loss[[5, 7]], 0.0)
+            np.testing.assert_array_equal(grad[[5, 7]], 0.0)  # ignored: 0 times the softmax
+
+    @pytest.mark.parametrize(
+        ("shape", "axis", "chunks"),
+        [((4, 5, 6), 1, (3, 5, 4)), ((3, 4, 7), -1, (2, 3, 7))],
+        ids=["N-C-H", "B-T-V"],
+    )
+    @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+    def test_class_axis_anywhere(
+        self,
+        xp: Any,
+        fused_calls: list[str],
+        rng: np.random.Generator,
+        reduction: str,
+        shape: tuple[int, ...],
+        axis: int,
+        chunks: tuple[int, ...],
+    ) -> None:
+        ax = axis % len(shape)
+        x_np, y_np = _fused_problem(rng, shape, ax)
+        x, y = _chunked(x_np, chunks), _chunked(y_np, chunks[:ax] + chunks[ax + 1 :])
+        w = _chunked(rng.random(shape[ax]) + 0.5, (shape[ax],))
+        loss, _, grad = _assert_fused_like_generic(
+            fused_calls, x, y, rtol=1e-12, axis=axis, weight=w, label_smoothing=0.1,
+            reduction=reduction,
+        )  # fmt: skip
+        assert grad.shape == shape
+        if reduction == "none":
+            assert loss.shape == y_np.shape
+
+    @pytest.mark.parametrize("label_dtype", ["uint8", "int32", "int64"])
+    @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+    def test_dtypes_match_general_path_and_numpy(
+        self,
+        xp: Any,
+        fused_calls: list[str],
+        rng: np.random.Generator,
+        dtype: str,
+        label_dtype: str,
+    ) -> None:
+        x_np = (rng.normal(scale=3.0, size=(11, 5)) + 2.0).astype(dtype)
+        y_np = rng.integers(0, 5, size=11).astype(label_dtype)
+        w_np = (rng.random(5) + 0.5).astype(dtype)
+        x, y, w = _chunked(x_np, (4, 5)), _chunked(y_np, (4,)), _chunked(w_np, (5,))
+        for reduction in ("none", "sum", "mean"):
+            options = {"label_smoothing": 0.1, "reduction": reduction}
+            got = _assert_fused_like_generic(
+                fused_calls, x, y, rtol=_RTOL[dtype], weight=w, **options
+            )
+            assert all(a.dtype == np.dtype(dtype) for a in got)
+            want = [
+                xent.cross_entropy(x_np, y_np, weight=w_np, **options),
+                *xent.cross_entropy_and_grad(x_np, y_np, weight=w_np, **options),
+            ]
+            for a, b in zip(got, want, strict=True):
+                np.testing.assert_allclose(a, b, rtol=_RTOL[dtype], atol=_RTOL[dtype])
+
+    @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+    def test_all_positions_ignored(
+        self, xp: Any, fused_calls: list[str], rng: np.random.Generator, weighted: bool
+    ) -> None:
+        # The mean is 0 / 0 = NaN, as on the generic path (and in PyTorch); the gradient 0.
+        x = _chunked(rng.normal(size=(7, 3)), (3, 3))
+        y = _chunked(np.full(7, -100), (3,))
+        w = _chunked(rng.random(3) + 0.5, (3,)) if weighted else None
+        want = {"none": np.zeros(7), "sum": 0.0, "mean": np.nan}
+        for reduction, value in want.items():
+            loss, _, grad = _assert_fused_like_generic(
+                fused_calls, x, y, rtol=1e-12, weight=w, reduction=reduction
+            )
+            np.testing.assert_array_equal(loss, value)
+            np.testing.assert_array_equal(grad, 0.0)
+
+    def test_class_weights_of_the_labels_summing_to_zero(
+        self, xp: Any, fused_calls: list[str], rng: np.random.Generator
+    ) -> None:
+        # The mean's denominator is 0 with positions still counted: NaN, and the gradient of
+        # those positions too (1 / 0 times 0), the ignored ones 0.
+        x = _chunked(rng.normal(size=(7, 3)), (3, 3))
+        y = _chunked(np.array([0, 0, 1, 0, -100, 1, 0]), (3,))
+        w = _chunked(np.array([0.0, 0.0, 1.0]), (3,))
+        loss, _, grad = _assert_fused_like_generic(fused_calls, x, y, rtol=1e-12, weight=w)
+        assert np.isnan(loss)
+        np.testing.assert_array_equal(np.isnan(grad).all(axis=1), [1, 1, 1, 1, 0, 1, 1])
+        np.testing.assert_array_equal(grad[4], 0.0)
+
+    def test_unknown_chunk_sizes(
+        self, xp: Any, fused_calls: list[str], rng: np.random.Generator
+    ) -> None:
+        import dask.array as da
+
+        x_np, y_np = _fused_problem(rng, (20, 5), 1)
+        keep = np.arange(20) % 3 != 0
+        mask = da.from_array(keep, chunks=6)  # type: ignore[no-untyped-call]
+        x, y = _chunked(x_np, (6, 5))[mask], _chunked(y_np, (6,))[mask]
+        assert np.isnan(x.shape[0])
+        for reduction in ("none", "sum", "mean"):
+            got = _assert_fused_like_generic(fused_calls, x, y, rtol=1e-12, reduction=reduction)
+            want = [
+                xent.cross_entropy(x_np[keep], y_np[keep], reduction=reduction),
+                *xent.cross_entropy_and_grad(x_np[keep], y_np[keep], reduction=reduction),
+            ]
+            for a, b in zip(got, want, strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-12, equal_nan=True)
+
+    def test_single_row(self, xp: Any, fused_calls: list[str], rng: np.random.Generator) -> None:
+        x_np, y_np = rng.normal(size=7), np.asarray(3)
+        x, y = _chunked(x_np, (7,)), _chunked(y_np, ())
+        for reduction in ("none", "sum", "mean"):
+            loss, _, grad = _assert_fused_like_generic(
+                fused_calls, x, y, rtol=1e-12, reduction=reduction
+            )
+            np.testing.assert_allclose(loss, ref.cross_entropy(x_np, y_np, reduction="none"))
+            np.testing.assert_allclose(grad, _softmax_minus_onehot(x_np, y_np), atol=1e-15)
+
+    @pytest.mark.parametrize("validate", [None, False])
+    def test_invalid_labels_give_nan(
+        self, xp: Any, fused_calls: list[str], rng: np.random.Generator, validate: bool | None
+    ) -> None:
+        x = _chunked(rng.normal(size=(8, 4)), (3, 4))
+        y_np = rng.integers(0, 4, size=8)
+        y_np[[2, 6]] = [4, -7]
+        y = _chunked(y_np, (3,))
+        bad = np.isin(np.arange(8), [2, 6])
+        for reduction in ("none", "sum", "mean"):
+            loss, _, grad = _assert_fused_like_generic(
+                fused_calls, x, y, rtol=1e-12, validate=validate, reduction=reduction
+            )
+            np.testing.assert_array_equal(np.isnan(loss), bad if reduction == "none" else True)
+            np.testing.assert_array_equal(np.isnan(grad).all(axis=1), bad)
+
+    @pytest.mark.eager("validate=True reads the labels: a Dask compute by design")
+    def test_validate_true_raises(
+        self, xp: Any, fused_calls: list[str], rng: np.random.Generator
+    ) -> None:
+        x = _chunked(rng.normal(size=(8, 4)), (3, 4))
+        y_np = rng.integers(0, 4, size=8)
+        y_np[6] = 9
+        y = _chunked(y_np, (3,))
+        previous = xent.backends.set_native(True)
+        try:
+            for reduction in ("none", "sum", "mean"):
+                for call in (xent.cross_entropy, xent.cross_entropy_and_grad):
+                    with pytest.raises(ValueError, match=r"label 9 at position \(6,\)"):
+                        call(x, y, validate=True, reduction=reduction)
+        finally:
+            xent.backends.set_native(previous)
+        assert not fused_calls
+
+    def test_classes_over_several_blocks_decline(
+        self, xp: Any, fused_calls: list[str], rng: np.random.Generator
+    ) -> None:
+        x_np = rng.normal(size=(6, 8))
+        y_np = rng.integers(0, 8, size=6)
+        x, y = _chunked(x_np, (3, 4)), _chunked(y_np, (3,))
+        for reduction in ("none", "sum", "mean"):
+            fused, generic = _fused_and_generic(
+                lambda r=reduction: [
+                    xent.cross_entropy(x, y, reduction=r),
+                    *xent.cross_entropy_and_grad(x, y, reduction=r),
+                ]
+            )
+            for a, b in zip(_compute(*fused), _compute(*generic), strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-12)
+        assert not fused_calls
+
+    @pytest.mark.eager("the graph must reach .compute() under the caller's errstate as built")
+    def test_computes_under_raise(self, xp: Any, fused_calls: list[str]) -> None:
+        # A masked row (the log of a zero sum), a masked target, a float16 loss beyond its
+        # range, a mean of no positions (0 / 0, and its gradient's 1 / 0): the caller's
+        # errstate does not reach the tasks the fused paths add.
+        x_np, t, _ = _masked_problem()
+        x, y = _chunked(x_np, (2, 6)), _chunked(t, (2,))
+        big = np.full((4, 6), 6e4, dtype=np.float16)
+        big[:, 5] = -6e4
+        at_low = _chunked(np.full(4, 5), (2,))
+        ignored = _chunked(np.full(4, -100), (2,))
+        previous = xent.backends.set_native(True)
+        try:
+            losses = [xent.cross_entropy(x, y, reduction=r) for r in ("none", "sum", "mean")]
+            losses.append(xent.cross_entropy(_chunked(big, (2, 6)), at_low, reduction="none"))
+            losses.append(xent.cross_entropy(x, ignored))
+            grads = [
+                xent.cross_entropy_and_grad(x, y)[1],
+                xent.cross_entropy_and_grad(x, ignored)[1],
+            ]
+        finally:
+            xent.backends.set_native(previous)
+        assert len(fused_calls) == len(losses) + len(grads)
+        with np.errstate(all="raise"):
+            none, total, mean, overflow, empty, grad, empty_grad = _compute(*losses, *grads)
+        with np.errstate(all="ignore"):
+            want = ref.cross_entropy(x_np, t, reduction="none")
+        np.testing.assert_allclose(none, want, rtol=1e-12)
+        assert np.isnan(total)
+        assert np.isnan(mean)
+        np.testing.assert_array_equal(overflow, np.inf)
+        assert np.isnan(empty)
+        assert np.isnan(grad[1]).all()
+        np.testing.assert_array_equal(np.delete(empty_grad, 1, axis=0), 0.0)  # 0 * softmax
+
+    @pytest.mark.eager("computes on a cluster; the lazy patch would persist the result first")
+    def test_computes_on_a_cluster(
+        self, xp: Any, fused_calls: list[str], rng: np.random.Generator
+    ) -> None:
+        # Workers in other processes receive the tasks pickled: they must survive the trip.
+        import pickle
+
+        distributed = pytest.importorskip("distributed", reason="dask.distributed is absent")
+        x_np, y_np = _fused_problem(rng, (40, 30), 1)
+        w_np = rng.random(30) + 0.5
+        x, y, w = _chunked(x_np, (10, 30)), _chunked(y_np, (10,)), _chunked(w_np, (30,))
+        options = {"weight": w, "label_smoothing": 0.1}
+        previous = xent.backends.set_native(True)
+        try:
+            results = [xent.cross_entropy(x, y, **options)]
+            results += xent.cross_entropy_and_grad(x, y, **options)
+        finally:
+            xent.backends.set_native(previous)
+        assert fused_calls == ["loss", "loss_and_grad"]
+        results = [pickle.loads(pickle.dumps(a)) for a in results]
+        with (
+            distributed.LocalCluster(
+                n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
+            ) as cluster,
+            distributed.Client(cluster, timeout=60) as client,
+        ):
+            got = client.compute(results, sync=True)
+        on_numpy = dict(options, weight=w_np)
+        want = [
+            xent.cross_entropy(x_np, y_np, **on_numpy),
+            *xent.cross_entropy_and_grad(x_np, y_np, **on_numpy),
+        ]
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15, equal_nan=True)
+
+    def test_matches_general_path_on_random_problems(self, xp: Any, fused_calls: list[str]) -> None:
+        @property_settings()
+        @given(case=_fused_cases())
+        def check(case: dict[str, Any]) -> None:
+            rng = np.random.default_rng(case["seed"])
+            shape, axis, dtype = case["shape"], case["axis"], case["dtype"]
+            x_np, y_np = _fused_problem(rng, shape, axis, case["ignore_index"])
+            rows = case["chunks"][:axis] + case["chunks"][axis + 1 :]
+            x = _chunked(x_np.astype(dtype), case["chunks"])
+            y = _chunked(y_np.astype(case["label_dtype"]), rows)
+            w = None
+            if case["weighted"]:
+                w = _chunked((rng.random(shape[axis]) + 0.5).astype(dtype), (shape[axis],))
+            _assert_fused_like_generic(
+                fused_calls, x, y, rtol=_RTOL[dtype], axis=axis, weight=w,
+                ignore_index=case["ignore_index"], label_smoothing=case["smoothing"],
+                reduction=case["reduction"],
+            )  # fmt: skip
+
+        check()
+
+
+@st.composite
+def _fused_cases(draw: st.DrawFn) -> dict[str, Any]:
+    """A plain problem the fused loss serves: up to three axes with any row blocks, the classes
+    in one, and any dtype, label dtype and options."""
+    ndim = draw(st.integers(1, 3))
+    shape = tuple(draw(st.lists(st.integers(1, 6), min_size=ndim, max_size=ndim)))
+    axis = draw(st.integers(0, ndim - 1))
+    chunks = tuple(n if i == axis else draw(st.integers(1, n)) for i, n in enumerate(shape))
+    return {
+        "shape": shape,
+        "axis": axis,
+        "chunks": chunks,
+        "dtype": draw(st.sampled_from(["float16", "float32", "float64"])),
+        "label_dtype": draw(st.sampled_from(["uint8", "int32", "int64"])),
+        "ignore_index": draw(st.sampled_from([-100, 0, shape[axis] - 1])),
+        "smoothing": draw(st.sampled_from([0.0, 0.1, 1.0])),
+        "weighted": draw(st.booleans()),
+        "reduction": draw(st.sampled_from(["none", "sum", "mean"])),
+        "seed": draw(st.integers(0, 2**32 - 1)),
+    }
 
 
 # --- fused fast paths -------------------------------------------------------------------------

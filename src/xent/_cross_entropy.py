@@ -165,7 +165,7 @@ def cross_entropy(
         loss = c.fused(input, target, weight)
         if loss is not None:
             return loss
-    elif c.plain and sample_weight is None:
+    elif c.plain and sample_weight is None and not _checks_lazy_labels(c, input):
         # A backend may hand the plain case to a fused kernel of the same semantics; it
         # declines (None) wherever a label is invalid, so errors and NaNs come from below.
         loss = c.ops.fused_index_loss(input, target, c.index_options(weight))
@@ -229,7 +229,7 @@ def cross_entropy_and_grad(
         sample_weight=sample_weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
         reduction=reduction, z_loss=z_loss, softcap=softcap, eps=eps, validate=validate, xp=xp,
     )  # fmt: skip
-    if c.plain and sample_weight is None:
+    if c.plain and sample_weight is None and not _checks_lazy_labels(c, input):
         both = c.ops.fused_index_loss_and_grad(input, target, c.index_options(weight))
         if both is not None:
             return both
@@ -532,6 +532,13 @@ class _Checked(NamedTuple):
         )
 
 
+def _checks_lazy_labels(c: _Checked, input: Array) -> bool:
+    """Whether the labels must be checked by computing them (``validate=True`` on a lazy
+    array): a lazy backend's fused kernel gives such a label NaN, so only xent's own path,
+    which computes them, raises its error."""
+    return c.validate is True and c.ops.is_lazy(input)
+
+
 def _declines(input: Array, target: Array, weight: Array | None) -> None:
     """The remembered plan where the backend has none: the call takes xent's own path."""
     return None
@@ -633,7 +640,7 @@ def _check(
         reduction, validate,
     )  # fmt: skip
     if key is not None:
-        if checked.plain:
+        if checked.plain and not _checks_lazy_labels(checked, input):
             plan = ops.fused_index_plan(input, target, checked.index_options(weight))
             checked = checked._replace(fused=_declines if plan is None else plan)
         if len(_CHECKED) >= _CHECKED_MAX:

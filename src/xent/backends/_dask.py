@@ -1,8 +1,11 @@
-"""Dask: always lazy; every task xent adds runs under its errstate; block-wise primitives."""
+"""Dask: always lazy; every task xent adds runs under its errstate; block-wise primitives, and
+the plain loss (and its gradient) as xent's NumPy loss (and gradient) on each block of rows."""
 
 from __future__ import annotations
 
 import contextlib
+import math
+import operator
 import string
 from collections.abc import Callable
 from typing import Any
@@ -12,15 +15,19 @@ import numpy as np
 from dask._task_spec import Task
 from dask.base import tokenize
 from dask.blockwise import Blockwise
+from dask.core import flatten
 from dask.highlevelgraph import HighLevelGraph, Layer, MaterializedLayer
 
 from .._typing import Array
-from ._generic import Backend
+from ._generic import Backend, IndexOptions
 from ._numpy import Native as _NumpyNative
+from ._numpy import _compute_dtype
 
 
 def _errstate() -> contextlib.AbstractContextManager[Any]:
-    return np.errstate(divide="ignore", invalid="ignore", over="ignore")
+    # Underflow too: the exp of a logit far below its row's max is 0 by design, and a caller's
+    # np.seterr(all="raise") would otherwise raise on it in any task of xent's.
+    return np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore")
 
 
 class _Quiet:
@@ -131,9 +138,258 @@ def _log_sum_block(x: np.ndarray, shift: np.ndarray, *, axis: int) -> Any:
 
 _NUMPY = _NumpyNative(np)
 
+_FUSED_DTYPES = frozenset(map(np.dtype, (np.float16, np.float32, np.float64)))
+"""The input dtypes of NumPy's fused pass, which each block of the fused loss runs."""
+
+
+def _on_numpy(a: Any) -> bool:
+    """Whether ``a`` is a Dask array whose blocks are plain NumPy arrays."""
+    return isinstance(a, da.Array) and type(a._meta) is np.ndarray
+
+
+def _fused_case(x: Array, y: Array, options: IndexOptions) -> bool:
+    """Whether the fused loss serves arrays of these types, dtypes and shapes (their blocks
+    and the class weights aside): NumPy blocks, logits of a dtype NumPy's fused pass takes,
+    integer labels, and classes of a known, non-zero number."""
+    return (
+        _on_numpy(x)
+        and _on_numpy(y)
+        and x.dtype in _FUSED_DTYPES
+        and y.dtype.kind in "iu"
+        and 0 not in x.shape
+        and not math.isnan(x.shape[options.axis])
+    )
+
+
+def _fused_blocks(x: da.Array, weight: Array | None, axis: int) -> bool:
+    """Whether the classes sit in one block of ``x``, and the class weights are NumPy blocks."""
+    return x.numblocks[axis] == 1 and (weight is None or _on_numpy(weight))
+
+
+def _weight_args(weight: da.Array | None, index: str) -> list[Any]:
+    """The class weights and their index as blockwise takes them (a literal None where there
+    are none), in one block as the classes are: blockwise would otherwise split them to match."""
+    if weight is None:
+        return [None, None]
+    return [weight if weight.numblocks[0] == 1 else weight.rechunk(-1), index]
+
+
+def _fused_loss(
+    x: da.Array, y: da.Array, weight: da.Array | None, options: IndexOptions
+) -> da.Array:
+    """The loss of :meth:`Native.fused_index_plan`: one task per row block runs xent's NumPy
+    loss on the block; ``"sum"`` and ``"mean"`` add one task that totals the blocks' parts."""
+    axis, _, ignore_index, smoothing, reduction = options
+    dims = string.ascii_letters[: x.ndim + 1]
+    rows, part = dims[:axis] + dims[axis + 1 : -1], dims[-1]
+    # The class index is not in the output: without `concatenate`, each task gets the one
+    # block along it in a list, where concatenating would copy it.
+    args = [x, dims[:-1], y, rows, *_weight_args(weight, dims[axis])]
+    given = {"axis": axis, "ignore_index": ignore_index, "smoothing": smoothing}
+    if reduction == "none":
+        meta = np.empty((0,) * len(rows), dtype=x.dtype)
+        return da.blockwise(_Quiet(_block_losses), rows, *args, dtype=x.dtype, meta=meta, **given)
+    mean = reduction == "mean"
+    dtype = _compute_dtype(x.dtype)
+    parts = da.blockwise(
+        _Quiet(_block_parts), rows + part, *args, new_axes={part: 2 if mean else 1},
+        adjust_chunks=dict.fromkeys(rows, 1), dtype=dtype,
+        meta=np.empty((0,) * (len(rows) + 1), dtype=dtype), mean=mean, **given,
+    )  # fmt: skip
+    return da.blockwise(
+        _Quiet(_total), "", parts, rows + part, dtype=x.dtype,
+        meta=np.empty((), dtype=x.dtype), mean=mean, out_dtype=x.dtype,
+    )  # fmt: skip
+
+
+def _fused_loss_and_grad(
+    x: da.Array, y: da.Array, weight: da.Array | None, options: IndexOptions
+) -> tuple[da.Array, da.Array]:
+    """The loss and gradient of :meth:`Native.fused_index_loss_and_grad`: one task per row
+    block runs xent's NumPy loss and gradient on the block and gives both (two layers take
+    them apart, one totals the losses for ``"sum"`` and ``"mean"``). The mean's denominator
+    depends on the labels alone: one task counts it first, so that each block's gradient
+    is scaled as it is made and no block waits for the others."""
+    axis, _, ignore_index, smoothing, reduction = options
+    dims = string.ascii_letters[: x.ndim]
+    rows = dims[:axis] + dims[axis + 1 :]
+    dtype = _compute_dtype(x.dtype)
+    weights = _weight_args(weight, dims[axis])
+    denominator: list[Any] = [None, None]
+    if reduction == "mean":
+        count = da.blockwise(
+            _Quiet(_denominator_total), "", y, rows, *weights, dtype=dtype,
+            meta=np.empty((), dtype=dtype), classes=x.shape[axis], ignore_index=ignore_index,
+            out_dtype=dtype,
+        )  # fmt: skip
+        denominator = [count, ""]
+    # Each block of `pairs` is a (loss, gradient) tuple, read only by the layers below.
+    pairs = da.blockwise(
+        _Quiet(_block_loss_and_grad), rows, x, dims, y, rows, *weights, *denominator,
+        dtype=x.dtype, meta=np.empty((0,) * len(rows), dtype=x.dtype), axis=axis,
+        ignore_index=ignore_index, smoothing=smoothing, reduction=reduction,
+    )  # fmt: skip
+    if reduction == "none":
+        loss = da.blockwise(
+            operator.getitem, rows, pairs, rows, 0, None, dtype=x.dtype,
+            meta=np.empty((0,) * len(rows), dtype=x.dtype),
+        )  # fmt: skip
+    else:
+        loss = da.blockwise(
+            _Quiet(_pairs_total), "", pairs, rows, *denominator, dtype=x.dtype,
+            meta=np.empty((), dtype=x.dtype), out_dtype=x.dtype,
+        )  # fmt: skip
+    grad = da.blockwise(
+        operator.getitem, dims, pairs, rows, 1, None, new_axes={dims[axis]: x.shape[axis]},
+        dtype=x.dtype, meta=np.empty((0,) * x.ndim, dtype=x.dtype),
+    )  # fmt: skip
+    return loss, grad
+
+
+def _block_losses(
+    x: list[np.ndarray],
+    y: np.ndarray,
+    w: list[np.ndarray] | None,
+    *,
+    axis: int,
+    ignore_index: int,
+    smoothing: float,
+) -> np.ndarray:
+    """The per-position losses of one row block (``x`` and ``w`` as one-block lists)."""
+    from .._cross_entropy import cross_entropy
+
+    loss = cross_entropy(
+        x[0], y, axis=axis, weight=None if w is None else w[0], ignore_index=ignore_index,
+        label_smoothing=smoothing, reduction="none", validate=False,
+    )  # fmt: skip
+    return np.asarray(loss)
+
+
+def _block_parts(
+    x: list[np.ndarray],
+    y: np.ndarray,
+    w: list[np.ndarray] | None,
+    *,
+    axis: int,
+    ignore_index: int,
+    smoothing: float,
+    mean: bool,
+) -> np.ndarray:
+    """One row block's sum of losses, and where ``mean`` its part of the mean's denominator,
+    in the compute dtype, shaped ``(1, ..., 1, parts)``."""
+    from .._cross_entropy import cross_entropy
+
+    block, weight = x[0], None if w is None else w[0]
+    dtype = _compute_dtype(block.dtype)
+    # float16 widened first (exactly), so that its blocks' sums add up in float32 as on
+    # xent's general path, not rounded to float16 each.
+    total = cross_entropy(
+        block.astype(dtype, copy=False), y, axis=axis, weight=weight,
+        ignore_index=ignore_index, label_smoothing=smoothing, reduction="sum", validate=False,
+    )  # fmt: skip
+    parts = [total]
+    if mean:
+        parts.append(_denominator(y, weight, block.shape[axis], ignore_index, dtype))
+    return np.asarray(parts, dtype=dtype).reshape((1,) * y.ndim + (len(parts),))
+
+
+def _block_loss_and_grad(
+    x: list[np.ndarray],
+    y: np.ndarray,
+    w: list[np.ndarray] | None,
+    count: np.ndarray | None,
+    *,
+    axis: int,
+    ignore_index: int,
+    smoothing: float,
+    reduction: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One row block's losses (per position for ``"none"``, else their sum in the compute
+    dtype) and the gradient of the loss, divided by the mean's denominator ``count`` (None
+    for the other reductions)."""
+    from .._cross_entropy import cross_entropy_and_grad
+
+    block, weight = x[0], None if w is None else w[0]
+    options: dict[str, Any] = {
+        "axis": axis, "weight": weight, "ignore_index": ignore_index,
+        "label_smoothing": smoothing, "validate": False,
+    }  # fmt: skip
+    if reduction == "none":
+        loss, grad = cross_entropy_and_grad(block, y, reduction="none", **options)
+        return np.asarray(loss), grad
+    # float16 widened first (exactly): the sum adds up and the gradient is scaled in float32,
+    # each rounded to float16 once, as on xent's general path.
+    loss, grad = cross_entropy_and_grad(
+        block.astype(_compute_dtype(block.dtype), copy=False), y, reduction="sum", **options
+    )
+    if count is not None:
+        scale = 1 / count
+        # No position counts (every one ignored, or class weights that sum to 0): the
+        # general path's 0 times the softmax where ignored, 1 / 0 times the rest.
+        kept = None if np.isfinite(scale) else _kept(y, ignore_index)
+        where = True if kept is None else np.expand_dims(kept, axis)
+        np.multiply(grad, scale, out=grad, where=where)
+    return np.asarray(loss), grad.astype(block.dtype, copy=False)
+
+
+def _kept(y: np.ndarray, ignore_index: int) -> np.ndarray | None:
+    """Where the labels are not ``ignore_index`` (None: everywhere). Only a label equal to it
+    in its own dtype is ignored (none where it is out of the dtype's range), as xent's general
+    path decides."""
+    own = np.iinfo(y.dtype)
+    return y != ignore_index if own.min <= ignore_index <= own.max else None
+
+
+def _denominator(
+    y: np.ndarray, weight: np.ndarray | None, classes: int, ignore_index: int, dtype: Any
+) -> Any:
+    """The block's part of what ``"mean"`` divides by: its positions not ignored, or the sum
+    of their labels' class weights. An invalid label's weight is any class's: its loss is
+    NaN, and so is the mean."""
+    kept = _kept(y, ignore_index)
+    if weight is None:
+        return y.size if kept is None else np.count_nonzero(kept)
+    valid = (y >= 0) & (y < classes)
+    label_weight = weight.astype(dtype, copy=False)[np.where(valid, y, 0)]
+    return np.sum(label_weight, where=True if kept is None else kept, dtype=dtype)
+
+
+def _denominator_total(
+    y: Any, w: list[np.ndarray] | None, *, classes: int, ignore_index: int, out_dtype: Any
+) -> np.ndarray:
+    """What ``"mean"`` divides by, from every block of labels, in ``out_dtype``."""
+    weight = None if w is None else w[0]
+    parts = [_denominator(b, weight, classes, ignore_index, out_dtype) for b in _leaves(y)]
+    return np.asarray(sum(parts), dtype=out_dtype)
+
+
+def _leaves(nested: Any) -> list[Any]:
+    """The blocks that a task of blockwise gets for indices it contracts: nested lists, one
+    level per index (the block itself where there is none)."""
+    return list(flatten(nested)) if isinstance(nested, list) else [nested]
+
+
+def _total(parts: list[Any], *, mean: bool, out_dtype: Any) -> np.ndarray:
+    """The loss from every block's :func:`_block_parts`: the sum, or the sum over the
+    denominator (0 / 0 = NaN where every position is ignored), in ``out_dtype``."""
+    sums = np.sum([p.reshape(-1) for p in _leaves(parts)], axis=0)
+    total = sums[0] / sums[1] if mean else sums[0]
+    return np.asarray(total).astype(out_dtype, copy=False)
+
+
+def _pairs_total(pairs: Any, count: np.ndarray | None, *, out_dtype: Any) -> np.ndarray:
+    """The loss from every block's :func:`_block_loss_and_grad`: the sum of their sums, over
+    the mean's denominator ``count`` (None for the sum), in ``out_dtype``."""
+    total = np.sum([pair[0] for pair in _leaves(pairs)])
+    if count is not None:
+        total = total / count
+    return np.asarray(total).astype(out_dtype, copy=False)
+
 
 class Native(Backend):
-    """Block-wise log-sum-exp and take_along_axis: each block runs NumPy's chunked kernels."""
+    """Block-wise log-sum-exp and take_along_axis: each block runs NumPy's chunked kernels; the
+    plain loss and gradient of NumPy blocks whose classes sit in one: xent's NumPy loss and
+    gradient on each row block."""
 
     native = True
 
@@ -164,6 +420,34 @@ class Native(Backend):
             axis=axis, dtype=x.dtype, adjust_chunks={dims[axis]: 1},
         )  # fmt: skip
         return da.sum(parts, axis=axis, keepdims=True)
+
+    def fused_index_plan(
+        self, input: Array, target: Array, options: IndexOptions
+    ) -> Callable[[Array, Array, Array | None], Array | None] | None:
+        # Row blocks of NumPy arrays whose classes sit in one block: each task runs xent's own
+        # NumPy loss on its block (NumPy's fused pass; xent's general path for NaN rows and
+        # invalid labels, which validate=False makes NaN), one or two graph layers where the
+        # primitives build some thirty. Anything else takes the core's path.
+        if not _fused_case(input, target, options):
+            return None
+
+        def plan(input: Array, target: Array, weight: Array | None) -> Array | None:
+            if not _fused_blocks(input, weight, options.axis):
+                return None
+            return _fused_loss(input, target, weight, options)
+
+        return plan
+
+    def fused_index_loss_and_grad(
+        self, input: Array, target: Array, options: IndexOptions
+    ) -> tuple[Array, Array] | None:
+        # The same blocks, each running xent's NumPy loss and gradient.
+        if not (
+            _fused_case(input, target, options)
+            and _fused_blocks(input, options.weight, options.axis)
+        ):
+            return None
+        return _fused_loss_and_grad(input, target, options.weight, options)
 
 
 class NativeBackend(Native, Facts):

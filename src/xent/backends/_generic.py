@@ -205,8 +205,11 @@ class Backend:
         backend answers where a kernel of exactly xent's semantics serves the arrays, keeping
         them differentiable as :meth:`custom_grad` would; it returns None (never raises) where
         any label lies outside ``[0, C)`` and is not ``ignore_index``, so that the core's own
-        path raises xent's error or gives the NaN of ``validate=False``. Here: the backend's
-        :meth:`fused_index_plan` for these arrays and options, called on them.
+        path raises xent's error or gives the NaN of ``validate=False``. A lazy backend
+        (:meth:`is_lazy`), which cannot read the labels without computing them, answers with
+        a result that holds NaN for each such label instead (the loss of ``validate=False``);
+        the core does not ask it with ``validate=True``, whose error needs that compute. Here:
+        the backend's :meth:`fused_index_plan` for these arrays and options, called on them.
         """
         plan = self.fused_index_plan(input, target, options)
         return None if plan is None else plan(input, target, options.weight)
