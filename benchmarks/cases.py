@@ -18,7 +18,11 @@ with the same options, in the same run, as ``run.py`` does:
 PyTorch eager (float32 and bfloat16; forward, and forward+backward of the loss's sum) against
 ``torch.nn.functional.cross_entropy``; NumPy (forward, and ``cross_entropy_and_grad``) against
 the plain ``max/exp/sum/log`` expression along the class axis with the same options, and its
-softmax-minus-one-hot gradient. Timing, rounds and the table are ``run.py``'s.
+softmax-minus-one-hot gradient; JAX under ``jit`` (float32 and bfloat16, forward and
+``value_and_grad`` of the loss's sum) against Optax's loss along the class axis with the same
+options, as an Optax user writes them (``smooth_labels`` of a one-hot, weights and ignored rows
+by ``where``; JAX arrays have no strides, so its layouts are the contiguous ones). Timing,
+rounds and the table are ``run.py``'s.
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ LAYOUTS: dict[str, tuple[str, int, str]] = {
     "NxC 512x1000 column-major": ("512x1000", 1, "column-major"),
     "NxC 2048x8192 column-major": ("2048x8192", 1, "column-major"),
 }
-BACKENDS = ("torch", "numpy")
+BACKENDS = ("torch", "numpy", "jax")
 
 
 def _dims(shape: str) -> tuple[int, ...]:
@@ -149,6 +153,64 @@ def torch_cases(case: str, rng: np.random.Generator) -> list[Case]:
 
             cases.append(Case(backend, "fwd", case, name, fwd, reference=is_ref))
             cases.append(Case(backend, "fwd+bwd", case, name, fwd_bwd, reference=is_ref))
+    return cases
+
+
+# --------------------------------------------------------------------------- jax
+def _optax_loss(a: Any, y: Any, axis: int, options: dict[str, Any]) -> Any:
+    """Optax's loss along ``axis`` with the case's options, written as an Optax user would."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    smoothing = options.get("label_smoothing", 0.0)
+    ignored = y == -100
+    safe = jnp.where(ignored, 0, y)
+    if smoothing:
+        onehot = jax.nn.one_hot(safe, a.shape[axis], axis=axis, dtype=a.dtype)
+        targets = optax.smooth_labels(onehot, smoothing)
+        rows = optax.softmax_cross_entropy(a, targets, axis=axis)
+    else:
+        rows = optax.softmax_cross_entropy_with_integer_labels(a, safe, axis=axis)
+    w = options.get("weight")
+    rw = jnp.where(ignored, 0.0, 1.0 if w is None else w[safe])
+    reduction = options.get("reduction", "mean")
+    if reduction == "none":
+        return rows * rw
+    return (rows * rw).sum() / (rw.sum() if reduction == "mean" else 1.0)
+
+
+def jax_cases(case: str, rng: np.random.Generator) -> list[Case]:
+    import jax
+    import jax.numpy as jnp
+
+    p = _problem(case, rng)
+    if p["memory"] != "contiguous":
+        return []  # JAX arrays have no strides: the same case as the contiguous layout
+    axis, given = p["axis"], dict(p["options"])
+    y = jnp.asarray(p["y"])
+    cases = []
+    for backend, dtype in (("jax jit fp32", jnp.float32), ("jax jit bf16", jnp.bfloat16)):
+        x = jnp.asarray(p["x"], dtype=dtype)
+        options = dict(given)
+        if "weight" in options:
+            options["weight"] = jnp.asarray(options["weight"])
+
+        def ref(a: Any, b: Any, options: dict[str, Any] = options) -> Any:
+            return _optax_loss(a, b, axis, options)
+
+        def ours(a: Any, b: Any, options: dict[str, Any] = options) -> Any:
+            return xent.cross_entropy(a, b, axis=axis, **options)
+
+        for name, fn, is_ref in (("optax", ref, True), ("xent", ours, False)):
+            forward = jax.jit(fn)
+            both = jax.jit(jax.value_and_grad(lambda a, b, fn=fn: jnp.sum(fn(a, b))))
+            cases.append(Case(backend, "fwd", case, name,
+                              lambda f=forward, x=x: jax.block_until_ready(f(x, y)),
+                              reference=is_ref))  # fmt: skip
+            cases.append(Case(backend, "fwd+bwd", case, name,
+                              lambda f=both, x=x: jax.block_until_ready(f(x, y)),
+                              reference=is_ref))  # fmt: skip
     return cases
 
 
@@ -250,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# {header}\n# load average before: {_load()}", flush=True)
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
-    makers = {"torch": torch_cases, "numpy": numpy_cases}
+    makers = {"torch": torch_cases, "numpy": numpy_cases, "jax": jax_cases}
     for name in names:
         for backend in args.backends:
             if args.fresh:

@@ -1696,11 +1696,21 @@ class TestJaxFusedLoss:
             temp = stats.temp_size_in_bytes
             assert temp < x.nbytes // 16, f"{reduction}: {temp} bytes of temporaries"
 
+    @pytest.mark.parametrize("stacked_rows", [2**14, 0])
     @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
     def test_gradient_matches_general_path(
-        self, xp: Any, rng: np.random.Generator, reduction: Literal["mean", "sum", "none"]
+        self,
+        xp: Any,
+        rng: np.random.Generator,
+        monkeypatch: pytest.MonkeyPatch,
+        reduction: Literal["mean", "sum", "none"],
+        stacked_rows: int,
     ) -> None:
         import jax
+
+        from xent.backends import _jax
+
+        monkeypatch.setattr(_jax, "_STACKED_ROWS", stacked_rows)
 
         x_np = rng.normal(size=(3, 4, 6)) * 3
         x_np[0, 1, 2] = -np.inf  # a masked class, off-target
@@ -1880,9 +1890,19 @@ class TestJaxFusedLoss:
         np.testing.assert_allclose(to_numpy(loss(x, y)), want, rtol=1e-5)
         np.testing.assert_allclose(to_numpy(loss(x[::2], y[::2])), want[::2], rtol=1e-5)
 
+    @pytest.mark.parametrize("stacked_rows", [2**14, 0])
     def test_mean_counts_rows_along_every_batch_axis(
-        self, xp: Any, rng: np.random.Generator
+        self,
+        xp: Any,
+        rng: np.random.Generator,
+        monkeypatch: pytest.MonkeyPatch,
+        stacked_rows: int,
     ) -> None:
+        # The losses and the rows counted are summed in one reduction of the two stacked (few
+        # rows), or in two (many rows: here, every size).
+        from xent.backends import _jax
+
+        monkeypatch.setattr(_jax, "_STACKED_ROWS", stacked_rows)
         x_np = rng.normal(size=(3, 4, 5))
         y_np = rng.integers(0, 5, size=(3, 4))
         y_np[0, :3] = -100
