@@ -1812,6 +1812,65 @@ class TestJaxFusedLoss:
         assert np.isfinite(ours).any()
         assert bool(calls) == xent.backends.native_enabled()  # the lean graph served them
 
+    @pytest.mark.usefixtures("forward_graph")
+    @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+    @pytest.mark.parametrize(("shape", "axis"), [((6, 5), 1), ((3, 130, 4), 1), ((2, 3, 7), -1)])
+    @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+    @pytest.mark.parametrize("invalid", [False, True])
+    def test_class_weights_match_general_path(
+        self,
+        xp: Any,
+        rng: np.random.Generator,
+        monkeypatch: pytest.MonkeyPatch,
+        shape: tuple[int, ...],
+        axis: int,
+        dtype: str,
+        reduction: Literal["mean", "sum", "none"],
+        invalid: bool,
+    ) -> None:
+        # Class weights scale each row by its label's weight and the mean divides by their
+        # sum over the rows counted; the rule differentiates the logits and the weights alike.
+        import jax
+
+        from xent.backends import _jax
+
+        classes = shape[axis]
+        x_np = rng.normal(size=shape) * 3
+        y_np = rng.integers(
+            0, classes, size=shape[: axis % len(shape)] + shape[axis % len(shape) + 1 :]
+        )
+        flat = y_np.reshape(-1)
+        flat[0] = -100  # ignored
+        if invalid:
+            flat[1] = classes + 2  # unchecked: NaN (the mean's too)
+        x = to_xp(xp, x_np, dtype=dtype)
+        y = to_xp(xp, y_np, dtype="int32")
+        w = to_xp(xp, rng.random(classes) + 0.5, dtype="float32")
+        cot = to_xp(xp, rng.normal(size=y_np.shape), dtype="float32")
+        calls: list[int] = []
+        lean = _jax._plain_loss
+
+        def counted(*args: Any) -> Any:
+            calls.append(1)
+            return lean(*args)
+
+        monkeypatch.setattr(_jax, "_plain_loss", counted)
+
+        def call() -> Any:
+            def f(a: Any, b: Any, c: Any) -> Any:
+                loss = xent.cross_entropy(a, b, axis=axis, weight=c, reduction=reduction)
+                return jax.numpy.sum(loss * cot) if reduction == "none" else loss
+
+            value, grads = jax.jit(jax.value_and_grad(f, argnums=(0, 2)))(x, y, w)
+            parts = (jax.jit(f)(x, y, w), value, *grads)
+            return jax.numpy.concatenate([jax.numpy.ravel(p).astype("float32") for p in parts])
+
+        ours, generic = _both(call)
+        tol = 2e-2 if dtype == "bfloat16" else 1e-5
+        np.testing.assert_allclose(ours, generic, rtol=tol, atol=tol, equal_nan=True)
+        assert np.isfinite(ours).any()
+        assert bool(calls) == xent.backends.native_enabled()
+
     @pytest.mark.parametrize(
         ("row", "dtype"),
         [

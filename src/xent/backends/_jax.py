@@ -94,7 +94,13 @@ def _every_batched(axis_size: int, in_batched: list[bool], ok: Array) -> tuple[A
 
 
 def _plain_loss(
-    input: Array, target: Array, axis: int, ignore: int | None, reduction: str, dtype: Any
+    input: Array,
+    target: Array,
+    weight: Array | None,
+    axis: int,
+    ignore: int | None,
+    reduction: str,
+    dtype: Any,
 ) -> Array:
     """The plain cross-entropy as a ``jax.custom_jvp`` whose rule XLA fuses as it fuses Optax's.
 
@@ -104,7 +110,9 @@ def _plain_loss(
     once (Optax's reads them twice, for the row max first). Every per-row mask is a select on
     a vector of rows, and the mean's row count is summed with the losses in one reduction.
     The classes lie along ``axis`` (non-negative), as in Optax's loss: XLA reduces along any
-    axis in place, so no transposed copy of the logits is made.
+    axis in place, so no transposed copy of the logits is made. Class weights (``weight``, of
+    a floating dtype) scale each row by its label's weight, and the mean divides by the sum
+    of those weights over the rows counted; the rule differentiates them too.
     """
     classes = input.shape[axis]
 
@@ -133,17 +141,30 @@ def _plain_loss(
         # does not come from the cancellation of two large numbers.
         return shift, label_logit(x, y) - shift
 
-    def reduce(rows: Array, y: Array) -> tuple[Array, Array | float]:
-        """The loss from the raw row losses, and the mean's row count."""
-        # NaN for an invalid label; 0 for an ignored row whatever its logits (NaN,
-        # infinities) hold.
+    def masked(rows: Array, y: Array) -> Array:
+        """NaN for an invalid label; 0 for an ignored row whatever its logits (NaN,
+        infinities) hold."""
         rows = jnp.where((y >= 0) & (y < classes), rows, jnp.nan)
-        if ignore is not None:
-            rows = jnp.where(y == ignore, 0.0, rows)
+        return rows if ignore is None else jnp.where(y == ignore, 0.0, rows)
+
+    def at_labels(w: Array, y: Array) -> Array:
+        """Each row's label's class weight, in ``dtype`` (a clipped label's for an invalid
+        one, whose row is NaN)."""
+        return jnp.take(w.astype(dtype), y, mode="clip")
+
+    def reduce(rows: Array, y: Array, wy: Array | None = None) -> tuple[Array, Array | float]:
+        """The loss from the raw row losses (weighted by ``wy``), and the mean's row count
+        (the sum of the counted rows' weights)."""
+        rows = masked(rows, y)
+        if wy is not None:
+            rows = rows * wy
         if reduction == "none":
             return rows.astype(input.dtype), 1.0
         count: Array | float
-        if reduction == "sum" or ignore is None:
+        if wy is not None:
+            total = jnp.sum(rows)
+            count = jnp.sum(wy if ignore is None else jnp.where(y == ignore, 0.0, wy))
+        elif reduction == "sum" or ignore is None:
             count = float(math.prod(y.shape))
             total = jnp.sum(rows)
         elif math.prod(y.shape) <= _STACKED_ROWS:
@@ -201,29 +222,32 @@ def _plain_loss(
         return jnp.log(total), jnp.isfinite(total) | masked_rows(y)
 
     @jax.custom_jvp
-    def loss(x: Array, y: Array) -> Array:
+    def loss(x: Array, y: Array, w: Array | None) -> Array:
         # Forward only: one pass over the logits where it can be (Optax's graph makes two,
         # the row max first), but in small inputs (``_SMALL_ELEMENTS``). Where a row's sum is
         # unsafe (a logit near the dtype's max or about 69 and above in float32 for the
         # unshifted sums, a row far below zero, infinities, NaN), every row takes the pass that
         # finds the row max first, and that pass alone runs. Rows that are ignored, or whose
         # label is invalid, are masked whatever their sum holds.
+        wy = None if w is None else at_labels(w, y)
         if math.prod(x.shape) <= _SMALL_ELEMENTS:
-            return reduce(exact_rows(x, y), y)[0]
+            return reduce(exact_rows(x, y), y, wy)[0]
         one_pass = label_shifted if classes <= _FEW_CLASSES else unshifted
         fast_rows, safe = one_pass(x, y)
         # One answer for all rows (of every instance of a ``vmap``): either side is exact.
         rows = jax.lax.cond(_every(safe), lambda: fast_rows, lambda: exact_rows(x, y))
-        return reduce(rows, y)[0]
+        return reduce(rows, y, wy)[0]
 
     def loss_jvp(primals: Any, tangents: Any) -> tuple[Array, Array]:
-        x, y = primals
-        dx, _ = tangents
+        x, y, w = primals
+        dx, _, dw = tangents
         # With a gradient the exponentials are stored once and reused.
         shift, picked = stats(x, y)
         e = jnp.exp(x.astype(dtype) - per_class(shift))
         total = jnp.sum(e, axis=axis)
-        out, count = reduce(jnp.log(total) - picked, y)
+        raw = jnp.log(total) - picked
+        wy = None if w is None else at_labels(w, y)
+        out, count = reduce(raw, y, wy)
         # The tangent is ``sum(e * dx) / total - dx[label]`` per row. Reverse mode transposes
         # the gather into Optax's gradient: one multiply per element (``e`` times a row's
         # scale), then one value per row scattered into that buffer in place. Where the
@@ -247,15 +271,24 @@ def _plain_loss(
         if ignore is not None:
             factor = jnp.where(y == ignore, 0.0, factor)
         rows = rows * factor.astype(dtype)
+        dwy = None
+        if wy is not None:
+            # d (w_y r) = w_y dr + dw_y r, r the row's loss (0 ignored, NaN invalid).
+            dwy = at_labels(dw, y)
+            rows = rows * wy + dwy * masked(raw, y)
         if reduction == "none":
             return out, rows.astype(input.dtype)
         tangent = jnp.sum(rows)
         if reduction == "mean":
+            if dwy is not None:
+                # The mean's denominator moves with the weights: d (T / K) = (dT - mean dK) / K.
+                counted = dwy if ignore is None else jnp.where(y == ignore, 0.0, dwy)
+                tangent = tangent - out.astype(dtype) * jnp.sum(counted)
             tangent = tangent / count
         return out, tangent.astype(input.dtype)
 
     loss.defjvp(loss_jvp)
-    out: Array = loss(input, target)
+    out: Array = loss(input, target, weight)
     return out
 
 
@@ -311,24 +344,25 @@ class Native(Backend):
     def fused_index_loss(self, input: Array, target: Array, options: IndexOptions) -> Array | None:
         # Under jit (a traced target, so labels are never read and an invalid one gives NaN)
         # the plain case is one lean graph that XLA fuses as it fuses Optax's: the label masks
-        # fold into one per-row factor and the mean's row count into the same reduction.
-        # Other options, eager labels (validated by the core), wrapping label dtypes and
+        # fold into one per-row factor and the mean's row count into the same reduction;
+        # class weights scale the rows (and the rule differentiates them). Label smoothing,
+        # eager labels (validated by the core), integer weights, wrapping label dtypes and
         # empty or sharded-with-types arrays stay on the general path.
         axis, weight, ignore_index, label_smoothing, reduction = options
         if (
             not self.is_traced(target)
-            or weight is not None
+            or (weight is not None and not jnp.issubdtype(weight.dtype, jnp.floating))
             or label_smoothing
             or 0 in input.shape
             or not _widens_exactly(target.dtype, self.index_dtype())
-            or _explicit_mesh(input, target)
+            or _explicit_mesh(input, target, *(() if weight is None else (weight,)))
         ):
             return None
         own = jnp.iinfo(target.dtype)
         ignore = ignore_index if own.min <= ignore_index <= own.max else None
         labels = target.astype(self.index_dtype())  # widening: exact, and wide enough for C
         dtype = self.compute_dtype(input.dtype)
-        return _plain_loss(input, labels, axis % input.ndim, ignore, reduction, dtype)
+        return _plain_loss(input, labels, weight, axis % input.ndim, ignore, reduction, dtype)
 
     def logsumexp(self, x: Array, axis: int) -> tuple[Array, Array]:
         shift = jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True))
