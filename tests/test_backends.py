@@ -1636,6 +1636,21 @@ class TestNumpyFusedPass:
             np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
 
 
+def _count_lean_graph(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that counts the traces of JAX's lean plain-loss graph from now on."""
+    from xent.backends import _jax
+
+    calls: list[int] = []
+    lean = _jax._plain_loss
+
+    def counted(*args: Any) -> Any:
+        calls.append(1)
+        return lean(*args)
+
+    monkeypatch.setattr(_jax, "_plain_loss", counted)
+    return calls
+
+
 @pytest.mark.only_backends(Backend.JAX)
 class TestJaxFusedLoss:
     """The plain loss under ``jax.jit``: XLA's graph stays as lean as Optax's, with xent's rules."""
@@ -1796,16 +1811,7 @@ class TestJaxFusedLoss:
             parts = (forward, value, grad)
             return jax.numpy.concatenate([jax.numpy.ravel(p).astype("float32") for p in parts])
 
-        from xent.backends import _jax
-
-        lean = _jax._plain_loss
-        calls: list[int] = []
-
-        def counted(*args: Any) -> Any:
-            calls.append(1)
-            return lean(*args)
-
-        monkeypatch.setattr(_jax, "_plain_loss", counted)
+        calls = _count_lean_graph(monkeypatch)
         ours, generic = _both(call)
         tol = 2e-2 if dtype == "bfloat16" else 1e-5
         np.testing.assert_allclose(ours, generic, rtol=tol, atol=tol, equal_nan=True)
@@ -1832,8 +1838,6 @@ class TestJaxFusedLoss:
         # sum over the rows counted; the rule differentiates the logits and the weights alike.
         import jax
 
-        from xent.backends import _jax
-
         classes = shape[axis]
         x_np = rng.normal(size=shape) * 3
         y_np = rng.integers(
@@ -1847,14 +1851,7 @@ class TestJaxFusedLoss:
         y = to_xp(xp, y_np, dtype="int32")
         w = to_xp(xp, rng.random(classes) + 0.5, dtype="float32")
         cot = to_xp(xp, rng.normal(size=y_np.shape), dtype="float32")
-        calls: list[int] = []
-        lean = _jax._plain_loss
-
-        def counted(*args: Any) -> Any:
-            calls.append(1)
-            return lean(*args)
-
-        monkeypatch.setattr(_jax, "_plain_loss", counted)
+        calls = _count_lean_graph(monkeypatch)
 
         def call() -> Any:
             def f(a: Any, b: Any, c: Any) -> Any:
