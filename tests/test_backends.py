@@ -76,6 +76,40 @@ class TestDaskGather:
         assert elapsed < 20.0, f"1000 class chunks took {elapsed:.1f} s"
 
 
+@DASK
+class TestDaskEmptyBlocks:
+    """Rows picked by a boolean mask (sizes unknown until computed) may leave a block empty;
+    with the classes split over blocks, the row max still reduces them (Dask's own ``max``
+    fails there: its chunk step gives an empty block a (1, 0) result)."""
+
+    @pytest.mark.parametrize("kind", ["none", "mean", "and_grad", "softcap"])
+    def test_class_chunked_rows_with_an_empty_block(
+        self, xp: Any, rng: np.random.Generator, kind: str
+    ) -> None:
+        import dask.array as da
+
+        x = rng.normal(size=(12, 5)) * 3
+        t = rng.integers(0, 5, size=12)
+        keep = np.array([True] * 4 + [False] * 4 + [True] * 4)
+        mask = da.from_array(keep, chunks=4)
+        xc, tc = _chunked(x, (4, 2))[mask], _chunked(t, (4,))[mask]
+        assert np.isnan(xc.chunks[0][0])
+        options: dict[str, Any] = {"softcap": 4.0} if kind == "softcap" else {}
+        reduction = "none" if kind == "none" else "mean"
+        previous = xent.backends.set_native(True)  # the override, whatever the fixture chose
+        try:
+            if kind == "and_grad":
+                loss, grad = xent.cross_entropy_and_grad(xc, tc)
+                want, want_grad = xent.cross_entropy_and_grad(x[keep], t[keep])
+                np.testing.assert_allclose(to_numpy(grad), want_grad, rtol=1e-12, atol=1e-15)
+            else:
+                loss = xent.cross_entropy(xc, tc, reduction=reduction, **options)
+                want = xent.cross_entropy(x[keep], t[keep], reduction=reduction, **options)
+        finally:
+            xent.backends.set_native(previous)
+        np.testing.assert_allclose(to_numpy(loss), want, rtol=1e-12)
+
+
 def _masked_problem() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Logits with a fully masked row, a masked class and a masked target, as (4, 6)."""
     x = np.linspace(-2.0, 3.0, 24).reshape(4, 6)

@@ -131,6 +131,14 @@ def _shift_block(x: np.ndarray, *, axis: int) -> Any:
     return np.where(np.isfinite(shift), shift, np.zeros((), dtype=x.dtype))
 
 
+def _row_max(x: Any, axis: Any = None, keepdims: bool = False, **kwargs: Any) -> Any:
+    """The max along ``axis`` of a block or of the blocks' maxima, ``-inf`` for an empty one
+    (which has no identity to reduce from); ``kwargs``: what Dask passes as well (a
+    ``computing_meta`` flag)."""
+    with _errstate():
+        return np.max(x, axis=axis, keepdims=keepdims, initial=-np.inf)
+
+
 def _log_sum_block(x: np.ndarray, shift: np.ndarray, *, axis: int) -> Any:
     with _errstate():
         return _NUMPY.log_sum(x, shift, axis)
@@ -395,9 +403,18 @@ class Native(Backend):
 
     def logsumexp(self, x: Array, axis: int) -> tuple[Array, Array]:
         x = da.asarray(x)
-        if x.numblocks[axis] != 1 or 0 in x.shape:
-            # Classes split over blocks (or an empty array) go through Dask's tree reductions.
+        if 0 in x.shape:
             return super().logsumexp(x, axis)
+        if x.numblocks[axis] != 1:
+            # Classes split over blocks go through tree reductions: Dask's own sum, and a max
+            # whose blocks may be empty (Dask's `max` fails on an empty block of rows, which
+            # boolean indexing makes: its chunk step returns a (1, 0) array there).
+            m = da.reduction(
+                x, _Quiet(_row_max), _Quiet(_row_max), axis=axis, keepdims=True,
+                dtype=x.dtype, meta=np.empty((0,) * x.ndim, dtype=x.dtype),
+            )  # fmt: skip
+            m = da.where(da.isfinite(m), m, 0)
+            return m, da.log(da.sum(da.exp(x - m), axis=axis, keepdims=True))
         chunks = tuple((1,) * len(c) if i == axis else c for i, c in enumerate(x.chunks))
         shift = da.map_blocks(_shift_block, x, axis=axis, chunks=chunks, dtype=x.dtype)
         log_sum = da.map_blocks(_log_sum_block, x, shift, axis=axis, chunks=chunks, dtype=x.dtype)
