@@ -1803,6 +1803,7 @@ class TestJaxFusedLoss:
         ],
     )
     @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+    @pytest.mark.parametrize("smoothing", [0.0, 0.2])
     def test_class_axis_anywhere_matches_general_path(
         self,
         xp: Any,
@@ -1812,6 +1813,7 @@ class TestJaxFusedLoss:
         axis: int,
         dtype: str,
         reduction: Literal["mean", "sum", "none"],
+        smoothing: float,
     ) -> None:
         # The lean graph reduces along the class axis where it lies (Optax's loss does too):
         # loss and gradient as on the general path, with a masked class, an ignored position,
@@ -1837,7 +1839,9 @@ class TestJaxFusedLoss:
         def call() -> Any:
             # The labels are an argument of each jit (traced, so unchecked: NaN where invalid).
             def f(a: Any, b: Any) -> Any:
-                loss = xent.cross_entropy(a, b, axis=axis, reduction=reduction)
+                loss = xent.cross_entropy(
+                    a, b, axis=axis, label_smoothing=smoothing, reduction=reduction
+                )
                 return jax.numpy.sum(loss * cot) if reduction == "none" else loss
 
             value, grad = jax.jit(jax.value_and_grad(f))(x, y)
@@ -1857,6 +1861,7 @@ class TestJaxFusedLoss:
     @pytest.mark.parametrize(("shape", "axis"), [((6, 5), 1), ((3, 130, 4), 1), ((2, 3, 7), -1)])
     @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
     @pytest.mark.parametrize("invalid", [False, True])
+    @pytest.mark.parametrize("smoothing", [0.0, 0.1, 1.0])
     def test_class_weights_match_general_path(
         self,
         xp: Any,
@@ -1867,9 +1872,11 @@ class TestJaxFusedLoss:
         dtype: str,
         reduction: Literal["mean", "sum", "none"],
         invalid: bool,
+        smoothing: float,
     ) -> None:
         # Class weights scale each row by its label's weight and the mean divides by their
-        # sum over the rows counted; the rule differentiates the logits and the weights alike.
+        # sum over the rows counted; label smoothing spreads a share over every class, each
+        # by its weight; the rule differentiates the logits and the weights alike.
         import jax
 
         classes = shape[axis]
@@ -1889,7 +1896,9 @@ class TestJaxFusedLoss:
 
         def call() -> Any:
             def f(a: Any, b: Any, c: Any) -> Any:
-                loss = xent.cross_entropy(a, b, axis=axis, weight=c, reduction=reduction)
+                loss = xent.cross_entropy(
+                    a, b, axis=axis, weight=c, label_smoothing=smoothing, reduction=reduction
+                )
                 return jax.numpy.sum(loss * cot) if reduction == "none" else loss
 
             value, grads = jax.jit(jax.value_and_grad(f, argnums=(0, 2)))(x, y, w)

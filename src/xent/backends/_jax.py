@@ -99,6 +99,7 @@ def _plain_loss(
     weight: Array | None,
     axis: int,
     ignore: int | None,
+    smoothing: float,
     reduction: str,
     dtype: Any,
 ) -> Array:
@@ -112,7 +113,9 @@ def _plain_loss(
     The classes lie along ``axis`` (non-negative), as in Optax's loss: XLA reduces along any
     axis in place, so no transposed copy of the logits is made. Class weights (``weight``, of
     a floating dtype) scale each row by its label's weight, and the mean divides by the sum
-    of those weights over the rows counted; the rule differentiates them too.
+    of those weights over the rows counted; the rule differentiates them too. Label
+    smoothing ``s`` makes a row's loss ``(1 - s) w_y (lse - x_y) + (s / C) sum_c w_c (lse -
+    x_c)`` (PyTorch's), the spread summed from the logits shifted as the pass shifts them.
     """
     classes = input.shape[axis]
 
@@ -142,22 +145,47 @@ def _plain_loss(
         return shift, label_logit(x, y) - shift
 
     def masked(rows: Array, y: Array) -> Array:
-        """NaN for an invalid label; 0 for an ignored row whatever its logits (NaN,
-        infinities) hold."""
-        rows = jnp.where((y >= 0) & (y < classes), rows, jnp.nan)
-        return rows if ignore is None else jnp.where(y == ignore, 0.0, rows)
+        """0 for an ignored row whatever its logits (NaN, infinities) hold; NaN for an
+        invalid label, by a product, so that reverse mode carries it to whatever the row
+        depends on (a select would transpose into a 0 there)."""
+        ok = (y >= 0) & (y < classes)
+        if ignore is not None:
+            rows = jnp.where(y == ignore, 0.0, rows)
+            ok = ok | (y == ignore)
+        return rows * jnp.where(ok, 1.0, jnp.nan).astype(rows.dtype)
 
     def at_labels(w: Array, y: Array) -> Array:
         """Each row's label's class weight, in ``dtype`` (a clipped label's for an invalid
         one, whose row is NaN)."""
         return jnp.take(w.astype(dtype), y, mode="clip")
 
+    def along_classes(w: Array) -> Array:
+        """A per-class vector laid along the class axis, in ``dtype``."""
+        shape = tuple(-1 if i == axis else 1 for i in range(input.ndim))
+        return jnp.reshape(w.astype(dtype), shape)
+
+    def spread(x: Array, w: Array | None, log_total: Array, shift: Array) -> Array:
+        """``sum_c w_c (lse - x_c)`` per row from ``log_total = lse - shift``, read with the
+        same shift (so no two large numbers cancel); ``w`` None: every weight 1."""
+        shifted = x.astype(dtype) - per_class(shift)
+        if w is None:
+            return classes * log_total - jnp.sum(shifted, axis=axis)
+        return jnp.sum(w.astype(dtype)) * log_total - jnp.sum(along_classes(w) * shifted, axis=axis)
+
+    def smoothed(raw: Array, spread_: Array | None, wy: Array | None) -> Array:
+        """A row's loss from its label's term ``raw`` and the spread over every class: with
+        ``smoothing`` 1 the label's term is left out (not multiplied by 0)."""
+        label = raw if wy is None else raw * wy
+        if spread_ is None:
+            return label
+        if smoothing == 1.0:
+            return (smoothing / classes) * spread_
+        return (1.0 - smoothing) * label + (smoothing / classes) * spread_
+
     def reduce(rows: Array, y: Array, wy: Array | None = None) -> tuple[Array, Array | float]:
-        """The loss from the raw row losses (weighted by ``wy``), and the mean's row count
-        (the sum of the counted rows' weights)."""
+        """The loss from the row losses (each already weighted by its label's weight), and
+        the mean's row count (the sum of the counted rows' weights)."""
         rows = masked(rows, y)
-        if wy is not None:
-            rows = rows * wy
         if reduction == "none":
             return rows.astype(input.dtype), 1.0
         count: Array | float
@@ -178,20 +206,22 @@ def _plain_loss(
             total = total / count
         return total.astype(input.dtype), count
 
-    def exact_rows(x: Array, y: Array) -> Array:
-        """The row losses shifted by the row max: every row, whatever its logits hold."""
+    def exact_rows(x: Array, y: Array, w: Array | None) -> tuple[Array, Array | None]:
+        """``(rows, spread)`` shifted by the row max: every row, whatever its logits hold
+        (``spread`` None without smoothing)."""
         shift, picked = stats(x, y)
         total = jnp.sum(jnp.exp(x.astype(dtype) - per_class(shift)), axis=axis)
-        return jnp.log(total) - picked
+        log_total = jnp.log(total)
+        return log_total - picked, spread(x, w, log_total, shift) if smoothing else None
 
     def masked_rows(y: Array) -> Array:
         """Rows that are ignored, or whose label is invalid: masked whatever they hold."""
         masked = (y < 0) | (y >= classes)
         return masked | (y == ignore) if ignore is not None else masked
 
-    def unshifted(x: Array, y: Array) -> tuple[Array, Array]:
-        """``(rows, safe)``: the row losses from sums of ``exp(x)`` with no shift, and whether
-        every sum is safe (``SAFE_SUMS``).
+    def unshifted(x: Array, y: Array, w: Array | None) -> tuple[Array, Array | None, Array]:
+        """``(rows, spread, safe)``: the row losses from sums of ``exp(x)`` with no shift, and
+        whether every sum is safe (``SAFE_SUMS``).
 
         No row max, and no gather ahead of the reduction that reads the logits: XLA runs a
         gather as a loop split over the threads, and one just ahead of the reduction slowed
@@ -202,6 +232,7 @@ def _plain_loss(
         """
         low, high, tiny = SAFE_SUMS[jnp.dtype(dtype).name]
         total = jnp.sum(jnp.exp(x.astype(dtype)), axis=axis)
+        spread_ = spread(x, w, jnp.log(total), jnp.zeros_like(total)) if smoothing else None
         # The labels pass the barrier with the sums, so that the gather comes after them.
         total, after = jax.lax.optimization_barrier((total, y))
         picked = label_logit(x, after)
@@ -209,17 +240,19 @@ def _plain_loss(
         kept = at >= tiny
         rows = jnp.log(jnp.where(kept, total / jnp.where(kept, at, 1), total))
         rows = rows - jnp.where(kept, 0, picked)
-        return rows, ((total >= low) & (total <= high)) | masked_rows(y)
+        return rows, spread_, ((total >= low) & (total <= high)) | masked_rows(y)
 
-    def label_shifted(x: Array, y: Array) -> tuple[Array, Array]:
-        """``(rows, safe)`` for rows of few classes, shifted by the label's logit: a row's sum
-        then holds the label's own term, 1, so its log is the loss itself, and a safe sum is a
-        finite one. Where rows are many and of few classes, the per-row work of the unshifted
-        pass (a gather, an ``exp``, a divide and a ``log`` a row) costs more than the gather
-        ahead of the reduction does."""
+    def label_shifted(x: Array, y: Array, w: Array | None) -> tuple[Array, Array | None, Array]:
+        """``(rows, spread, safe)`` for rows of few classes, shifted by the label's logit: a
+        row's sum then holds the label's own term, 1, so its log is the loss itself, and a
+        safe sum is a finite one. Where rows are many and of few classes, the per-row work of
+        the unshifted pass (a gather, an ``exp``, a divide and a ``log`` a row) costs more
+        than the gather ahead of the reduction does."""
         at_label = label_logit(x, y)
         total = jnp.sum(jnp.exp(x.astype(dtype) - per_class(at_label)), axis=axis)
-        return jnp.log(total), jnp.isfinite(total) | masked_rows(y)
+        log_total = jnp.log(total)
+        spread_ = spread(x, w, log_total, at_label) if smoothing else None
+        return log_total, spread_, jnp.isfinite(total) | masked_rows(y)
 
     @jax.custom_jvp
     def loss(x: Array, y: Array, w: Array | None) -> Array:
@@ -231,12 +264,14 @@ def _plain_loss(
         # label is invalid, are masked whatever their sum holds.
         wy = None if w is None else at_labels(w, y)
         if math.prod(x.shape) <= _SMALL_ELEMENTS:
-            return reduce(exact_rows(x, y), y, wy)[0]
+            return reduce(smoothed(*exact_rows(x, y, w), wy), y, wy)[0]
         one_pass = label_shifted if classes <= _FEW_CLASSES else unshifted
-        fast_rows, safe = one_pass(x, y)
+        fast_rows, fast_spread, safe = one_pass(x, y, w)
         # One answer for all rows (of every instance of a ``vmap``): either side is exact.
-        rows = jax.lax.cond(_every(safe), lambda: fast_rows, lambda: exact_rows(x, y))
-        return reduce(rows, y, wy)[0]
+        rows, spread_ = jax.lax.cond(
+            _every(safe), lambda: (fast_rows, fast_spread), lambda: exact_rows(x, y, w)
+        )
+        return reduce(smoothed(rows, spread_, wy), y, wy)[0]
 
     def loss_jvp(primals: Any, tangents: Any) -> tuple[Array, Array]:
         x, y, w = primals
@@ -245,37 +280,26 @@ def _plain_loss(
         shift, picked = stats(x, y)
         e = jnp.exp(x.astype(dtype) - per_class(shift))
         total = jnp.sum(e, axis=axis)
-        raw = jnp.log(total) - picked
+        log_total = jnp.log(total)
+        raw = log_total - picked
         wy = None if w is None else at_labels(w, y)
-        out, count = reduce(raw, y, wy)
-        # The tangent is ``sum(e * dx) / total - dx[label]`` per row. Reverse mode transposes
-        # the gather into Optax's gradient: one multiply per element (``e`` times a row's
-        # scale), then one value per row scattered into that buffer in place. Where the
-        # gradient is cast back to a narrower input dtype, the scatter would need a pass of
-        # its own before the cast, and where rows are short (``_ONE_HOT_CLASSES``) it costs
-        # more than a compare per logit, so the label's term is a one-hot select there, which
-        # the transpose fuses with the multiply (and the cast) into one pass.
-        dx = dx.astype(dtype)
-        if jnp.dtype(input.dtype) == jnp.dtype(dtype) and classes > _ONE_HOT_CLASSES:
-            at_label = jnp.squeeze(
-                jnp.take_along_axis(dx, per_class(y), axis=axis, mode="clip"), axis
-            )
-        else:
-            shape = tuple(-1 if i == axis else 1 for i in range(dx.ndim))
-            onehot = jnp.reshape(jnp.arange(classes, dtype=y.dtype), shape) == per_class(y)
-            at_label = jnp.sum(jnp.where(onehot, dx, 0), axis=axis)
-        rows = jnp.sum(e * dx, axis=axis) * (1.0 / total) - at_label
+        spread_ = spread(x, w, log_total, shift) if smoothing else None
+        out, count = reduce(smoothed(raw, spread_, wy), y, wy)
         # A row's factor is 1 when counted, 0 when ignored and NaN for an invalid label (a
         # product, so that the NaN reaches the gradient).
         factor = jnp.where((y >= 0) & (y < classes), 1.0, jnp.nan)
         if ignore is not None:
             factor = jnp.where(y == ignore, 0.0, factor)
-        rows = rows * factor.astype(dtype)
+        rows = jnp.zeros_like(raw)
+        if not isinstance(dx, SymbolicZero):
+            rows = rows + factor.astype(dtype) * logit_tangent(e, total, y, w, wy, dx)
         dwy = None
-        if wy is not None:
-            # d (w_y r) = w_y dr + dw_y r, r the row's loss (0 ignored, NaN invalid).
+        if w is not None and not isinstance(dw, SymbolicZero):
+            # d (w_y r) = w_y dr + dw_y r, r the row's loss (0 ignored, NaN invalid); the
+            # spread's sum_c w_c (lse - x_c) moves by sum_c dw_c (lse - x_c).
             dwy = at_labels(dw, y)
-            rows = rows * wy + dwy * masked(raw, y)
+            moved = spread(x, dw, log_total, shift) if smoothing else None
+            rows = rows + masked(smoothed(raw, moved, dwy), y)
         if reduction == "none":
             return out, rows.astype(input.dtype)
         tangent = jnp.sum(rows)
@@ -287,7 +311,45 @@ def _plain_loss(
             tangent = tangent / count
         return out, tangent.astype(input.dtype)
 
-    loss.defjvp(loss_jvp)
+    def logit_tangent(
+        e: Array, total: Array, y: Array, w: Array | None, wy: Array | None, dx: Array
+    ) -> Array:
+        """Per row, ``sum_c (a p_c - (1 - s) w_y [c = y] - (s / C) w_c) dx_c`` with
+        ``a = (1 - s) w_y + (s / C) W`` (``s`` the smoothing, ``W`` the weights' sum)."""
+        # Reverse mode transposes the gather into Optax's gradient: one multiply per element
+        # (``e`` times a row's scale), then one value per row scattered into that buffer in
+        # place. Where the gradient is cast back to a narrower input dtype, the scatter would
+        # need a pass of its own before the cast, and where rows are short
+        # (``_ONE_HOT_CLASSES``) it costs more than a compare per logit, so the label's term
+        # is a one-hot select there, which the transpose fuses with the multiply (and the
+        # cast) into one pass.
+        dx = dx.astype(dtype)
+        label_weight: Array | float = 1.0 if wy is None else wy
+        if smoothing == 1.0:
+            at_label: Array | float = 0.0
+        elif jnp.dtype(input.dtype) == jnp.dtype(dtype) and classes > _ONE_HOT_CLASSES:
+            at_label = jnp.squeeze(
+                jnp.take_along_axis(dx, per_class(y), axis=axis, mode="clip"), axis
+            )
+        else:
+            shape = tuple(-1 if i == axis else 1 for i in range(dx.ndim))
+            onehot = jnp.reshape(jnp.arange(classes, dtype=y.dtype), shape) == per_class(y)
+            at_label = jnp.sum(jnp.where(onehot, dx, 0), axis=axis)
+        softmax_part = jnp.sum(e * dx, axis=axis) * (1.0 / total)
+        if not smoothing:
+            return label_weight * (softmax_part - at_label)
+        every = float(classes) if w is None else jnp.sum(w.astype(dtype))
+        spread_part = jnp.sum(dx if w is None else along_classes(w) * dx, axis=axis)
+        scale = (smoothing / classes) * every
+        if smoothing != 1.0:
+            scale = scale + (1.0 - smoothing) * label_weight
+        return (
+            scale * softmax_part
+            - (1.0 - smoothing) * label_weight * at_label
+            - (smoothing / classes) * spread_part
+        )
+
+    loss.defjvp(loss_jvp, symbolic_zeros=True)
     out: Array = loss(input, target, weight)
     return out
 
@@ -345,14 +407,14 @@ class Native(Backend):
         # Under jit (a traced target, so labels are never read and an invalid one gives NaN)
         # the plain case is one lean graph that XLA fuses as it fuses Optax's: the label masks
         # fold into one per-row factor and the mean's row count into the same reduction;
-        # class weights scale the rows (and the rule differentiates them). Label smoothing,
-        # eager labels (validated by the core), integer weights, wrapping label dtypes and
+        # class weights scale the rows (and the rule differentiates them), label smoothing
+        # adds each row's spread over the classes, summed in the pass that reads the logits.
+        # Eager labels (validated by the core), integer weights, wrapping label dtypes and
         # empty or sharded-with-types arrays stay on the general path.
         axis, weight, ignore_index, label_smoothing, reduction = options
         if (
             not self.is_traced(target)
             or (weight is not None and not jnp.issubdtype(weight.dtype, jnp.floating))
-            or label_smoothing
             or 0 in input.shape
             or not _widens_exactly(target.dtype, self.index_dtype())
             or _explicit_mesh(input, target, *(() if weight is None else (weight,)))
@@ -362,7 +424,9 @@ class Native(Backend):
         ignore = ignore_index if own.min <= ignore_index <= own.max else None
         labels = target.astype(self.index_dtype())  # widening: exact, and wide enough for C
         dtype = self.compute_dtype(input.dtype)
-        return _plain_loss(input, labels, weight, axis % input.ndim, ignore, reduction, dtype)
+        return _plain_loss(
+            input, labels, weight, axis % input.ndim, ignore, label_smoothing, reduction, dtype
+        )
 
     def logsumexp(self, x: Array, axis: int) -> tuple[Array, Array]:
         shift = jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True))
