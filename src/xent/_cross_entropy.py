@@ -673,7 +673,7 @@ def _problem(
     labels = label_weight = ignored = bad = probs = None
     if c.kind == "index":
         labels, ignored, bad = _labels(xp, ops, target, classes, c.ignore_index, c.validate, ax)
-        if c.validate is not False and _readable(ops, target, bad, force=c.validate is True):
+        if _checked_labels(ops, target, bad, c.validate):
             bad = None  # the labels were read and every one is a class or ignore_index
         if weight is not None:
             label_weight = (
@@ -738,7 +738,7 @@ def _labels(
     bad = ~(valid | ignored)
     # Under jit a label array captured from outside is concrete while `bad`, built inside the
     # trace, is not; both must be readable.
-    if validate is not False and _readable(ops, target, bad, force=validate is True):
+    if _checked_labels(ops, target, bad, validate):
         _validation.raise_on_bad_labels(xp, target, bad, classes, ignore_index)
     safe = xp.astype(xp.where(valid, y, xp.zeros_like(y)), index_dtype, copy=False)
     return _expand(xp, safe, ax), _expand(xp, ignored, ax), _expand(xp, bad, ax)
@@ -751,6 +751,12 @@ def _expand(xp: Namespace, a: Array, ax: int) -> Array:
     if _validation.known_shape(a.shape):
         return xp.expand_dims(a, axis=ax)
     return a[(*(slice(None),) * ax, None, ...)]
+
+
+def _checked_labels(ops: Backend, target: Array, bad: Array, validate: bool | None) -> bool:
+    """Whether ``validate`` has the labels read (and an invalid one raise): ``bad``, made from
+    them, must be readable too."""
+    return validate is not False and _readable(ops, target, bad, force=validate is True)
 
 
 def _readable(ops: Backend, x: Array, derived: Array, *, force: bool) -> bool:

@@ -266,11 +266,8 @@ def _block_losses(
     """The per-position losses of one row block (``x`` and ``w`` as one-block lists)."""
     from .._cross_entropy import cross_entropy
 
-    loss = cross_entropy(
-        x[0], y, axis=axis, weight=None if w is None else w[0], ignore_index=ignore_index,
-        label_smoothing=smoothing, reduction="none", validate=False,
-    )  # fmt: skip
-    return np.asarray(loss)
+    options = _block_options(w, axis, ignore_index, smoothing)
+    return np.asarray(cross_entropy(x[0], y, reduction="none", **options))
 
 
 def _block_parts(
@@ -287,16 +284,13 @@ def _block_parts(
     in the compute dtype, shaped ``(1, ..., 1, parts)``."""
     from .._cross_entropy import cross_entropy
 
-    block, weight = x[0], None if w is None else w[0]
+    block, options = x[0], _block_options(w, axis, ignore_index, smoothing)
     dtype = _compute_dtype(block.dtype)
     # float16 widened first (exactly), so that its blocks' sums add up in float32 as on
     # xent's general path, not rounded to float16 each.
-    total = cross_entropy(
-        block.astype(dtype, copy=False), y, axis=axis, weight=weight,
-        ignore_index=ignore_index, label_smoothing=smoothing, reduction="sum", validate=False,
-    )  # fmt: skip
-    parts = [total]
+    parts = [cross_entropy(block.astype(dtype, copy=False), y, reduction="sum", **options)]
     if mean:
+        weight = options["weight"]
         parts.append(_denominator(y, weight, block.shape[axis], ignore_index, dtype))
     return np.asarray(parts, dtype=dtype).reshape((1,) * y.ndim + (len(parts),))
 
@@ -317,11 +311,7 @@ def _block_loss_and_grad(
     for the other reductions)."""
     from .._cross_entropy import cross_entropy_and_grad
 
-    block, weight = x[0], None if w is None else w[0]
-    options: dict[str, Any] = {
-        "axis": axis, "weight": weight, "ignore_index": ignore_index,
-        "label_smoothing": smoothing, "validate": False,
-    }  # fmt: skip
+    block, options = x[0], _block_options(w, axis, ignore_index, smoothing)
     if reduction == "none":
         loss, grad = cross_entropy_and_grad(block, y, reduction="none", **options)
         return np.asarray(loss), grad
@@ -338,6 +328,17 @@ def _block_loss_and_grad(
         where = True if kept is None else np.expand_dims(kept, axis)
         np.multiply(grad, scale, out=grad, where=where)
     return np.asarray(loss), grad.astype(block.dtype, copy=False)
+
+
+def _block_options(
+    w: list[np.ndarray] | None, axis: int, ignore_index: int, smoothing: float
+) -> dict[str, Any]:
+    """The options of xent's NumPy loss on one block: the class weights out of their one-block
+    list, and no label check (an invalid label gives NaN, as on a lazy backend)."""
+    return {
+        "axis": axis, "weight": None if w is None else w[0], "ignore_index": ignore_index,
+        "label_smoothing": smoothing, "validate": False,
+    }  # fmt: skip
 
 
 def _kept(y: np.ndarray, ignore_index: int) -> np.ndarray | None:

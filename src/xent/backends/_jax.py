@@ -108,8 +108,8 @@ def _plain_loss(
     The shift and the logit at the label are read from ``input`` itself, so the shifted
     logits are never stored: the forward sums the exponentials of ``input`` itself, unshifted
     where the sums are safe, in the reduction that first reads it, so that it reads the logits
-    once (Optax's reads them twice, for the row max first). Every per-row mask is a select on
-    a vector of rows, and the mean's row count is summed with the losses in one reduction.
+    once (Optax's reads them twice, for the row max first). Every per-row mask works on a
+    vector of rows, and the mean's row count is summed with the losses in one reduction.
     The classes lie along ``axis`` (non-negative), as in Optax's loss: XLA reduces along any
     axis in place, so no transposed copy of the logits is made. Class weights (``weight``, of
     a floating dtype) scale each row by its label's weight, and the mean divides by the sum
@@ -118,6 +118,7 @@ def _plain_loss(
     x_c)`` (PyTorch's), the spread summed from the logits shifted as the pass shifts them.
     """
     classes = input.shape[axis]
+    class_shape = tuple(-1 if i == axis else 1 for i in range(input.ndim))
 
     def per_class(a: Array) -> Array:
         """A per-row array with the class axis put back, of size 1."""
@@ -161,13 +162,13 @@ def _plain_loss(
 
     def along_classes(w: Array) -> Array:
         """A per-class vector laid along the class axis, in ``dtype``."""
-        shape = tuple(-1 if i == axis else 1 for i in range(input.ndim))
-        return jnp.reshape(w.astype(dtype), shape)
+        return jnp.reshape(w.astype(dtype), class_shape)
 
-    def spread(x: Array, w: Array | None, log_total: Array, shift: Array) -> Array:
+    def spread(x: Array, w: Array | None, log_total: Array, shift: Array | None) -> Array:
         """``sum_c w_c (lse - x_c)`` per row from ``log_total = lse - shift``, read with the
-        same shift (so no two large numbers cancel); ``w`` None: every weight 1."""
-        shifted = x.astype(dtype) - per_class(shift)
+        same shift (so no two large numbers cancel; None: no shift); ``w`` None: every
+        weight 1."""
+        shifted = x.astype(dtype) if shift is None else x.astype(dtype) - per_class(shift)
         if w is None:
             return classes * log_total - jnp.sum(shifted, axis=axis)
         return jnp.sum(w.astype(dtype)) * log_total - jnp.sum(along_classes(w) * shifted, axis=axis)
@@ -232,7 +233,7 @@ def _plain_loss(
         """
         low, high, tiny = SAFE_SUMS[jnp.dtype(dtype).name]
         total = jnp.sum(jnp.exp(x.astype(dtype)), axis=axis)
-        spread_ = spread(x, w, jnp.log(total), jnp.zeros_like(total)) if smoothing else None
+        spread_ = spread(x, w, jnp.log(total), None) if smoothing else None
         # The labels pass the barrier with the sums, so that the gather comes after them.
         total, after = jax.lax.optimization_barrier((total, y))
         picked = label_logit(x, after)
@@ -332,8 +333,7 @@ def _plain_loss(
                 jnp.take_along_axis(dx, per_class(y), axis=axis, mode="clip"), axis
             )
         else:
-            shape = tuple(-1 if i == axis else 1 for i in range(dx.ndim))
-            onehot = jnp.reshape(jnp.arange(classes, dtype=y.dtype), shape) == per_class(y)
+            onehot = jnp.reshape(jnp.arange(classes, dtype=y.dtype), class_shape) == per_class(y)
             at_label = jnp.sum(jnp.where(onehot, dx, 0), axis=axis)
         softmax_part = jnp.sum(e * dx, axis=axis) * (1.0 / total)
         if not smoothing:

@@ -171,9 +171,9 @@ such arrays are given back to the system by the C allocator as often as not and 
 (:func:`._torch_workspace.work`). In fresh processes, forward+backward at 16 x 50257,
 1000 x 1000 and 64 x 50257, the blocks took 0.46x, 0.35x and 0.62x of ``F.cross_entropy``'s
 time, where ATen's route took as long as ``F.cross_entropy`` or twice as long, by the page
-faults that landed on it; such faults showed from 2.56e5 elements (8 x 32000: 240 us against 129 us). The blocks' fixed cost (a Python
-``autograd.Function``, about 8 us more than ATen's route with no fault) is 10% of a call at 2^17
-elements and shows below."""
+faults that landed on it; such faults showed from 2.56e5 elements (8 x 32000: 240 us against
+129 us). The blocks' fixed cost (a Python ``autograd.Function``, about 8 us more than ATen's
+route with no fault) is 10% of a call at 2^17 elements and shows below."""
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 """The range of ``ignore_index`` that ATen's kernel takes."""
