@@ -414,6 +414,58 @@ class TestTorchFunc:
         )
         xp_assert_close(got, want, xp=xp, dtype="float64", rtol=1e-6, atol=1e-8)
 
+    @TORCH
+    @pytest.mark.parametrize(
+        "case", ["blocks", "kernel", "smoothing", "softcap", "binary", "linear"]
+    )
+    def test_torch_func_over_another_argument_with_captured_tensors_that_require_grad(
+        self, xp: Any, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch, case: str
+    ) -> None:
+        # A transform over a scale while the logits (or hidden states) come from outside it
+        # and require grad: every route under it (the blocks, ATen's kernel, the general path
+        # with its analytic gradient, linear cross-entropy) gives the loss, and ordinary
+        # autograd then differentiates that result with respect to the captured tensor.
+        import torch
+
+        from xent.backends import _torch
+
+        monkeypatch.setattr(_torch, "_GRAD_ROWS_ELEMENTS", 1 if case == "blocks" else 2**40)
+        x_np = rng.normal(size=(6, 7))
+        t_np = rng.integers(0, 7, size=6)
+        w_np = rng.normal(size=(7, 7))
+        x = to_xp(xp, x_np).requires_grad_(True)
+        t = to_xp(xp, t_np)
+        options: dict[str, Any] = {}
+        if case == "smoothing":
+            options = {"label_smoothing": 0.2}
+        elif case == "softcap":
+            options = {"softcap": 2.0}
+
+        def loss(v: Any) -> Any:
+            if case == "binary":
+                return xent.binary_cross_entropy(v, (t[:, None] > 3).to(v.dtype).expand_as(v))
+            if case == "linear":
+                return xent.linear_cross_entropy(v, to_xp(xp, w_np), t)
+            return xent.cross_entropy(v, t, **options)
+
+        def ref_loss(v: np.ndarray) -> Any:
+            if case == "binary":
+                return ref.binary_cross_entropy(
+                    v, np.broadcast_to((t_np[:, None] > 3) * 1.0, v.shape)
+                )
+            if case == "linear":
+                return ref.cross_entropy(v @ w_np.T, t_np)
+            return ref.cross_entropy(v, t_np, **options)
+
+        scale = to_xp(xp, np.asarray(2.0))
+        value = torch.func.grad(lambda s: s * loss(x))(scale)
+        batched = torch.func.vmap(lambda s: s * loss(x))(to_xp(xp, np.arange(3.0)))
+        xp_assert_close(value, np.asarray(ref_loss(x_np)), xp=xp, dtype="float64")
+        xp_assert_close(batched, np.arange(3.0) * ref_loss(x_np), xp=xp, dtype="float64")
+        (grad,) = torch.autograd.grad(value, x)
+        want = ref.numerical_grad(ref_loss, x_np)
+        xp_assert_close(grad, want, xp=xp, dtype="float64", rtol=1e-6, atol=1e-8)
+
 
 class TestTorchAutograd:
     """PyTorch autograd to second order, through the weights, in the input dtype."""

@@ -23,11 +23,19 @@ NAMESPACE = array_namespace(torch.empty(0))
 
 
 def _owned(g: Array) -> bool:
-    """Whether xent's own temporary ``g`` may be written in place (autograd is not recording)."""
-    return not (g.requires_grad and torch.is_grad_enabled())
+    """Whether xent's own temporary ``g`` may be written in place (autograd is not recording
+    it, nor a functorch transform, whose levels may record what ``requires_grad`` here does not
+    show)."""
+    return not (g.requires_grad and torch.is_grad_enabled()) and not _transforms_active()
 
 
 _functorch_wrapped: Callable[[Array], bool] = torch._C._functorch.is_functorch_wrapped_tensor
+_transforms_active: Callable[[], bool] = torch._C._are_functorch_transforms_active
+"""Whether a functorch transform (``torch.func.grad``, ``vmap``, ...) is running: xent's
+``autograd.Function`` classes define no ``setup_context`` (nor a vmap rule), which such
+transforms require of every Function called under them, even one given plain tensors only (a
+tensor captured from outside the transformed function); xent's differentiable operations serve
+there instead."""
 _is_compiling = torch.compiler.is_compiling
 _FakeTensor = torch._subclasses.FakeTensor
 _STRIDED = torch.strided
@@ -162,18 +170,22 @@ and allocates three arrays of the input's size. Medians of nine interleaved roun
 process, forward+backward, blocks against whole input: 0.85x at 4 x 32000, 0.92x at 100 x 1000,
 1.04x at 16 x 4096 (65,536 elements)."""
 
-_GRAD_ROWS_ELEMENTS = 2**17
+_GRAD_ROWS_ELEMENTS = 2**19
 """float32 inputs of this many elements or more take the blocks of rows where autograd records the
 call, whatever :data:`_FUSED_BYTES` says. Autograd's route through ATen allocates three arrays
 of the input's size at every call (the log-probabilities it saves, ``nll_loss``'s gradient and
 ``log_softmax``'s), the blocks one (the gradient); freed and allocated again call after call,
-such arrays are given back to the system by the C allocator as often as not and page-fault anew
-(:func:`._torch_workspace.work`). In fresh processes, forward+backward at 16 x 50257,
+such arrays may be given back to the system by the C allocator and page-fault anew
+(:func:`._torch_workspace.work`), which depends on the process's history (glibc raises its
+thresholds after a large free). In fresh processes, forward+backward at 16 x 50257,
 1000 x 1000 and 64 x 50257, the blocks took 0.46x, 0.35x and 0.62x of ``F.cross_entropy``'s
 time, where ATen's route took as long as ``F.cross_entropy`` or twice as long, by the page
-faults that landed on it; such faults showed from 2.56e5 elements (8 x 32000: 240 us against
-129 us). The blocks' fixed cost (a Python ``autograd.Function``, about 8 us more than ATen's
-route with no fault) is 10% of a call at 2^17 elements and shows below."""
+faults that landed on it. Where no fault lands (a process that has freed a large array
+before), the blocks' fixed cost (a Python ``autograd.Function``) shows below this size:
+interleaved in one such process, medians of eleven rounds, forward+backward at 2^17 to 2^18
+elements (4096 x 32, 1024 x 128, 4096 x 64, 8 x 32000), the blocks took 1.08x-1.15x of
+``F.cross_entropy``'s time and ATen's route 1.01x-1.05x; from 2^19 (2048 x 256, 30000 x 33,
+1000 x 1000, 8192 x 100) the blocks 0.97x-1.04x."""
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 """The range of ``ignore_index`` that ATen's kernel takes."""
@@ -277,6 +289,8 @@ def _plan(
         labels = target.long() if widen else target
         recorded = input.requires_grad and torch.is_grad_enabled()
         route = grad_route if recorded else forward_route
+        if recorded and route == "rows" and _transforms_active():
+            return None  # the blocks' autograd.Function: not under functorch transforms
         # ATen's entry takes the classes at axis 1 (or 0 of a single row) in any layout; the
         # blocks, and a class axis elsewhere, take a view of rows or slabs with the classes at
         # 1 (see _torch_rows.layout), or where there is none, the class axis moved to 1.
@@ -310,7 +324,7 @@ def _plan(
                         label_smoothing=smoothing,
                     )  # fmt: skip
             elif recorded:
-                loss = _torch_rows.FusedRows.apply(x, y, weight, options)
+                loss = _torch_rows.apply(x, y, weight, options)
             else:
                 loss, _ = _torch_rows.fused_rows(
                     x, y, weight, ignore_index, smoothing, reduction, with_grad=False
@@ -438,13 +452,18 @@ class Native(Backend):
         self, rule: GradRule, state: Any, x: Array, *, others: tuple[Array | None, ...] = ()
     ) -> Array:
         needs_other = any(o is not None and o.requires_grad for o in others)
-        if not (x.requires_grad and torch.is_grad_enabled()) or needs_other or self.is_traced(x):
+        if (
+            not (x.requires_grad and torch.is_grad_enabled())
+            or needs_other
+            or self.is_traced(x)
+            or _transforms_active()
+        ):
             return rule.forward(state, x)[0]
         return _AnalyticGrad.apply(x, rule, state)
 
     def scratch(self, shape: tuple[int, ...], dtype: Any, like: Array) -> Array | None:
-        if self.is_traced(like):
-            return None  # compilers and vmap make their own buffers
+        if self.is_traced(like) or _transforms_active():
+            return None  # compilers and functorch transforms make their own buffers
         return torch.empty(shape, dtype=dtype, device=like.device)
 
     def linear_logits(
@@ -455,7 +474,13 @@ class Native(Backend):
         recorded = torch.is_grad_enabled() and any(
             a is not None and a.requires_grad for a in (h, weight, bias)
         )
-        if out is None or recorded or h.dtype != dtype or weight.dtype != dtype:
+        if (
+            out is None
+            or recorded
+            or _transforms_active()
+            or h.dtype != dtype
+            or weight.dtype != dtype
+        ):
             return super().linear_logits(h, weight, bias, dtype, out)
         if bias is None:
             return torch.matmul(h, weight.mT, out=out)
@@ -476,7 +501,7 @@ class Native(Backend):
         *,
         others: tuple[Array | None, ...] = (),
     ) -> Array:
-        traced = self.is_traced(hidden)
+        traced = self.is_traced(hidden) or _transforms_active()
         return _linear_custom_grad(rule, state, hidden, weight, bias, others=others, traced=traced)
 
 

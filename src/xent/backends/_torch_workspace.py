@@ -10,9 +10,10 @@ import torch
 
 from .._typing import Array
 
-_WORKSPACE_BYTES = 8 * 2**20
+_WORKSPACE_BYTES = 16 * 2**20
 """The most memory a thread keeps between calls for the temporaries of the blocks of rows (the
-float32 copy of a float16/bfloat16 block, its log-probabilities, the log-sum-exp's scratch)."""
+float32 copy of a float16/bfloat16 block, its log-probabilities, the gradient's first step, the
+log-sum-exp's scratch): two float32 blocks of :data:`._torch_rows.BLOCK_ELEMENTS`."""
 
 _WORKSPACE_VIEWS = 64
 """Views of the kept buffer remembered per thread (by shape, dtype and offset) at most."""
