@@ -2343,10 +2343,13 @@ class TestTorchPlan:
             torch.testing.assert_close(xent.cross_entropy(x, y), want)
         assert len(asked) == 1
 
+    @pytest.mark.parametrize("smoothing", [0.0, 0.2])
     @pytest.mark.parametrize(
-        ("route", "shape", "ignore"),
-        [("kernel", (4, 5), -100), ("kernel", (4, 5, 3), -100), ("kernel", (4, 5), 9),
-         ("rows", (4, 5), -100)],
+        ("route", "shape", "ignore", "dtype"),
+        [("kernel", (4, 5), -100, "float32"), ("kernel", (4, 5, 3), -100, "float32"),
+         ("kernel", (4, 5), 9, "float32"), ("kernel", (4, 5), -100, "bfloat16"),
+         ("kernel", (5,), -100, "float32"), ("rows", (4, 5), -100, "float32"),
+         ("rows", (4, 5, 3), 9, "float32"), ("rows", (4, 5), -100, "bfloat16")],
     )  # fmt: skip
     def test_ignored_row_holding_inf_or_nan(
         self,
@@ -2355,33 +2358,64 @@ class TestTorchPlan:
         route: str,
         shape: tuple[int, ...],
         ignore: int,
+        dtype: str,
+        smoothing: float,
     ) -> None:
         # An ignored row's gradient is 0 * softmax (0 at finite logits, NaN at +inf), as on the
-        # generic path, not ATen's row of NaN; -inf (a masked class) keeps the fast path.
+        # generic path, not ATen's row of NaN; finite logits keep the fast path, ignored rows or
+        # not (its log-probabilities tell, read after the forward), and so does -inf (a masked
+        # class) without smoothing (with it, the spread over a masked class of a row not
+        # ignored is +inf: the loss is not finite, and such calls take the general path). One
+        # row alone is ignored: summed, its loss is 0 (its mean would be NaN, which takes the
+        # general path too).
         import torch
 
         from xent.backends import _torch
 
-        if route == "rows":  # the blocked route (2-D inputs only)
+        if route == "rows":  # the blocked route
             monkeypatch.setattr(_torch, "_FUSED_BYTES", 16)
+            monkeypatch.setattr(_torch, "_GRAD_ROWS_ELEMENTS", 16)
+            monkeypatch.setattr(_torch, "_HALF_ROWS_ELEMENTS", 16)
         monkeypatch.setattr(xent._cross_entropy, "_CHECKED", {})
+        general: list[int] = []
+        problem = xent._cross_entropy._problem
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            general.append(1)
+            return problem(*args, **kwargs)
+
+        monkeypatch.setattr(xent._cross_entropy, "_problem", counted)
         x = rng.normal(size=shape).astype(np.float32)
-        y = rng.integers(0, 5, size=(shape[0], *shape[2:]))
-        y[0], y[2] = ignore, ignore
-        x[0, 1], x[2, 3], x[1, 0] = np.inf, np.nan, -np.inf
-        for value in (x, np.where(np.isfinite(x), x, -np.inf)):
+        if len(shape) == 1:  # one row, its label 0-d: ignored
+            y = np.asarray(ignore)
+            x[1], x[3] = np.inf, -np.inf
+        else:
+            y = rng.integers(0, 5, size=(shape[0], *shape[2:]))
+            y[0], y[2] = ignore, ignore
+            x[0, 1], x[2, 3], x[1, 0] = np.inf, np.nan, -np.inf
+        axis = 0 if len(shape) == 1 else 1
+        masked = np.where(np.isfinite(x), x, -np.inf)
+        finite = np.nan_to_num(x, nan=0.0, posinf=50.0, neginf=-50.0)
+        for value, fast in ((x, False), (masked, not smoothing or axis == 0), (finite, True)):
             grads = []
             for native in (True, False):
-                xt = torch.tensor(value, requires_grad=True)
+                xt = torch.tensor(value).to(getattr(torch, dtype)).requires_grad_(True)
                 previous = xent.backends.set_native(native)
+                general.clear()
                 try:
-                    xent.cross_entropy(xt, torch.tensor(y), axis=1, ignore_index=ignore).backward()
+                    xent.cross_entropy(
+                        xt, torch.tensor(y), axis=axis, ignore_index=ignore,
+                        label_smoothing=smoothing, reduction="sum" if axis == 0 else "mean",
+                    ).backward()  # fmt: skip
                 finally:
                     xent.backends.set_native(previous)
+                if native:
+                    assert bool(general) != fast
                 assert xt.grad is not None
-                grads.append(xt.grad.numpy())
-            np.testing.assert_allclose(grads[0], grads[1], rtol=1e-6, atol=1e-7)
-            assert np.isfinite(grads[0][1]).all()
+                grads.append(xt.grad.float().numpy())
+            np.testing.assert_allclose(grads[0], grads[1], rtol=1e-2, atol=1e-3)
+            if len(shape) > 1:
+                assert np.isfinite(grads[0][1]).all()
 
     def test_later_calls_still_raise_and_check(self, rng: np.random.Generator) -> None:
         import torch
