@@ -2605,6 +2605,7 @@ class TestTorchWorkspace:
         assert checked.fused(x, y, None) is not None
 
     def test_threads_keep_buffers_of_their_own(self, rng: np.random.Generator) -> None:
+        import threading
         from concurrent.futures import ThreadPoolExecutor
 
         import torch
@@ -2616,7 +2617,12 @@ class TestTorchWorkspace:
         y = torch.tensor(rng.integers(0, 500, size=64))
         want = [F.cross_entropy(x.float(), y, reduction="none").bfloat16() for x in xs]
 
+        # Each task waits for the others, so that four threads run them (a pool thread that
+        # finished its task early could otherwise take a second one).
+        together = threading.Barrier(4, timeout=60)
+
         def work(i: int) -> tuple[bool, int]:
+            together.wait()
             same = all(
                 torch.equal(xent.cross_entropy(xs[(i + k) % 4], y, reduction="none"),
                             want[(i + k) % 4])

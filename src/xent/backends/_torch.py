@@ -15,6 +15,7 @@ from ._generic import Backend, GradRule, IndexOptions
 from ._torch_compiled import index_loss as _compiled_index_loss
 from ._torch_linear import linear_custom_grad as _linear_custom_grad
 from ._torch_rows import layout as _layout
+from ._torch_rows import raise_if_nan as _raise_if_nan
 from ._torch_rows import restore as _restore
 from ._torch_workspace import work as _work
 
@@ -232,7 +233,7 @@ def _ignored_rows_bounded(x: Array, labels: Array, ignore_index: int) -> bool:
     xent's gradient of an ignored row is ``0 * softmax``: 0 at finite logits, NaN at ``+inf``
     ones, as on every backend. The loss cannot tell (the row adds 0), and ATen's entry with
     label smoothing keeps its log-probabilities to itself (elsewhere they are read after the
-    forward, see :func:`_nan_in_first_class`), so such calls, where :func:`_some_ignored` found
+    forward, see :func:`._torch_rows.raise_if_nan`), so such calls, where :func:`_some_ignored` found
     that some row may be ignored, read the ignored rows' max first: an input of at most
     ``_BOUND_ELEMENTS`` whole, in one reduction (no +inf or NaN anywhere, the usual case, rules
     them out), and only the rows that are ignored otherwise.
@@ -256,18 +257,6 @@ def _some_ignored(labels: Array, ignore_index: int) -> bool:
     if ignore_index < 0:
         return int(labels.min()) <= ignore_index
     return int(labels.max()) >= ignore_index
-
-
-def _nan_in_first_class(lp: Array) -> bool:
-    """Whether some position's log-probabilities (ATen's, classes at axis 1, or 0 of a single
-    row) are NaN: its logits hold +inf or NaN (or are all -inf), which ATen's log-softmax makes
-    NaN at every class, so the first class tells, in one sum (log-probabilities are never
-    +inf, so only a NaN makes it NaN). At an ignored position ATen's backward then gives NaN
-    everywhere, where xent's gradient of an ignored position is ``0 * softmax`` (0 at its
-    finite logits); elsewhere the loss is not finite and declines anyway. Either way the call
-    goes back to xent's path. One reduction, where reading the ignored rows' logits took six
-    (24-40 us at 512 x 1000)."""
-    return math.isnan(lp.detach().select(1 if lp.ndim > 1 else 0, 0).sum().item())
 
 
 def _plan(
@@ -323,7 +312,7 @@ def _plan(
             view = (input.movedim(axis, 1), labels, None)
         x, y, order = view
         # Where autograd records the call and some row may be ignored, an ignored row whose
-        # logits hold +inf or NaN must go back to xent's path (see _nan_in_first_class): the
+        # logits hold +inf or NaN must go back to xent's path (see _torch_rows.raise_if_nan): the
         # log-probabilities tell, read after the forward; with smoothing on ATen's entry, which
         # keeps them to itself, the ignored rows' logits are read first.
         guard = recorded and _some_ignored(y, ignore_index)
@@ -349,8 +338,7 @@ def _plan(
                         loss = torch.nn.functional.nll_loss(
                             lp, y, weight, ignore_index=ignore_index, reduction=reduction
                         )
-                    if _nan_in_first_class(lp):
-                        return None
+                    _raise_if_nan(lp)  # raises Unbounded, a RuntimeError: declined below
                 elif exact:
                     # ATen's entry itself: no tensor subclass can override it here.
                     loss = _cross_entropy_loss(logits, y, weight, code, ignore_index, smoothing)
