@@ -404,22 +404,25 @@ class Native(Backend):
 
     def logsumexp(self, x: Array, axis: int) -> tuple[Array, Array]:
         x = da.asarray(x)
-        if 0 in x.shape:
+        if 0 in x.shape or x.numblocks[axis] != 1:
+            # Classes split over blocks (or an empty array) go through tree reductions (the
+            # max through row_max below).
             return super().logsumexp(x, axis)
-        if x.numblocks[axis] != 1:
-            # Classes split over blocks go through tree reductions: Dask's own sum, and a max
-            # whose blocks may be empty (Dask's `max` fails on an empty block of rows, which
-            # boolean indexing makes: its chunk step returns a (1, 0) array there).
-            m = da.reduction(
-                x, _Quiet(_row_max), _Quiet(_row_max), axis=axis, keepdims=True,
-                dtype=x.dtype, meta=np.empty((0,) * x.ndim, dtype=x.dtype),
-            )  # fmt: skip
-            m = da.where(da.isfinite(m), m, 0)
-            return m, da.log(da.sum(da.exp(x - m), axis=axis, keepdims=True))
         chunks = tuple((1,) * len(c) if i == axis else c for i, c in enumerate(x.chunks))
         shift = da.map_blocks(_shift_block, x, axis=axis, chunks=chunks, dtype=x.dtype)
         log_sum = da.map_blocks(_log_sum_block, x, shift, axis=axis, chunks=chunks, dtype=x.dtype)
         return shift, log_sum
+
+    def row_max(self, x: Array, axis: int) -> Array:
+        x = da.asarray(x)
+        if 0 in x.shape:
+            return super().row_max(x, axis)
+        # A tree reduction whose blocks may be empty: Dask's `max` fails on an empty block of
+        # rows, which boolean indexing makes (its chunk step returns a (1, 0) array there).
+        return da.reduction(
+            x, _Quiet(_row_max), _Quiet(_row_max), axis=axis, keepdims=True, dtype=x.dtype,
+            meta=np.empty((0,) * x.ndim, dtype=x.dtype),
+        )  # fmt: skip
 
     def take_along_axis(self, x: Array, index: Array, axis: int) -> Array:
         x = da.asarray(x)

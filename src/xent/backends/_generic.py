@@ -148,9 +148,13 @@ class Backend:
         log-softmax without cancellation even for logits near the dtype's max.
         """
         xp = self.xp
-        m = xp.max(x, axis=axis, keepdims=True)
+        m = self.row_max(x, axis)
         m = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
         return m, xp.log(xp.sum(xp.exp(x - m), axis=axis, keepdims=True))
+
+    def row_max(self, x: Array, axis: int) -> Array:
+        """The max along ``axis``, ``keepdims`` (the shift of :meth:`logsumexp`)."""
+        return self.xp.max(x, axis=axis, keepdims=True)
 
     def softmax_from_lse(
         self,
