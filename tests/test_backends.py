@@ -1685,6 +1685,32 @@ def _count_lean_graph(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
+def _lean_graph_matches_general(
+    monkeypatch: pytest.MonkeyPatch,
+    f: Callable[..., Any],
+    args: tuple[Any, ...],
+    argnums: tuple[int, ...],
+    dtype: str,
+) -> None:
+    """Under ``jit``, ``f(*args)`` alone (the forward), its value and its gradients in
+    ``argnums`` are the general path's, and JAX's lean graph served them. The labels are an
+    argument of each jit: traced, so unchecked (NaN where invalid)."""
+    import jax
+
+    calls = _count_lean_graph(monkeypatch)
+
+    def call() -> Any:
+        value, grads = jax.jit(jax.value_and_grad(f, argnums=argnums))(*args)
+        parts = (jax.jit(f)(*args), value, *grads)
+        return jax.numpy.concatenate([jax.numpy.ravel(p).astype("float32") for p in parts])
+
+    ours, generic = _both(call)
+    tol = 2e-2 if dtype == "bfloat16" else 1e-5
+    np.testing.assert_allclose(ours, generic, rtol=tol, atol=tol, equal_nan=True)
+    assert np.isfinite(ours).any()
+    assert bool(calls) == xent.backends.native_enabled()  # the lean graph served them
+
+
 @pytest.mark.only_backends(Backend.JAX)
 class TestJaxFusedLoss:
     """The plain loss under ``jax.jit``: XLA's graph stays as lean as Optax's, with xent's rules."""
@@ -1838,25 +1864,13 @@ class TestJaxFusedLoss:
         y = to_xp(xp, y_np, dtype="int32")
         cot = to_xp(xp, rng.normal(size=y_np.shape), dtype=dtype)
 
-        def call() -> Any:
-            # The labels are an argument of each jit (traced, so unchecked: NaN where invalid).
-            def f(a: Any, b: Any) -> Any:
-                loss = xent.cross_entropy(
-                    a, b, axis=axis, label_smoothing=smoothing, reduction=reduction
-                )
-                return jax.numpy.sum(loss * cot) if reduction == "none" else loss
+        def f(a: Any, b: Any) -> Any:
+            loss = xent.cross_entropy(
+                a, b, axis=axis, label_smoothing=smoothing, reduction=reduction
+            )
+            return jax.numpy.sum(loss * cot) if reduction == "none" else loss
 
-            value, grad = jax.jit(jax.value_and_grad(f))(x, y)
-            forward = jax.jit(f)(x, y)
-            parts = (forward, value, grad)
-            return jax.numpy.concatenate([jax.numpy.ravel(p).astype("float32") for p in parts])
-
-        calls = _count_lean_graph(monkeypatch)
-        ours, generic = _both(call)
-        tol = 2e-2 if dtype == "bfloat16" else 1e-5
-        np.testing.assert_allclose(ours, generic, rtol=tol, atol=tol, equal_nan=True)
-        assert np.isfinite(ours).any()
-        assert bool(calls) == xent.backends.native_enabled()  # the lean graph served them
+        _lean_graph_matches_general(monkeypatch, f, (x, y), (0,), dtype)
 
     @pytest.mark.usefixtures("forward_graph")
     @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -1897,24 +1911,14 @@ class TestJaxFusedLoss:
         y = to_xp(xp, y_np, dtype="int32")
         w = to_xp(xp, rng.random(classes) + 0.5, dtype="float32")
         cot = to_xp(xp, rng.normal(size=y_np.shape), dtype="float32")
-        calls = _count_lean_graph(monkeypatch)
 
-        def call() -> Any:
-            def f(a: Any, b: Any, c: Any) -> Any:
-                loss = xent.cross_entropy(
-                    a, b, axis=axis, weight=c, label_smoothing=smoothing, reduction=reduction
-                )
-                return jax.numpy.sum(loss * cot) if reduction == "none" else loss
+        def f(a: Any, b: Any, c: Any) -> Any:
+            loss = xent.cross_entropy(
+                a, b, axis=axis, weight=c, label_smoothing=smoothing, reduction=reduction
+            )
+            return jax.numpy.sum(loss * cot) if reduction == "none" else loss
 
-            value, grads = jax.jit(jax.value_and_grad(f, argnums=(0, 2)))(x, y, w)
-            parts = (jax.jit(f)(x, y, w), value, *grads)
-            return jax.numpy.concatenate([jax.numpy.ravel(p).astype("float32") for p in parts])
-
-        ours, generic = _both(call)
-        tol = 2e-2 if dtype == "bfloat16" else 1e-5
-        np.testing.assert_allclose(ours, generic, rtol=tol, atol=tol, equal_nan=True)
-        assert np.isfinite(ours).any()
-        assert bool(calls) == xent.backends.native_enabled()
+        _lean_graph_matches_general(monkeypatch, f, (x, y, w), (0, 2), dtype)
 
     @pytest.mark.parametrize(
         ("row", "dtype"),

@@ -155,6 +155,10 @@ def _plain_loss(
             ok = ok | (y == ignore)
         return rows * jnp.where(ok, 1.0, jnp.nan).astype(rows.dtype)
 
+    def counted(v: Array, y: Array) -> Array:
+        """A per-row ``v`` with the ignored rows' entries 0 (the mean's denominator's terms)."""
+        return v if ignore is None else jnp.where(y == ignore, 0.0, v)
+
     def at_labels(w: Array, y: Array) -> Array:
         """Each row's label's class weight, in ``dtype`` (a clipped label's for an invalid
         one, whose row is NaN)."""
@@ -192,7 +196,7 @@ def _plain_loss(
         count: Array | float
         if wy is not None:
             total = jnp.sum(rows)
-            count = jnp.sum(wy if ignore is None else jnp.where(y == ignore, 0.0, wy))
+            count = jnp.sum(counted(wy, y))
         elif reduction == "sum" or ignore is None:
             count = float(math.prod(y.shape))
             total = jnp.sum(rows)
@@ -286,14 +290,13 @@ def _plain_loss(
         wy = None if w is None else at_labels(w, y)
         spread_ = spread(x, w, log_total, shift) if smoothing else None
         out, count = reduce(smoothed(raw, spread_, wy), y, wy)
-        # A row's factor is 1 when counted, 0 when ignored and NaN for an invalid label (a
-        # product, so that the NaN reaches the gradient).
-        factor = jnp.where((y >= 0) & (y < classes), 1.0, jnp.nan)
-        if ignore is not None:
-            factor = jnp.where(y == ignore, 0.0, factor)
         rows = jnp.zeros_like(raw)
         if not isinstance(dx, SymbolicZero):
-            rows = rows + factor.astype(dtype) * logit_tangent(e, total, y, w, wy, dx)
+            # A row's factor is 1 when counted, 0 when ignored and NaN for an invalid label,
+            # multiplied in (a select would give an ignored row whose softmax is NaN a 0,
+            # where xent's gradient of it is 0 * softmax).
+            factor = masked(jnp.ones_like(raw), y)
+            rows = rows + factor * logit_tangent(e, total, y, w, wy, dx)
         dwy = None
         if w is not None and not isinstance(dw, SymbolicZero):
             # d (w_y r) = w_y dr + dw_y r, r the row's loss (0 ignored, NaN invalid); the
@@ -307,8 +310,7 @@ def _plain_loss(
         if reduction == "mean":
             if dwy is not None:
                 # The mean's denominator moves with the weights: d (T / K) = (dT - mean dK) / K.
-                counted = dwy if ignore is None else jnp.where(y == ignore, 0.0, dwy)
-                tangent = tangent - out.astype(dtype) * jnp.sum(counted)
+                tangent = tangent - out.astype(dtype) * jnp.sum(counted(dwy, y))
             tangent = tangent / count
         return out, tangent.astype(input.dtype)
 
