@@ -10,7 +10,11 @@ shapes. This script times the other members of the class, each against the nativ
 with the same options, in the same run, as ``run.py`` does:
 
 - *options* at four 2-D shapes: class weights, label smoothing, a tenth of the rows ignored,
-  ``reduction="none"`` and ``"sum"``, int32 labels;
+  ``reduction="none"`` and ``"sum"``, int32 labels, probability targets (``probs``, against
+  the native loss with the same targets), and the binary cross-entropy of logits (``binary``:
+  ``xent.binary_cross_entropy`` of the ``N x C`` logits against float targets in ``[0, 1]``,
+  against ``F.binary_cross_entropy_with_logits``, Optax's ``sigmoid_binary_cross_entropy`` and
+  NumPy's ``max(x, 0) - x y + log1p(exp(-|x|))``);
 - *layouts*: ``(B, T, V)`` logits with the classes last (against ``F.cross_entropy`` on the
   ``(B*T, V)`` view), PyTorch's ``(N, C, d1, ...)`` layout with the classes at axis 1
   (segmentation, sequences), a channels-last ``(N, C, H, W)`` and a column-major matrix.
@@ -50,7 +54,7 @@ from run import table as run_table
 import xent
 
 OPTION_SHAPES = ("256x10", "32x1000", "512x1000", "2048x8192")
-OPTIONS = ("weight", "smoothing", "ignored", "none", "sum", "int32")
+OPTIONS = ("weight", "smoothing", "ignored", "none", "sum", "int32", "probs", "binary")
 LAYOUTS: dict[str, tuple[str, int, str]] = {
     # name: (shape, class axis, memory layout)
     "BxTxV 2x16x1000": ("2x16x1000", -1, "contiguous"),
@@ -87,7 +91,8 @@ def _problem(case: str, rng: np.random.Generator) -> dict[str, Any]:
             x = np.asfortranarray(x)
         c = dims[axis]
         y = rng.integers(0, c, tuple(d for i, d in enumerate(dims) if i != axis % len(dims)))
-        return {"x": x, "y": y, "axis": axis % len(dims), "memory": memory, "options": {}}
+        return {"x": x, "y": y, "axis": axis % len(dims), "memory": memory, "options": {},
+                "kind": "index"}  # fmt: skip
     shape, option = case.split()
     n, c = _dims(shape)
     x = rng.standard_normal((n, c), dtype=np.float32)
@@ -103,7 +108,13 @@ def _problem(case: str, rng: np.random.Generator) -> dict[str, Any]:
         options["reduction"] = option
     elif option == "int32":
         y = y.astype(np.int32)
-    return {"x": x, "y": y, "axis": 1, "memory": "contiguous", "options": options}
+    kind = option if option in ("probs", "binary") else "index"
+    if kind == "probs":
+        y = rng.random((n, c), dtype=np.float32)
+        y /= y.sum(axis=1, keepdims=True)
+    elif kind == "binary":
+        y = rng.random((n, c), dtype=np.float32)
+    return {"x": x, "y": y, "axis": 1, "memory": "contiguous", "options": options, "kind": kind}
 
 
 # --------------------------------------------------------------------------- torch
@@ -112,9 +123,9 @@ def torch_cases(case: str, rng: np.random.Generator) -> list[Case]:
     import torch.nn.functional as F
 
     p = _problem(case, rng)
-    axis, options = p["axis"], dict(p["options"])
+    axis, options, kind = p["axis"], dict(p["options"]), p["kind"]
     y = torch.from_numpy(p["y"])
-    y_ref = y.long()
+    y_ref = y.long() if kind == "index" else y
     if "weight" in options:
         options["weight"] = torch.from_numpy(options["weight"])
     classes_last = axis == p["x"].ndim - 1 and p["x"].ndim > 2
@@ -131,16 +142,23 @@ def torch_cases(case: str, rng: np.random.Generator) -> list[Case]:
         elif p["memory"] == "channels-last":
             x = x.contiguous(memory_format=torch.channels_last)
         xg = x.detach().requires_grad_(True)
+        # dense targets in the logits' dtype, as F.cross_entropy needs them
+        t = y if kind == "index" else y.to(dtype)
 
-        def ref(a: Any, options: dict[str, Any] = options) -> Any:
+        def ref(a: Any, options: dict[str, Any] = options, t: Any = t) -> Any:
+            if kind == "binary":
+                return F.binary_cross_entropy_with_logits(a, t)
             if classes_last:
                 return F.cross_entropy(a.reshape(-1, a.shape[-1]), y_ref.reshape(-1), **options)
-            return F.cross_entropy(a, y_ref, **options)
+            return F.cross_entropy(a, y_ref if kind == "index" else t, **options)
 
-        def ours(a: Any, options: dict[str, Any] = options) -> Any:
-            return xent.cross_entropy(a, y, axis=axis, **options)
+        def ours(a: Any, options: dict[str, Any] = options, t: Any = t) -> Any:
+            if kind == "binary":
+                return xent.binary_cross_entropy(a, t)
+            return xent.cross_entropy(a, t, axis=axis, **options)
 
-        for name, fn, is_ref in (("F.cross_entropy", ref, True), ("xent", ours, False)):
+        reference = "F.binary_cross_entropy_with_logits" if kind == "binary" else "F.cross_entropy"
+        for name, fn, is_ref in ((reference, ref, True), ("xent", ours, False)):
 
             def fwd(fn: Callable[..., Any] = fn, x: Any = x) -> Any:
                 with torch.no_grad():
@@ -187,29 +205,37 @@ def jax_cases(case: str, rng: np.random.Generator) -> list[Case]:
     p = _problem(case, rng)
     if p["memory"] != "contiguous":
         return []  # JAX arrays have no strides: the same case as the contiguous layout
-    axis, given = p["axis"], dict(p["options"])
-    y = jnp.asarray(p["y"])
+    import optax
+
+    axis, given, kind = p["axis"], dict(p["options"]), p["kind"]
     cases = []
     for backend, dtype in (("jax jit fp32", jnp.float32), ("jax jit bf16", jnp.bfloat16)):
         x = jnp.asarray(p["x"], dtype=dtype)
+        y = jnp.asarray(p["y"]) if kind == "index" else jnp.asarray(p["y"], dtype=dtype)
         options = dict(given)
         if "weight" in options:
             options["weight"] = jnp.asarray(options["weight"])
 
         def ref(a: Any, b: Any, options: dict[str, Any] = options) -> Any:
+            if kind == "binary":
+                return optax.sigmoid_binary_cross_entropy(a, b).mean()
+            if kind == "probs":
+                return optax.softmax_cross_entropy(a, b, axis=axis).mean()
             return _optax_loss(a, b, axis, options)
 
         def ours(a: Any, b: Any, options: dict[str, Any] = options) -> Any:
+            if kind == "binary":
+                return xent.binary_cross_entropy(a, b)
             return xent.cross_entropy(a, b, axis=axis, **options)
 
         for name, fn, is_ref in (("optax", ref, True), ("xent", ours, False)):
             forward = jax.jit(fn)
             both = jax.jit(jax.value_and_grad(lambda a, b, fn=fn: jnp.sum(fn(a, b))))
             cases.append(Case(backend, "fwd", case, name,
-                              lambda f=forward, x=x: jax.block_until_ready(f(x, y)),
+                              lambda f=forward, x=x, y=y: jax.block_until_ready(f(x, y)),
                               reference=is_ref))  # fmt: skip
             cases.append(Case(backend, "fwd+bwd", case, name,
-                              lambda f=both, x=x: jax.block_until_ready(f(x, y)),
+                              lambda f=both, x=x, y=y: jax.block_until_ready(f(x, y)),
                               reference=is_ref))  # fmt: skip
     return cases
 
@@ -246,13 +272,52 @@ def _plain(x: np.ndarray, y: np.ndarray, axis: int, options: dict[str, Any], gra
     return loss, np.moveaxis(e, -1, axis)
 
 
+def _plain_dense(x: np.ndarray, t: np.ndarray, kind: str, grad: bool) -> Any:
+    """The plain expression of the dense-target losses (classes last) and their gradient:
+    probability targets (``-sum(t * log_softmax(x))``, mean over rows) or the binary
+    cross-entropy of logits (mean over elements)."""
+    if kind == "binary":
+        loss = (np.maximum(x, 0) - x * t + np.log1p(np.exp(-np.abs(x)))).mean()
+        return (loss, (1 / (1 + np.exp(-x)) - t) / x.size) if grad else loss
+    m = x.max(axis=-1, keepdims=True)
+    e = np.exp(x - m)
+    s = e.sum(axis=-1, keepdims=True)
+    lp = x - m - np.log(s)
+    loss = -(t * lp).sum(axis=-1).mean()
+    if not grad:
+        return loss
+    e /= s
+    e -= t
+    e /= x.shape[0]
+    return loss, e
+
+
 def numpy_cases(case: str, rng: np.random.Generator) -> list[Case]:
     p = _problem(case, rng)
     x, y, axis, options = p["x"], p["y"], p["axis"], p["options"]
+    backend = "numpy fp32"
+    if p["kind"] == "binary":
+        return [
+            Case(backend, "fwd", case, "plain expression",
+                 lambda: _plain_dense(x, y, "binary", False), reference=True),
+            Case(backend, "fwd", case, "xent", lambda: xent.binary_cross_entropy(x, y)),
+            Case(backend, "fwd+bwd", case, "plain expression",
+                 lambda: _plain_dense(x, y, "binary", True), reference=True),
+            Case(backend, "fwd+bwd", case, "xent",
+                 lambda: xent.binary_cross_entropy_and_grad(x, y)),
+        ]  # fmt: skip
+    if p["kind"] == "probs":
+        return [
+            Case(backend, "fwd", case, "plain expression",
+                 lambda: _plain_dense(x, y, "probs", False), reference=True),
+            Case(backend, "fwd", case, "xent", lambda: xent.cross_entropy(x, y)),
+            Case(backend, "fwd+bwd", case, "plain expression",
+                 lambda: _plain_dense(x, y, "probs", True), reference=True),
+            Case(backend, "fwd+bwd", case, "xent", lambda: xent.cross_entropy_and_grad(x, y)),
+        ]  # fmt: skip
     if p["memory"] == "channels-last":
         x = np.ascontiguousarray(np.moveaxis(x, 1, -1))
         x = np.moveaxis(x, -1, 1)
-    backend = "numpy fp32"
     return [
         Case(backend, "fwd", case, "plain expression", lambda: _plain(x, y, axis, options, False),
              reference=True),

@@ -766,6 +766,263 @@ class TestFastPaths:
         np.testing.assert_allclose(ours, generic, rtol=1e-5, equal_nan=True)
 
 
+# --- dense targets: class probabilities and binary labels --------------------------------------
+
+_DENSE_RTOL = {"float16": 4e-3, "bfloat16": 2e-2, "float32": 2e-5, "float64": 1e-10}
+
+
+@st.composite
+def _dense_cases(draw: st.DrawFn) -> dict[str, Any]:
+    """A probability-target or binary problem the backends' dense fast paths serve or decline:
+    up to three axes, the classes in any, every float dtype of the backend, class or element
+    weights (broadcast), smoothing, every reduction; ``adversarial`` puts ``-inf`` logits under
+    zero target mass, ``+inf``, NaN and logits near the dtype's max into some rows."""
+    ndim = draw(st.integers(1, 3))
+    shape = tuple(draw(st.lists(st.integers(1, 5), min_size=ndim, max_size=ndim)))
+    weights = []
+    for _ in range(2):
+        k = draw(st.integers(-1, ndim))
+        weights.append(
+            None if k < 0 else tuple(1 if draw(st.booleans()) else n for n in shape[ndim - k :])
+        )
+    return {
+        "kind": draw(st.sampled_from(["probs", "binary"])),
+        "shape": shape,
+        "axis": draw(st.integers(0, ndim - 1)),
+        "dtype": draw(st.sampled_from(_float_names())),
+        "weights": weights,
+        "smoothing": draw(st.sampled_from([0.0, 0.1, 1.0])),
+        "reduction": draw(st.sampled_from(["none", "sum", "mean"])),
+        "adversarial": draw(st.booleans()),
+        "seed": draw(st.integers(0, 2**32 - 1)),
+    }
+
+
+def _float_names() -> list[str]:
+    from _helpers import current
+
+    xp = current().xp
+    return ["float32", "float64", *(n for n in ("float16", "bfloat16") if hasattr(xp, n))]
+
+
+def _dense_problem(xp: Any, case: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
+    """``(x, t, options)`` of ``case`` on ``xp``."""
+    rng = np.random.default_rng(case["seed"])
+    shape, axis, dtype = case["shape"], case["axis"], case["dtype"]
+    x = rng.normal(size=shape) * 4
+    if case["kind"] == "probs":
+        t = rng.random(shape) * (rng.random(shape) < 0.7)
+        t = t / np.maximum(t.sum(axis=axis, keepdims=True), 1e-9)
+    else:
+        t = rng.random(shape)
+        t[rng.random(shape) < 0.3] = 1.0
+    if case["adversarial"] and x.size >= 3:
+        flat_x, flat_t = x.reshape(-1), t.reshape(-1)
+        zero = np.flatnonzero(flat_t == 0)
+        if zero.size:
+            flat_x[zero[0]] = -np.inf  # no target mass on a masked class (probabilities)
+        pick = rng.permutation(x.size)[:3]
+        flat_x[pick[0]] = np.inf
+        flat_x[pick[1]] = np.nan
+        flat_x[pick[2]] = -float(np.finfo(np.float16 if dtype == "float16" else np.float32).max)
+    options: dict[str, Any] = {"label_smoothing": case["smoothing"], "reduction": case["reduction"]}
+    first, second = case["weights"]
+    if case["kind"] == "probs":
+        if first is not None:
+            options["weight"] = to_xp(xp, rng.random(shape[axis]) + 0.5, dtype=dtype)
+        options["axis"] = axis
+    else:
+        for name, wshape in (("weight", first), ("pos_weight", second)):
+            if wshape is not None:
+                options[name] = to_xp(xp, rng.random(wshape) + 0.5, dtype=dtype)
+    return to_xp(xp, x, dtype=dtype), to_xp(xp, t, dtype=dtype), options
+
+
+def _dense_calls(kind: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
+    if kind == "probs":
+        return xent.cross_entropy, xent.cross_entropy_and_grad
+    return xent.binary_cross_entropy, xent.binary_cross_entropy_and_grad
+
+
+@pytest.fixture
+def dense_served(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the backends' dense fast paths each time one answers (does not decline)."""
+    from xent.backends import _generic
+
+    served: list[str] = []
+    for name in (
+        "fused_prob_loss", "fused_prob_plan", "fused_prob_loss_and_grad",
+        "fused_binary_loss", "fused_binary_loss_and_grad",
+    ):  # fmt: skip
+        for cls in _backend_classes():
+            if name not in vars(cls):
+                continue
+            method = vars(cls)[name]
+
+            def counted(self: Any, *args: Any, method: Any = method, name: str = name) -> Any:
+                out = method(self, *args)
+                if out is None:
+                    return None
+                if name == "fused_prob_plan":
+
+                    def plan(*a: Any, out: Any = out) -> Any:
+                        got = out(*a)
+                        if got is not None:
+                            served.append("fused_prob_loss")
+                        return got
+
+                    return plan
+                served.append(name)
+                return out
+
+            monkeypatch.setattr(cls, name, counted)
+    from xent import _binary, _cross_entropy
+
+    monkeypatch.setattr(_cross_entropy, "_CHECKED", {})
+    monkeypatch.setattr(_binary, "_CHECKED", {})
+    assert _generic  # the generic backend declines: nothing to count there
+    return served
+
+
+def _backend_classes() -> list[type]:
+    import importlib
+
+    classes = []
+    for module in ("_numpy", "_torch", "_jax", "_dask", "_cupy"):
+        try:
+            mod = importlib.import_module(f"xent.backends.{module}")
+        except ImportError:
+            continue
+        classes.append(mod.Native)
+    return classes
+
+
+class TestDenseTargets:
+    """Probability targets and the binary loss: a backend's fast path (ATen's losses, NumPy's
+    blocked pass, JAX's Optax-like graph) gives what the generic primitives give, gradients
+    included, and declines to them where its result is not finite."""
+
+    def test_matches_general_path_on_random_problems(self, xp: Any) -> None:
+        @property_settings()
+        @given(case=_dense_cases())
+        def check(case: dict[str, Any]) -> None:
+            x, t, options = _dense_problem(xp, case)
+            loss_fn, both_fn = _dense_calls(case["kind"])
+            rtol = _DENSE_RTOL[case["dtype"]]
+            for part in range(3):
+
+                def call(part: int = part) -> Any:
+                    if part == 0:
+                        return loss_fn(x, t, **options)
+                    return both_fn(x, t, **options)[part - 1]
+
+                ours, generic = _both(call)
+                assert ours.dtype == generic.dtype, case
+                assert ours.shape == generic.shape, case
+                atol = rtol * max(1.0, float(np.max(np.abs(generic), initial=0.0,
+                                                    where=np.isfinite(generic))))  # fmt: skip
+                np.testing.assert_allclose(
+                    ours, generic, rtol=rtol, atol=atol, equal_nan=True, err_msg=str(case)
+                )
+
+        check()
+
+    @pytest.mark.parametrize("kind", ["probs", "binary"])
+    def test_fast_path_serves_finite_problems(
+        self, xp: Any, kind: str, dense_served: list[str], rng: np.random.Generator
+    ) -> None:
+        from _helpers import current
+
+        backend = current().backend
+        if not current().native or not backend.like(Backend.NUMPY, Backend.TORCH, Backend.JAX):
+            pytest.skip("only NumPy, PyTorch and JAX have dense fast paths (native overrides on)")
+        if backend.like(Backend.JAX) and kind == "binary":
+            pytest.skip("JAX's general graph of the binary loss is its fast path")
+        case = {"kind": kind, "shape": (6, 5), "axis": 1, "dtype": "float32",
+                "weights": [(5,), None], "smoothing": 0.1, "reduction": "mean",
+                "adversarial": False, "seed": 3}  # fmt: skip
+        x, t, options = _dense_problem(xp, case)
+        if getattr(getattr(x, "device", None), "type", "cpu") != "cpu":
+            pytest.skip("PyTorch's dense fast paths serve the CPU")
+        loss_fn, both_fn = _dense_calls(kind)
+        name = "fused_prob_loss" if kind == "probs" else "fused_binary_loss"
+        for calls in (1, 2):  # the second: the remembered checks (and plan) serve it again
+            loss_fn(x, t, **options)
+            # under jit the loss is traced once
+            assert dense_served.count(name) == (1 if current().traced else calls), dense_served
+        if backend.like(Backend.NUMPY):  # PyTorch and JAX users differentiate the loss
+            both_fn(x, t, **options)
+            assert dense_served[-1] == f"{name}_and_grad", dense_served
+        if not backend.like(Backend.JAX):
+            # An infinite logit: declined, the general path answers with its inf or NaN.
+            served = len(dense_served)
+            bad = to_numpy(x).astype(np.float64)
+            bad[0, 0] = np.inf
+            x_bad = to_xp(xp, bad, dtype="float32")
+            ours, generic = _both(lambda: loss_fn(x_bad, t, **options))
+            assert not np.isfinite(ours)
+            np.testing.assert_array_equal(ours, generic)
+            assert len(dense_served) == served, dense_served
+
+    @pytest.mark.only_backends(Backend.TORCH)
+    @pytest.mark.parametrize("kind", ["probs", "binary"])
+    def test_torch_autograd_of_every_argument_matches_general_path(
+        self, xp: Any, kind: str, rng: np.random.Generator
+    ) -> None:
+        # The logits, the targets and the weights, to the second order: ATen's losses
+        # differentiate them all but the binary loss's weights, where the call declines.
+        import torch
+
+        case = {"kind": kind, "shape": (4, 3), "axis": 1, "dtype": "float64",
+                "weights": [(3,), (1, 3)], "smoothing": 0.1, "reduction": "mean",
+                "adversarial": False, "seed": 5}  # fmt: skip
+        x, t, options = _dense_problem(xp, case)
+        loss_fn, _ = _dense_calls(kind)
+        args = [x, t, *(options[k] for k in ("weight", "pos_weight") if k in options)]
+        names = [k for k in ("weight", "pos_weight") if k in options]
+
+        def grads() -> Any:
+            leaves = [a.detach().clone().requires_grad_(True) for a in args]
+            opts = dict(options, **dict(zip(names, leaves[2:], strict=True)))
+            loss = loss_fn(leaves[0], leaves[1], **opts)
+            first = torch.autograd.grad(loss, leaves, create_graph=True)
+            second = torch.autograd.grad(first[0].sum(), leaves[0])
+            return torch.cat([g.reshape(-1) for g in (loss.reshape(1), *first, *second)])
+
+        ours, generic = _both(grads)
+        np.testing.assert_allclose(ours, generic, rtol=1e-10, atol=1e-12)
+
+    @pytest.mark.only_backends(Backend.JAX)
+    def test_jax_probability_loss_under_jit_vmap_and_grad(
+        self, xp: Any, rng: np.random.Generator
+    ) -> None:
+        # Jit, vmap (one branch for every instance: a row with a masked class under zero mass
+        # in one instance sends all of them to the selecting sum), and reverse mode of the
+        # logits, the targets and the class weights.
+        import jax
+        import jax.numpy as jnp
+
+        x_np = rng.normal(size=(3, 4, 5)) * 2
+        t_np = rng.random((3, 4, 5)) * (rng.random((3, 4, 5)) < 0.7)
+        t_np /= np.maximum(t_np.sum(-1, keepdims=True), 1e-9)
+        zero = np.argwhere(t_np[1] == 0)[0]
+        x_np[1][tuple(zero)] = -np.inf
+        x, t = jnp.asarray(x_np, jnp.float32), jnp.asarray(t_np, jnp.float32)
+        w = jnp.asarray(rng.random(5) + 0.5, jnp.float32)
+
+        def loss(a: Any, b: Any, c: Any) -> Any:
+            return xent.cross_entropy(a, b, weight=c, label_smoothing=0.0)
+
+        def run() -> Any:
+            batched = jax.jit(jax.vmap(loss, in_axes=(0, 0, None)))(x, t, w)
+            finite = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(x[0], t[0], w)
+            return jnp.concatenate([batched, *(g.reshape(-1) for g in finite)])
+
+        ours, generic = _both(run)
+        assert np.isfinite(ours).all()
+        np.testing.assert_allclose(ours, generic, rtol=2e-5, atol=1e-6)
+
+
 # --- NumPy's fused pass across its thresholds --------------------------------------------------
 
 NUMPY = pytest.mark.only_backends(Backend.NUMPY, Backend.NUMPY_READONLY)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from . import _validation
 from ._typing import Array, Namespace, Reduction
-from .backends import Backend, GradRule
+from .backends import Backend, BinaryOptions, GradRule, lookup, namespace_of
 
 __all__ = ["binary_cross_entropy", "binary_cross_entropy_and_grad"]
 
@@ -97,10 +97,18 @@ def binary_cross_entropy(
     >>> round(float(loss), 6)  # (log(2) + log(1 + e**2)) / 2
     1.410038
     """
-    p = _problem(
+    c = _check(
         input, target, from_logits=from_logits, weight=weight, pos_weight=pos_weight,
         label_smoothing=label_smoothing, reduction=reduction, eps=eps, xp=xp,
     )  # fmt: skip
+    if from_logits:
+        # A backend may hand logits to a fused kernel of the same semantics; it declines
+        # (None) where its result is not finite, whose elements come from below.
+        options = BinaryOptions(weight, pos_weight, c.smoothing, reduction)
+        loss = c.ops.fused_binary_loss(input, target, options)
+        if loss is not None:
+            return loss
+    p = _problem(input, target, c, weight=weight, pos_weight=pos_weight)
     loss = p.ops.custom_grad(_RULE, p, input, others=(target, weight, pos_weight))
     return p.ops.finish(loss, input, target, weight, pos_weight)
 
@@ -138,17 +146,41 @@ def binary_cross_entropy_and_grad(
     >>> grad
     Array([-0.5], dtype=array_api_strict.float64)
     """
-    p = _problem(
+    c = _check(
         input, target, from_logits=from_logits, weight=weight, pos_weight=pos_weight,
         label_smoothing=label_smoothing, reduction=reduction, eps=eps, xp=xp,
     )  # fmt: skip
+    if from_logits:
+        options = BinaryOptions(weight, pos_weight, c.smoothing, reduction)
+        both = c.ops.fused_binary_loss_and_grad(input, target, options)
+        if both is not None:
+            return both
+    p = _problem(input, target, c, weight=weight, pos_weight=pos_weight)
     loss, _ = _forward(p, input)
     grad = _backward(p, input, None, p.xp.ones_like(loss))
     inputs = (input, target, weight, pos_weight)
     return p.ops.finish(loss, *inputs), p.ops.finish(grad, *inputs)
 
 
-def _problem(
+class _Checked(NamedTuple):
+    """Arguments that passed every check, scalar options as Python numbers."""
+
+    xp: Namespace
+    ops: Backend
+    from_logits: bool
+    smoothing: float
+    eps: float
+    reduction: str
+
+
+_CHECKED: dict[tuple[Any, ...], _Checked] = {}
+"""Answers of :func:`_check` that passed, by everything they depend on (see there)."""
+
+_CHECKED_MAX = 256
+"""Remembered answers at most (a loop over changing shapes cannot grow it further)."""
+
+
+def _check(
     input: Array,
     target: Array,
     *,
@@ -159,7 +191,43 @@ def _problem(
     reduction: str,
     eps: float,
     xp: Namespace | None,
-) -> _Problem:
+) -> _Checked:
+    """Every check; a passing answer is remembered as :func:`xent.cross_entropy` remembers its
+    own: for arrays of a registered class, concrete, and options of plain Python scalars, under
+    those options, the arrays' types, dtypes and shapes and the backend; a call that finds it
+    still checks what the key does not hold (dense layout, one device)."""
+    key = None
+    found = None if xp is not None else namespace_of(input)
+    if found is not None and not lookup(found).is_traced(input):
+        ops = lookup(found)
+        try:
+            key = (
+                from_logits, label_smoothing, reduction, eps, type(from_logits),
+                type(label_smoothing), type(reduction), type(eps), type(input), type(target),
+                input.dtype, target.dtype, input.shape, target.shape, ops,
+                None if weight is None else (type(weight), weight.dtype, weight.shape),
+                None if pos_weight is None else (type(pos_weight), pos_weight.dtype, pos_weight.shape),
+            )  # fmt: skip
+            checked = _CHECKED.get(key)
+        except (AttributeError, TypeError):  # a target that is no array; an array option
+            checked = key = None
+        if checked is not None:
+            extra = {"weight": weight, "pos_weight": pos_weight}
+            if not ops.dense_together(input, target) or any(
+                a is not None and not ops.dense_together(input, a) for a in extra.values()
+            ):
+                given = {"input": input, "target": target}
+                given.update((k, a) for k, a in extra.items() if a is not None)
+                _validation.dense(ops, given)
+                _validation.same_device(ops, given)
+            return checked
+        if key is not None and (
+            not _validation.plain_scalars(key[4:8])
+            or any(
+                a is not None and namespace_of(a) is not found for a in (target, weight, pos_weight)
+            )
+        ):
+            key = None
     arrays = {"input": input, "target": target, "weight": weight, "pos_weight": pos_weight}
     xp, ops = _validation.backend(arrays, xp)
     _validation.floating_input(xp, "input", input)
@@ -173,13 +241,31 @@ def _problem(
     _validation.broadcastable("pos_weight", pos_weight, shape, "the input's shape")
     _validation.real_weights(xp, "weight", weight)
     _validation.real_weights(xp, "pos_weight", pos_weight)
+    checked = _Checked(xp, ops, from_logits, label_smoothing, eps, reduction)
+    if key is not None:
+        if len(_CHECKED) >= _CHECKED_MAX:
+            _CHECKED.clear()
+        _CHECKED[key] = checked
+    return checked
+
+
+def _problem(
+    input: Array,
+    target: Array,
+    c: _Checked,
+    *,
+    weight: Array | None,
+    pos_weight: Array | None,
+) -> _Problem:
+    xp, ops = c.xp, c.ops
+    shape = tuple(input.shape)
     dtype = ops.compute_dtype(input.dtype)
     y = xp.astype(target, dtype)
-    if label_smoothing:
-        y = y * (1.0 - label_smoothing) + label_smoothing / 2
+    if c.smoothing:
+        y = y * (1.0 - c.smoothing) + c.smoothing / 2
     return _Problem(
-        xp=xp, ops=ops, dtype=dtype, out_dtype=input.dtype, from_logits=from_logits,
-        eps=float(eps), reduction=reduction, target=y,
+        xp=xp, ops=ops, dtype=dtype, out_dtype=input.dtype, from_logits=c.from_logits,
+        eps=float(c.eps), reduction=c.reduction, target=y,
         weight=None if weight is None else xp.astype(weight, dtype),
         pos_weight=None if pos_weight is None else xp.astype(pos_weight, dtype),
         count=float(math.prod(shape)) if _validation.known_shape(shape) else None,

@@ -168,7 +168,8 @@ def cross_entropy(
     elif c.plain and sample_weight is None and not _checks_lazy_labels(c, input):
         # A backend may hand the plain case to a fused kernel of the same semantics; it
         # declines (None) wherever a label is invalid, so errors and NaNs come from below.
-        loss = c.ops.fused_index_loss(input, target, c.index_options(weight))
+        fused = c.ops.fused_index_loss if c.kind == "index" else c.ops.fused_prob_loss
+        loss = fused(input, target, c.index_options(weight))
         if loss is not None:
             return loss
     p = _problem(input, target, c, weight=weight, sample_weight=sample_weight)
@@ -230,7 +231,10 @@ def cross_entropy_and_grad(
         reduction=reduction, z_loss=z_loss, softcap=softcap, eps=eps, validate=validate, xp=xp,
     )  # fmt: skip
     if c.plain and sample_weight is None and not _checks_lazy_labels(c, input):
-        both = c.ops.fused_index_loss_and_grad(input, target, c.index_options(weight))
+        fused = (
+            c.ops.fused_index_loss_and_grad if c.kind == "index" else c.ops.fused_prob_loss_and_grad
+        )
+        both = fused(input, target, c.index_options(weight))
         if both is not None:
             return both
     p = _problem(input, target, c, weight=weight, sample_weight=sample_weight)
@@ -516,7 +520,8 @@ class _Checked(NamedTuple):
     reduction: str
     validate: bool | None
     fused: Callable[[Array, Array, Array | None], Array | None] | None = None
-    """The backend's :meth:`~xent.backends.Backend.fused_index_plan` for the plain case
+    """The backend's :meth:`~xent.backends.Backend.fused_index_plan` (or
+    :meth:`~xent.backends.Backend.fused_prob_plan`) for the plain case
     (:func:`_declines` where it has none), called with the class weights of each call, set on
     remembered answers only (it depends on what their key holds); None elsewhere."""
 
@@ -526,10 +531,9 @@ class _Checked(NamedTuple):
 
     @property
     def plain(self) -> bool:
-        """Logits and class indices with no softcap or z-loss: the case fused kernels cover."""
-        return (
-            self.kind == "index" and self.from_logits and self.softcap is None and not self.z_loss
-        )
+        """Logits (class indices or probabilities) with no softcap or z-loss: the case fused
+        kernels cover."""
+        return self.from_logits and self.softcap is None and not self.z_loss
 
 
 def _checks_lazy_labels(c: _Checked, input: Array) -> bool:
@@ -641,7 +645,8 @@ def _check(
     )  # fmt: skip
     if key is not None:
         if checked.plain and not _checks_lazy_labels(checked, input):
-            plan = ops.fused_index_plan(input, target, checked.index_options(weight))
+            planner = ops.fused_index_plan if kind == "index" else ops.fused_prob_plan
+            plan = planner(input, target, checked.index_options(weight))
             checked = checked._replace(fused=_declines if plan is None else plan)
         if len(_CHECKED) >= _CHECKED_MAX:
             _CHECKED.clear()

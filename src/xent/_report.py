@@ -504,7 +504,7 @@ def header(results: Sequence[Result]) -> list[tuple[str, str]]:
 
 
 def _ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{1e3 * seconds:.2f}"
+    return "-" if seconds is None else f"{1e3 * seconds:.3f}"
 
 
 def _ratio(result: Result) -> str:

@@ -21,10 +21,11 @@ from .._compat import (
     is_torch_namespace,
 )
 from .._typing import Namespace
-from ._generic import Backend, GradRule, IndexOptions
+from ._generic import Backend, BinaryOptions, GradRule, IndexOptions
 
 __all__ = [
     "Backend",
+    "BinaryOptions",
     "GradRule",
     "IndexOptions",
     "lookup",

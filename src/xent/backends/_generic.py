@@ -55,13 +55,25 @@ NaN) sends the rows to a pass shifted by the row max."""
 
 
 class IndexOptions(NamedTuple):
-    """The options of the plain case (logits and class indices) as the fused kernels take them,
-    checked: the class axis made non-negative, the class weights (or None), ``ignore_index``,
+    """The options of the plain case (logits and class indices, or logits and class
+    probabilities) as the fused kernels take them, checked: the class axis made non-negative,
+    the class weights (or None), ``ignore_index`` (the default, for probabilities),
     ``label_smoothing`` and ``reduction``."""
 
     axis: int
     weight: Array | None
     ignore_index: int
+    label_smoothing: float
+    reduction: str
+
+
+class BinaryOptions(NamedTuple):
+    """The options of the binary cross-entropy from logits as the fused kernels take them,
+    checked: element weights and positive weights (each None or broadcastable to the input),
+    ``label_smoothing`` and ``reduction``."""
+
+    weight: Array | None
+    pos_weight: Array | None
     label_smoothing: float
     reduction: str
 
@@ -240,6 +252,47 @@ class Backend:
     ) -> tuple[Array, Array] | None:
         """:meth:`fused_index_loss` and the gradient of ``sum(loss)`` with respect to ``input``
         (of its shape and dtype), or None, on the same terms."""
+        return None
+
+    def fused_prob_loss(self, input: Array, target: Array, options: IndexOptions) -> Array | None:
+        """The cross-entropy of logits and class probabilities (``target`` of ``input``'s shape)
+        from one fused native kernel, or None, on the terms of :meth:`fused_index_loss` (there
+        are no labels to judge; a kernel whose answer differs from xent's for non-finite logits
+        declines where its result is not finite). Here: :meth:`fused_prob_plan`'s plan."""
+        plan = self.fused_prob_plan(input, target, options)
+        return None if plan is None else plan(input, target, options.weight)
+
+    def fused_prob_plan(
+        self, input: Array, target: Array, options: IndexOptions
+    ) -> Callable[[Array, Array, Array | None], Array | None] | None:
+        """:meth:`fused_index_plan` for probability targets: remembered by the core on the same
+        terms. The generic backend has none."""
+        return None
+
+    def fused_prob_loss_and_grad(
+        self, input: Array, target: Array, options: IndexOptions
+    ) -> tuple[Array, Array] | None:
+        """:meth:`fused_prob_loss` and the gradient of ``sum(loss)`` with respect to ``input``,
+        or None."""
+        return None
+
+    def fused_binary_loss(
+        self, input: Array, target: Array, options: BinaryOptions
+    ) -> Array | None:
+        """The binary cross-entropy of logits (``from_logits=True``) from a fused native
+        kernel, or None. The core asks once every argument has passed its checks; ``target``
+        is the caller's (bool, integer or floating, ``input``'s shape), not yet cast or
+        smoothed. A backend answers where a kernel of xent's semantics serves the arrays,
+        keeping them differentiable as :meth:`custom_grad` would, and declines (None) where
+        its result is not finite (infinite logits, NaN), where the core's own path gives each
+        element its exact value. The generic backend has none."""
+        return None
+
+    def fused_binary_loss_and_grad(
+        self, input: Array, target: Array, options: BinaryOptions
+    ) -> tuple[Array, Array] | None:
+        """:meth:`fused_binary_loss` and the gradient of ``sum(loss)`` with respect to
+        ``input``, or None, on the same terms."""
         return None
 
     def custom_grad(

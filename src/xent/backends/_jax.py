@@ -356,6 +356,106 @@ def _plain_loss(
     return out
 
 
+def _prob_loss(
+    input: Array,
+    target: Array,
+    weight: Array | None,
+    axis: int,
+    smoothing: float,
+    reduction: str,
+    dtype: Any,
+) -> Array:
+    """The cross-entropy of logits and class probabilities in the graph XLA fuses as it fuses
+    Optax's ``softmax_cross_entropy``: per row ``sum_c m_c (lse - x_c)``, with ``m = w q`` and
+    ``q`` smoothed, differentiated by JAX (logits, targets and class weights alike).
+
+    A class with no target mass adds 0 even where its log-probability is infinite (xent's
+    rule, where ``0 * inf`` would be NaN), but the select that says so costs XLA's CPU
+    backend as much as the rest of the loss. So the rows are summed without it, and only where
+    one of them is not finite (of every instance of a ``vmap``: one answer) a branch sums them
+    again with it.
+    """
+    classes = input.shape[axis]
+    class_shape = tuple(-1 if i == axis else 1 for i in range(input.ndim))
+
+    def mass(q: Array, w: Array | None) -> tuple[Array, Array]:
+        """``(q, m)``: the smoothed target and its mass ``w q``, in ``dtype``."""
+        q = q.astype(dtype)
+        if smoothing:
+            q = (1.0 - smoothing) * q + smoothing / classes
+        return q, q if w is None else q * jnp.reshape(w.astype(dtype), class_shape)
+
+    def parts(x: Array) -> tuple[Array, Array, Array]:
+        """``(x - shift, exp(x - shift), sum of those)``, the shift the row max (0 where it
+        is not finite), carrying no derivative."""
+        shift = jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True))
+        shifted = x - jnp.where(jnp.isfinite(shift), shift, 0)
+        e = jnp.exp(shifted)
+        return shifted, e, jnp.sum(e, axis=axis, keepdims=True)
+
+    def rows(x: Array, q: Array, w: Array | None, *, select: bool) -> Array:
+        q, m = mass(q, w)
+        shifted, _, total = parts(x.astype(dtype))
+        neg = jnp.log(total) - shifted
+        if select:
+            neg = jnp.where((q == 0) & jnp.isinf(neg), 0, neg)
+        return jnp.sum(m * neg, axis=axis)
+
+    def per_row(x: Array, q: Array, w: Array | None) -> Array:
+        fast = rows(x, q, w, select=False)
+        return jax.lax.cond(
+            _every(jnp.isfinite(fast)), lambda: fast, lambda: rows(x, q, w, select=True)
+        )
+
+    def reduce(values: Array) -> Array:
+        if reduction == "none":
+            return values.astype(input.dtype)
+        out = jnp.sum(values)
+        if reduction == "mean":
+            out = out / values.size if values.size else out * math.nan
+        return out.astype(input.dtype)
+
+    @jax.custom_jvp
+    def loss(x: Array, q: Array, w: Array | None) -> Array:
+        return reduce(per_row(x, q, w))
+
+    def loss_jvp(primals: Any, tangents: Any) -> tuple[Array, Array]:
+        # The logits' part is analytic, sum_c (softmax_c sum(m) - m_c) dx_c per row, which
+        # reverse mode transposes into one fused pass; the targets' and weights' part (rare)
+        # is JAX's own derivative of the rows.
+        x, q, w = primals
+        dx, dq, dw = tangents
+        out = loss(x, q, w)
+        moved = jnp.zeros(
+            out.shape if reduction != "none" else x.shape[:axis] + x.shape[axis + 1 :], dtype
+        )
+        if not isinstance(dx, SymbolicZero):
+            _, m = mass(q, w)
+            _, e, total = parts(x.astype(dtype))
+            dx = dx.astype(dtype)
+            scale = jnp.sum(m, axis=axis, keepdims=True) / total
+            moved = jnp.sum(e * scale * dx - m * dx, axis=axis)
+        if not (isinstance(dq, SymbolicZero) and (w is None or isinstance(dw, SymbolicZero))):
+            zero_q = jnp.zeros_like(q) if isinstance(dq, SymbolicZero) else dq
+            tangents_ = (
+                (zero_q,)
+                if w is None
+                else (zero_q, jnp.zeros_like(w) if isinstance(dw, SymbolicZero) else dw)
+            )
+            primals_ = (q,) if w is None else (q, w)
+            _, more = jax.jvp(
+                lambda *a: rows(x, a[0], a[1] if len(a) > 1 else None, select=True),
+                primals_,
+                tangents_,
+            )
+            moved = moved + more
+        return out, reduce(moved)
+
+    loss.defjvp(loss_jvp, symbolic_zeros=True)
+    result: Array = loss(input, target, weight)
+    return result
+
+
 class Facts(Backend):
     """Concrete JAX arrays can be read; tracers (jit, vmap, grad) cannot."""
 
@@ -428,6 +528,22 @@ class Native(Backend):
         dtype = self.compute_dtype(input.dtype)
         return _plain_loss(
             input, labels, weight, axis % input.ndim, ignore, label_smoothing, reduction, dtype
+        )
+
+    def fused_prob_loss(self, input: Array, target: Array, options: IndexOptions) -> Array | None:
+        # Optax's graph, with xent's rule for classes without target mass kept in a branch
+        # that runs only where a row is not finite (see _prob_loss); integer class weights
+        # and sharded-with-types arrays stay on the general path.
+        axis, weight, _, label_smoothing, reduction = options
+        if (
+            (weight is not None and not jnp.issubdtype(weight.dtype, jnp.floating))
+            or 0 in input.shape
+            or _explicit_mesh(input, target, *(() if weight is None else (weight,)))
+        ):
+            return None
+        dtype = self.compute_dtype(input.dtype)
+        return _prob_loss(
+            input, target, weight, axis % input.ndim, label_smoothing, reduction, dtype
         )
 
     def logsumexp(self, x: Array, axis: int) -> tuple[Array, Array]:

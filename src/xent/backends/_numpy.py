@@ -15,7 +15,8 @@ import numpy as np
 
 from .._compat import array_namespace
 from .._typing import Array
-from ._generic import SAFE_SUMS, Backend, IndexOptions
+from . import _numpy_dense
+from ._generic import SAFE_SUMS, Backend, BinaryOptions, IndexOptions
 
 NAMESPACE = array_namespace(np.empty(0))
 """array-api-compat's namespace for NumPy arrays."""
@@ -1270,6 +1271,44 @@ class Native(Backend):
             )
         assert grad is not None
         return None if loss is None else (loss, grad.reshape(input_shape))
+
+    def fused_prob_plan(
+        self, input: Array, target: Array, options: IndexOptions
+    ) -> Callable[[Array, Array, Array | None], Array | None] | None:
+        # Classes along the last axis: one blocked pass (_numpy_dense.prob_loss), which
+        # judges each call's layout and hands any other, and any non-finite result, back.
+        axis, _, _, smoothing, reduction = options
+        if axis != np.ndim(input) - 1:
+            return None
+
+        def plan(input: Array, target: Array, weight: Array | None) -> Array | None:
+            done = _numpy_dense.prob_loss(
+                input, target, weight, smoothing, reduction, with_grad=False
+            )
+            return None if done is None else done[0]
+
+        return plan
+
+    def fused_prob_loss_and_grad(
+        self, input: Array, target: Array, options: IndexOptions
+    ) -> tuple[Array, Array] | None:
+        axis, weight, _, smoothing, reduction = options
+        if axis != np.ndim(input) - 1:
+            return None
+        done = _numpy_dense.prob_loss(input, target, weight, smoothing, reduction, with_grad=True)
+        return None if done is None else (done[0], done[1])
+
+    def fused_binary_loss(
+        self, input: Array, target: Array, options: BinaryOptions
+    ) -> Array | None:
+        done = _numpy_dense.binary_loss(input, target, options, with_grad=False)
+        return None if done is None else done[0]
+
+    def fused_binary_loss_and_grad(
+        self, input: Array, target: Array, options: BinaryOptions
+    ) -> tuple[Array, Array] | None:
+        done = _numpy_dense.binary_loss(input, target, options, with_grad=True)
+        return None if done is None else (done[0], done[1])
 
     def softmax_from_lse(
         self,

@@ -11,8 +11,12 @@ import torch
 from .._compat import array_namespace
 from .._typing import Array
 from . import _torch_rows
-from ._generic import Backend, GradRule, IndexOptions
+from ._generic import Backend, BinaryOptions, GradRule, IndexOptions
 from ._torch_compiled import index_loss as _compiled_index_loss
+from ._torch_dense import BACK as _BACK
+from ._torch_dense import REDUCTIONS as _REDUCTIONS
+from ._torch_dense import binary_loss as _binary_loss
+from ._torch_dense import prob_plan as _prob_plan
 from ._torch_linear import linear_custom_grad as _linear_custom_grad
 from ._torch_rows import layout as _layout
 from ._torch_rows import raise_if_nan as _raise_if_nan
@@ -191,9 +195,6 @@ elements (4096 x 32, 1024 x 128, 4096 x 64, 8 x 32000), the blocks took 1.08x-1.
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 """The range of ``ignore_index`` that ATen's kernel takes."""
 
-_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
-"""ATen's reduction codes, which its entry below takes (its stub says strings)."""
-
 _cross_entropy_loss: Any = torch._C._nn.cross_entropy_loss
 _nll_loss_nd: Any = torch._C._nn.nll_loss_nd
 
@@ -213,11 +214,6 @@ def _route(dtype: Any, ndim: int, size: int, *, grad: bool) -> str | None:
     ):
         return "rows"
     return "kernel" if size * 4 <= _FUSED_BYTES else None
-
-
-_BACK = {torch.bfloat16: torch.Tensor.bfloat16, torch.float16: torch.Tensor.half}
-"""The cast of a float32 loss back to each reduced-precision dtype (its bound method: the
-cheapest call)."""
 
 
 _BOUND_ELEMENTS = 2**16
@@ -471,6 +467,28 @@ class Native(Backend):
             exact=type(input) is torch.Tensor and type(target) is torch.Tensor,
             widen=target.dtype != torch.int64,
         )  # fmt: skip
+
+    def fused_prob_loss(self, input: Array, target: Array, options: IndexOptions) -> Array | None:
+        if self.is_traced(input):
+            return None  # compilers, vmap, grad and fake tensors: xent's own path
+        return super().fused_prob_loss(input, target, options)
+
+    def fused_prob_plan(
+        self, input: Array, target: Array, options: IndexOptions
+    ) -> Callable[[Array, Array, Array | None], Array | None] | None:
+        if input.numel() == 0:
+            return None
+        return _prob_plan(
+            input.dtype, input.ndim, options.axis, options.label_smoothing, options.reduction,
+            exact=type(input) is torch.Tensor and type(target) is torch.Tensor,
+        )  # fmt: skip
+
+    def fused_binary_loss(
+        self, input: Array, target: Array, options: BinaryOptions
+    ) -> Array | None:
+        if self.is_traced(input):
+            return None
+        return _binary_loss(input, target, options)
 
     def custom_grad(
         self, rule: GradRule, state: Any, x: Array, *, others: tuple[Array | None, ...] = ()
