@@ -992,6 +992,72 @@ class TestDenseTargets:
         ours, generic = _both(grads)
         np.testing.assert_allclose(ours, generic, rtol=1e-10, atol=1e-12)
 
+    @pytest.mark.only_backends(Backend.TORCH)
+    def test_torch_blocks_match_general_path(
+        self, xp: Any, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # PyTorch's blocks (float32 stages of a block of rows, the gradient with the loss),
+        # shrunk to a few elements so that every problem spans many: the loss, the gradient
+        # under every reduction (a cotangent per position for "none"), and the second order
+        # (rebuilt through ATen's whole-input entries).
+        import torch
+        from _helpers import current
+
+        from xent.backends import _torch_dense
+
+        if not current().native:
+            pytest.skip("the blocks are a native override")
+        monkeypatch.setattr(_torch_dense, "BLOCKS_FROM", 1)
+        monkeypatch.setattr(_torch_dense, "_BINARY_F32_BLOCKS_FROM", 1)
+        monkeypatch.setattr(_torch_dense, "BLOCK_ELEMENTS", 7)
+        used: list[int] = []
+        run = _torch_dense._run_blocks
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            used.append(1)
+            return run(*args, **kwargs)
+
+        monkeypatch.setattr(_torch_dense, "_run_blocks", counted)
+
+        @property_settings()
+        @given(case=_dense_cases())
+        def check(case: dict[str, Any]) -> None:
+            case = dict(case, axis=len(case["shape"]) - 1)  # blocks take the classes last
+            x, t, options = _dense_problem(xp, case)
+            loss_fn, _ = _dense_calls(case["kind"])
+            rtol = _DENSE_RTOL[case["dtype"]]
+            cot = torch.from_numpy(np.random.default_rng(case["seed"]).random(64))
+
+            def both() -> Any:
+                leaf = x.detach().clone().requires_grad_(True)
+                loss = loss_fn(leaf, t, **options)
+                ct = cot[: loss.numel()].reshape(loss.shape).to(loss.dtype)
+                (g,) = torch.autograd.grad(loss, leaf, ct)
+                return torch.cat([loss.detach().reshape(-1).float(), g.reshape(-1).float()])
+
+            ours, generic = _both(both)
+            atol = rtol * max(1.0, float(np.max(np.abs(generic), initial=0.0,
+                                                where=np.isfinite(generic))))  # fmt: skip
+            np.testing.assert_allclose(
+                ours, generic, rtol=rtol, atol=atol, equal_nan=True, err_msg=str(case)
+            )
+
+        check()
+        assert used, "the blocks never served"
+        x = torch.randn(5, 4, dtype=torch.float64)
+        q = torch.softmax(torch.randn(5, 4, dtype=torch.float64), 1)
+        for kind, target in (("probs", q), ("binary", torch.rand(5, 4, dtype=torch.float64))):
+            loss_fn, _ = _dense_calls(kind)
+
+            def second(loss_fn: Any = loss_fn, target: Any = target) -> Any:
+                leaf = x.float().clone().requires_grad_(True)
+                (g,) = torch.autograd.grad(loss_fn(leaf, target.float()), leaf, create_graph=True)
+                (h,) = torch.autograd.grad((g * g).sum(), leaf)
+                return torch.cat([g.detach().reshape(-1), h.reshape(-1)])
+
+            ours, generic = _both(second)
+            np.testing.assert_allclose(ours, generic, rtol=1e-4, atol=1e-6)
+
     @pytest.mark.only_backends(Backend.JAX)
     def test_jax_probability_loss_under_jit_vmap_and_grad(
         self, xp: Any, rng: np.random.Generator
