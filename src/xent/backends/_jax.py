@@ -395,19 +395,24 @@ def _prob_loss(
         e = jnp.exp(shifted)
         return shifted, e, jnp.sum(e, axis=axis, keepdims=True)
 
-    def rows(x: Array, q: Array, w: Array | None, *, select: bool) -> Array:
+    def exact_rows(x: Array, q: Array, w: Array | None) -> Array:
+        """Each row's loss as the general path gives it: the shift 0 where the max is not
+        finite, a class without mass adding 0 at an infinite log-probability."""
         q, m = mass(q, w)
-        shifted, _, total = parts(x.astype(dtype), exact=select)
+        shifted, _, total = parts(x.astype(dtype), exact=True)
         neg = jnp.log(total) - shifted
-        if select:
-            neg = jnp.where((q == 0) & jnp.isinf(neg), 0, neg)
+        neg = jnp.where((q == 0) & jnp.isinf(neg), 0, neg)
         return jnp.sum(m * neg, axis=axis)
 
-    def per_row(x: Array, q: Array, w: Array | None) -> Array:
-        fast = rows(x, q, w, select=False)
-        return jax.lax.cond(
-            _every(jnp.isfinite(fast)), lambda: fast, lambda: rows(x, q, w, select=True)
-        )
+    def per_row(
+        x: Array, q: Array, w: Array | None, given: tuple[Array, Array, Array] | None = None
+    ) -> Array:
+        """Each row's loss: the fast sum (from ``given`` parts where the caller has them),
+        or where one is not finite, the selecting sum of the exact parts."""
+        _, m = mass(q, w)
+        shifted, _, total = parts(x.astype(dtype)) if given is None else given
+        fast = jnp.sum(m * (jnp.log(total) - shifted), axis=axis)
+        return jax.lax.cond(_every(jnp.isfinite(fast)), lambda: fast, lambda: exact_rows(x, q, w))
 
     def reduce(values: Array) -> Array:
         if reduction == "none":
@@ -427,13 +432,16 @@ def _prob_loss(
         # is JAX's own derivative of the rows.
         x, q, w = primals
         dx, dq, dw = tangents
-        out = loss(x, q, w)
+        # One exp pass for the loss and the tangent (a row whose max is not finite is NaN
+        # in both, as on the general path).
+        given = parts(x.astype(dtype))
+        out = reduce(per_row(x, q, w, given))
         moved = jnp.zeros(
             out.shape if reduction != "none" else x.shape[:axis] + x.shape[axis + 1 :], dtype
         )
         if not isinstance(dx, SymbolicZero):
             _, m = mass(q, w)
-            _, e, total = parts(x.astype(dtype), exact=True)
+            _, e, total = given
             dx = dx.astype(dtype)
             scale = jnp.sum(m, axis=axis, keepdims=True) / total
             moved = jnp.sum(e * scale * dx - m * dx, axis=axis)
@@ -446,7 +454,7 @@ def _prob_loss(
             )
             primals_ = (q,) if w is None else (q, w)
             _, more = jax.jvp(
-                lambda *a: rows(x, a[0], a[1] if len(a) > 1 else None, select=True),
+                lambda *a: exact_rows(x, a[0], a[1] if len(a) > 1 else None),
                 primals_,
                 tangents_,
             )

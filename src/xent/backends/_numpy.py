@@ -1275,15 +1275,12 @@ class Native(Backend):
     def fused_prob_plan(
         self, input: Array, target: Array, options: IndexOptions
     ) -> Callable[[Array, Array, Array | None], Array | None] | None:
-        # Classes along the last axis: one blocked pass (_numpy_dense.prob_loss), which
-        # judges each call's layout and hands any other, and any non-finite result, back.
+        # One blocked pass (_numpy_dense.prob_loss), which hands any non-finite result back.
         axis, _, _, smoothing, reduction = options
-        if axis != np.ndim(input) - 1:
-            return None
 
         def plan(input: Array, target: Array, weight: Array | None) -> Array | None:
             done = _numpy_dense.prob_loss(
-                input, target, weight, smoothing, reduction, with_grad=False
+                input, target, weight, axis, smoothing, reduction, with_grad=False
             )
             return None if done is None else done[0]
 
@@ -1293,9 +1290,9 @@ class Native(Backend):
         self, input: Array, target: Array, options: IndexOptions
     ) -> tuple[Array, Array] | None:
         axis, weight, _, smoothing, reduction = options
-        if axis != np.ndim(input) - 1:
-            return None
-        done = _numpy_dense.prob_loss(input, target, weight, smoothing, reduction, with_grad=True)
+        done = _numpy_dense.prob_loss(
+            input, target, weight, axis, smoothing, reduction, with_grad=True
+        )
         return None if done is None else (done[0], done[1])
 
     def fused_binary_loss(

@@ -168,8 +168,14 @@ def binary_loss(
 
     with np.errstate(all="ignore"):
         _numpy._in_parallel(work, n, x.nbytes * 4)
-        values = np.asarray([sums[k] for k in sorted(sums)], ct) if out is None else out
-        total = np.add.reduce(values, axis=None)
+        if out is not None:
+            values = out
+            total = np.add.reduce(out, axis=None)
+        elif len(sums) == 1:
+            values = total = next(iter(sums.values()))
+        else:
+            values = np.asarray([sums[k] for k in sorted(sums)], ct)
+            total = np.add.reduce(values)
         # float16 overflow in the cast back: inf, without a warning (as on the general path)
         loss = _result(total, reduction, x.size, values, input.dtype)
     if loss is None:
@@ -184,27 +190,32 @@ def prob_loss(
     input: Array,
     target: Array,
     weight: Array | None,
+    axis: int,
     smoothing: float,
     reduction: str,
     *,
     with_grad: bool,
 ) -> tuple[Any, np.ndarray | None] | None:
-    """The cross-entropy of C-contiguous logits and probability targets along the last axis
-    (and, ``with_grad``, the gradient of ``sum(loss)``), or None.
+    """The cross-entropy of logits and probability targets along ``axis`` (and, with
+    ``with_grad``, the gradient of ``sum(loss)``), or None.
 
     Per row, with ``m = w q`` (``q`` smoothed), ``d = x - max(x)`` and ``ls = log(sum(exp(d)))``:
     ``ls sum(m) - sum(m d)`` (two sums of non-negative terms where the weights are, so no
-    cancellation); the gradient ``softmax(x) sum(m) - m``.
+    cancellation); the gradient ``softmax(x) sum(m) - m``. Logits and targets in another
+    layout than C-contiguous rows with the classes last are copied to it first (two passes,
+    where the general path makes about ten), the gradient given back as a view in the input's
+    axis order.
     """
     x, q = np.asarray(input), np.asarray(target)
-    if (
-        x.dtype not in _DTYPES
-        or x.ndim == 0
-        or x.size == 0
-        or not x.flags.c_contiguous
-        or q.shape != x.shape
-    ):
+    if x.dtype not in _DTYPES or x.ndim == 0 or x.size == 0 or q.shape != x.shape:
         return None
+    if axis != x.ndim - 1 or not x.flags.c_contiguous:
+        x = np.ascontiguousarray(np.moveaxis(x, axis, -1))
+        q = np.moveaxis(q, axis, -1)
+        done = prob_loss(x, q, weight, x.ndim - 1, smoothing, reduction, with_grad=with_grad)
+        if done is None or done[1] is None:
+            return done
+        return done[0], np.moveaxis(done[1], -1, axis)
     ct = _compute_dtype(x.dtype)
     c = x.shape[-1]
     rows_x, rows_q = x.reshape(-1, c), q.reshape(-1, c)
@@ -241,13 +252,13 @@ def prob_loss(
                     qb += smoothing / c
                 if w is not None:
                     qb *= w
-            np.max(xb, axis=1, keepdims=True, out=sb)
+            np.maximum.reduce(xb, axis=1, keepdims=True, out=sb)
             np.subtract(xb, sb, out=tb)  # d
-            np.sum(qb, axis=1, keepdims=True, out=mb)
+            np.add.reduce(qb, axis=1, keepdims=True, out=mb)
             np.multiply(qb, tb, out=ub)
-            np.sum(ub, axis=1, keepdims=True, out=db)
+            np.add.reduce(ub, axis=1, keepdims=True, out=db)
             np.exp(tb, out=tb)
-            np.sum(tb, axis=1, keepdims=True, out=sb)  # the shift is no longer needed
+            np.add.reduce(tb, axis=1, keepdims=True, out=sb)  # the shift is no longer needed
             if grad is not None:
                 # softmax * sum(m) - m, times r
                 np.divide(mb, sb, out=ub[:, :1])

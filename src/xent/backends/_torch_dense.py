@@ -103,11 +103,18 @@ def binary_loss(input: Array, target: Array, options: BinaryOptions) -> Array | 
     dtype = input.dtype
     if dtype not in _DTYPES or not input.is_cpu or _transforms_active():
         return None
-    recording = torch.is_grad_enabled()
-    for a in (target, weight, pos_weight):
-        if a is not None and (_wrapped(a) or (recording and a is not target and a.requires_grad)):
-            return None
-    if type(input) is torch.Tensor and type(target) is torch.Tensor:
+    if _wrapped(target):
+        return None
+    if weight is not None or pos_weight is not None:
+        recording = torch.is_grad_enabled()
+        for a in (weight, pos_weight):
+            if a is not None and (_wrapped(a) or (recording and a.requires_grad)):
+                return None
+    if (
+        input.numel() >= BLOCKS_FROM
+        and type(input) is torch.Tensor
+        and type(target) is torch.Tensor
+    ):
         loss = blocks("binary", input, target, weight, pos_weight, smoothing, reduction)
         if loss is not None:
             return loss
