@@ -274,15 +274,19 @@ def _prob_blocks(
             if w is not None:
                 mb.mul_(w)
         lp = torch.log_softmax(xb, 1, out=_slot(bshape, 2, span))
-        prod = torch.mul(lp, mb, out=_slot(bshape, 3, span))
-        if per is None:
-            total -= prod.sum()
+        if per is None and mb.is_contiguous():
+            # one BLAS dot product: no product array, one pass
+            total -= torch.dot(lp.view(-1), mb.view(-1))
         else:
-            torch.sum(prod, 1, out=per[s:e]).neg_()
+            prod = torch.mul(lp, mb, out=_slot(bshape, 3, span))
+            if per is None:
+                total -= prod.sum()
+            else:
+                torch.sum(prod, 1, out=per[s:e]).neg_()
         if grad is None:
             continue
         # ATen's log-softmax backward of -r m: r (softmax sum(m) - m), one fused pass
-        go = torch.mul(mb, -r, out=prod)
+        go = torch.mul(mb, -r, out=_slot(bshape, 3, span))
         block = grad[s:e]
         if block.dtype is _F32:
             _log_softmax_backward(go, lp, 1, _F32, out=block)
