@@ -19,7 +19,8 @@ from dask.core import flatten
 from dask.highlevelgraph import HighLevelGraph, Layer, MaterializedLayer
 
 from .._typing import Array
-from ._generic import Backend, IndexOptions
+from . import _dask_dense
+from ._generic import Backend, BinaryOptions, IndexOptions
 from ._numpy import Native as _NumpyNative
 from ._numpy import _compute_dtype
 
@@ -469,6 +470,33 @@ class Native(Backend):
         ):
             return None
         return _fused_loss_and_grad(input, target, options.weight, options)
+
+    def fused_prob_plan(
+        self, input: Array, target: Array, options: IndexOptions
+    ) -> Callable[[Array, Array, Array | None], Array | None] | None:
+        # Row blocks of NumPy arrays whose classes sit in one block: each task runs xent's
+        # NumPy probability loss on its block (backends/_dask_dense.py).
+        def plan(input: Array, target: Array, weight: Array | None) -> Array | None:
+            given = options._replace(weight=weight)
+            return _dask_dense.prob_loss(input, target, given, with_grad=False)
+
+        return plan
+
+    def fused_prob_loss_and_grad(
+        self, input: Array, target: Array, options: IndexOptions
+    ) -> tuple[Array, Array] | None:
+        return _dask_dense.prob_loss(input, target, options, with_grad=True)
+
+    def fused_binary_loss(
+        self, input: Array, target: Array, options: BinaryOptions
+    ) -> Array | None:
+        # Any blocks of NumPy arrays: each task runs xent's NumPy binary loss on its block.
+        return _dask_dense.binary_loss(input, target, options, with_grad=False)
+
+    def fused_binary_loss_and_grad(
+        self, input: Array, target: Array, options: BinaryOptions
+    ) -> tuple[Array, Array] | None:
+        return _dask_dense.binary_loss(input, target, options, with_grad=True)
 
 
 class NativeBackend(Native, Facts):
