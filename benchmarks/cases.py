@@ -25,8 +25,10 @@ the plain ``max/exp/sum/log`` expression along the class axis with the same opti
 softmax-minus-one-hot gradient; JAX under ``jit`` (float32 and bfloat16, forward and
 ``value_and_grad`` of the loss's sum) against Optax's loss along the class axis with the same
 options, as an Optax user writes them (``smooth_labels`` of a one-hot, weights and ignored rows
-by ``where``; JAX arrays have no strides, so its layouts are the contiguous ones). Timing,
-rounds and the table are ``run.py``'s.
+by ``where``; JAX arrays have no strides, so its layouts are the contiguous ones); Dask
+(``probs`` and ``binary`` only, row chunks of about 16 MiB; forward and ``_and_grad``) against
+the plain expression and its gradient on the same chunks. Timing, rounds and the table are
+``run.py``'s.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ LAYOUTS: dict[str, tuple[str, int, str]] = {
     "NxC 512x1000 column-major": ("512x1000", 1, "column-major"),
     "NxC 2048x8192 column-major": ("2048x8192", 1, "column-major"),
 }
-BACKENDS = ("torch", "numpy", "jax")
+BACKENDS = ("torch", "numpy", "jax", "dask")
 
 
 def _dims(shape: str) -> tuple[int, ...]:
@@ -292,28 +294,27 @@ def _plain_dense(x: np.ndarray, t: np.ndarray, kind: str, grad: bool) -> Any:
     return loss, e
 
 
+_DENSE = {
+    "binary": (xent.binary_cross_entropy, xent.binary_cross_entropy_and_grad),
+    "probs": (xent.cross_entropy, xent.cross_entropy_and_grad),
+}
+"""The loss and its ``_and_grad`` twin of each dense-target kind."""
+
+
 def numpy_cases(case: str, rng: np.random.Generator) -> list[Case]:
     p = _problem(case, rng)
     x, y, axis, options = p["x"], p["y"], p["axis"], p["options"]
     backend = "numpy fp32"
-    if p["kind"] == "binary":
+    if p["kind"] != "index":
+        kind = p["kind"]
+        loss, both = _DENSE[kind]
         return [
             Case(backend, "fwd", case, "plain expression",
-                 lambda: _plain_dense(x, y, "binary", False), reference=True),
-            Case(backend, "fwd", case, "xent", lambda: xent.binary_cross_entropy(x, y)),
+                 lambda: _plain_dense(x, y, kind, False), reference=True),
+            Case(backend, "fwd", case, "xent", lambda: loss(x, y)),
             Case(backend, "fwd+bwd", case, "plain expression",
-                 lambda: _plain_dense(x, y, "binary", True), reference=True),
-            Case(backend, "fwd+bwd", case, "xent",
-                 lambda: xent.binary_cross_entropy_and_grad(x, y)),
-        ]  # fmt: skip
-    if p["kind"] == "probs":
-        return [
-            Case(backend, "fwd", case, "plain expression",
-                 lambda: _plain_dense(x, y, "probs", False), reference=True),
-            Case(backend, "fwd", case, "xent", lambda: xent.cross_entropy(x, y)),
-            Case(backend, "fwd+bwd", case, "plain expression",
-                 lambda: _plain_dense(x, y, "probs", True), reference=True),
-            Case(backend, "fwd+bwd", case, "xent", lambda: xent.cross_entropy_and_grad(x, y)),
+                 lambda: _plain_dense(x, y, kind, True), reference=True),
+            Case(backend, "fwd+bwd", case, "xent", lambda: both(x, y)),
         ]  # fmt: skip
     if p["memory"] == "channels-last":
         x = np.ascontiguousarray(np.moveaxis(x, 1, -1))
@@ -327,6 +328,48 @@ def numpy_cases(case: str, rng: np.random.Generator) -> list[Case]:
         Case(backend, "fwd+bwd", case, "xent",
              lambda: xent.cross_entropy_and_grad(x, y, axis=axis, **options)),
     ]  # fmt: skip
+
+
+# --------------------------------------------------------------------------- dask
+def dask_cases(case: str, rng: np.random.Generator) -> list[Case]:
+    """The dense targets on Dask (forward, and ``_and_grad``), row chunks of about 16 MiB as in
+    ``run.py``'s Dask rows, against the plain expression on the same chunks; the options and
+    layouts of class indices are ``run.py``'s Dask rows' business (its grid)."""
+    p = _problem(case, rng)
+    kind = p["kind"]
+    if kind == "index":
+        return []
+    import dask
+    import dask.array as da
+
+    n, c = p["x"].shape
+    chunk = max(1, min(n, (16 * 2**20) // (4 * c)))
+    x = da.from_array(p["x"], chunks=(chunk, c))
+    t = da.from_array(p["y"], chunks=(chunk, c))
+
+    def plain(grad: bool) -> Any:
+        if kind == "binary":
+            loss = (da.maximum(x, 0) - x * t + da.log1p(da.exp(-abs(x)))).mean()
+            parts = (loss, (1 / (1 + da.exp(-x)) - t) / x.size) if grad else (loss,)
+        else:
+            m = x.max(axis=1, keepdims=True)
+            e = da.exp(x - m)
+            s = e.sum(axis=1, keepdims=True)
+            loss = -(t * (x - m - da.log(s))).sum(axis=1).mean()
+            parts = (loss, (e / s - t) / n) if grad else (loss,)
+        return dask.compute(*parts, scheduler="threads")
+
+    def ours(grad: bool) -> Any:
+        out = _DENSE[kind][grad](x, t)
+        return dask.compute(*(out if grad else (out,)), scheduler="threads")
+
+    backend = "dask fp32"
+    return [
+        Case(backend, "fwd", case, "plain expression", lambda: plain(False), reference=True),
+        Case(backend, "fwd", case, "xent", lambda: ours(False)),
+        Case(backend, "fwd+bwd", case, "plain expression", lambda: plain(True), reference=True),
+        Case(backend, "fwd+bwd", case, "xent", lambda: ours(True)),
+    ]
 
 
 # --------------------------------------------------------------------------- driver
@@ -377,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# {header}\n# load average before: {_load()}", flush=True)
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
-    makers = {"torch": torch_cases, "numpy": numpy_cases, "jax": jax_cases}
+    makers = {"torch": torch_cases, "numpy": numpy_cases, "jax": jax_cases, "dask": dask_cases}
     for name in names:
         for backend in args.backends:
             if args.fresh:

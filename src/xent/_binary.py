@@ -176,9 +176,6 @@ class _Checked(NamedTuple):
 _CHECKED: dict[tuple[Any, ...], _Checked] = {}
 """Answers of :func:`_check` that passed, by everything they depend on (see there)."""
 
-_CHECKED_MAX = 256
-"""Remembered answers at most (a loop over changing shapes cannot grow it further)."""
-
 
 def _check(
     input: Array,
@@ -243,9 +240,7 @@ def _check(
     _validation.real_weights(xp, "pos_weight", pos_weight)
     checked = _Checked(xp, ops, from_logits, label_smoothing, eps, reduction)
     if key is not None:
-        if len(_CHECKED) >= _CHECKED_MAX:
-            _CHECKED.clear()
-        _CHECKED[key] = checked
+        _validation.remember(_CHECKED, key, checked)
     return checked
 
 

@@ -648,9 +648,7 @@ def _check(
             planner = ops.fused_index_plan if kind == "index" else ops.fused_prob_plan
             plan = planner(input, target, checked.index_options(weight))
             checked = checked._replace(fused=_declines if plan is None else plan)
-        if len(_CHECKED) >= _CHECKED_MAX:
-            _CHECKED.clear()
-        _CHECKED[key] = checked
+        _validation.remember(_CHECKED, key, checked, _CHECKED_MAX)
     return checked
 
 

@@ -268,6 +268,14 @@ _SCALARS_MAX = 256
 """Remembered combinations at most (a loop over changing options cannot grow it further)."""
 
 
+def remember(answers: dict[Any, Any], key: Any, answer: Any, limit: int = 256) -> None:
+    """Store a passing answer of the checks under ``key``, in a table of at most ``limit``
+    answers (a loop over changing shapes empties it rather than growing it)."""
+    if len(answers) >= limit:
+        answers.clear()
+    answers[key] = answer
+
+
 def plain_scalars(types: tuple[type, ...]) -> bool:
     """Whether every type in ``types`` is a plain Python scalar's, whose checks may be
     remembered by value."""

@@ -41,6 +41,15 @@ def _step(block: int, inner: int) -> int:
     return max(1, block // max(1, inner))
 
 
+def _staged(block: np.ndarray, buffer: np.ndarray | None, k: int) -> np.ndarray:
+    """``block`` (of ``k`` rows) itself, or copied into ``buffer``'s first ``k`` rows (cast to
+    the compute dtype, or to be written in place) where there is one."""
+    if buffer is None:
+        return block
+    np.copyto(buffer[:k], block)
+    return buffer[:k]
+
+
 def _result(total: Any, reduction: str, count: int, values: np.ndarray, dtype: Any) -> Any:
     """The loss under ``reduction`` from the per-element or per-row losses ``values`` (kept for
     ``"none"``) and their ``total``, in ``dtype``; None where ``total`` is not finite."""
@@ -112,17 +121,11 @@ def binary_loss(
             # "none" writes the losses in place; the gradient needs the buffer after them
             tb = t[:k] if t is not None else out[rows]  # type: ignore[index]  # t or out
             ub, vb = u[:k], v[:k]
-            xb = x[rows]
-            if xs is not None:
-                np.copyto(xs[:k], xb)
-                xb = xs[:k]
-            yb = y[rows]
-            if ys is not None:
-                np.copyto(ys[:k], yb)
-                yb = ys[:k]
-                if smoothing:
-                    yb *= 1.0 - smoothing
-                    yb += smoothing / 2
+            xb = _staged(x[rows], xs, k)
+            yb = _staged(y[rows], ys, k)
+            if smoothing:  # on the staged copy (smoothing stages y)
+                yb *= 1.0 - smoothing
+                yb += smoothing / 2
             pos = yb  # p y
             if ps is not None:
                 assert pw is not None
@@ -242,19 +245,14 @@ def prob_loss(
             k = rows.stop - rows.start
             tb, ub = t[:k], u[:k]
             sb, mb, db = shift[:k], mass[:k], dot[:k]
-            xb = rows_x[rows]
-            if xs is not None:
-                np.copyto(xs[:k], xb)
-                xb = xs[:k]
-            qb = rows_q[rows]
-            if ms is not None:
-                np.copyto(ms[:k], qb)
-                qb = ms[:k]
-                if smoothing:
-                    qb *= 1.0 - smoothing
-                    qb += smoothing / c
-                if w is not None:
-                    qb *= w
+            xb = _staged(rows_x[rows], xs, k)
+            qb = _staged(rows_q[rows], ms, k)
+            # on the staged copy (smoothing and weights stage the targets)
+            if smoothing:
+                qb *= 1.0 - smoothing
+                qb += smoothing / c
+            if w is not None:
+                qb *= w
             np.maximum.reduce(xb, axis=1, keepdims=True, out=sb)
             np.subtract(xb, sb, out=tb)  # d
             np.add.reduce(qb, axis=1, keepdims=True, out=mb)
