@@ -1098,6 +1098,100 @@ class TestDenseTargets:
         np.testing.assert_allclose(ours, generic, rtol=2e-5, atol=1e-6)
 
 
+# --- the softmax family ------------------------------------------------------------------------
+
+
+class TestFusedSoftmax:
+    """``logsumexp``, ``log_softmax`` and ``softmax`` from a backend's native kernel (ATen's,
+    NumPy's blocked pass) give what the generic primitives give, rows of ``+inf``, NaN and
+    ``-inf`` included (there the kernels decline), and stay differentiable."""
+
+    def test_matches_general_path_on_random_arrays(self, xp: Any) -> None:
+        @property_settings()
+        @given(
+            shape=st.lists(st.integers(1, 6), min_size=1, max_size=3).map(tuple),
+            data=st.data(),
+            dtype=st.sampled_from(["float32", "float64", "float16", "bfloat16"]),
+            adversarial=st.booleans(),
+            seed=st.integers(0, 2**32 - 1),
+        )
+        def check(
+            shape: tuple[int, ...], data: Any, dtype: str, adversarial: bool, seed: int
+        ) -> None:
+            if not hasattr(xp, dtype):
+                dtype = "float32"
+            axis = data.draw(st.integers(-len(shape), len(shape) - 1))
+            rng = np.random.default_rng(seed)
+            x_np = rng.normal(size=shape) * 5
+            if adversarial and x_np.size >= 4:
+                flat = x_np.reshape(-1)
+                low = -float(np.finfo(np.float16 if dtype == "float16" else np.float32).max)
+                flat[rng.permutation(x_np.size)[:4]] = [np.inf, np.nan, -np.inf, low]
+            x = to_xp(xp, x_np, dtype=dtype)
+            rtol = {"float16": 4e-3, "bfloat16": 2e-2}.get(dtype, 1e-5)
+            for fn in (xent.logsumexp, xent.log_softmax, xent.softmax):
+                ours, generic = _both(lambda fn=fn: fn(x, axis=axis))
+                assert ours.dtype == generic.dtype
+                assert ours.shape == generic.shape
+                np.testing.assert_allclose(
+                    ours, generic, rtol=rtol, atol=rtol, equal_nan=True,
+                    err_msg=f"{fn.__name__} {shape} axis {axis} {dtype}",
+                )  # fmt: skip
+
+        check()
+
+    @pytest.mark.only_backends(Backend.TORCH, Backend.NUMPY)
+    @pytest.mark.parametrize("shape", [(6, 5), (300, 400)], ids=["whole", "blocks"])
+    def test_kernel_serves_finite_rows(
+        self, xp: Any, shape: tuple[int, int], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        from _helpers import current
+
+        if not current().native:
+            pytest.skip("the kernels are a native override")
+        from xent.backends import _numpy_softmax
+
+        if current().backend.like(Backend.TORCH):
+            from xent.backends import _torch as module
+
+            name = "_fused_softmax"
+        else:
+            module, name = _numpy_softmax, "fused"
+        served: list[str] = []
+        run = getattr(module, name)
+
+        def counted(kind: str, *args: Any) -> Any:
+            out = run(kind, *args)
+            if out is not None:
+                served.append(kind)
+            return out
+
+        monkeypatch.setattr(module, name, counted)
+        x = to_xp(xp, np.random.default_rng(0).normal(size=shape), dtype="float32")
+        for fn in (xent.log_softmax, xent.softmax):
+            fn(x)
+        assert served == ["log_softmax", "softmax"], served
+
+    @pytest.mark.only_backends(Backend.TORCH)
+    @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+    def test_torch_autograd_matches_general_path(self, xp: Any, dtype: str) -> None:
+        import torch
+
+        x_np = np.random.default_rng(1).normal(size=(5, 7))
+        for fn in (xent.logsumexp, xent.log_softmax, xent.softmax):
+
+            def grads(fn: Any = fn) -> Any:
+                leaf = to_xp(xp, x_np, dtype=dtype).detach().requires_grad_(True)
+                out = fn(leaf)
+                (g,) = torch.autograd.grad((out.float() ** 2).sum(), leaf, create_graph=True)
+                (h,) = torch.autograd.grad(g.float().sum(), leaf)
+                return torch.cat([t.detach().float().reshape(-1) for t in (out, g, h)])
+
+            ours, generic = _both(grads)
+            rtol = 2e-2 if dtype == "bfloat16" else 1e-5
+            np.testing.assert_allclose(ours, generic, rtol=rtol, atol=rtol)
+
+
 # --- NumPy's fused pass across its thresholds --------------------------------------------------
 
 NUMPY = pytest.mark.only_backends(Backend.NUMPY, Backend.NUMPY_READONLY)

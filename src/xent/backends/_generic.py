@@ -295,6 +295,15 @@ class Backend:
         ``input``, or None, on the same terms."""
         return None
 
+    def fused_softmax(self, kind: str, x: Array, axis: int) -> Array | None:
+        """``logsumexp`` (with the class axis kept), ``log_softmax`` or ``softmax`` (``kind``)
+        of ``x`` along ``axis`` from a fused native kernel, in ``x``'s dtype (float16/bfloat16
+        computed in float32), or None. Asked once the arguments passed their checks; a backend
+        answers only where its kernel gives what the general path gives (declining rows that
+        hold ``+inf`` or NaN, or rows of ``-inf``, where kernels disagree), keeping ``x``
+        differentiable. The generic backend has none."""
+        return None
+
     def custom_grad(
         self, rule: GradRule, state: Any, x: Array, *, others: tuple[Array | None, ...] = ()
     ) -> Array:

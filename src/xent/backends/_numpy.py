@@ -15,7 +15,7 @@ import numpy as np
 
 from .._compat import array_namespace
 from .._typing import Array
-from . import _numpy_dense
+from . import _numpy_dense, _numpy_softmax
 from ._generic import SAFE_SUMS, Backend, BinaryOptions, IndexOptions
 
 NAMESPACE = array_namespace(np.empty(0))
@@ -1300,6 +1300,9 @@ class Native(Backend):
     ) -> Array | None:
         done = _numpy_dense.binary_loss(input, target, options, with_grad=False)
         return None if done is None else done[0]
+
+    def fused_softmax(self, kind: str, x: Array, axis: int) -> Array | None:
+        return _numpy_softmax.fused(kind, x, axis)
 
     def fused_binary_loss_and_grad(
         self, input: Array, target: Array, options: BinaryOptions

@@ -21,6 +21,7 @@ from ._torch_linear import linear_custom_grad as _linear_custom_grad
 from ._torch_rows import layout as _layout
 from ._torch_rows import raise_if_nan as _raise_if_nan
 from ._torch_rows import restore as _restore
+from ._torch_softmax import fused as _fused_softmax
 from ._torch_workspace import work as _work
 
 NAMESPACE = array_namespace(torch.empty(0))
@@ -489,6 +490,11 @@ class Native(Backend):
         if self.is_traced(input):
             return None
         return _binary_loss(input, target, options)
+
+    def fused_softmax(self, kind: str, x: Array, axis: int) -> Array | None:
+        if self.is_traced(x):
+            return None
+        return _fused_softmax(kind, x, axis)
 
     def custom_grad(
         self, rule: GradRule, state: Any, x: Array, *, others: tuple[Array | None, ...] = ()
