@@ -14,7 +14,8 @@ with the same options, in the same run, as ``run.py`` does:
   the native loss with the same targets), and the binary cross-entropy of logits (``binary``:
   ``xent.binary_cross_entropy`` of the ``N x C`` logits against float targets in ``[0, 1]``,
   against ``F.binary_cross_entropy_with_logits``, Optax's ``sigmoid_binary_cross_entropy`` and
-  NumPy's ``max(x, 0) - x y + log1p(exp(-|x|))``);
+  NumPy's ``max(x, 0) - x y + log1p(exp(-|x|))``), and the softmax family (``logsumexp``,
+  ``log_softmax``, ``softmax`` against the framework's own: see :data:`FAMILY`);
 - *layouts*: ``(B, T, V)`` logits with the classes last (against ``F.cross_entropy`` on the
   ``(B*T, V)`` view), PyTorch's ``(N, C, d1, ...)`` layout with the classes at axis 1
   (segmentation, sequences), a channels-last ``(N, C, H, W)`` and a column-major matrix.
@@ -57,6 +58,11 @@ import xent
 
 OPTION_SHAPES = ("256x10", "32x1000", "512x1000", "2048x8192")
 OPTIONS = ("weight", "smoothing", "ignored", "none", "sum", "int32", "probs", "binary")
+FAMILY = ("logsumexp", "log_softmax", "softmax")
+"""The softmax family, timed as options of the same shapes: xent's function against the
+framework's own along the last axis (``torch.logsumexp``/``log_softmax``/``softmax``,
+``jax.nn.logsumexp``/``log_softmax``/``softmax``, NumPy's plain expression), forward, and
+forward+backward of the sum of squares on PyTorch and JAX."""
 LAYOUTS: dict[str, tuple[str, int, str]] = {
     # name: (shape, class axis, memory layout)
     "BxTxV 2x16x1000": ("2x16x1000", -1, "contiguous"),
@@ -80,7 +86,8 @@ def _dims(shape: str) -> tuple[int, ...]:
 
 def all_cases() -> list[str]:
     """Every case's name: ``"<shape> <option>"`` or a layout's name."""
-    return [f"{s} {o}" for s in OPTION_SHAPES for o in OPTIONS] + list(LAYOUTS)
+    options = OPTIONS + FAMILY
+    return [f"{s} {o}" for s in OPTION_SHAPES for o in options] + list(LAYOUTS)
 
 
 def _problem(case: str, rng: np.random.Generator) -> dict[str, Any]:
@@ -110,7 +117,7 @@ def _problem(case: str, rng: np.random.Generator) -> dict[str, Any]:
         options["reduction"] = option
     elif option == "int32":
         y = y.astype(np.int32)
-    kind = option if option in ("probs", "binary") else "index"
+    kind = option if option in ("probs", "binary", *FAMILY) else "index"
     if kind == "probs":
         y = rng.random((n, c), dtype=np.float32)
         y /= y.sum(axis=1, keepdims=True)
@@ -131,6 +138,8 @@ def torch_cases(case: str, rng: np.random.Generator) -> list[Case]:
     if "weight" in options:
         options["weight"] = torch.from_numpy(options["weight"])
     classes_last = axis == p["x"].ndim - 1 and p["x"].ndim > 2
+    if kind in FAMILY:
+        return _family_cases(case, kind, p["x"], "torch")
     cases = []
     for backend, dtype in (
         ("torch eager fp32", torch.float32),
@@ -210,6 +219,8 @@ def jax_cases(case: str, rng: np.random.Generator) -> list[Case]:
     import optax
 
     axis, given, kind = p["axis"], dict(p["options"]), p["kind"]
+    if kind in FAMILY:
+        return _family_cases(case, kind, p["x"], "jax")
     cases = []
     for backend, dtype in (("jax jit fp32", jnp.float32), ("jax jit bf16", jnp.bfloat16)):
         x = jnp.asarray(p["x"], dtype=dtype)
@@ -305,6 +316,8 @@ def numpy_cases(case: str, rng: np.random.Generator) -> list[Case]:
     p = _problem(case, rng)
     x, y, axis, options = p["x"], p["y"], p["axis"], p["options"]
     backend = "numpy fp32"
+    if p["kind"] in FAMILY:
+        return _family_cases(case, p["kind"], x, "numpy")
     if p["kind"] != "index":
         kind = p["kind"]
         loss, both = _DENSE[kind]
@@ -330,6 +343,74 @@ def numpy_cases(case: str, rng: np.random.Generator) -> list[Case]:
     ]  # fmt: skip
 
 
+# --------------------------------------------------------------------------- the family
+def _family_cases(case: str, kind: str, x_np: np.ndarray, library: str) -> list[Case]:
+    """xent's ``kind`` against the library's own along the last axis: PyTorch eager and JAX
+    ``jit`` (float32 and bfloat16; forward, and forward+backward of the sum of squares),
+    NumPy (forward, against the plain expression)."""
+    ours = getattr(xent, kind)
+    if library == "numpy":
+
+        def plain() -> Any:
+            m = x_np.max(axis=-1, keepdims=True)
+            if kind == "softmax":
+                e = np.exp(x_np - m)
+                return e / e.sum(axis=-1, keepdims=True)
+            lse = np.log(np.exp(x_np - m).sum(axis=-1, keepdims=True))
+            return (m + lse)[..., 0] if kind == "logsumexp" else x_np - m - lse
+
+        return [
+            Case("numpy fp32", "fwd", case, "plain expression", plain, reference=True),
+            Case("numpy fp32", "fwd", case, "xent", lambda: ours(x_np)),
+        ]
+    cases = []
+    if library == "torch":
+        import torch
+
+        native = {"logsumexp": torch.logsumexp, "log_softmax": torch.log_softmax,
+                  "softmax": torch.softmax}[kind]  # fmt: skip
+        for backend, dtype in (
+            ("torch eager fp32", torch.float32),
+            ("torch eager bf16", torch.bfloat16),
+        ):
+            x = torch.from_numpy(x_np).to(dtype)
+            xg = x.detach().requires_grad_(True)
+            for name, fn, is_ref in (
+                (f"torch.{kind}", lambda a: native(a, -1), True),
+                ("xent", ours, False),
+            ):
+
+                def fwd(fn: Callable[..., Any] = fn, x: Any = x) -> Any:
+                    with torch.no_grad():
+                        return fn(x)
+
+                def fwd_bwd(fn: Callable[..., Any] = fn, xg: Any = xg) -> Any:
+                    xg.grad = None
+                    (fn(xg).float() ** 2).sum().backward()
+                    return xg.grad
+
+                cases.append(Case(backend, "fwd", case, name, fwd, reference=is_ref))
+                cases.append(Case(backend, "fwd+bwd", case, name, fwd_bwd, reference=is_ref))
+        return cases
+    import jax
+    import jax.numpy as jnp
+
+    native = getattr(jax.nn, kind)
+    for backend, dtype in (("jax jit fp32", jnp.float32), ("jax jit bf16", jnp.bfloat16)):
+        x = jnp.asarray(x_np, dtype=dtype)
+        for name, fn, is_ref in ((f"jax.nn.{kind}", native, True), ("xent", ours, False)):
+            forward = jax.jit(fn)
+            both = jax.jit(jax.value_and_grad(
+                lambda a, fn=fn: jnp.sum(fn(a).astype(jnp.float32) ** 2)))  # fmt: skip
+            cases.append(Case(backend, "fwd", case, name,
+                              lambda f=forward, x=x: jax.block_until_ready(f(x)),
+                              reference=is_ref))  # fmt: skip
+            cases.append(Case(backend, "fwd+bwd", case, name,
+                              lambda f=both, x=x: jax.block_until_ready(f(x)),
+                              reference=is_ref))  # fmt: skip
+    return cases
+
+
 # --------------------------------------------------------------------------- dask
 def dask_cases(case: str, rng: np.random.Generator) -> list[Case]:
     """The dense targets on Dask (forward, and ``_and_grad``), row chunks of about 16 MiB as in
@@ -337,7 +418,7 @@ def dask_cases(case: str, rng: np.random.Generator) -> list[Case]:
     layouts of class indices are ``run.py``'s Dask rows' business (its grid)."""
     p = _problem(case, rng)
     kind = p["kind"]
-    if kind == "index":
+    if kind not in ("probs", "binary"):
         return []
     import dask
     import dask.array as da
