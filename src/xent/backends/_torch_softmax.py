@@ -31,10 +31,12 @@ _OPS: dict[str, Any] = {"log_softmax": torch.log_softmax, "softmax": torch.softm
 _transforms_active: Callable[[], bool] = torch._C._are_functorch_transforms_active
 
 LOGSUMEXP_ELEMENTS = 2**16
-"""``logsumexp`` of at most this many elements calls ``torch.logsumexp`` (one call, where
-xent's general path makes a dozen); larger inputs take xent's blocks of ATen's
-``log_softmax``, which read the input once where ``torch.logsumexp`` makes four passes and a
-temporary (0.25x-0.6x of its time at 512 x 1000 and 2048 x 8192)."""
+"""``logsumexp`` of at most this many elements, or where autograd records the call, calls
+``torch.logsumexp`` (one call and ATen's backward, where xent's general path makes a dozen
+differentiable operations: 1.2x-2.8x forward+backward at 512 x 1000 and 2048 x 8192); larger
+inputs without a gradient take xent's blocks of ATen's ``log_softmax``, which read the input
+once where ``torch.logsumexp`` makes four passes and a temporary (0.25x-0.6x of its time at
+512 x 1000 and 2048 x 8192)."""
 
 BLOCKS_FROM = 2**16
 """float16/bfloat16 ``log_softmax`` and ``softmax`` of at least this many elements (classes
@@ -63,7 +65,7 @@ def fused(kind: str, x: Array, axis: int) -> Array | None:
         return None
     compute = _F64 if x.dtype is _F64 else _F32
     if kind == "logsumexp":
-        if x.numel() > LOGSUMEXP_ELEMENTS:
+        if x.numel() > LOGSUMEXP_ELEMENTS and not (x.requires_grad and torch.is_grad_enabled()):
             return None
         return _as(torch.logsumexp(_as(x, compute), axis, keepdim=True), x.dtype)
     op = _OPS[kind]
