@@ -20,14 +20,8 @@ import dask.array as da
 import numpy as np
 
 from .._typing import Array
-from . import _dask
+from . import _dask, _numpy
 from ._generic import BinaryOptions, IndexOptions
-
-_DTYPES = frozenset(map(np.dtype, (np.float16, np.float32, np.float64)))
-
-
-def _compute_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
-    return np.dtype(np.float32) if dtype.itemsize < 4 else dtype
 
 
 def _served(x: Array, *others: Array | None) -> bool:
@@ -36,7 +30,7 @@ def _served(x: Array, *others: Array | None) -> bool:
     return (
         _dask._on_numpy(x)
         and all(o is None or _dask._on_numpy(o) for o in others)
-        and x.dtype in _DTYPES
+        and x.dtype in _dask._FUSED_DTYPES
         and not any(math.isnan(n) for n in x.shape)
         and 0 not in x.shape
     )
@@ -78,7 +72,7 @@ def _binary_block(
     from .._binary import binary_cross_entropy, binary_cross_entropy_and_grad
 
     options: dict[str, Any] = {"weight": w, "pos_weight": pw, "label_smoothing": smoothing}
-    block = x if reduction == "none" else x.astype(_compute_dtype(x.dtype), copy=False)
+    block = x if reduction == "none" else x.astype(_numpy._compute_dtype(x.dtype), copy=False)
     per: Any = "none" if reduction == "none" else "sum"
     if not with_grad:
         loss = np.asarray(binary_cross_entropy(block, y, reduction=per, **options))
@@ -107,7 +101,7 @@ def _prob_block(
 
     x, q, w = _first(x), _first(q), _first(w)
     options: dict[str, Any] = {"axis": axis, "weight": w, "label_smoothing": smoothing}
-    block = x if reduction == "none" else x.astype(_compute_dtype(x.dtype), copy=False)
+    block = x if reduction == "none" else x.astype(_numpy._compute_dtype(x.dtype), copy=False)
     per: Any = "none" if reduction == "none" else "sum"
     if not with_grad:
         loss = np.asarray(cross_entropy(block, q, reduction=per, **options))
@@ -143,7 +137,7 @@ def _graph(
     """The loss (and gradient) from ``func`` run on each block: ``out`` the indices of a
     block's per-position losses, ``args`` blockwise's arrays and indices."""
     dims = string.ascii_letters[: x.ndim]
-    dtype = _compute_dtype(x.dtype)
+    dtype = _numpy._compute_dtype(x.dtype)
     mean = reduction == "mean"
     scale = 1.0 / count if mean and with_grad else 1.0
     quiet = _dask._Quiet(func)

@@ -14,8 +14,6 @@ import numpy as np
 from .._typing import Array
 from . import _numpy
 
-_DTYPES = frozenset(map(np.dtype, (np.float16, np.float32, np.float64)))
-
 BLOCK_ELEMENTS = 2**16
 """Elements per block (256 KiB of float32: with the output block and one scratch buffer, in
 the core's cache)."""
@@ -28,13 +26,13 @@ def fused(kind: str, x: Array, axis: int) -> Array | None:
     x = np.asarray(x)
     if (
         kind == "logsumexp"
-        or x.dtype not in _DTYPES
+        or x.dtype not in _numpy._FUSED_DTYPES
         or x.size == 0
         or axis != x.ndim - 1
         or not x.flags.c_contiguous
     ):
         return None
-    ct = np.dtype(np.float32) if x.dtype.itemsize < 4 else x.dtype
+    ct = _numpy._compute_dtype(x.dtype)
     c = x.shape[-1]
     rows = x.reshape(-1, c)
     n = rows.shape[0]

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .._typing import Array
+from ._torch_dense import REDUCTIONS as _REDUCTIONS
 from ._torch_workspace import work as _work
 
 BLOCK_ELEMENTS = 2**21
@@ -26,8 +27,6 @@ in float32, medians of nine interleaved rounds in one process, blocks of 2^21 el
 8192 x 200, 2048 x 1000 and 4096 x 400 (two blocks of 2^20 each cost more than one of 2^21)."""
 
 _F32 = torch.float32
-_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
-"""ATen's reduction codes, which its entries below take (their stubs say strings)."""
 
 _nll_loss: Any = torch._C._nn.nll_loss_nd
 _nll_forward: Any = torch.ops.aten.nll_loss_forward.default

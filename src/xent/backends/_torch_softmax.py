@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .._typing import Array
+from ._torch_dense import _as
 from ._torch_workspace import work as _work
 
 try:
@@ -47,10 +48,6 @@ the whole input."""
 
 BLOCK_ELEMENTS = 2**20
 """Elements per block (4 MiB in float32)."""
-
-
-def _as(a: Array, dtype: Any) -> Array:
-    return a if a.dtype is dtype else a.to(dtype)
 
 
 def fused(kind: str, x: Array, axis: int) -> Array | None:
