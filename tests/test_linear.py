@@ -238,12 +238,14 @@ class TestValidation:
         with pytest.raises(error, match=match):
             _call(xent.linear_cross_entropy, _inputs(xp, case), {})
 
-    @pytest.mark.parametrize("chunk", [0, -1, 2.0, True])
+    @pytest.mark.parametrize(
+        ("chunk", "error"), [(0, ValueError), (-1, ValueError), (2.0, TypeError), (True, TypeError)]
+    )
     def test_chunk_size_must_be_a_positive_integer(
-        self, xp: Any, rng: np.random.Generator, chunk: Any
+        self, xp: Any, rng: np.random.Generator, chunk: Any, error: type
     ) -> None:
         arrays = _inputs(xp, _case(rng, CASES["plain-mean"]))
-        with pytest.raises(ValueError, match="`chunk_size` must be None or an integer >= 1"):
+        with pytest.raises(error, match="`chunk_size` must be None or an integer >= 1"):
             _call(xent.linear_cross_entropy, arrays, {}, chunk_size=chunk)
 
     def test_weight_of_another_dtype_is_a_type_error(

@@ -11,6 +11,7 @@ import pytest
 from _helpers import Backend, is_concrete_host, is_lazy, to_numpy, to_xp
 
 import xent
+import xent.parallel
 
 
 def _all(*parts: str) -> str:
@@ -427,6 +428,144 @@ class TestScalarOptions:
             xent.softmax(x, axis=1.0)
         with pytest.raises(TypeError, match=r"`eps` must be .*, got the bool True"):
             xent.binary_cross_entropy(to_xp(xp, np.zeros(2)), to_xp(xp, np.ones(2)), eps=True)
+
+
+class _Alone(xent.parallel.Collectives):
+    """One worker holding every class: the vocab-parallel losses are the ordinary ones."""
+
+    def all_reduce_max(self, x: Any) -> Any:
+        return x
+
+    def all_reduce_sum(self, x: Any) -> Any:
+        return x
+
+    def class_count(self, local: int, like: Any) -> int:
+        return local
+
+
+def _entry(name: str, xp: Any, target: str = "index") -> Any:
+    """``(call, names)``: the loss ``name`` on a 2 x 3 input with 4 classes (linear heads:
+    ``hidden`` 2 x 3, ``weight`` 4 x 3), as a function of its options, and the names its
+    class-weight and sample-weight options go by."""
+    hidden = to_xp(xp, np.linspace(-1.0, 1.0, 6).reshape(2, 3))
+    weight = to_xp(xp, np.linspace(-0.5, 0.5, 12).reshape(4, 3))
+    logits = to_xp(xp, np.linspace(-1.0, 1.0, 8).reshape(2, 4))
+    labels = to_xp(xp, np.asarray([0, 3]))
+    y = labels if target == "index" else to_xp(xp, np.full((2, 4), 0.25))
+    parallel = {"class_start": 0, "group": _Alone()}
+    calls = {
+        "cross_entropy": (lambda **o: xent.cross_entropy(logits, y, **o), "weight"),
+        "cross_entropy_and_grad": (
+            lambda **o: xent.cross_entropy_and_grad(logits, y, **o),
+            "weight",
+        ),
+        "linear_cross_entropy": (
+            lambda **o: xent.linear_cross_entropy(hidden, weight, y, **o),
+            "class_weight",
+        ),
+        "linear_cross_entropy_and_grad": (
+            lambda **o: xent.linear_cross_entropy_and_grad(hidden, weight, y, **o),
+            "class_weight",
+        ),
+        "parallel.cross_entropy": (
+            lambda **o: xent.parallel.cross_entropy(logits, y, **parallel, **o),
+            "weight",
+        ),
+        "parallel.cross_entropy_and_grad": (
+            lambda **o: xent.parallel.cross_entropy_and_grad(logits, y, **parallel, **o),
+            "weight",
+        ),
+        "parallel.linear_cross_entropy": (
+            lambda **o: xent.parallel.linear_cross_entropy(hidden, weight, y, **parallel, **o),
+            "class_weight",
+        ),
+        "parallel.linear_cross_entropy_and_grad": (
+            lambda **o: xent.parallel.linear_cross_entropy_and_grad(
+                hidden, weight, y, **parallel, **o
+            ),
+            "class_weight",
+        ),
+    }
+    return calls[name]
+
+
+_ENTRIES = (
+    "cross_entropy", "cross_entropy_and_grad", "linear_cross_entropy",
+    "linear_cross_entropy_and_grad", "parallel.cross_entropy", "parallel.cross_entropy_and_grad",
+    "parallel.linear_cross_entropy", "parallel.linear_cross_entropy_and_grad",
+)  # fmt: skip
+_LINEAR = tuple(name for name in _ENTRIES if "linear" in name)
+
+
+class TestEveryEntryPoint:
+    """Every loss checks the options it shares with :func:`xent.cross_entropy` as it does:
+    the linear heads and the vocab-parallel losses included (they once took a bool or float
+    ``ignore_index``, complex weights and, with probability targets, any ``ignore_index``)."""
+
+    @pytest.mark.parametrize("name", _ENTRIES)
+    @pytest.mark.parametrize("value", [True, 1.5, None, "0"])
+    def test_ignore_index_must_be_an_integer(self, xp: Any, name: str, value: Any) -> None:
+        call, _ = _entry(name, xp)
+        with pytest.raises(TypeError, match=r"`ignore_index` must be an integer"):
+            call(ignore_index=value)
+
+    @pytest.mark.parametrize("name", ["cross_entropy", "linear_cross_entropy",
+                                      "linear_cross_entropy_and_grad"])  # fmt: skip
+    def test_probability_targets_take_no_ignore_index(self, xp: Any, name: str) -> None:
+        call, _ = _entry(name, xp, target="prob")
+        with pytest.raises(ValueError, match=r"`ignore_index` applies to class-index targets"):
+            call(ignore_index=3)
+
+    @pytest.mark.parametrize("name", _ENTRIES)
+    @pytest.mark.parametrize("which", ["class", "sample"])
+    def test_complex_weights_are_type_errors(self, xp: Any, name: str, which: str) -> None:
+        call, class_name = _entry(name, xp)
+        option = class_name if which == "class" else "sample_weight"
+        w = to_xp(xp, np.ones(4 if which == "class" else 2, dtype=np.complex128))
+        with pytest.raises(TypeError, match=f"`{option}` must hold real numbers, got dtype"):
+            call(**{option: w})
+
+    @pytest.mark.parametrize("name", _ENTRIES)
+    def test_class_weight_shape_error_names_the_option(self, xp: Any, name: str) -> None:
+        call, class_name = _entry(name, xp)
+        with pytest.raises(ValueError, match=_all(f"`{class_name}`", _shape((3,)))):
+            call(**{class_name: to_xp(xp, np.ones(3))})
+
+    @pytest.mark.parametrize("name", _ENTRIES)
+    @pytest.mark.eager("0-d arrays as options are read as numbers; under jit they are tracers")
+    def test_integer_scalars_of_any_library_are_accepted(self, xp: Any, name: str) -> None:
+        call, _ = _entry(name, xp)
+        want = call(ignore_index=3)
+        got = call(ignore_index=np.int16(3))
+        zero_d = call(ignore_index=np.asarray(3))
+        for a, b in ((got, want), (zero_d, want)):
+            np.testing.assert_allclose(
+                to_numpy(a if not isinstance(a, tuple) else a[0]),
+                to_numpy(b if not isinstance(b, tuple) else b[0]),
+                rtol=1e-12,
+            )
+
+    @pytest.mark.parametrize("name", _LINEAR)
+    @pytest.mark.eager("0-d arrays as options are read as numbers; under jit they are tracers")
+    def test_chunk_size_takes_integer_scalars(self, xp: Any, name: str) -> None:
+        call, _ = _entry(name, xp)
+        want = call(chunk_size=1)
+        for chunk in (np.int64(1), np.asarray(1, dtype=np.int32)):
+            got = call(chunk_size=chunk)
+            np.testing.assert_allclose(
+                to_numpy(got if not isinstance(got, tuple) else got[0]),
+                to_numpy(want if not isinstance(want, tuple) else want[0]),
+                rtol=1e-12,
+            )
+
+    @pytest.mark.parametrize("name", _LINEAR)
+    @pytest.mark.parametrize(
+        ("chunk", "error"), [(True, TypeError), (2.0, TypeError), (0, ValueError)]
+    )
+    def test_chunk_size_errors(self, xp: Any, name: str, chunk: Any, error: type) -> None:
+        call, _ = _entry(name, xp)
+        with pytest.raises(error, match=r"`chunk_size` must be None or an integer >= 1"):
+            call(chunk_size=chunk)
 
 
 class TestRememberedChecks:

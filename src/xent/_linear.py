@@ -481,12 +481,16 @@ def _plan(
         label_smoothing=label_smoothing, eps=1e-7, from_logits=True, z_loss=z_loss,
         softcap=softcap, validate=validate,
     )  # fmt: skip
-    _validation.chunk_size(chunk_size)
+    ignore_index = _validation.ignore_index(ignore_index)
+    chunk_size = _validation.chunk_size(chunk_size)
     classes = int(weight.shape[0])
     batch = tuple(int(n) for n in hidden.shape[:-1])
     kind = _validation.target_kind(xp, _Logits((*batch, classes)), target, len(batch))
+    if kind == "prob":
+        _validation.probability_target_options(ignore_index, _cross_entropy._IGNORE_INDEX)
     _validation.linear_class_weight(xp, class_weight, classes)
     _validation.broadcastable("sample_weight", sample_weight, batch, "the per-example shape")
+    _validation.real_weights(xp, "sample_weight", sample_weight)
     rows = math.prod(batch)
     dtype = ops.compute_dtype(hidden.dtype)
     dev = ops.device(hidden)

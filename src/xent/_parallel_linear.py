@@ -361,12 +361,14 @@ def _plan(
         group, Collectives, reduction, label_smoothing, z_loss, ignore_index
     )
     _validation.linear_inputs(xp, hidden, weight, bias)
-    _validation.chunk_size(chunk_size)
+    chunk_size = _validation.chunk_size(chunk_size)
     local = int(weight.shape[0])
     batch = tuple(int(n) for n in hidden.shape[:-1])
     _validation.parallel_index_target(xp, _linear._Logits((*batch, local)), target, len(batch))
     classes = group.class_count(local, hidden)
-    _validation.parallel_slice(xp, class_start, local, classes, class_weight, sample_weight, batch)
+    _validation.parallel_slice(
+        xp, class_start, local, classes, class_weight, sample_weight, batch, "class_weight"
+    )
 
     rows = 1
     for n in batch:

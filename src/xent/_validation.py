@@ -411,11 +411,11 @@ def binary_target(xp: Namespace, target: Array, shape: tuple[int, ...]) -> None:
         )
 
 
-def class_weight(weight: Array | None, classes: int) -> None:
-    """Check ``weight`` has shape ``(C,)``."""
+def class_weight(weight: Array | None, classes: int, name: str = "weight") -> None:
+    """Check the class weights ``weight`` (the option ``name``) have shape ``(C,)``."""
     if weight is not None and not same_shape(weight.shape, (classes,)):
         raise ValueError(
-            f"`weight` must have shape ({classes},), one entry per class, got {_shape(weight.shape)}"
+            f"`{name}` must have shape ({classes},), one entry per class, got {_shape(weight.shape)}"
         )
 
 
@@ -495,12 +495,16 @@ def parallel_slice(
     weight: Array | None,
     sample_weight: Array | None,
     per_row: tuple[int, ...],
+    name: str = "weight",
 ) -> None:
-    """Check the local slice of ``classes``: where it starts, its class weights, and the
-    per-example weights against the per-row shape."""
+    """Check the local slice of ``classes``: where it starts, its class weights (the option
+    ``name``: real numbers, one per local class), and the per-example weights (real numbers
+    broadcastable to the per-row shape)."""
     class_start(xp, start, local, classes)
-    class_weight(weight, local)
+    class_weight(weight, local, name)
     broadcastable("sample_weight", sample_weight, per_row, "the per-example shape")
+    real_weights(xp, name, weight)
+    real_weights(xp, "sample_weight", sample_weight)
 
 
 def parallel_index_target(xp: Namespace, input: Array, target: Array, ax: int) -> None:
@@ -585,12 +589,17 @@ def linear_inputs(xp: Namespace, hidden: Array, weight: Array, bias: Array | Non
             )
 
 
-def chunk_size(value: int | None) -> None:
-    """Check ``chunk_size``: None (chosen from a memory budget) or a positive integer."""
+def chunk_size(value: Any) -> int | None:
+    """``chunk_size`` as a Python int, or None (chosen from a memory budget): any integer
+    scalar or 0-d integer array of at least 1 (TypeError for a bool or a non-integer,
+    ValueError below 1)."""
     if value is None:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"`chunk_size` must be None or an integer >= 1, got {value!r}")
+        return None
+    expected = "None or an integer >= 1"
+    number = integer("chunk_size", value, expected)
+    if number < 1:
+        raise ValueError(f"`chunk_size` must be {expected}, got {value!r}")
+    return number
 
 
 def linear_class_weight(xp: Namespace, class_weight: Array | None, classes: int) -> None:
