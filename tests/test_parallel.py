@@ -351,7 +351,7 @@ class TestLinearArguments:
             call(h, w, t, class_start=2, group=alone)
         with pytest.raises(ValueError, match=r"`weight` must have shape \(V, 4\)"):
             call(h, to_xp(xp, np.zeros((3, 5))), t, class_start=0, group=alone)
-        with pytest.raises(ValueError, match=r"`weight` must have shape \(3,\)"):
+        with pytest.raises(ValueError, match=r"`class_weight` must have shape \(3,\)"):
             call(h, w, t, class_start=0, group=alone, class_weight=to_xp(xp, np.ones(6)))
         with pytest.raises(TypeError, match="class probabilities are not split"):
             call(h, w, to_xp(xp, np.full((2, 3), 1 / 3)), class_start=0, group=alone)
