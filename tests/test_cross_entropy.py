@@ -1003,6 +1003,38 @@ class TestAdversarialInputs:
         adv.assert_matches(and_loss, want, dtype=out, atol=atol, what="and_grad loss", case=case)
         adv.assert_matches(grad, want_grad, dtype=out, atol=grad_atol, what="grad", case=case)
 
+    @pytest.mark.parametrize(
+        ("rows", "softcap", "reduction"),
+        [
+            # Logits at the dtype's max of both signs: each gap `lse - x` of the smoothing sum
+            # overflows, its share (e / C) w (lse - x) does not.
+            ([[1.0, -1.0, 0.0, 0.5], [-1.0, 1.0, 1.0, -1.0]], None, "mean"),
+            ([[1.0, -1.0, 0.0, 0.5], [-1.0, 1.0, 1.0, -1.0]], None, "none"),
+            # A softcap near the max, where a masked class becomes -softcap: the class-weighted
+            # sum overflows before it is scaled (found by the property below, strict backend).
+            ([[0.3, -np.inf, 0.2, 0.8], [2.0, -np.inf, -np.inf, -np.inf]], 0.25, "mean"),
+            ([[0.3, -np.inf, 0.2, 0.8], [2.0, -np.inf, -np.inf, -np.inf]], 0.25, "none"),
+        ],
+    )
+    def test_smoothing_share_stays_finite_where_the_loss_is(
+        self, xp: Any, rows: list[list[float]], softcap: float | None, reduction: str
+    ) -> None:
+        big = float(np.finfo(np.float32).max)
+        x = np.asarray(rows) * (big if softcap is None else 1.0)
+        case = {
+            "x": x, "t": np.asarray([0, 2], dtype=np.int64), "dtype": "float32",
+            "target_dtype": "int64", "layout": "contiguous",
+            "opts": {
+                "axis": -1, "from_logits": True, "label_smoothing": 0.1, "reduction": reduction,
+                "z_loss": 0.0, "softcap": None if softcap is None else softcap * big,
+                "weight": np.asarray([1.39, 0.89, 1.76, 1.26]), "ignore_index": -100,
+            },
+        }  # fmt: skip
+        want = ref.cross_entropy(adv.reference_input(to_xp(xp, x, dtype="float32")),
+                                 case["t"], **dict(case["opts"], clip_dtype=np.float32))  # fmt: skip
+        assert np.all(np.isfinite(want)) and np.all(np.abs(want) < big)
+        self._check(xp, case)
+
     @pytest.mark.parametrize("probabilities", [False, True], ids=["indices", "probabilities"])
     def test_matches_reference(self, xp: Any, probabilities: bool) -> None:
         @adv.settings()

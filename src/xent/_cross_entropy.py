@@ -331,13 +331,34 @@ def _lse(stats: _Stats) -> Array:
     return shift + log_sum
 
 
-def _smoothed(at_label: Array, spread: Array, smoothing: float, classes: int) -> Array:
-    """``(1 - e) * at_label + (e / C) * spread``; with ``e == 1`` the label's term is left
-    out rather than multiplied by 0, so an infinite ``-lp[y]`` (a target logit at ``-inf``)
-    gives the ``inf`` of the spread, not ``0 * inf``."""
+def _smoothed(at_label: Array, spread: Array, smoothing: float) -> Array:
+    """``(1 - e) * at_label + spread``, ``spread`` being the smoothing's share ``(e / C) *
+    sum_c w_c (-lp_c)``; with ``e == 1`` the label's term is left out rather than multiplied
+    by 0, so an infinite ``-lp[y]`` (a target logit at ``-inf``) gives the ``inf`` of the
+    spread, not ``0 * inf``."""
     if smoothing == 1.0:
-        return spread / classes
-    return (1.0 - smoothing) * at_label + (smoothing / classes) * spread
+        return spread
+    return (1.0 - smoothing) * at_label + spread
+
+
+def _spread(p: _Problem, x: Array, stats: _Stats | None) -> Array:
+    """The smoothing's share of each row's loss, ``sum_c a_c (-lp_c)`` with ``a_c = (e / C)
+    w_c``, class axis kept.
+
+    Each class's term is scaled before the sum, and ``-lp_c = log_sum + (shift - x_c)`` is
+    taken as ``a_c log_sum + 2 a_c (shift / 2 - x_c / 2)``: halving is exact, so the gap is
+    rounded once, as ``shift - x_c`` would be, but never overflows. A row whose share is
+    finite stays finite where the unscaled sum, or the gap itself, would overflow (logits up
+    to the dtype's max at both signs; a ``softcap`` near it, where a masked ``-inf`` logit
+    becomes ``-softcap``)."""
+    share = p.smoothing / p.classes
+    a = share if p.weight is None else p.weight * share
+    if stats is None:
+        terms = -(a * x)
+    else:
+        shift, log_sum = stats
+        terms = (0.5 * shift - 0.5 * x) * (2.0 * a) + a * log_sum
+    return p.xp.sum(terms, axis=p.axis, keepdims=True)
 
 
 def _index_rows(p: _Problem, x: Array, stats: _Stats | None) -> Array:
@@ -346,11 +367,7 @@ def _index_rows(p: _Problem, x: Array, stats: _Stats | None) -> Array:
     if p.label_weight is not None:
         rows = rows * p.label_weight
     if p.smoothing:
-        neg = _neg_logprob(x, stats)
-        if p.weight is not None:
-            neg = neg * p.weight
-        spread = xp.sum(neg, axis=p.axis, keepdims=True)
-        rows = _smoothed(rows, spread, p.smoothing, p.classes)
+        rows = _smoothed(rows, _spread(p, x, stats), p.smoothing)
     rows = _with_z_loss(p, rows, stats)
     rows = xp.where(p.ignored, xp.zeros_like(rows), rows)
     if p.bad is None:

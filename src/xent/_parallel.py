@@ -418,7 +418,7 @@ def _rows(p: _Problem, s: _Stats) -> Array:
         rows = rows * s.label_weight
     if s.spread is not None:
         spread = s.spread + s.weight_total * s.log_sum
-        rows = _smoothed(rows, spread, p.smoothing, p.classes)
+        rows = _smoothed(rows, (p.smoothing / p.classes) * spread, p.smoothing)
     if p.z_loss:
         lse = s.shift + s.log_sum
         rows = rows + p.z_loss * lse * lse

@@ -1026,9 +1026,13 @@ def _reduced(
     reduction: str,
     out_dtype: np.dtype[Any],
 ) -> Any:
-    """Per-position losses under ``reduction``, in ``out_dtype``; None where one is NaN."""
+    """Per-position losses under ``reduction``, in ``out_dtype``; None where one is not
+    finite (NaN, or ``inf``: a masked target logit, or a term of the pass that overflowed
+    where the loss itself need not, such as the smoothing's weighted gaps of logits at the
+    dtype's max of both signs), so that xent's general path, which keeps every finite loss
+    finite, answers those rare calls."""
     out = loss.sum()
-    if out != out:  # NaN
+    if not np.isfinite(out):
         return None
     if reduction == "none":
         out = loss.reshape(shape)
