@@ -169,23 +169,28 @@ def _plain_loss(
         return jnp.reshape(w.astype(dtype), class_shape)
 
     def spread(x: Array, w: Array | None, log_total: Array, shift: Array | None) -> Array:
-        """``sum_c w_c (lse - x_c)`` per row from ``log_total = lse - shift``, read with the
-        same shift (so no two large numbers cancel; None: no shift); ``w`` None: every
-        weight 1."""
-        shifted = x.astype(dtype) if shift is None else x.astype(dtype) - per_class(shift)
-        if w is None:
-            return classes * log_total - jnp.sum(shifted, axis=axis)
-        return jnp.sum(w.astype(dtype)) * log_total - jnp.sum(along_classes(w) * shifted, axis=axis)
+        """The smoothing's share ``(s / C) sum_c w_c (lse - x_c)`` per row from
+        ``log_total = lse - shift``, read with the same shift (so no two large numbers
+        cancel; None: no shift); ``w`` None: every weight 1. Each class's term is scaled
+        before the sum and its gap halved exactly (``2 a_c (shift / 2 - x_c / 2)``), so a
+        finite share stays finite for logits up to the dtype's max of both signs, as on
+        xent's general path."""
+        share = smoothing / classes
+        a = share if w is None else along_classes(w) * share
+        half = x.astype(dtype) * 0.5
+        gap = -half if shift is None else per_class(shift) * 0.5 - half
+        total = float(classes) if w is None else jnp.sum(w.astype(dtype))
+        return jnp.sum(gap * (2.0 * a), axis=axis) + (share * total) * log_total
 
     def smoothed(raw: Array, spread_: Array | None, wy: Array | None) -> Array:
-        """A row's loss from its label's term ``raw`` and the spread over every class: with
-        ``smoothing`` 1 the label's term is left out (not multiplied by 0)."""
+        """A row's loss from its label's term ``raw`` and the smoothing's share over every
+        class: with ``smoothing`` 1 the label's term is left out (not multiplied by 0)."""
         label = raw if wy is None else raw * wy
         if spread_ is None:
             return label
         if smoothing == 1.0:
-            return (smoothing / classes) * spread_
-        return (1.0 - smoothing) * label + (smoothing / classes) * spread_
+            return spread_
+        return (1.0 - smoothing) * label + spread_
 
     def reduce(rows: Array, y: Array, wy: Array | None = None) -> tuple[Array, Array | float]:
         """The loss from the row losses (each already weighted by its label's weight), and
