@@ -171,16 +171,36 @@ def _plain_loss(
     def spread(x: Array, w: Array | None, log_total: Array, shift: Array | None) -> Array:
         """The smoothing's share ``(s / C) sum_c w_c (lse - x_c)`` per row from
         ``log_total = lse - shift``, read with the same shift (so no two large numbers
-        cancel; None: no shift); ``w`` None: every weight 1. Each class's term is scaled
-        before the sum and its gap halved exactly (``2 a_c (shift / 2 - x_c / 2)``), so a
-        finite share stays finite for logits up to the dtype's max of both signs, as on
-        xent's general path."""
+        cancel; None: no shift); ``w`` None: every weight 1. The weighted sum is scaled once:
+        it overflows only for logits near the dtype's max, where :func:`robust_spread`
+        answers (the passes that take it check that it is finite)."""
+        shifted = x.astype(dtype) if shift is None else x.astype(dtype) - per_class(shift)
+        if w is None:
+            return (smoothing / classes) * (classes * log_total - jnp.sum(shifted, axis=axis))
+        total = jnp.sum(w.astype(dtype))
+        weighted = jnp.sum(along_classes(w) * shifted, axis=axis)
+        return (smoothing / classes) * (total * log_total - weighted)
+
+    def robust_spread(x: Array, w: Array | None, log_total: Array, shift: Array) -> Array:
+        """:func:`spread` with each class's term scaled before the sum and its gap halved
+        exactly (``2 a_c (shift / 2 - x_c / 2)``, ``a_c = (s / C) w_c``): a finite share
+        stays finite for logits up to the dtype's max of both signs, as on xent's general
+        path, at two more products per logit."""
         share = smoothing / classes
-        a = share if w is None else along_classes(w) * share
-        half = x.astype(dtype) * 0.5
-        gap = -half if shift is None else per_class(shift) * 0.5 - half
         total = float(classes) if w is None else jnp.sum(w.astype(dtype))
+        a = share if w is None else along_classes(w) * share
+        gap = per_class(shift) * 0.5 - x.astype(dtype) * 0.5
         return jnp.sum(gap * (2.0 * a), axis=axis) + (share * total) * log_total
+
+    def finite_spread(x: Array, w: Array | None, log_total: Array, shift: Array) -> Array:
+        """:func:`spread`, or where some row's is not finite (an overflow, or a masked
+        class), :func:`robust_spread`: one branch for all rows."""
+        cheap = spread(x, w, log_total, shift)
+        return jax.lax.cond(
+            _every(jnp.isfinite(cheap)),
+            lambda: cheap,
+            lambda: robust_spread(x, w, log_total, shift),
+        )
 
     def smoothed(raw: Array, spread_: Array | None, wy: Array | None) -> Array:
         """A row's loss from its label's term ``raw`` and the smoothing's share over every
@@ -222,7 +242,7 @@ def _plain_loss(
         shift, picked = stats(x, y)
         total = jnp.sum(jnp.exp(x.astype(dtype) - per_class(shift)), axis=axis)
         log_total = jnp.log(total)
-        return log_total - picked, spread(x, w, log_total, shift) if smoothing else None
+        return log_total - picked, finite_spread(x, w, log_total, shift) if smoothing else None
 
     def masked_rows(y: Array) -> Array:
         """Rows that are ignored, or whose label is invalid: masked whatever they hold."""
@@ -262,7 +282,8 @@ def _plain_loss(
         total = jnp.sum(jnp.exp(x.astype(dtype) - per_class(at_label)), axis=axis)
         log_total = jnp.log(total)
         spread_ = spread(x, w, log_total, at_label) if smoothing else None
-        return log_total, spread_, jnp.isfinite(total) | masked_rows(y)
+        safe = jnp.isfinite(total) if spread_ is None else jnp.isfinite(total + spread_)
+        return log_total, spread_, safe | masked_rows(y)
 
     @jax.custom_jvp
     def loss(x: Array, y: Array, w: Array | None) -> Array:
@@ -293,7 +314,7 @@ def _plain_loss(
         log_total = jnp.log(total)
         raw = log_total - picked
         wy = None if w is None else at_labels(w, y)
-        spread_ = spread(x, w, log_total, shift) if smoothing else None
+        spread_ = finite_spread(x, w, log_total, shift) if smoothing else None
         out, count = reduce(smoothed(raw, spread_, wy), y, wy)
         rows = jnp.zeros_like(raw)
         if not isinstance(dx, SymbolicZero):
@@ -307,7 +328,7 @@ def _plain_loss(
             # d (w_y r) = w_y dr + dw_y r, r the row's loss (0 ignored, NaN invalid); the
             # spread's sum_c w_c (lse - x_c) moves by sum_c dw_c (lse - x_c).
             dwy = at_labels(dw, y)
-            moved = spread(x, dw, log_total, shift) if smoothing else None
+            moved = robust_spread(x, dw, log_total, shift) if smoothing else None
             rows = rows + masked(smoothed(raw, moved, dwy), y)
         if reduction == "none":
             return out, rows.astype(input.dtype)
