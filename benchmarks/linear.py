@@ -22,6 +22,17 @@ time are reported:
   reports every buffer.
 
 ``--plot`` writes the peak extra memory against V (JAX from compilation alone, NumPy measured).
+
+``--ratios`` times small and mid-size heads instead (:data:`RATIO_SIZES`, or ``--sizes``), each
+against the composition in one process, in interleaved rounds on every core (``run.py``'s
+timing and table): PyTorch eager float32 (forward, and forward+backward of the three
+gradients) against ``F.cross_entropy(F.linear(h, W, b), y)``; NumPy (forward, and
+``linear_cross_entropy_and_grad``) against the plain ``max/exp/sum/log`` expression of
+``h @ W.T + b`` and its gradients ``G @ W``, ``G.T @ h``, ``sum(G)``; JAX ``jit`` (forward and
+``value_and_grad``) against Optax's loss of ``h @ W.T + b``. The elements of a row are the
+logits, ``N x V``.
+
+    python benchmarks/linear.py --ratios [--sizes 256x64x1000 ...] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -56,6 +67,107 @@ def _data(n: int, h: int, v: int) -> tuple[np.ndarray, ...]:
     bias = np.zeros(v, dtype=np.float32)
     target = rng.integers(0, v, n)
     return hidden, weight, bias, target
+
+
+RATIO_SIZES = (
+    "32x16x10", "128x32x100", "64x64x300", "256x64x1000", "1024x128x512", "4096x64x1000",
+    "512x256x5000", "2048x256x2048", "64x512x32000",
+)  # fmt: skip
+"""Heads of 320 to 4 million logits (one block of 16 MiB or less: xent's composition route)
+and 2048 x 256 -> 2048 ... 64 x 512 -> 32000 near the budget."""
+
+
+def _ratio_cases(size: str, backends: list[str]) -> list[Any]:
+    """``run.py`` cases of the head ``size`` (``NxHxV``), xent against the composition."""
+    from run import Case
+
+    import xent
+
+    n, h, v = (int(s) for s in size.split("x"))
+    hidden, weight, bias, target = _data(n, h, v)
+    label = f"{n}x{v}"  # run.py's rows are N x C: the logits
+    cases: list[Any] = []
+
+    def pair(backend: str, step: str, ref: str, ref_run: Any, ours: Any) -> None:
+        cases.append(Case(backend, step, label, ref, ref_run, reference=True))
+        cases.append(Case(backend, step, label, "xent", ours))
+
+    if "torch" in backends:
+        import torch
+        import torch.nn.functional as F
+
+        th, tw, tb, ty = (torch.from_numpy(a) for a in (hidden, weight, bias, target))
+        gh, gw, gb = (a.clone().requires_grad_() for a in (th, tw, tb))
+        pair("torch linear fp32", "fwd", "F.cross_entropy(F.linear)",
+             lambda: F.cross_entropy(F.linear(th, tw, tb), ty),
+             lambda: xent.linear_cross_entropy(th, tw, ty, bias=tb))  # fmt: skip
+
+        def backward(loss: Any) -> None:
+            loss.backward()
+            for a in (gh, gw, gb):
+                a.grad = None
+
+        pair("torch linear fp32", "fwd+bwd", "F.cross_entropy(F.linear)",
+             lambda: backward(F.cross_entropy(F.linear(gh, gw, gb), ty)),
+             lambda: backward(xent.linear_cross_entropy(gh, gw, ty, bias=gb)))  # fmt: skip
+    if "numpy" in backends:
+        rows = np.arange(n)
+
+        def plain() -> Any:
+            z = hidden @ weight.T + bias
+            m = z.max(axis=1, keepdims=True)
+            e = np.exp(z - m)
+            s = e.sum(axis=1, keepdims=True)
+            return (np.log(s[:, 0]) + m[:, 0] - z[rows, target]).mean(), e, s
+
+        def plain_grad() -> Any:
+            loss, e, s = plain()
+            g = e / s
+            g[rows, target] -= 1.0
+            g /= n
+            return loss, (g @ weight, g.T @ hidden, g.sum(axis=0))
+
+        pair("numpy linear fp32", "fwd", "plain expression", plain,
+             lambda: xent.linear_cross_entropy(hidden, weight, target, bias=bias))  # fmt: skip
+        pair("numpy linear fp32", "fwd+bwd", "plain expression", plain_grad,
+             lambda: xent.linear_cross_entropy_and_grad(hidden, weight, target, bias=bias))  # fmt: skip
+    if "jax" in backends:
+        import jax
+        import jax.numpy as jnp
+        import optax
+
+        jh, jw, jb, jy = (jnp.asarray(a) for a in (hidden, weight, bias, target))
+
+        def composed(a: Any, w: Any, b: Any) -> Any:
+            return optax.softmax_cross_entropy_with_integer_labels(a @ w.T + b, jy).mean()
+
+        def fused(a: Any, w: Any, b: Any) -> Any:
+            return xent.linear_cross_entropy(a, w, jy, bias=b)
+
+        for step, wrap in (("fwd", jax.jit), ("fwd+bwd", None)):
+            ref_f = jax.jit(composed if wrap else jax.value_and_grad(composed, argnums=(0, 1, 2)))
+            our_f = jax.jit(fused if wrap else jax.value_and_grad(fused, argnums=(0, 1, 2)))
+            pair("jax linear fp32", step, "optax of h @ W.T + b",
+                 lambda f=ref_f: jax.block_until_ready(f(jh, jw, jb)),
+                 lambda f=our_f: jax.block_until_ready(f(jh, jw, jb)))  # fmt: skip
+    return cases
+
+
+def _ratios(sizes: list[str], backends: list[str], rounds: int) -> None:
+    from run import _load, measure, results, table
+
+    start = time.perf_counter()
+    print(f"# load average before: {_load()}", flush=True)
+    rows = []
+    for size in sizes:
+        cases = _ratio_cases(size, backends)
+        measure(cases, rounds)
+        found = results(cases)
+        for r in found:
+            print(f"  {r['backend']} {r['step']} {size}: {r['ratio']:.2f}x", flush=True)
+        rows.extend(found)
+    print(f"# load average after: {_load()}; {time.perf_counter() - start:.0f} s\n")
+    print(table(rows, column="N x V (logits)"))
 
 
 def _rss() -> tuple[int, int]:
@@ -288,15 +400,24 @@ def main() -> None:
         return
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", nargs="*", default=["4096x512x32768", "4096x512x131072"])
+    parser.add_argument("--sizes", nargs="*", default=None, help="NxHxV heads")
+    parser.add_argument(
+        "--ratios", action="store_true",
+        help="time small and mid-size heads against the composition, in one process",
+    )  # fmt: skip
+    parser.add_argument("--backends", nargs="+", default=["torch", "numpy", "jax"],
+                        choices=["torch", "numpy", "jax"], help="with --ratios")  # fmt: skip
+    parser.add_argument("--rounds", type=int, default=5, help="with --ratios: timed rounds")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     parser.add_argument("--threads", type=int, default=1, help="threads per case (default 1)")
     parser.add_argument("--reps", type=int, default=2, help="timed calls; the best is kept")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of peak memory against V")
     parser.add_argument("--plot-rows", type=int, default=1024)
     args = parser.parse_args()
-
-    for size in args.sizes:
+    if args.ratios:
+        _ratios(args.sizes or list(RATIO_SIZES), args.backends, args.rounds)
+        return
+    for size in args.sizes or ["4096x512x32768", "4096x512x131072"]:
         n, h, v = (int(s) for s in size.split("x"))
         print(f"N={n} H={h} V={v} float32 fwd+bwd, {args.threads} thread(s)", flush=True)
         print(f"  {'case':22s} {'time (s)':>9s} {'CPU (s)':>8s} {'peak extra (MiB)':>17s}")

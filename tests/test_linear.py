@@ -141,6 +141,46 @@ class TestAgainstNaiveComposition:
         plain = _call(xent.linear_cross_entropy, arrays, case["opts"], chunk_size=chunk)
         xp_assert_close(plain, want[0], xp=xp, dtype="float64")
 
+    @pytest.mark.parametrize("name", ["plain-mean", "probabilities-smoothing-none",
+                                      "kdim-batch-sample-weight-mean"])  # fmt: skip
+    def test_logits_of_one_block_take_the_composition(
+        self, xp: Any, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch, name: str
+    ) -> None:
+        from xent import _linear
+
+        # All the logits within one block: the cross-entropy of the logits themselves (its
+        # checks, once, and its fused kernels), never the blocks; over it, the blocks.
+        case = _case(rng, CASES[name])
+        arrays = _inputs(xp, case)
+        want = _want(case)
+        calls: list[str] = []
+        blocks, vocab = _linear._blocks, _linear._linear_vocab._run
+
+        def counted(route: str, f: Any) -> Any:
+            def g(*args: Any, **kwargs: Any) -> Any:
+                calls.append(route)
+                return f(*args, **kwargs)
+
+            return g
+
+        monkeypatch.setattr(_linear, "_blocks", counted("blocks", blocks))
+        monkeypatch.setattr(_linear._linear_vocab, "_run", counted("blocks", vocab))
+        rows = int(np.prod(case["hidden"].shape[:-1]))
+        for chunk in (None, rows, 100):
+            loss, grads = _call(
+                xent.linear_cross_entropy_and_grad, arrays, case["opts"], chunk_size=chunk
+            )
+            _assert_matches(xp, loss, grads, want)
+            plain = _call(xent.linear_cross_entropy, arrays, case["opts"], chunk_size=chunk)
+            xp_assert_close(plain, want[0], xp=xp, dtype="float64")
+        assert calls == []
+        _call(xent.linear_cross_entropy_and_grad, arrays, case["opts"], chunk_size=2)
+        assert calls == ["blocks"]
+        monkeypatch.setattr(_linear, "_BUDGET_BYTES", 8 * CLASSES)  # one row of float64 logits
+        monkeypatch.setattr(_linear, "_MAX_BUDGET_BYTES", 8 * CLASSES)
+        _call(xent.linear_cross_entropy_and_grad, arrays, case["opts"])
+        assert calls == ["blocks", "blocks"]
+
     def test_vocabulary_of_many_weight_rows_matches(
         self, xp: Any, rng: np.random.Generator
     ) -> None:
@@ -542,11 +582,12 @@ def _check_torch_gradgrad(case: dict[str, Any], chunk: int | None) -> None:
 
 @pytest.mark.only_backends(*TORCH_BACKENDS)
 class TestTorchAutograd:
+    @pytest.mark.parametrize("chunk", CHUNKS, ids=["blocks", "one-block"])
     @pytest.mark.parametrize("name", list(CASES))
     def test_backward_with_random_cotangent_matches_composition(
-        self, xp: Any, rng: np.random.Generator, name: str
+        self, xp: Any, rng: np.random.Generator, name: str, chunk: int | None
     ) -> None:
-        _check_torch_backward(xp, rng, CASES[name])
+        _check_torch_backward(xp, rng, CASES[name], chunk)
 
     @pytest.mark.parametrize("scale", [2.5, 0.0])
     def test_uniform_cotangent_of_per_row_loss_scales_forward_gradients(
@@ -579,11 +620,12 @@ class TestTorchAutograd:
         xp_assert_close(w.grad, np.zeros((CLASSES, WIDTH)), xp=xp, dtype="float64")
 
     @pytest.mark.parametrize("name", ["smoothing-class-weight-ignore-none", "z-loss-softcap-mean"])
+    @pytest.mark.parametrize("chunk", CHUNKS, ids=["blocks", "one-block"])
     def test_gradcheck_and_gradgradcheck(
-        self, xp: Any, rng: np.random.Generator, name: str
+        self, xp: Any, rng: np.random.Generator, name: str, chunk: int | None
     ) -> None:
         # Few entries: the numerical Jacobians perturb each one.
-        _check_torch_gradgrad(_case(rng, CASES[name], rows=5, width=3, classes=4), chunk=3)
+        _check_torch_gradgrad(_case(rng, CASES[name], rows=5, width=3, classes=4), chunk=chunk)
 
     def test_only_requested_gradients_are_computed(self, xp: Any, rng: np.random.Generator) -> None:
         import torch
@@ -695,7 +737,10 @@ class TestJaxAutodiff:
         import jax
 
         plain = jax.value_and_grad
-        _check_jax_grads(xp, rng, CASES[name], 3, (plain, lambda g, **k: jax.jit(plain(g, **k))))
+        for chunk in CHUNKS:
+            _check_jax_grads(
+                xp, rng, CASES[name], chunk, (plain, lambda g, **k: jax.jit(plain(g, **k)))
+            )
 
     def test_uniform_cotangent_of_per_row_loss_scales_forward_gradients(
         self, xp: Any, rng: np.random.Generator

@@ -18,7 +18,7 @@ from typing import Any
 
 from . import _cross_entropy, _linear_vocab, _validation
 from ._typing import Array, Namespace, Reduction
-from .backends import Backend, lookup
+from .backends import Backend, lookup, namespace_of
 
 __all__ = ["linear_cross_entropy", "linear_cross_entropy_and_grad"]
 
@@ -68,6 +68,34 @@ class _Plan:
 
 
 @dataclass(frozen=True)
+class _Head:
+    """The options and sizes of a call, checked without reading a label."""
+
+    xp: Namespace
+    ops: Backend
+    rows: int
+    classes: int
+    batch: tuple[int, ...]
+    dtype: Any  # compute dtype
+    out_dtype: Any  # hidden's dtype
+    kind: str  # "index" or "prob"
+    chunk: int
+    vocab_chunk: int
+    reduction: str
+    ignore_index: int
+    smoothing: float
+    z_loss: float
+    softcap: float | None
+    validate: bool | None
+
+    @property
+    def whole(self) -> bool:
+        """All the logits fit in one block: the plain composition holds no more than the
+        blocks would (see :func:`_whole`)."""
+        return self.chunk >= self.rows and self.vocab_chunk == self.classes
+
+
+@dataclass(frozen=True)
 class _Rule:
     """The loss and its analytic gradients, for the backends' autodiff hooks."""
 
@@ -100,7 +128,9 @@ def linear_cross_entropy(
     exist: extra memory is about one block of logits in the forward and two in the backward,
     plus the gradients. On PyTorch and JAX the gradients of ``hidden``, ``weight`` and ``bias``
     are analytic (a ``torch.autograd.Function``, a ``jax.custom_vjp``); elsewhere use
-    :func:`linear_cross_entropy_and_grad`.
+    :func:`linear_cross_entropy_and_grad`. Where all the logits fit in one block, the call is
+    the composition itself: the logits, then :func:`cross_entropy` of them (its fused
+    kernels; autodiff differentiates the product and the loss's own analytic gradient).
 
     Parameters
     ----------
@@ -165,14 +195,18 @@ def linear_cross_entropy(
     >>> round(float(loss), 6)
     0.239545
     """
-    plan = _plan(
+    head = _head(
         hidden, weight, target, bias=bias, chunk_size=chunk_size, class_weight=class_weight,
         sample_weight=sample_weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
         reduction=reduction, z_loss=z_loss, softcap=softcap, validate=validate, xp=xp,
     )  # fmt: skip
     others = (target, class_weight, sample_weight)
-    loss = plan.ops.linear_custom_grad(_RULE, plan, hidden, weight, bias, others=others)
-    return plan.ops.finish(loss, hidden, weight, bias, *others)
+    if head.whole:
+        loss = _whole(head, hidden, weight, bias, *others, grad=False)[0]
+    else:
+        plan = _plan(head, target, class_weight, sample_weight)
+        loss = plan.ops.linear_custom_grad(_RULE, plan, hidden, weight, bias, others=others)
+    return head.ops.finish(loss, hidden, weight, bias, *others)
 
 
 def linear_cross_entropy_and_grad(
@@ -224,14 +258,20 @@ def linear_cross_entropy_and_grad(
     >>> d_hidden
     Array([[-0.5,  0.5]], dtype=array_api_strict.float64)
     """
-    plan = _plan(
+    head = _head(
         hidden, weight, target, bias=bias, chunk_size=chunk_size, class_weight=class_weight,
         sample_weight=sample_weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
         reduction=reduction, z_loss=z_loss, softcap=softcap, validate=validate, xp=xp,
     )  # fmt: skip
-    loss, grads = _loss_and_grad(plan, hidden, weight, bias, None)
+    if head.whole:
+        loss, grads = _whole(
+            head, hidden, weight, bias, target, class_weight, sample_weight, grad=True
+        )
+    else:
+        plan = _plan(head, target, class_weight, sample_weight)
+        loss, grads = _loss_and_grad(plan, hidden, weight, bias, None)
     inputs = (hidden, weight, bias, target, class_weight, sample_weight)
-    return _finished(plan.ops, loss, grads, inputs)
+    return _finished(head.ops, loss, grads, inputs)
 
 
 def _finished(
@@ -250,6 +290,59 @@ def _finished(
 
 
 # --------------------------------------------------------------------------- the passes
+def _whole(
+    head: _Head,
+    hidden: Array,
+    weight: Array,
+    bias: Array | None,
+    target: Array,
+    class_weight: Array | None,
+    sample_weight: Array | None,
+    *,
+    grad: bool,
+) -> tuple[Array, _Grads]:
+    """The loss (and with ``grad`` its gradients) where all the logits fit in one block: the
+    composition itself, ``cross_entropy(hidden @ weight.T + bias, target, ...)`` through
+    :mod:`._cross_entropy`'s checks and its backend's fused kernels, whose cost per call is
+    the native loss's; blocks would hold as much (one block of logits, and its gradient) and
+    pay a pass of their own per call.
+
+    The labels are checked there, once (:func:`_plan` is not run). Autodiff frameworks
+    differentiate the product and the loss as they are; the gradients of ``grad`` are those of
+    :func:`_blocks`: ``G @ weight``, ``G.T @ hidden`` and ``sum(G, axis=0)``.
+    """
+    xp, ops = head.xp, head.ops
+    flat = len(head.batch) == 1
+    h = hidden if flat else xp.reshape(hidden, (head.rows, int(hidden.shape[-1])))
+    logits = ops.linear_logits(h, weight, bias, head.dtype, None)
+    if not flat:
+        logits = xp.reshape(logits, (*head.batch, head.classes))
+    options: dict[str, Any] = {
+        "weight": class_weight, "sample_weight": sample_weight, "ignore_index": head.ignore_index,
+        "label_smoothing": head.smoothing, "reduction": head.reduction, "z_loss": head.z_loss,
+        "softcap": head.softcap, "validate": head.validate,
+    }  # fmt: skip
+    if not grad:
+        loss = _cross_entropy.cross_entropy(logits, target, **options)
+        return _as(xp, loss, hidden.dtype), (None, None, None)
+    loss, g = _cross_entropy.cross_entropy_and_grad(logits, target, **options)
+    if not flat:
+        g = xp.reshape(g, (head.rows, head.classes))
+    d_hidden = _as(xp, _as(xp, g, weight.dtype) @ weight, hidden.dtype)
+    d_weight = _as(xp, xp.matrix_transpose(g) @ _as(xp, h, head.dtype), weight.dtype)
+    d_bias = None if bias is None else _as(xp, xp.sum(g, axis=0), bias.dtype)
+    return _as(xp, loss, hidden.dtype), (
+        d_hidden if flat else xp.reshape(d_hidden, hidden.shape),
+        d_weight,
+        d_bias,
+    )
+
+
+def _as(xp: Namespace, a: Array, dtype: Any) -> Array:
+    """``a`` in ``dtype``: itself where it has it (no call into the namespace)."""
+    return a if a.dtype == dtype else xp.astype(a, dtype)
+
+
 def _loss(p: _Plan, hidden: Array, weight: Array, bias: Array | None) -> Array:
     return _run(p, hidden, weight, bias, None, (False, False, False))[0]
 
@@ -453,7 +546,7 @@ class _Logits:
         self.shape = shape
 
 
-def _plan(
+def _head(
     hidden: Array,
     weight: Array,
     target: Array,
@@ -469,7 +562,74 @@ def _plan(
     softcap: float | None,
     validate: bool | None,
     xp: Namespace | None,
-) -> _Plan:
+) -> _Head:
+    """Every check that reads no label, and the blocks' sizes.
+
+    Remembered as :func:`._cross_entropy._check` remembers its answer: a passing answer under
+    the arrays' types, dtypes and shapes, the options' values and types (plain Python
+    scalars) and the budgets that size the blocks, for arrays of one registered namespace, concrete; a call that finds it checks
+    again only what the key does not hold (dense layouts, one device).
+    """
+    arrays = {
+        "hidden": hidden, "weight": weight, "target": target, "bias": bias,
+        "class_weight": class_weight, "sample_weight": sample_weight,
+    }  # fmt: skip
+    key = None
+    found = namespace_of(hidden) if xp is None else None
+    if found is not None and not lookup(found).is_traced(hidden):
+        options = (reduction, label_smoothing, z_loss, softcap, ignore_index, validate, chunk_size)
+        kinds = tuple(map(type, options))
+        try:
+            key = (
+                *options, *kinds, lookup(found), _BUDGET_BYTES, _MAX_BUDGET_BYTES,
+                *((None if a is None else (type(a), a.dtype, a.shape)) for a in arrays.values()),
+            )  # fmt: skip
+            head = _HEADS.get(key)
+        except (AttributeError, TypeError):  # not arrays; an unhashable option: checked below
+            head = key = None
+        if head is not None:
+            ops = head.ops
+            if not all(a is None or ops.dense_together(hidden, a) for a in arrays.values()):
+                _validation.dense(ops, {k: a for k, a in arrays.items() if a is not None})
+                _validation.same_device(ops, arrays)
+            return head
+        if key is not None and (
+            not _validation.plain_scalars(kinds)
+            or any(a is not None and namespace_of(a) is not found for a in arrays.values())
+        ):
+            key = None
+    head = _checked_head(
+        hidden, weight, target, bias=bias, chunk_size=chunk_size, class_weight=class_weight,
+        sample_weight=sample_weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        reduction=reduction, z_loss=z_loss, softcap=softcap, validate=validate, xp=xp,
+    )  # fmt: skip
+    if key is not None:
+        _validation.remember(_HEADS, key, head)
+    return head
+
+
+_HEADS: dict[Any, _Head] = {}
+"""Answers of :func:`_head` that passed, by the key it describes."""
+
+
+def _checked_head(
+    hidden: Array,
+    weight: Array,
+    target: Array,
+    *,
+    bias: Array | None,
+    chunk_size: int | None,
+    class_weight: Array | None,
+    sample_weight: Array | None,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+    z_loss: float,
+    softcap: float | None,
+    validate: bool | None,
+    xp: Namespace | None,
+) -> _Head:
+    """:func:`_head`'s checks, each of them."""
     arrays = {
         "hidden": hidden, "weight": weight, "target": target, "bias": bias,
         "class_weight": class_weight, "sample_weight": sample_weight,
@@ -477,7 +637,7 @@ def _plan(
     xp, ops = _validation.backend(arrays, xp)
     _validation.linear_inputs(xp, hidden, weight, bias)
     _validation.reduction(reduction)
-    _validation.options(
+    smoothing, _, z, cap = _validation.options(
         label_smoothing=label_smoothing, eps=1e-7, from_logits=True, z_loss=z_loss,
         softcap=softcap, validate=validate,
     )  # fmt: skip
@@ -493,26 +653,6 @@ def _plan(
     _validation.real_weights(xp, "sample_weight", sample_weight)
     rows = math.prod(batch)
     dtype = ops.compute_dtype(hidden.dtype)
-    dev = ops.device(hidden)
-
-    sample = None
-    if sample_weight is not None:
-        sample = xp.reshape(xp.broadcast_to(xp.astype(sample_weight, dtype), batch), (rows,))
-    if kind == "index":
-        labels, ignored, _ = _cross_entropy._labels(
-            xp, ops, target, classes, ignore_index, validate, len(batch)
-        )
-        counted = xp.reshape(xp.astype(~ignored, dtype), (rows,))
-        if class_weight is not None and rows:
-            flat = xp.reshape(labels, (rows,))
-            counted = counted * ops.take(xp.astype(class_weight, dtype), flat)
-        flat_target = xp.reshape(target, (rows,))
-    else:
-        counted = xp.ones((rows,), dtype=dtype, device=dev)
-        flat_target = xp.reshape(target, (rows, classes))
-    denominator = None
-    if reduction == "mean":
-        denominator = xp.sum(counted if sample is None else counted * sample)
     itemsize = xp.finfo(dtype).bits // 8
     total = rows * classes * itemsize
     budget = max(_BUDGET_BYTES, min(total // _SHARE, _MAX_BUDGET_BYTES))
@@ -524,11 +664,45 @@ def _plan(
         and _MIN_ROWS * classes * itemsize <= _MAX_BUDGET_BYTES
     ):
         chunk = min(max(chunk, _MIN_ROWS), rows)
+    return _Head(
+        xp=xp, ops=ops, rows=rows, classes=classes, batch=batch, dtype=dtype,
+        out_dtype=hidden.dtype, kind=kind, chunk=chunk, vocab_chunk=vocab_chunk, reduction=reduction, ignore_index=ignore_index,
+        smoothing=float(smoothing), z_loss=float(z), softcap=None if cap is None else float(cap),
+        validate=validate,
+    )  # fmt: skip
+
+
+def _plan(
+    head: _Head, target: Array, class_weight: Array | None, sample_weight: Array | None
+) -> _Plan:
+    """The blocks' plan: the labels checked once for every block, the flattened target, the
+    per-row weights and the mean's denominator."""
+    xp, ops, rows, classes, dtype = head.xp, head.ops, head.rows, head.classes, head.dtype
+    batch = head.batch
+    dev = ops.device(target)
+    sample = None
+    if sample_weight is not None:
+        sample = xp.reshape(xp.broadcast_to(xp.astype(sample_weight, dtype), batch), (rows,))
+    if head.kind == "index":
+        labels, ignored, _ = _cross_entropy._labels(
+            xp, ops, target, classes, head.ignore_index, head.validate, len(batch)
+        )
+        counted = xp.reshape(xp.astype(~ignored, dtype), (rows,))
+        if class_weight is not None and rows:
+            flat = xp.reshape(labels, (rows,))
+            counted = counted * ops.take(xp.astype(class_weight, dtype), flat)
+        flat_target = xp.reshape(target, (rows,))
+    else:
+        counted = xp.ones((rows,), dtype=dtype, device=dev)
+        flat_target = xp.reshape(target, (rows, classes))
+    denominator = None
+    if head.reduction == "mean":
+        denominator = xp.sum(counted if sample is None else counted * sample)
     return _Plan(
         xp=xp, ops=ops, rows=rows, classes=classes, batch=batch, dtype=dtype,
-        out_dtype=hidden.dtype, chunk=chunk, vocab_chunk=vocab_chunk, reduction=reduction,
-        ignore_index=ignore_index, smoothing=float(label_smoothing), z_loss=float(z_loss),
-        softcap=None if softcap is None else float(softcap), target=flat_target,
+        out_dtype=head.out_dtype, chunk=head.chunk, vocab_chunk=head.vocab_chunk,
+        reduction=head.reduction, ignore_index=head.ignore_index, smoothing=head.smoothing,
+        z_loss=head.z_loss, softcap=head.softcap, target=flat_target,
         class_weight=class_weight, sample=sample, denominator=denominator,
     )  # fmt: skip
 

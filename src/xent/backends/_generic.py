@@ -330,8 +330,12 @@ class Backend:
         kernels accumulate in float32 for float16/bfloat16); ``out`` is None or a
         :meth:`scratch` buffer of the result's shape that a backend may write it into."""
         xp = self.xp
-        z = xp.astype(h @ xp.matrix_transpose(weight), dtype, copy=False)
-        return z if bias is None else z + xp.astype(bias, dtype, copy=False)
+        z = h @ xp.matrix_transpose(weight)
+        if z.dtype != dtype:
+            z = xp.astype(z, dtype)
+        if bias is None:
+            return z
+        return z + (bias if bias.dtype == dtype else xp.astype(bias, dtype))
 
     def matmul_add(self, acc: Array, a: Array, b: Array) -> Array:
         """``acc + a.T @ b``; ``acc`` is xent's own accumulator, so a backend may write it."""

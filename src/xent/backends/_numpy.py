@@ -1091,6 +1091,10 @@ class Facts(Backend):
             return "a NumPy masked array (convert with `.filled(...)` or `np.asarray`)"
         return None
 
+    def dense_together(self, a: Array, b: Array) -> bool:
+        # Every NumPy array is on the CPU; only subclasses (masked arrays) go to the checks.
+        return type(a) is np.ndarray and type(b) is np.ndarray
+
     def quiet(self) -> contextlib.AbstractContextManager[Any]:
         return np.errstate(divide="ignore", invalid="ignore", over="ignore")
 
@@ -1377,11 +1381,11 @@ class Native(Backend):
     def linear_logits(
         self, h: Array, weight: Array, bias: Array | None, dtype: Any, out: Array | None
     ) -> Array:
-        # The product straight into the reused buffer and the bias added in place: no new
-        # block-sized array (and its page faults) per block.
-        if out is None or h.dtype != dtype or weight.dtype != dtype:
+        # The product straight into the reused buffer (or a new one) and the bias added in
+        # place: no second array of the logits' size, and no new one per block.
+        if h.dtype != dtype or weight.dtype != dtype:
             return super().linear_logits(h, weight, bias, dtype, out)
-        np.matmul(h, weight.T, out=out)
+        out = np.matmul(h, weight.T, out=out)
         if bias is not None:
             np.add(out, bias.astype(dtype, copy=False), out=out)
         return out

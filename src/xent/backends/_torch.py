@@ -517,22 +517,21 @@ class Native(Backend):
     def linear_logits(
         self, h: Array, weight: Array, bias: Array | None, dtype: Any, out: Array | None
     ) -> Array:
-        # One GEMM into the reused buffer, the bias as its beta=1 addend; where autograd
-        # records the product, a new tensor (``out=`` has no derivative).
-        recorded = torch.is_grad_enabled() and any(
-            a is not None and a.requires_grad for a in (h, weight, bias)
-        )
-        if (
-            out is None
-            or recorded
-            or _transforms_active()
-            or h.dtype != dtype
-            or weight.dtype != dtype
-        ):
+        # One GEMM, the bias as its beta=1 addend: into the reused buffer, or where autograd
+        # records the product or a transform runs, a new tensor (``out=`` has no derivative).
+        if h.dtype != dtype or weight.dtype != dtype:
             return super().linear_logits(h, weight, bias, dtype, out)
+        if out is not None and (
+            _transforms_active()
+            or (
+                torch.is_grad_enabled()
+                and any(a is not None and a.requires_grad for a in (h, weight, bias))
+            )
+        ):
+            out = None
         if bias is None:
             return torch.matmul(h, weight.mT, out=out)
-        return torch.addmm(bias.to(dtype), h, weight.mT, out=out)
+        return torch.addmm(bias if bias.dtype == dtype else bias.to(dtype), h, weight.mT, out=out)
 
     def matmul_add(self, acc: Array, a: Array, b: Array) -> Array:
         if _owned(acc) and not self.is_traced(acc):
