@@ -567,17 +567,18 @@ def _head(
 
     Remembered as :func:`._cross_entropy._check` remembers its answer: a passing answer under
     the arrays' types, dtypes and shapes, the options' values and types (plain Python
-    scalars) and the budgets that size the blocks, for arrays of one registered namespace, concrete; a call that finds it checks
-    again only what the key does not hold (dense layouts, one device).
+    scalars) and the budgets that size the blocks, for arrays of one registered namespace,
+    concrete; a call that finds it checks again only what the key does not hold (dense
+    layouts, one device).
     """
     arrays = {
         "hidden": hidden, "weight": weight, "target": target, "bias": bias,
         "class_weight": class_weight, "sample_weight": sample_weight,
     }  # fmt: skip
+    options = (reduction, label_smoothing, z_loss, softcap, ignore_index, validate, chunk_size)
     key = None
     found = namespace_of(hidden) if xp is None else None
     if found is not None and not lookup(found).is_traced(hidden):
-        options = (reduction, label_smoothing, z_loss, softcap, ignore_index, validate, chunk_size)
         kinds = tuple(map(type, options))
         try:
             key = (
@@ -598,11 +599,7 @@ def _head(
             or any(a is not None and namespace_of(a) is not found for a in arrays.values())
         ):
             key = None
-    head = _checked_head(
-        hidden, weight, target, bias=bias, chunk_size=chunk_size, class_weight=class_weight,
-        sample_weight=sample_weight, ignore_index=ignore_index, label_smoothing=label_smoothing,
-        reduction=reduction, z_loss=z_loss, softcap=softcap, validate=validate, xp=xp,
-    )  # fmt: skip
+    head = _checked_head(arrays, xp, options)
     if key is not None:
         _validation.remember(_HEADS, key, head)
     return head
@@ -612,28 +609,14 @@ _HEADS: dict[Any, _Head] = {}
 """Answers of :func:`_head` that passed, by the key it describes."""
 
 
-def _checked_head(
-    hidden: Array,
-    weight: Array,
-    target: Array,
-    *,
-    bias: Array | None,
-    chunk_size: int | None,
-    class_weight: Array | None,
-    sample_weight: Array | None,
-    ignore_index: int,
-    label_smoothing: float,
-    reduction: str,
-    z_loss: float,
-    softcap: float | None,
-    validate: bool | None,
-    xp: Namespace | None,
-) -> _Head:
-    """:func:`_head`'s checks, each of them."""
-    arrays = {
-        "hidden": hidden, "weight": weight, "target": target, "bias": bias,
-        "class_weight": class_weight, "sample_weight": sample_weight,
-    }  # fmt: skip
+def _checked_head(arrays: dict[str, Any], xp: Namespace | None, options: tuple[Any, ...]) -> _Head:
+    """:func:`_head`'s checks, each of them, of its ``arrays`` (by name) and ``options``
+    (``reduction``, ``label_smoothing``, ``z_loss``, ``softcap``, ``ignore_index``,
+    ``validate``, ``chunk_size``)."""
+    reduction, label_smoothing, z_loss, softcap, ignore_index, validate, chunk_size = options
+    hidden, weight, target = arrays["hidden"], arrays["weight"], arrays["target"]
+    bias, class_weight = arrays["bias"], arrays["class_weight"]
+    sample_weight = arrays["sample_weight"]
     xp, ops = _validation.backend(arrays, xp)
     _validation.linear_inputs(xp, hidden, weight, bias)
     _validation.reduction(reduction)
