@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import _reference as ref
 import numpy as np
 import pytest
 from _helpers import Backend, to_xp, xp_assert_close
@@ -186,6 +187,32 @@ class TestLoopback:
 
         for loss in run_workers([3, 4], xp, work):
             xp_assert_close(loss, full, xp=xp, dtype="float32", rtol=1e-5, atol=1e-6)
+
+    @pytest.mark.parametrize("weighted", [True, False])
+    @pytest.mark.parametrize("reduction", ["mean", "none"])
+    def test_smoothing_share_stays_finite_where_the_loss_is(
+        self, xp: Any, weighted: bool, reduction: str
+    ) -> None:
+        # Logits at the float32 max of both signs: each gap `shift - x` of the smoothing's
+        # sum overflows, its share (e / C) w (shift - x) does not; split over two workers.
+        big = float(np.finfo(np.float32).max)
+        x = np.asarray([[1.0, -1.0, 0.0, 0.5], [-1.0, 1.0, 1.0, -1.0]]) * big
+        x = x.astype(np.float32)
+        t = np.asarray([0, 2])
+        w = np.asarray([1.39, 0.89, 1.76, 1.26]) if weighted else None
+        opts: dict[str, Any] = {"label_smoothing": 0.1, "reduction": reduction}
+        want = ref.cross_entropy(x.astype(np.float64), t, weight=w, **opts)
+        assert np.all(np.isfinite(want))
+
+        def work(rank: int, start: int, stop: int, group: Loopback) -> Any:
+            local = None if w is None else to_xp(xp, w[start:stop])
+            return xent.parallel.cross_entropy(
+                to_xp(xp, x[:, start:stop]), to_xp(xp, t), class_start=start, group=group,
+                weight=local, **opts,
+            )  # fmt: skip
+
+        for loss in run_workers([2, 2], xp, work):
+            xp_assert_close(loss, want, xp=xp, dtype="float32", rtol=1e-5)
 
     @pytest.mark.only_backends(Backend.NUMPY, Backend.TORCH, Backend.ARRAY_API_STRICT)
     def test_label_outside_the_global_range_raises(self, xp: Any) -> None:

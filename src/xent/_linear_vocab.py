@@ -214,7 +214,9 @@ def _chunk_sums(
     if q is None:
         bp = _slice_problem(p, facts, cw, cls, int(x.shape[1]))
         weight: Array | float = float(x.shape[1]) if cw is None else xp.sum(cw)
-        return _parallel._sums(bp, x, shift), weight
+        # The gaps' sum is the smoothing's share (scaled by e / C): so is the weight that
+        # moves it when the shift does.
+        return _parallel._sums(bp, x, shift), (p.smoothing / p.classes) * weight
     m = _mass(p, q, cw)
     gap = shift - x
     terms = m * xp.where((q == 0) & xp.isinf(gap), xp.zeros_like(gap), gap)
@@ -241,7 +243,8 @@ def _merge(
     merged = [sums[0] * xp.exp(xp.minimum(old - shift, xp.zeros_like(shift))) + part[0]]
     merged += [a + b for a, b in zip(sums[1:], part[1:], strict=True)]
     if gaps:
-        merged[-1] = merged[-1] + seen * (shift - old)
+        # Halved exactly: no overflow for shifts at the dtype's max of both signs.
+        merged[-1] = merged[-1] + (0.5 * shift - 0.5 * old) * (2.0 * seen)
     return merged
 
 

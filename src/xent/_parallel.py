@@ -332,7 +332,7 @@ class _Stats:
     log_sum: Array  # log of the sum of exp(x - shift) over all classes
     target: Array  # x at the label
     label_weight: Array | None  # weight at the label
-    spread: Array | None  # sum_c w_c (shift - x_c) over all classes
+    spread: Array | None  # sum_c (e / C) w_c (shift - x_c) over all classes
     weight_total: Array | float  # sum_c w_c (C without weights)
     denominator: Array | None  # what "mean" divides by
 
@@ -381,8 +381,13 @@ def _sums(p: _Problem, x: Array, shift: Array) -> list[Array]:
         at_label = ops.take(xp.reshape(p.weight, (-1,)), p.local_label)
         sums.append(xp.where(p.mine, at_label, zero))
     if p.smoothing:
-        gap = shift - x
-        sums.append(xp.sum(gap if p.weight is None else gap * p.weight, axis=p.axis, keepdims=True))
+        # The smoothing's share, each class's term scaled first and its gap halved exactly:
+        # finite wherever the share is (logits up to the dtype's max of both signs), as on
+        # xent's general path (`_cross_entropy._spread`).
+        share = p.smoothing / p.classes
+        a = share if p.weight is None else p.weight * share
+        gap = 0.5 * shift - 0.5 * x
+        sums.append(xp.sum(gap * (2.0 * a), axis=p.axis, keepdims=True))
     return sums
 
 
@@ -417,8 +422,8 @@ def _rows(p: _Problem, s: _Stats) -> Array:
     if s.label_weight is not None:
         rows = rows * s.label_weight
     if s.spread is not None:
-        spread = s.spread + s.weight_total * s.log_sum
-        rows = _smoothed(rows, (p.smoothing / p.classes) * spread, p.smoothing)
+        spread = s.spread + ((p.smoothing / p.classes) * s.weight_total) * s.log_sum
+        rows = _smoothed(rows, spread, p.smoothing)
     if p.z_loss:
         lse = s.shift + s.log_sum
         rows = rows + p.z_loss * lse * lse
