@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 
 from . import _validation
 from ._typing import Array, Namespace, Reduction
-from .backends import Backend, GradRule, IndexOptions, lookup, namespace_of
+from .backends import Backend, GradRule, IndexOptions, lookup, namespace_of, scaled_gap
 
 __all__ = ["cross_entropy", "cross_entropy_and_grad"]
 
@@ -345,19 +345,17 @@ def _spread(p: _Problem, x: Array, stats: _Stats | None) -> Array:
     """The smoothing's share of each row's loss, ``sum_c a_c (-lp_c)`` with ``a_c = (e / C)
     w_c``, class axis kept.
 
-    Each class's term is scaled before the sum, and ``-lp_c = log_sum + (shift - x_c)`` is
-    taken as ``a_c log_sum + 2 a_c (shift / 2 - x_c / 2)``: halving is exact, so the gap is
-    rounded once, as ``shift - x_c`` would be, but never overflows. A row whose share is
-    finite stays finite where the unscaled sum, or the gap itself, would overflow (logits up
-    to the dtype's max at both signs; a ``softcap`` near it, where a masked ``-inf`` logit
-    becomes ``-softcap``)."""
+    Each class's term is scaled before the sum, ``-lp_c = log_sum + (shift - x_c)`` taken as
+    ``a_c log_sum + scaled_gap(shift, x_c, a_c)``: a row whose share is finite stays finite
+    where the unscaled sum, or the gap itself, would overflow (logits up to the dtype's max at
+    both signs; a ``softcap`` near it, where a masked ``-inf`` logit becomes ``-softcap``)."""
     share = p.smoothing / p.classes
     a = share if p.weight is None else p.weight * share
     if stats is None:
         terms = -(a * x)
     else:
         shift, log_sum = stats
-        terms = (0.5 * shift - 0.5 * x) * (2.0 * a) + a * log_sum
+        terms = scaled_gap(shift, x, a) + a * log_sum
     return p.xp.sum(terms, axis=p.axis, keepdims=True)
 
 

@@ -328,7 +328,7 @@ def _whole(
     loss, g = _cross_entropy.cross_entropy_and_grad(logits, target, **options)
     if not flat:
         g = xp.reshape(g, (head.rows, head.classes))
-    d_hidden = _as(xp, _as(xp, g, weight.dtype) @ weight, hidden.dtype)
+    d_hidden = _d_hidden(xp, g, weight, hidden.dtype)
     d_weight = _as(xp, xp.matrix_transpose(g) @ _as(xp, h, head.dtype), weight.dtype)
     d_bias = None if bias is None else _as(xp, xp.sum(g, axis=0), bias.dtype)
     return _as(xp, loss, hidden.dtype), (
@@ -341,6 +341,13 @@ def _whole(
 def _as(xp: Namespace, a: Array, dtype: Any) -> Array:
     """``a`` in ``dtype``: itself where it has it (no call into the namespace)."""
     return a if a.dtype == dtype else xp.astype(a, dtype)
+
+
+def _d_hidden(xp: Namespace, g: Array, weight: Array, dtype: Any) -> Array:
+    """``g @ weight`` (a block's logit gradient times the projection, or a chunk of it) in
+    ``dtype``, the product in ``weight``'s dtype, whose matrix kernels accumulate in float32
+    for float16/bfloat16."""
+    return _as(xp, _as(xp, g, weight.dtype) @ weight, dtype)
 
 
 def _loss(p: _Plan, hidden: Array, weight: Array, bias: Array | None) -> Array:
@@ -408,7 +415,7 @@ def _blocks(
             r = r if per_row else xp.broadcast_to(r_all, (int(h.shape[0]),))
             g = _cross_entropy._backward(cp, logits, saved, r)
             if need[0]:
-                dh = xp.astype(xp.astype(g, weight.dtype, copy=False) @ weight, hidden.dtype)
+                dh = _d_hidden(xp, g, weight, hidden.dtype)
             if need[1]:
                 dw = ops.matmul_add(dw, g, xp.astype(h, p.dtype, copy=False))
             if need[2]:

@@ -22,6 +22,7 @@ from typing import Any
 
 from . import _cross_entropy, _linear, _parallel
 from ._typing import Array, Namespace
+from .backends import scaled_gap
 
 _LEAST_ROWS = 16
 """The fewest rows a block has when ``chunk_size`` is None before the vocabulary is split."""
@@ -157,7 +158,7 @@ def _gradients(
             g = _chunk_grad(p, x, shift, sums, total, facts, cw_c, cls_c, r_b)
             dh_b = None
             if need[0]:
-                dh_b = xp.astype(xp.astype(g, weight.dtype, copy=False) @ w_c, p.dtype)
+                dh_b = _linear._d_hidden(xp, g, w_c, p.dtype)
             if need[1]:
                 dw_c = ops.matmul_add(dw_c, g, xp.astype(h_b, p.dtype, copy=False))
             if need[2]:
@@ -243,8 +244,7 @@ def _merge(
     merged = [sums[0] * xp.exp(xp.minimum(old - shift, xp.zeros_like(shift))) + part[0]]
     merged += [a + b for a, b in zip(sums[1:], part[1:], strict=True)]
     if gaps:
-        # Halved exactly: no overflow for shifts at the dtype's max of both signs.
-        merged[-1] = merged[-1] + (0.5 * shift - 0.5 * old) * (2.0 * seen)
+        merged[-1] = merged[-1] + scaled_gap(shift, old, seen)
     return merged
 
 

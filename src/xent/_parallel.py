@@ -18,7 +18,7 @@ from typing import Any
 from . import _validation
 from ._cross_entropy import _readable, _smoothed
 from ._typing import Array, Namespace, Reduction
-from .backends import Backend
+from .backends import Backend, scaled_gap
 
 __all__ = ["Collectives", "cross_entropy", "cross_entropy_and_grad"]
 
@@ -381,13 +381,11 @@ def _sums(p: _Problem, x: Array, shift: Array) -> list[Array]:
         at_label = ops.take(xp.reshape(p.weight, (-1,)), p.local_label)
         sums.append(xp.where(p.mine, at_label, zero))
     if p.smoothing:
-        # The smoothing's share, each class's term scaled first and its gap halved exactly:
-        # finite wherever the share is (logits up to the dtype's max of both signs), as on
-        # xent's general path (`_cross_entropy._spread`).
+        # The smoothing's share, each class's term scaled before the sum: finite wherever
+        # the share is, as on xent's general path (`_cross_entropy._spread`).
         share = p.smoothing / p.classes
         a = share if p.weight is None else p.weight * share
-        gap = 0.5 * shift - 0.5 * x
-        sums.append(xp.sum(gap * (2.0 * a), axis=p.axis, keepdims=True))
+        sums.append(xp.sum(scaled_gap(shift, x, a), axis=p.axis, keepdims=True))
     return sums
 
 

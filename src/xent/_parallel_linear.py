@@ -275,7 +275,7 @@ def _blocks(
         if grads:
             g = _parallel._backward(bp, logits, saved, r)
             if need[0]:
-                dh = xp.astype(xp.astype(g, weight.dtype, copy=False) @ weight, p.dtype)
+                dh = _linear._d_hidden(xp, g, weight, p.dtype)
             if need[1]:
                 dw = ops.matmul_add(dw, g, xp.astype(h, p.dtype, copy=False))
             if need[2]:

@@ -21,7 +21,7 @@ from .._compat import (
     is_torch_namespace,
 )
 from .._typing import Namespace
-from ._generic import Backend, BinaryOptions, GradRule, IndexOptions
+from ._generic import Backend, BinaryOptions, GradRule, IndexOptions, scaled_gap
 
 __all__ = [
     "Backend",
@@ -32,6 +32,7 @@ __all__ = [
     "namespace_of",
     "native_enabled",
     "same_library",
+    "scaled_gap",
     "set_native",
 ]
 

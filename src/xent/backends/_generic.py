@@ -40,6 +40,15 @@ class GradRule:
     tangent: TangentFn
 
 
+def scaled_gap(shift: Any, x: Any, a: Any) -> Any:
+    """``a * (shift - x)`` for ``a`` of at most 1 in size: taken as ``(shift / 2 - x / 2) *
+    (2 a)``, whose halves are exact, so the gap is rounded once, as ``shift - x`` would be, but
+    never overflows for values up to the dtype's max of both signs. The label smoothing's
+    terms (``a = (e / C) w_c``), scaled before they are summed, on every path. Operators only:
+    any array library's arrays, and Python numbers."""
+    return (0.5 * shift - 0.5 * x) * (2.0 * a)
+
+
 SAFE_SUMS = {
     "float32": (2.0**-20, 2.0**100, 2.0**-27),
     "float64": (2.0**-100, 2.0**900, 2.0**-120),

@@ -1072,6 +1072,13 @@ def _smoothed_loss(
     return _reduced(loss, shape, label_weight, reduction, x.dtype)
 
 
+def row_shift(block: np.ndarray, out: np.ndarray) -> None:
+    """xent's shift of each row of ``block`` (classes last) into ``out`` (``(rows, 1)``): its
+    max, 0 where that is not finite."""
+    np.maximum.reduce(block, axis=1, keepdims=True, out=out)
+    out[~np.isfinite(out)] = 0
+
+
 class Facts(Backend):
     """NumPy arrays are concrete and in host memory."""
 
@@ -1135,8 +1142,7 @@ class Native(Backend):
                 buf = scratch[: stop - start]
                 m = shifts[start:stop]
                 if find_shift:
-                    np.max(block, axis=1, keepdims=True, out=m)
-                    m[~np.isfinite(m)] = 0
+                    row_shift(block, m)
                 np.subtract(block, m, out=buf)
                 np.exp(buf, out=buf)
                 np.sum(buf, axis=1, keepdims=True, out=out[start:stop])

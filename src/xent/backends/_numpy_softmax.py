@@ -57,8 +57,7 @@ def fused(kind: str, x: Array, axis: int) -> Array | None:
                 xb = stage[:k]
             ob = out_rows[block] if result is None else result[:k]
             m, s = peak[:k], total[:k]
-            np.maximum.reduce(xb, axis=1, keepdims=True, out=m)
-            np.copyto(m, 0, where=~np.isfinite(m))
+            _numpy.row_shift(xb, m)
             np.subtract(xb, m, out=ob)
             if e is not None:
                 eb = e[:k]
