@@ -346,17 +346,18 @@ def _spread(p: _Problem, x: Array, stats: _Stats | None) -> Array:
     w_c``, class axis kept.
 
     Each class's term is scaled before the sum, ``-lp_c = log_sum + (shift - x_c)`` taken as
-    ``a_c log_sum + scaled_gap(shift, x_c, a_c)``: a row whose share is finite stays finite
-    where the unscaled sum, or the gap itself, would overflow (logits up to the dtype's max at
-    both signs; a ``softcap`` near it, where a masked ``-inf`` logit becomes ``-softcap``)."""
+    ``scaled_gap(shift, x_c, a_c)`` plus, once per row, ``log_sum sum_c a_c``: a row whose
+    share is finite stays finite where the unscaled sum, or the gap itself, would overflow
+    (logits up to the dtype's max at both signs; a ``softcap`` near it, where a masked
+    ``-inf`` logit becomes ``-softcap``)."""
+    xp = p.xp
     share = p.smoothing / p.classes
     a = share if p.weight is None else p.weight * share
     if stats is None:
-        terms = -(a * x)
-    else:
-        shift, log_sum = stats
-        terms = scaled_gap(shift, x, a) + a * log_sum
-    return p.xp.sum(terms, axis=p.axis, keepdims=True)
+        return xp.sum(-(a * x), axis=p.axis, keepdims=True)
+    shift, log_sum = stats
+    gaps = xp.sum(scaled_gap(shift, x, a), axis=p.axis, keepdims=True)
+    return gaps + (share * p.weight_total) * log_sum
 
 
 def _index_rows(p: _Problem, x: Array, stats: _Stats | None) -> Array:
