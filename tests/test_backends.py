@@ -2449,6 +2449,166 @@ class TestJaxFusedLoss:
         np.testing.assert_allclose(ours, generic, rtol=1e-5)
 
 
+@pytest.fixture(params=["pieces", "groups"])
+def long_rows(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """JAX's sums of long rows on small inputs: rows of more than 8 classes count as long,
+    from 4 rows on; "pieces" cuts them in pieces of at least 2 classes where their number
+    splits, "groups" takes every such sum in groups of 4 to 2 rows."""
+    from xent.backends import _jax
+
+    monkeypatch.setattr(_jax, "_LONG_ROWS", 8)
+    monkeypatch.setattr(_jax, "_MANY_ROWS", 4)
+    monkeypatch.setattr(_jax, "_GROUP_ROWS", 4)
+    monkeypatch.setattr(_jax, "_LEAST_PIECE", 2 if request.param == "pieces" else 10**9)
+    return str(request.param)
+
+
+def _jaxpr_of(f: Callable[..., Any], *args: Any) -> str:
+    import jax
+
+    previous = xent.backends.set_native(True)
+    try:
+        return str(jax.make_jaxpr(f)(*args))
+    finally:
+        xent.backends.set_native(previous)
+
+
+@pytest.mark.only_backends(Backend.JAX)
+@pytest.mark.eager("the tests jit the calls themselves, and read the graphs they trace")
+class TestJaxLongRows:
+    """Sums along rows of many classes (XLA's CPU backend is slow at them from 2^15 classes
+    and 256 rows on) are taken in pieces of the classes, or in groups of rows, with the very
+    values of one sum: the losses, their gradients and the softmax family match the general
+    path for class indices and probabilities, every option, float32 and bfloat16, rows of
+    any leading shape, non-finite logits and ``vmap``."""
+
+    @pytest.mark.parametrize("kind", ["full", "row", "class", "scalar"])
+    @pytest.mark.parametrize("shape", [(8, 12), (2, 4, 12), (8, 13), (6, 13), (3, 12)])
+    def test_row_sums_match_one_sum(
+        self, xp: Any, rng: np.random.Generator, long_rows: str, kind: str, shape: tuple[int, ...]
+    ) -> None:
+        import jax
+        import jax.numpy as jnp
+
+        from xent.backends import _jax
+
+        x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+        other = {
+            "full": rng.normal(size=shape),
+            "row": rng.normal(size=(*shape[:-1], 1)),
+            "class": rng.normal(size=(1,) * (len(shape) - 1) + shape[-1:]),
+            "scalar": np.float32(1.5),
+        }[kind]
+        o = jnp.asarray(other, jnp.float32)
+
+        def f(a: Any, b: Any) -> Any:
+            return jnp.exp(a - b) * b
+
+        got = jax.jit(lambda a, b: _jax._row_sums(f, a, b, axis=len(shape) - 1))(x, o)
+        want = jnp.sum(f(x, o), axis=-1)
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5)
+        plan = _jax._long_rows(shape, len(shape) - 1, pieces=kind != "class")
+        graph = str(jax.make_jaxpr(lambda a, b: _jax._row_sums(f, a, b, axis=len(shape) - 1))(x, o))
+        # Which way each shape takes: pieces where the 12 classes split (never with a
+        # per-class operand), groups of rows where 8 or 6 rows split into 4 to 2.
+        assert ("optimization_barrier" in graph) == (plan is not None and plan[0] == "piece")
+        assert ("while" in graph or "scan" in graph) == (plan is not None and plan[0] == "group")
+        assert (plan is None) == (shape[0] == 3 and (long_rows == "groups" or kind == "class"))
+
+    @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+    @pytest.mark.parametrize(
+        ("options", "target"),
+        [
+            ({}, "index"),
+            ({"label_smoothing": 0.2, "ignore_index": 1}, "index"),
+            ({"label_smoothing": 0.1, "weight": True}, "index"),
+            ({"reduction": "none"}, "index"),
+            ({}, "prob"),
+            ({"label_smoothing": 0.1, "weight": True}, "prob"),
+            # The general path: its log-sum-exp, smoothing share and probability terms.
+            ({"z_loss": 1e-2, "label_smoothing": 0.1, "weight": True}, "index"),
+            ({"softcap": 5.0, "label_smoothing": 0.2}, "index"),
+            ({"softcap": 5.0, "label_smoothing": 0.2, "weight": True}, "prob"),
+        ],
+    )
+    def test_losses_and_gradients_match_general_path(
+        self,
+        xp: Any,
+        rng: np.random.Generator,
+        monkeypatch: pytest.MonkeyPatch,
+        long_rows: str,
+        options: dict[str, Any],
+        target: str,
+        dtype: str,
+    ) -> None:
+        import jax
+        import jax.numpy as jnp
+
+        x_np = rng.normal(size=(2, 4, 12)) * 3
+        x_np[0, 1, 5] = -np.inf  # a masked class
+        x_np[1, 2, 0] = 90.0  # unsafe unshifted sums: every row takes the row max
+        if target == "index":
+            y_np = rng.integers(0, 12, size=(2, 4))
+            y_np[1, 3] = 1
+            y = jnp.asarray(y_np, jnp.int32)
+        else:
+            t_np = rng.random((2, 4, 12))
+            t_np[0, 1, 5] = 0.0  # no mass at the masked class: a finite row (the exact branch)
+            y = jnp.asarray(t_np / t_np.sum(-1, keepdims=True), dtype)
+        x = jnp.asarray(x_np, dtype)
+        kwargs = dict(options)
+        if kwargs.pop("weight", False):
+            kwargs["weight"] = jnp.asarray(rng.random(12) + 0.5, jnp.float32)
+        cot = jnp.asarray(rng.normal(size=(2, 4)), dtype)
+
+        def f(a: Any, b: Any) -> Any:
+            loss = xent.cross_entropy(a, b, **kwargs)
+            return jnp.sum(loss * cot) if loss.ndim else loss
+
+        if target == "index" and not {"z_loss", "softcap"} & kwargs.keys():
+            _lean_graph_matches_general(monkeypatch, f, (x, y), (0,), dtype)
+        else:
+            ours, generic = _both(
+                lambda: jnp.concatenate(
+                    [jnp.ravel(jax.jit(f)(x, y)), jnp.ravel(jax.jit(jax.grad(f))(x, y))]
+                ).astype(jnp.float32)
+            )
+            tol = 2e-2 if dtype == "bfloat16" else 1e-5
+            np.testing.assert_allclose(ours, generic, rtol=tol, atol=tol, equal_nan=True)
+            assert np.isfinite(ours[1:]).all()  # the gradient (smoothing puts mass on -inf)
+        # The native graphs (new functions: no trace of the calls above is reused) cut them.
+        graph = _jaxpr_of(jax.value_and_grad(lambda a, b: f(a, b)), x, y)
+        graph += _jaxpr_of(lambda a, b: f(a, b), x, y)
+        assert "optimization_barrier" in graph or "while" in graph or "scan" in graph
+
+    @pytest.mark.parametrize("name", ["logsumexp", "log_softmax", "softmax"])
+    def test_softmax_family_matches_general_path(
+        self, xp: Any, rng: np.random.Generator, long_rows: str, name: str
+    ) -> None:
+        import jax
+        import jax.numpy as jnp
+
+        x_np = rng.normal(size=(8, 12)) * 3
+        x_np[2] = -np.inf
+        x_np[3, 4] = np.inf
+        x = jnp.asarray(x_np, jnp.float32)
+        fn = getattr(xent, name)
+        ours, generic = _both(lambda: jax.jit(fn)(x))
+        np.testing.assert_allclose(ours, generic, rtol=1e-6, atol=1e-7, equal_nan=True)
+
+    def test_vmap_of_the_loss(self, xp: Any, rng: np.random.Generator, long_rows: str) -> None:
+        import jax
+        import jax.numpy as jnp
+
+        x_np = rng.normal(size=(3, 8, 12))
+        y_np = rng.integers(0, 12, size=(3, 8))
+        x_np[1, 2, y_np[1, 2]] = -np.inf  # one instance's masked target: all take the row max
+        x, y = jnp.asarray(x_np, jnp.float32), jnp.asarray(y_np, jnp.int32)
+        loss = jax.jit(jax.vmap(lambda a, b: xent.cross_entropy(a, b, label_smoothing=0.1)))
+        want = [ref.cross_entropy(x_np[i], y_np[i], label_smoothing=0.1) for i in range(3)]
+        np.testing.assert_allclose(np.asarray(loss(x, y)), want, rtol=1e-5)
+
+
 # --- PyTorch CPU: the loss by blocks of rows ----------------------------------------------------
 
 TORCH = pytest.mark.only_backends(Backend.TORCH)

@@ -350,13 +350,12 @@ def _spread(p: _Problem, x: Array, stats: _Stats | None) -> Array:
     share is finite stays finite where the unscaled sum, or the gap itself, would overflow
     (logits up to the dtype's max at both signs; a ``softcap`` near it, where a masked
     ``-inf`` logit becomes ``-softcap``)."""
-    xp = p.xp
     share = p.smoothing / p.classes
     a = share if p.weight is None else p.weight * share
     if stats is None:
-        return xp.sum(-(a * x), axis=p.axis, keepdims=True)
+        return p.ops.class_sum(lambda x, a: -(a * x), (x, a), p.axis)
     shift, log_sum = stats
-    gaps = xp.sum(scaled_gap(shift, x, a), axis=p.axis, keepdims=True)
+    gaps = p.ops.class_sum(scaled_gap, (shift, x, a), p.axis)
     return gaps + (share * p.weight_total) * log_sum
 
 
@@ -381,8 +380,9 @@ def _nan_where(xp: Namespace, mask: Array, like: Array) -> Array:
     return xp.where(mask, xp.full_like(like, math.nan), xp.ones_like(like))
 
 
-def _smoothed_probs(p: _Problem) -> Array:
-    q = p.probs
+def _smoothed_probs(p: _Problem, q: Array | None = None) -> Array:
+    """The target probabilities (``q``, or the problem's own) with the label smoothing."""
+    q = p.probs if q is None else q
     assert q is not None
     if p.smoothing:
         q = (1.0 - p.smoothing) * q + p.smoothing / p.classes
@@ -391,14 +391,21 @@ def _smoothed_probs(p: _Problem) -> Array:
 
 def _prob_rows(p: _Problem, x: Array, stats: _Stats | None) -> Array:
     xp = p.xp
-    q = _smoothed_probs(p)
-    mass = q if p.weight is None else q * p.weight
-    # A class with no target mass adds 0, even where its log-probability is -inf (masking
-    # before the product also keeps 0 * inf out of lazily computed graphs). Only the infinite
-    # entries are replaced, so the derivative with respect to the target stays -w * lp.
-    neg = _neg_logprob(x, stats)
-    terms = mass * xp.where((q == 0) & xp.isinf(neg), xp.zeros_like(neg), neg)
-    return _with_z_loss(p, xp.sum(terms, axis=p.axis, keepdims=True), stats)
+    assert p.probs is not None
+    weights = () if p.weight is None else (p.weight,)
+
+    def terms(x: Array, q: Array, *rest: Array) -> Array:
+        # A class with no target mass adds 0, even where its log-probability is -inf (masking
+        # before the product also keeps 0 * inf out of lazily computed graphs). Only the
+        # infinite entries are replaced, so the derivative with respect to the target stays
+        # -w * lp.
+        q = _smoothed_probs(p, q)
+        mass = q * rest[0] if weights else q
+        neg = _neg_logprob(x, None if stats is None else (rest[-2], rest[-1]))
+        return mass * xp.where((q == 0) & xp.isinf(neg), xp.zeros_like(neg), neg)
+
+    rows = p.ops.class_sum(terms, (x, p.probs, *weights, *(stats or ())), p.axis)
+    return _with_z_loss(p, rows, stats)
 
 
 def _with_z_loss(p: _Problem, rows: Array, stats: _Stats | None) -> Array:

@@ -173,6 +173,13 @@ class Backend:
         m = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
         return m, xp.log(xp.sum(xp.exp(x - m), axis=axis, keepdims=True))
 
+    def class_sum(self, f: Callable[..., Array], operands: tuple[Any, ...], axis: int) -> Array:
+        """``sum(f(*operands), axis, keepdims)``: the sum along the classes of an elementwise
+        ``f`` of ``operands`` (arrays of ``x``'s shape, of size 1 along ``axis`` or along every
+        other axis, and scalars, broadcasting together). Passing the arrays and the work apart
+        lets a backend sum the rows in parts where its reductions are slow along long ones."""
+        return self.xp.sum(f(*operands), axis=axis, keepdims=True)
+
     def row_max(self, x: Array, axis: int) -> Array:
         """The max along ``axis``, ``keepdims`` (the shift of :meth:`logsumexp`)."""
         return self.xp.max(x, axis=axis, keepdims=True)
