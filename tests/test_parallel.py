@@ -144,6 +144,54 @@ class TestLoopback:
             slice_grad = full_grad[:, start : start + sizes[rank]]
             xp_assert_close(grad, slice_grad, xp=xp, dtype="float64", rtol=1e-12, atol=1e-12)
 
+    @pytest.mark.only_backends(Backend.JAX)
+    @pytest.mark.parametrize("sizes", [[12, 13], [13, 12]])
+    def test_long_slices_on_jax(
+        self,
+        xp: Any,
+        rng: np.random.Generator,
+        monkeypatch: pytest.MonkeyPatch,
+        sizes: list[int],
+    ) -> None:
+        # Slices of more than _LONG_ROWS classes: JAX sums them in pieces (12 classes) or in
+        # groups of rows (13), with the values of one sum.
+        from xent.backends import _jax
+
+        monkeypatch.setattr(_jax, "_LONG_ROWS", 8)
+        monkeypatch.setattr(_jax, "_MANY_ROWS", 4)
+        monkeypatch.setattr(_jax, "_GROUP_ROWS", 4)
+        monkeypatch.setattr(_jax, "_LEAST_PIECE", 2)
+        plans: list[Any] = []
+        planned = _jax._long_rows
+
+        def spied(*args: Any, **kwargs: Any) -> Any:
+            plans.append(planned(*args, **kwargs))
+            return plans[-1]
+
+        monkeypatch.setattr(_jax, "_long_rows", spied)
+        classes = sum(sizes)
+        data = _data(rng, 8, classes, (0, 0))
+        t = to_xp(xp, data["t"])
+        options = {"label_smoothing": 0.2, "z_loss": 1e-2}
+        full, full_grad = xent.cross_entropy_and_grad(
+            data["x"], data["t"], weight=data["w"], **options
+        )
+
+        def work(rank: int, start: int, stop: int, group: Loopback) -> Any:
+            local = to_xp(xp, data["x"][:, start:stop], dtype="float32")
+            wl = to_xp(xp, data["w"][start:stop], dtype="float32")
+            return xent.parallel.cross_entropy_and_grad(
+                local, t, class_start=start, group=group, weight=wl, **options
+            )
+
+        for rank, (loss, grad) in enumerate(run_workers(sizes, xp, work)):
+            start = sum(sizes[:rank])
+            xp_assert_close(loss, full, xp=xp, dtype="float32", rtol=1e-5, atol=1e-6)
+            slice_grad = full_grad[:, start : start + sizes[rank]]
+            xp_assert_close(grad, slice_grad, xp=xp, dtype="float32", rtol=1e-5, atol=1e-6)
+        kinds = {plan[0] for plan in plans if plan is not None}
+        assert kinds == ({"piece", "group"} if xent.backends.native_enabled() else set())
+
     @pytest.mark.parametrize("row", ["nan", "all_neg_inf", "pos_inf"])
     def test_ignored_row_gradient_is_zero_times_its_softmax(
         self, xp: Any, rng: np.random.Generator, row: str

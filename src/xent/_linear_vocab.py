@@ -222,7 +222,7 @@ def _chunk_sums(
     gap = shift - x
     terms = m * xp.where((q == 0) & xp.isinf(gap), xp.zeros_like(gap), gap)
     mass = xp.sum(m, axis=1, keepdims=True)
-    exp = xp.sum(xp.exp(x - shift), axis=1, keepdims=True)
+    exp = p.ops.class_sum(lambda x, s: xp.exp(x - s), (x, shift), 1)
     return [exp, mass, xp.sum(terms, axis=1, keepdims=True)], mass
 
 

@@ -374,7 +374,7 @@ def _sums(p: _Problem, x: Array, shift: Array) -> list[Array]:
     xp, ops = p.xp, p.ops
     zero = xp.zeros_like(shift)
     sums = [
-        xp.sum(xp.exp(x - shift), axis=p.axis, keepdims=True),
+        ops.class_sum(lambda x, s: xp.exp(x - s), (x, shift), p.axis),
         xp.where(p.mine, ops.take_along_axis(x, p.local_label, p.axis), zero),
     ]
     if p.weight is not None:
@@ -385,7 +385,7 @@ def _sums(p: _Problem, x: Array, shift: Array) -> list[Array]:
         # the share is, as on xent's general path (`_cross_entropy._spread`).
         share = p.smoothing / p.classes
         a = share if p.weight is None else p.weight * share
-        sums.append(xp.sum(scaled_gap(shift, x, a), axis=p.axis, keepdims=True))
+        sums.append(ops.class_sum(scaled_gap, (shift, x, a), p.axis))
     return sums
 
 
