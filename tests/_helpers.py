@@ -354,3 +354,24 @@ def xp_assert_equal(
 ) -> None:
     """Like `xp_assert_close` with zero tolerance."""
     xp_assert_close(actual, desired, xp=xp, dtype=dtype, rtol=0.0, atol=0.0, err_msg=err_msg)
+
+
+def jax_long_rows(monkeypatch: pytest.MonkeyPatch, *, pieces: bool = True) -> list[Any]:
+    """JAX's sums of long rows on small inputs: rows of more than 8 classes count as long, from
+    4 rows on, cut in pieces of at least 2 classes where their number splits (``pieces``; else
+    never), or in groups of 4 to 1 rows. Returns the list of the plans taken from now on."""
+    from xent.backends import _jax
+
+    monkeypatch.setattr(_jax, "_LONG_ROWS", 8)
+    monkeypatch.setattr(_jax, "_MANY_ROWS", 4)
+    monkeypatch.setattr(_jax, "_GROUP_ROWS", 4)
+    monkeypatch.setattr(_jax, "_LEAST_PIECE", 2 if pieces else 10**9)
+    plans: list[Any] = []
+    planned = _jax._long_rows
+
+    def spied(*args: Any, **kwargs: Any) -> Any:
+        plans.append(planned(*args, **kwargs))
+        return plans[-1]
+
+    monkeypatch.setattr(_jax, "_long_rows", spied)
+    return plans

@@ -27,7 +27,7 @@ from typing import Any, ClassVar, Literal
 import _reference as ref
 import numpy as np
 import pytest
-from _helpers import Backend, property_settings, to_numpy, to_xp
+from _helpers import Backend, jax_long_rows, property_settings, to_numpy, to_xp
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -2451,15 +2451,9 @@ class TestJaxFusedLoss:
 
 @pytest.fixture(params=["pieces", "groups"])
 def long_rows(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """JAX's sums of long rows on small inputs: rows of more than 8 classes count as long,
-    from 4 rows on; "pieces" cuts them in pieces of at least 2 classes where their number
-    splits, "groups" takes every such sum in groups of 4 to 2 rows."""
-    from xent.backends import _jax
-
-    monkeypatch.setattr(_jax, "_LONG_ROWS", 8)
-    monkeypatch.setattr(_jax, "_MANY_ROWS", 4)
-    monkeypatch.setattr(_jax, "_GROUP_ROWS", 4)
-    monkeypatch.setattr(_jax, "_LEAST_PIECE", 2 if request.param == "pieces" else 10**9)
+    """JAX's sums of long rows on small inputs (``jax_long_rows``): "pieces" cuts them in
+    pieces where their classes split, "groups" takes every such sum in groups of rows."""
+    jax_long_rows(monkeypatch, pieces=request.param == "pieces")
     return str(request.param)
 
 

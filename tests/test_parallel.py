@@ -19,7 +19,7 @@ from typing import Any
 import _reference as ref
 import numpy as np
 import pytest
-from _helpers import Backend, to_xp, xp_assert_close
+from _helpers import Backend, jax_long_rows, to_xp, xp_assert_close
 from test_transforms import no_compute
 
 import xent
@@ -155,20 +155,7 @@ class TestLoopback:
     ) -> None:
         # Slices of more than _LONG_ROWS classes: JAX sums them in pieces (12 classes) or in
         # groups of rows (13), with the values of one sum.
-        from xent.backends import _jax
-
-        monkeypatch.setattr(_jax, "_LONG_ROWS", 8)
-        monkeypatch.setattr(_jax, "_MANY_ROWS", 4)
-        monkeypatch.setattr(_jax, "_GROUP_ROWS", 4)
-        monkeypatch.setattr(_jax, "_LEAST_PIECE", 2)
-        plans: list[Any] = []
-        planned = _jax._long_rows
-
-        def spied(*args: Any, **kwargs: Any) -> Any:
-            plans.append(planned(*args, **kwargs))
-            return plans[-1]
-
-        monkeypatch.setattr(_jax, "_long_rows", spied)
+        plans = jax_long_rows(monkeypatch)
         classes = sum(sizes)
         data = _data(rng, 8, classes, (0, 0))
         t = to_xp(xp, data["t"])
