@@ -158,6 +158,17 @@ def _row_sums(f: Any, *operands: Array, axis: int, stored: bool = False) -> Arra
     return jnp.reshape(jax.lax.map(group, mapped), lead)
 
 
+def _exp_sums(
+    x: Array, shift: Array | None, axis: int, dtype: Any, *, stored: bool = False
+) -> Array:
+    """``sum(exp(x - shift))`` along ``axis`` in ``dtype`` (:func:`_row_sums`; ``shift``
+    keeps the class axis, of size 1; None: no shift)."""
+    if shift is None:
+        return _row_sums(lambda x: jnp.exp(x.astype(dtype)), x, axis=axis, stored=stored)
+    exp = lambda x, s: jnp.exp(x.astype(dtype) - s)  # noqa: E731
+    return _row_sums(exp, x, shift, axis=axis, stored=stored)
+
+
 def _operand_kind(own: tuple[int, ...], shape: tuple[int, ...]) -> str | None:
     """How an operand of shape ``own`` lies in a sum of ``shape`` (classes last): "full",
     "row" (one value a row), "class" (one a class), "scalar", or None (another broadcast)."""
@@ -261,16 +272,14 @@ def _plain_loss(
         """A per-row array with the class axis put back, of size 1."""
         return jnp.expand_dims(a, axis)
 
-    def row_sums(f: Any, *operands: Array, stored: bool = False) -> Array:
+    def row_sums(f: Any, *operands: Array) -> Array:
         """``sum(f(*operands))`` over the classes (:func:`_row_sums`)."""
-        return _row_sums(f, *operands, axis=axis, stored=stored)
+        return _row_sums(f, *operands, axis=axis)
 
     def exp_sums(x: Array, shift: Array | None, *, stored: bool = False) -> Array:
         """``sum(exp(x - shift))`` per row, in ``dtype`` (None: no shift)."""
-        if shift is None:
-            return row_sums(lambda x: jnp.exp(x.astype(dtype)), x, stored=stored)
-        exp = lambda x, s: jnp.exp(x.astype(dtype) - s)  # noqa: E731
-        return row_sums(exp, x, per_class(shift), stored=stored)
+        shift = None if shift is None else per_class(shift)
+        return _exp_sums(x, shift, axis, dtype, stored=stored)
 
     def label_logit(x: Array, y: Array) -> Array:
         """``x_y`` per row, in ``dtype`` (a clipped label's logit for an invalid one)."""
@@ -322,16 +331,15 @@ def _plain_loss(
         it overflows only for logits near the dtype's max, where :func:`robust_spread`
         answers (the passes that take it check that it is finite)."""
         shifts = () if shift is None else (per_class(shift),)
+
+        def shifted(x: Array, *s: Array) -> Array:
+            return x.astype(dtype) - s[0] if s else x.astype(dtype)
+
         if w is None:
-            summed = row_sums(
-                lambda x, *s: x.astype(dtype) - s[0] if s else x.astype(dtype), x, *shifts
-            )
+            summed = row_sums(shifted, x, *shifts)
             return (smoothing / classes) * (classes * log_total - summed)
         total = jnp.sum(w.astype(dtype))
-        weighted = row_sums(
-            lambda x, w, *s: w * (x.astype(dtype) - s[0] if s else x.astype(dtype)),
-            x, along_classes(w), *shifts,
-        )  # fmt: skip
+        weighted = row_sums(lambda x, w, *s: w * shifted(x, *s), x, along_classes(w), *shifts)
         return (smoothing / classes) * (total * log_total - weighted)
 
     def robust_spread(x: Array, w: Array | None, log_total: Array, shift: Array) -> Array:
@@ -559,20 +567,18 @@ def _prob_loss(
     classes = input.shape[axis]
     class_shape = tuple(-1 if i == axis else 1 for i in range(input.ndim))
 
-    def mass(q: Array, w: Array | None, *, laid: bool = False) -> tuple[Array, Array]:
-        """``(q, m)``: the smoothed target and its mass ``w q``, in ``dtype`` (``laid``: the
-        weights are already along the class axis, in ``dtype``)."""
+    def weights(w: Array | None) -> tuple[Array, ...]:
+        """The class weights laid along the class axis in ``dtype``, as an operand of
+        :func:`_row_sums` and :func:`mass` (none without them)."""
+        return () if w is None else (jnp.reshape(w.astype(dtype), class_shape),)
+
+    def mass(q: Array, *w: Array) -> tuple[Array, Array]:
+        """``(q, m)``: the smoothed target and its mass ``w q``, in ``dtype`` (``w`` as
+        :func:`weights` gives it)."""
         q = q.astype(dtype)
         if smoothing:
             q = (1.0 - smoothing) * q + smoothing / classes
-        if w is None:
-            return q, q
-        return q, q * (w if laid else jnp.reshape(w.astype(dtype), class_shape))
-
-    def weights(w: Array | None) -> tuple[Array, ...]:
-        """The class weights laid along the class axis, as an operand of :func:`_row_sums`
-        (none without them)."""
-        return () if w is None else (jnp.reshape(w.astype(dtype), class_shape),)
+        return q, (q * w[0] if w else q)
 
     def stats(x: Array, *, exact: bool = False, stored: bool = False) -> tuple[Array, Array]:
         """``(shift, sum(exp(x - shift)))`` per row, the class axis kept, in ``dtype``: the
@@ -580,12 +586,11 @@ def _prob_loss(
         derivative; ``exact``: 0 where the max is not finite, as on the general path (else
         such a row is NaN, and goes to the exact branch: the select costs XLA a fifth of
         the forward at 512 x 1000)."""
-        shift = jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True)).astype(dtype)
         if exact:
-            shift = jnp.where(jnp.isfinite(shift), shift, 0)
-        exp = lambda x, s: jnp.exp(x.astype(dtype) - s)  # noqa: E731
-        total = _row_sums(exp, x, shift, axis=axis, stored=stored)
-        return shift, jnp.expand_dims(total, axis)
+            shift = _row_shift(x, axis, dtype)
+        else:
+            shift = jax.lax.stop_gradient(jnp.max(x, axis=axis, keepdims=True)).astype(dtype)
+        return shift, jnp.expand_dims(_exp_sums(x, shift, axis, dtype, stored=stored), axis)
 
     def exact_rows(x: Array, q: Array, w: Array | None) -> Array:
         """Each row's loss as the general path gives it: the shift 0 where the max is not
@@ -593,7 +598,7 @@ def _prob_loss(
         shift, total = stats(x, exact=True)
 
         def term(x: Array, q: Array, s: Array, log_total: Array, *w: Array) -> Array:
-            q, m = mass(q, w[0] if w else None, laid=True)
+            q, m = mass(q, *w)
             neg = log_total - (x.astype(dtype) - s)
             return m * jnp.where((q == 0) & jnp.isinf(neg), 0, neg)
 
@@ -607,7 +612,7 @@ def _prob_loss(
         shift, total = stats(x) if given is None else given
 
         def term(x: Array, q: Array, s: Array, log_total: Array, *w: Array) -> Array:
-            return mass(q, w[0] if w else None, laid=True)[1] * (log_total - (x.astype(dtype) - s))
+            return mass(q, *w)[1] * (log_total - (x.astype(dtype) - s))
 
         fast = _row_sums(term, x, q, shift, jnp.log(total), *weights(w), axis=axis)
         return jax.lax.cond(_every(jnp.isfinite(fast)), lambda: fast, lambda: exact_rows(x, q, w))
@@ -638,13 +643,11 @@ def _prob_loss(
             out.shape if reduction != "none" else x.shape[:axis] + x.shape[axis + 1 :], dtype
         )
         if not isinstance(dx, SymbolicZero):
-            _, m = mass(q, w)
+            _, m = mass(q, *weights(w))
             shift, total = given
             e = jnp.exp(x.astype(dtype) - shift)
             dx = dx.astype(dtype)
-            every = _row_sums(
-                lambda q, *w: mass(q, w[0] if w else None, laid=True)[1], q, *weights(w), axis=axis
-            )
+            every = _row_sums(lambda q, *w: mass(q, *w)[1], q, *weights(w), axis=axis)
             scale = jnp.expand_dims(every, axis) / total
             moved = jnp.sum(e * scale * dx - m * dx, axis=axis)
         if not (isinstance(dq, SymbolicZero) and (w is None or isinstance(dw, SymbolicZero))):
@@ -769,8 +772,7 @@ class Native(Backend):
         dtype = self.compute_dtype(x.dtype)
         shift = _row_shift(x, axis, dtype)
         shifted = x.astype(dtype) - shift
-        total = _row_sums(lambda x, s: jnp.exp(x.astype(dtype) - s), x, shift, axis=axis)
-        log_sum = jnp.log(jnp.expand_dims(total, axis))
+        log_sum = jnp.log(jnp.expand_dims(_exp_sums(x, shift, axis, dtype), axis))
         if kind == "logsumexp":
             out = shift + log_sum
         elif kind == "log_softmax":
@@ -785,8 +787,7 @@ class Native(Backend):
 
     def logsumexp(self, x: Array, axis: int) -> tuple[Array, Array]:
         shift = _row_shift(x, axis, x.dtype)
-        total = _row_sums(lambda x, s: jnp.exp(x - s), x, shift, axis=axis)
-        return shift, jnp.log(jnp.expand_dims(total, axis))
+        return shift, jnp.log(jnp.expand_dims(_exp_sums(x, shift, axis, x.dtype), axis))
 
     def softmax_from_lse(
         self,
